@@ -1,0 +1,104 @@
+"""Payloads that cross the bus between server and agents, as pydantic models.
+
+Both sides validate what they receive, so a mismatched agent or a stray publisher gets a clear
+error instead of a half-applied message. Encoding is JSON (see :mod:`corral.bus.codec`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Capacity(BaseModel):
+    cores: int = Field(ge=1)
+    memory_bytes: int = Field(ge=0)
+    disk_bytes: int = Field(ge=0)
+
+
+class InstanceReport(BaseModel):
+    """What an agent observed of one instance (driver view, see ``drivers.base.Status``)."""
+
+    name: str
+    driver: str
+    state: str
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    epoch: int = 0
+
+
+class JoinRequest(BaseModel):
+    host: str
+    address: str
+    capacity: Capacity
+    #: driver name -> capabilities (``dataclasses.asdict`` of ``Capabilities``)
+    drivers: dict[str, dict[str, bool]]
+    agent_version: str
+    instances: list[InstanceReport] = []
+
+
+class JoinReply(BaseModel):
+    lease_seconds: float
+    heartbeat_seconds: float
+    sample_seconds: float
+
+
+class Heartbeat(BaseModel):
+    host: str
+    seq: int
+    sent_at: float
+    instances: list[InstanceReport] = []
+
+
+class HeartbeatReply(BaseModel):
+    #: False when the server does not know this host (e.g. its DB was reset): the agent re-joins.
+    known: bool
+    lease_expires_at: float = 0.0
+
+
+class InstanceSample(BaseModel):
+    name: str
+    cpu_ns: int
+    memory_bytes: int
+    generation: str
+    #: % of one core over the last interval; None on the first sample or after a reset.
+    cpu_core_pct: float | None = None
+    #: the same divided by the host's cores.
+    cpu_host_pct: float | None = None
+
+
+class MetricsSample(BaseModel):
+    host: str
+    wall_ns: int
+    host_cores: int
+    interval_s: float
+    instances: list[InstanceSample] = []
+    #: agent process CPU seconds spent sampling in this interval (for the accounting bench).
+    sample_cpu_s: float = 0.0
+
+
+class WireSpec(BaseModel):
+    """What the server asks an agent to create."""
+
+    name: str
+    driver: str
+    command: list[str]
+    rootfs: str | None = None
+    env: dict[str, str] = {}
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    epoch: int = 0
+
+
+class Command(BaseModel):
+    verb: str
+    args: dict[str, Any] = {}
+
+
+class Reply(BaseModel):
+    ok: bool
+    result: Any = None
+    #: ``CorralError.to_dict()`` when not ok
+    error: dict[str, Any] | None = None

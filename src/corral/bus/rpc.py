@@ -1,0 +1,47 @@
+"""Server -> agent calls, declared in one table with a timeout each (Ganeti's rpc_defs).
+
+The server never sends a verb that is not listed here, and the agent registers exactly one handler
+per listed verb; a test checks both sides agree. ``args`` documents the keys each call takes;
+every call answers with :class:`corral.bus.messages.Reply`, whose ``result`` is described too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Call:
+    verb: str
+    timeout: float
+    args: tuple[str, ...]
+    result: str
+    doc: str
+
+
+CALLS: dict[str, Call] = {
+    c.verb: c
+    for c in (
+        Call("create", 120.0, ("spec",), "InstanceReport",
+             "prepare an instance from a WireSpec (bundle, rootfs copy); does not start it"),
+        Call("start", 60.0, ("name", "epoch"), "InstanceReport", "start or start again"),
+        Call("stop", 90.0, ("name", "timeout"), "InstanceReport",
+             "SIGTERM, then SIGKILL after timeout seconds (the call's timeout covers it)"),
+        Call("kill", 15.0, ("name", "signal"), "InstanceReport", "send a signal to the whole tree"),
+        Call("freeze", 15.0, ("name",), "InstanceReport", "freeze with the cgroup freezer"),
+        Call("thaw", 15.0, ("name",), "InstanceReport", "thaw a frozen instance"),
+        Call("delete", 60.0, ("name",), "null", "remove an instance that is not alive"),
+        Call("status", 10.0, ("name",), "InstanceReport", "what the driver sees now"),
+        Call("list", 10.0, (), "list[InstanceReport]", "every instance the agent holds"),
+    )
+}
+
+
+def call_timeout(verb: str, args: dict[str, object] | None = None) -> float:
+    """The reply timeout for ``verb``; a stop also waits for its own grace period."""
+    base = CALLS[verb].timeout
+    if verb == "stop" and args is not None:
+        grace = args.get("timeout")
+        if isinstance(grace, (int, float)):
+            base = max(base, float(grace) + 30.0)
+    return base

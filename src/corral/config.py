@@ -1,0 +1,151 @@
+"""Settings in layers: built-in defaults -> TOML file -> ``CORRAL_*`` environment -> flags.
+
+Parsing (turning text into typed values, with errors that name the field and the value) is kept
+apart from reading (where the text comes from), so each layer is one small function and the
+precedence is visible in :func:`load`. Every field carries its documentation; a test checks that
+``docs/configuration.md`` mentions each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.errors import ConfigError
+
+ENV_PREFIX = "CORRAL_"
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text})
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+@dataclass
+class Settings:
+    """Every setting of the server and the agent (each process reads the ones it needs)."""
+
+    data_dir: Path = _doc("directory for state: DB, NATS JetStream, agent handles, logs",
+                          default_factory=default_data_dir)
+    token: str = _doc("bearer token for the API and the bus; generated into DATA/token if empty",
+                      "")
+    api_host: str = _doc("address the HTTP API listens on (never 0.0.0.0 unless you ask)",
+                         "127.0.0.1")
+    api_port: int = _doc("port of the HTTP API; 0 picks a free one", 7480)
+    db_url: str = _doc("SQLAlchemy URL; empty means SQLite at DATA/corral.db "
+                       "(postgresql+psycopg://user:pw@host/db for a shared database)", "")
+    nats_url: str = _doc("NATS server to use; empty means spawn nats-server with JetStream in "
+                         "DATA/nats", "")
+    nats_host: str = _doc("address the embedded nats-server listens on", "127.0.0.1")
+    nats_port: int = _doc("port of the embedded nats-server; 0 picks a free one", 0)
+    heartbeat_seconds: float = _doc("how often agents heartbeat", 2.0)
+    lease_seconds: float = _doc("how long a heartbeat keeps a host's lease", 10.0)
+    sample_seconds: float = _doc("how often agents sample CPU and memory counters", 1.0)
+    stop_timeout: float = _doc("seconds between SIGTERM and SIGKILL when stopping", 10.0)
+    host_name: str = _doc("agent: this host's name (default: the machine's hostname)", "")
+    host_address: str = _doc("agent: address other hosts reach this one at", "127.0.0.1")
+    drivers: str = _doc("agent: comma-separated drivers to offer (those available here)",
+                        "process,runc")
+    log_level: str = _doc("logging level: debug, info, warning, error", "info")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _parse(name: str, raw: Any, source: str) -> Any:
+    f = FIELDS.get(name)
+    if f is None:
+        known = ", ".join(sorted(FIELDS))
+        raise ConfigError(f"unknown setting '{name}' in {source}", hint=f"known settings: {known}")
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            value = float(raw)
+            if value <= 0:
+                raise ValueError("must be positive")
+            return value
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"setting '{name}' from {source} has a bad value {raw!r}: {exc}",
+            hint=f"{name} takes a {kind}: {f.metadata['doc']}",
+        ) from exc
+
+
+def from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    return {k.replace("-", "_"): _parse(k.replace("-", "_"), v, source) for k, v in values.items()}
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}",
+                          hint="fix the file or move it away") from exc
+    return from_mapping(raw, str(path))
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    picked = {
+        k[len(ENV_PREFIX):].lower(): v
+        for k, v in env.items()
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in FIELDS
+    }
+    return from_mapping(picked, "the environment")
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the file, then the environment, then flags (``None`` flags are unset)."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    set_flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env_values = read_env(env)
+    data_dir = set_flags.get("data_dir") or env_values.get("data_dir")
+    path = config_file or (Path(data_dir) / "corral.toml" if data_dir else None)
+    if path is not None:
+        merged.update(read_file(Path(path)))
+    merged.update(env_values)
+    merged.update(from_mapping(set_flags, "the command line"))
+    return Settings(**merged)
+
+
+def ensure_token(settings: Settings) -> str:
+    """The configured token, or the one in DATA/token, created (mode 0600) on first use."""
+    if settings.token:
+        return settings.token
+    import secrets
+
+    path = Path(settings.data_dir) / "token"
+    if path.exists():
+        settings.token = path.read_text().strip()
+        return settings.token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    settings.token = token
+    return token

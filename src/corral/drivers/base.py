@@ -1,0 +1,133 @@
+"""The driver contract: what every way of running an instance (process, runc, later qemu) offers.
+
+Drivers are synchronous and stateless between calls: everything a driver needs to find its
+instance again lives in a JSON-serialisable :class:`Handle` that the agent persists. That is what
+lets an agent killed with -9 come back, call :meth:`Driver.recover` and re-attach to what is still
+running without killing or doubling it (Nomad's RecoverTask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from corral.errors import NotSupported
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do beyond the required verbs; the agent reports it to the server."""
+
+    can_freeze: bool = False
+    can_checkpoint: bool = False
+    needs_root: bool = False
+    #: counters come from a cgroup (exact) rather than from /proc of the process tree.
+    cgroup_accounting: bool = False
+    #: needs a root filesystem (``Spec.rootfs``) to run.
+    needs_rootfs: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to run. ``workdir`` is the agent's per-instance directory (logs, bundle, state)."""
+
+    name: str
+    command: list[str]
+    workdir: str
+    rootfs: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: float = 0.0
+    memory_bytes: int = 0
+
+
+@dataclass
+class Handle:
+    """Everything needed to find an instance again after the agent restarts."""
+
+    driver: str
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"driver": self.driver, "name": self.name, "data": dict(self.data)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Handle:
+        return cls(driver=str(raw["driver"]), name=str(raw["name"]), data=dict(raw["data"]))
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the driver sees now. ``state`` is one of: created, running, frozen, stopped, exited.
+
+    ``exit_code`` is set when the workload ended and the code is known (it may be unknown after an
+    agent restart, when the workload was reaped by someone else); ``signal`` when a signal ended it.
+    """
+
+    state: str
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Cumulative counters. ``generation`` changes whenever the counters start again from zero
+    (a new process, a new cgroup), so accounting can tell a reset from a decrease."""
+
+    cpu_ns: int
+    memory_bytes: int
+    generation: str
+
+
+@runtime_checkable
+class Driver(Protocol):
+    name: str
+    capabilities: Capabilities
+
+    def available(self) -> str | None:
+        """None when usable here, else why not (e.g. 'runc not found; apt-get install runc')."""
+        ...
+
+    def create(self, spec: Spec) -> Handle:
+        """Prepare the instance without starting it; idempotent for the same spec."""
+        ...
+
+    def start(self, handle: Handle) -> Handle:
+        """Start (or start again after stop/exit); returns the updated handle to persist."""
+        ...
+
+    def stop(self, handle: Handle, timeout: float) -> Status:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the whole tree."""
+        ...
+
+    def kill(self, handle: Handle, signal: int) -> None: ...
+
+    def freeze(self, handle: Handle) -> None:
+        """Raise :class:`NotSupported` unless ``capabilities.can_freeze``."""
+        ...
+
+    def thaw(self, handle: Handle) -> None: ...
+
+    def status(self, handle: Handle) -> Status: ...
+
+    def stats(self, handles: Sequence[Handle]) -> dict[str, Stats]:
+        """Counters for many instances at once (one /proc scan, not one per instance); keyed by
+        handle name; instances not running are left out."""
+        ...
+
+    def delete(self, handle: Handle) -> None:
+        """Remove everything the driver made; the instance must not be alive."""
+        ...
+
+    def recover(self, handle: Handle) -> Status:
+        """Re-attach after an agent restart. Never kills or restarts anything."""
+        ...
+
+
+def not_supported(driver: str, verb: str) -> NotSupported:
+    return NotSupported(
+        f"the {driver} driver cannot {verb}",
+        hint=f"use a driver that can {verb} (see 'corral host ls' for each host's drivers)",
+    )

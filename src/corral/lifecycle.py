@@ -1,0 +1,108 @@
+"""The instance lifecycle as data: states, verbs and the one function that moves between them.
+
+Desired state (what the operator asked for) and observed state (what the agent last saw) are
+separate fields on an instance; this table governs the *observed* state a verb may start from and
+the state it leads to. Keeping it as a table means the CLI, the API and the error messages all
+derive "what can I do now?" from the same place.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from corral.errors import InvalidTransition
+
+
+class State(StrEnum):
+    PENDING = "pending"  # accepted by the server, not yet created on its host
+    CREATED = "created"  # created on the host, never started
+    RUNNING = "running"
+    FROZEN = "frozen"
+    STOPPED = "stopped"  # stopped by request
+    EXITED = "exited"  # the workload ended by itself (exit code 0)
+    FAILED = "failed"  # the workload crashed or was killed behind corral's back
+    LOST = "lost"  # its host stopped answering; what runs there is unknown
+    DELETED = "deleted"
+
+
+class Verb(StrEnum):
+    START = "start"
+    STOP = "stop"
+    KILL = "kill"
+    RESTART = "restart"
+    FREEZE = "freeze"
+    THAW = "thaw"
+    DELETE = "rm"
+
+
+TERMINAL: frozenset[State] = frozenset({State.DELETED})
+#: States in which the workload's process exists on its host.
+ALIVE: frozenset[State] = frozenset({State.RUNNING, State.FROZEN})
+#: States that ended without being asked to.
+ENDED: frozenset[State] = frozenset({State.EXITED, State.FAILED})
+
+_STARTABLE = frozenset({State.CREATED, State.STOPPED, State.EXITED, State.FAILED})
+
+#: verb -> (states it may start from, state it leads to)
+VERBS: dict[Verb, tuple[frozenset[State], State]] = {
+    Verb.START: (_STARTABLE, State.RUNNING),
+    Verb.STOP: (frozenset({State.RUNNING, State.FROZEN}), State.STOPPED),
+    Verb.KILL: (frozenset({State.RUNNING, State.FROZEN}), State.STOPPED),
+    Verb.RESTART: (_STARTABLE | {State.RUNNING}, State.RUNNING),
+    Verb.FREEZE: (frozenset({State.RUNNING}), State.FROZEN),
+    Verb.THAW: (frozenset({State.FROZEN}), State.RUNNING),
+    Verb.DELETE: (_STARTABLE | {State.PENDING, State.LOST}, State.DELETED),
+}
+
+#: state -> states reachable from it, by a verb or by an observation (exit, crash, host loss).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.CREATED, State.RUNNING, State.FAILED, State.DELETED}),
+    State.CREATED: frozenset({State.RUNNING, State.DELETED, State.FAILED, State.LOST}),
+    State.RUNNING: frozenset(
+        {State.RUNNING, State.FROZEN, State.STOPPED, State.EXITED, State.FAILED, State.LOST}
+    ),
+    State.FROZEN: frozenset({State.RUNNING, State.STOPPED, State.FAILED, State.LOST}),
+    State.STOPPED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
+    State.EXITED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
+    State.FAILED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
+    State.LOST: frozenset(
+        {State.RUNNING, State.FROZEN, State.STOPPED, State.EXITED, State.FAILED, State.DELETED}
+    ),
+    State.DELETED: frozenset(),
+}
+
+
+def allowed_verbs(state: State) -> list[Verb]:
+    """Verbs an operator may use on an instance in ``state``, in table order."""
+    return [verb for verb, (sources, _) in VERBS.items() if state in sources]
+
+
+def check_verb(name: str, state: State, verb: Verb) -> State:
+    """Return the state ``verb`` leads to, or raise with the current state and what is allowed."""
+    sources, target = VERBS[verb]
+    if state not in sources:
+        allowed = allowed_verbs(state)
+        nexts = ", ".join(v.value for v in allowed) or "nothing"
+        raise InvalidTransition(
+            f"cannot {verb.value} instance '{name}': it is {state.value}",
+            hint=f"from {state.value} you can: {nexts}",
+            details={
+                "state": state.value,
+                "verb": verb.value,
+                "allowed": [v.value for v in allowed],
+            },
+        )
+    return target
+
+
+def transition(name: str, current: State, new: State) -> State:
+    """Move an observed state; refuse moves the table does not list."""
+    if new == current and current in ALIVE | {State.STOPPED}:
+        return new
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(
+            f"instance '{name}' cannot go from {current.value} to {new.value}",
+            hint="this is a bug in corral or a confused agent; run 'corral show' and report it",
+            details={"state": current.value, "to": new.value},
+        )
+    return new
