@@ -126,7 +126,9 @@ class OnlineIndex:
             self.advance(now)
         return len(self._by_url.get(url, ()))
 
-    def on_url(self, url: str, limit: int = 30, now: float | None = None) -> list[tuple[str, float]]:
+    def on_url(
+        self, url: str, limit: int = 30, now: float | None = None
+    ) -> list[tuple[str, float]]:
         """Clients whose latest hit was on ``url``, most recent first, at most ``limit``."""
         if now is not None:
             self.advance(now)

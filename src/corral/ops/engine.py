@@ -1,0 +1,249 @@
+"""The operation engine: durable multi-step actions that finish or leave no trace.
+
+An operation is a list of :class:`Step`, each with ``do`` and ``undo``. The engine persists the
+record after every step transition. A failure undoes, in reverse, every step that finished *and*
+the one that was in flight (it may have half-happened), then runs the ``<kind>-failed`` hook.
+Undo functions must therefore be idempotent and safe when their ``do`` never ran (OpenNebula's
+driver DSL, USERS.md §4, pairs every action with its fail action for the same reason).
+
+A step may be marked ``commit``: once it is done the operation has passed its point of no return
+(say, the instance now runs on the target) and the rest is finished forward — retried, never
+undone. On server start :meth:`Engine.resume_all` takes every unfinished record: forward if a
+commit step is done, else back. Steps are rebuilt from ``kind`` + ``params`` by a registered
+builder, so nothing but data needs to survive a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from corral.errors import Conflict, CorralError, InvalidRequest
+from corral.ops.hooks import HookResult, Hooks
+from corral.ops.store import (
+    FINISHED,
+    OperationStore,
+    OpRecord,
+    OpState,
+    StepRecord,
+    StepState,
+)
+
+log = logging.getLogger(__name__)
+
+
+class OpContext:
+    """What a step sees: the operation's params and a blackboard persisted with the record."""
+
+    def __init__(self, engine: Engine, record: OpRecord) -> None:
+        self._engine = engine
+        self.record = record
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.record.params
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.record.data
+
+    def save(self) -> None:
+        """Persist ``data`` now (a step that learns something an undo needs saves it at once)."""
+        self._engine.store.save(self.record)
+
+    async def hook(self, name: str, extra: dict[str, Any] | None = None) -> HookResult:
+        return await self._engine.run_hook(self.record, name, extra)
+
+
+StepFn = Callable[[OpContext], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    do: StepFn
+    undo: StepFn | None = None
+    commit: bool = False
+
+
+Builder = Callable[[OpRecord], list[Step]]
+
+
+class OperationFailed(CorralError):
+    code = "operation_failed"
+    http_status = 409
+    exit_code = 12
+
+
+class Engine:
+    def __init__(
+        self,
+        store: OperationStore,
+        hooks: Hooks,
+        *,
+        forward_retries: int = 3,
+        retry_delay: float = 1.0,
+        on_change: Callable[[OpRecord], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.hooks = hooks
+        self.builders: dict[str, Builder] = {}
+        self.forward_retries = forward_retries
+        self.retry_delay = retry_delay
+        self.on_change = on_change
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def register(self, kind: str, builder: Builder) -> None:
+        self.builders[kind] = builder
+
+    # -- entry points ------------------------------------------------------------------------
+    async def submit(self, kind: str, target: str, params: dict[str, Any]) -> OpRecord:
+        """Run a new operation to its end; returns the finished record (never raises for a
+        step failure: the record says how it ended)."""
+        if kind not in self.builders:
+            raise InvalidRequest(f"unknown operation '{kind}'",
+                                 hint=f"known: {', '.join(sorted(self.builders))}")
+        busy = self.store.active_for(target)
+        if busy is not None:
+            raise Conflict(
+                f"'{target}' is busy with operation {busy.id} ({busy.kind}, {busy.state.value})",
+                hint=f"wait for it or see 'corral ops show {busy.id}'",
+                retryable=True,
+            )
+        rec = OpRecord(kind=kind, target=target, params=params)
+        rec.steps = [StepRecord(s.name) for s in self.builders[kind](rec)]
+        self._save(rec)
+        return await self._drive(rec, fresh=True)
+
+    async def resume_all(self) -> list[OpRecord]:
+        """Finish or roll back every operation a crash left unfinished."""
+        out = []
+        for rec in self.store.unfinished():
+            log.warning("resuming operation %s (%s on %s, %s)", rec.id, rec.kind, rec.target,
+                        rec.state.value)
+            out.append(await self._drive(rec, fresh=False))
+        return out
+
+    # -- the machine -------------------------------------------------------------------------
+    async def _drive(self, rec: OpRecord, fresh: bool) -> OpRecord:
+        lock = self._locks.setdefault(rec.target, asyncio.Lock())
+        async with lock:
+            steps = self.builders[rec.kind](rec)
+            if [s.name for s in steps] != [s.name for s in rec.steps]:
+                raise CorralError(f"operation {rec.id}: steps changed since it was recorded",
+                                  hint="finish it with the corral version that started it")
+            ctx = OpContext(self, rec)
+            if fresh:
+                pre = await self.run_hook(rec, f"pre-{rec.kind}")
+                if not pre.ok:
+                    why = f"pre-{rec.kind} hook refused (exit {pre.exit_code}): {pre.output[-500:]}"
+                    rec.error = {"message": why.strip(), "step": None}
+                    rec.state = OpState.ROLLED_BACK
+                    self._save(rec)
+                    await self.run_hook(rec, f"{rec.kind}-failed")
+                    return rec
+            if rec.state == OpState.RUNNING:
+                committed = any(
+                    st.commit and sr.state == StepState.DONE for st, sr in zip(steps, rec.steps,
+                                                                                strict=True)
+                )
+                if not fresh and not committed:
+                    rec.state = OpState.ROLLING_BACK
+                    rec.error = rec.error or {"message": "interrupted (server or agent crash)",
+                                              "step": self._in_flight(rec)}
+                    self._save(rec)
+                else:
+                    await self._forward(rec, steps, ctx)
+            if rec.state == OpState.ROLLING_BACK:
+                await self._backward(rec, steps, ctx)
+                await self.run_hook(rec, f"{rec.kind}-failed")
+            elif rec.state == OpState.SUCCEEDED:
+                await self.run_hook(rec, f"post-{rec.kind}")
+            return rec
+
+    def _in_flight(self, rec: OpRecord) -> str | None:
+        for sr in rec.steps:
+            if sr.state in (StepState.RUNNING, StepState.FAILED):
+                return sr.name
+        return None
+
+    async def _forward(self, rec: OpRecord, steps: list[Step], ctx: OpContext) -> None:
+        committed = False
+        for step, sr in zip(steps, rec.steps, strict=True):
+            if sr.state == StepState.DONE:
+                committed = committed or step.commit
+                continue
+            attempts = self.forward_retries if committed else 1
+            for attempt in range(1, attempts + 1):
+                sr.state, sr.started_at, sr.error = StepState.RUNNING, time.time(), ""
+                self._save(rec)
+                try:
+                    await step.do(ctx)
+                except Exception as exc:  # every failure, whatever its type, is recorded
+                    sr.state, sr.ended_at, sr.error = StepState.FAILED, time.time(), _text(exc)
+                    self._save(rec)
+                    if attempt < attempts:
+                        await asyncio.sleep(self.retry_delay * attempt)
+                        continue
+                    rec.error = {"message": _text(exc), "step": step.name,
+                                 **({"code": exc.code} if isinstance(exc, CorralError) else {})}
+                    rec.state = OpState.NEEDS_ATTENTION if committed else OpState.ROLLING_BACK
+                    self._save(rec)
+                    return
+                sr.state, sr.ended_at = StepState.DONE, time.time()
+                committed = committed or step.commit
+                self._save(rec)
+                break
+        rec.state = OpState.SUCCEEDED
+        self._save(rec)
+
+    async def _backward(self, rec: OpRecord, steps: list[Step], ctx: OpContext) -> None:
+        clean = True
+        pairs = list(zip(steps, rec.steps, strict=True))
+        for step, sr in reversed(pairs):
+            if sr.state in (StepState.PENDING, StepState.UNDONE):
+                continue
+            if step.undo is None:
+                sr.state = StepState.UNDONE
+                continue
+            sr.state = StepState.UNDOING
+            self._save(rec)
+            try:
+                await step.undo(ctx)
+            except Exception as exc:
+                sr.state, sr.error = StepState.UNDO_FAILED, f"undo: {_text(exc)}"
+                clean = False
+                log.error("operation %s: undo of %s failed: %s", rec.id, step.name, exc)
+            else:
+                sr.state = StepState.UNDONE
+            sr.ended_at = time.time()
+            self._save(rec)
+        rec.state = OpState.ROLLED_BACK if clean else OpState.NEEDS_ATTENTION
+        self._save(rec)
+
+    async def run_hook(self, rec: OpRecord, name: str,
+                       extra: dict[str, Any] | None = None) -> HookResult:
+        payload = {"operation": rec.to_dict(), **(extra or {})}
+        result = await self.hooks.run(name, payload)
+        if result.ran:
+            rec.hooks.append({"name": name, "exit_code": result.exit_code,
+                              "timed_out": result.timed_out, "output": result.output[-2000:]})
+            self._save(rec)
+        return result
+
+    def _save(self, rec: OpRecord) -> None:
+        self.store.save(rec)
+        if self.on_change is not None:
+            self.on_change(rec)
+
+
+def finished(rec: OpRecord) -> bool:
+    return rec.state in FINISHED
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
