@@ -1,0 +1,167 @@
+"""The agents' authenticated data channel for host-to-host disk transfers.
+
+Disk bytes never pass through the server. The receiving agent listens on its data port; the
+sending side runs the real tool (``rsync``, ``btrfs send``) with :mod:`corral.disks.rsh` as its
+remote shell, which connects here. Handshake, one JSON line each way:
+
+1. server -> client: ``{"nonce": <hex>}``
+2. client -> server: ``{"argv": [...], "mac": hex(HMAC-SHA256(token, nonce + "\\n" + argv json))}``
+3. server -> client: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; then raw bytes both ways
+   between the socket and the spawned command's stdin/stdout.
+
+Only two command shapes are accepted: ``rsync --server ...`` whose destination lies under one of
+the agent's allowed roots, and ``btrfs receive [-e] DIR`` under one of them. Nothing is run through
+a shell. The nonce makes a captured handshake useless for a second connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_LIMIT = 64 * 1024
+
+
+def mac(token: str, nonce: str, argv: Sequence[str]) -> str:
+    msg = (nonce + "\n" + json.dumps(list(argv))).encode()
+    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def _under(path: str, roots: Sequence[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
+def check_argv(argv: list[str], roots: Sequence[Path]) -> str | None:
+    """None when ``argv`` is an allowed transfer command, else why not."""
+    if not argv:
+        return "empty command"
+    if argv[0] == "rsync":
+        if len(argv) < 3 or argv[1] != "--server" or "--sender" in argv:
+            return "only 'rsync --server' receiving into this host is allowed"
+        dest = argv[-1]
+        if not _under(dest, roots):
+            return f"destination {dest} is outside this agent's disk roots"
+        for arg in argv[2:-1]:  # no option may name a path elsewhere (--log-file=/etc/..., -T)
+            value = arg.split("=", 1)[-1]
+            if "/" in value and not _under(value, roots):
+                return f"option {arg!r} names a path outside this agent's disk roots"
+        return None
+    if argv[:2] == ["btrfs", "receive"]:
+        rest = [a for a in argv[2:] if a not in ("-e", "--quiet")]
+        if len(rest) != 1 or not _under(rest[0], roots):
+            return "btrfs receive must name one directory under this agent's disk roots"
+        return None
+    return f"command {argv[0]!r} is not a transfer command"
+
+
+class DataServer:
+    def __init__(self, token: str, roots: Sequence[Path], host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.token = token
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  limit=HANDSHAKE_LIMIT)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            nonce = secrets.token_hex(16)
+            writer.write(json.dumps({"nonce": nonce}).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                hello = json.loads(line)
+                argv = [str(a) for a in hello["argv"]]
+                given = str(hello["mac"])
+            except (ValueError, KeyError, TypeError):
+                await _refuse(writer, "malformed handshake")
+                return
+            if not hmac.compare_digest(given, mac(self.token, nonce, argv)):
+                log.warning("data channel: bad token from %s", peer)
+                await _refuse(writer, "authentication failed: wrong fleet token")
+                return
+            why = check_argv(argv, self.roots)
+            if why is not None:
+                log.warning("data channel: refused %s from %s: %s", argv[:2], peer, why)
+                await _refuse(writer, why)
+                return
+            if argv[0] == "rsync":
+                Path(argv[-1]).mkdir(parents=True, exist_ok=True)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            writer.write(b'{"ok": true}\n')
+            await writer.drain()
+            await _relay(reader, writer, proc)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.info("data channel from %s ended: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+                await writer.wait_closed()
+
+
+async def _refuse(writer: asyncio.StreamWriter, why: str) -> None:
+    writer.write(json.dumps({"ok": False, "error": why}).encode() + b"\n")
+    await writer.drain()
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+
+    async def inbound() -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                stdin.write(data)
+                await stdin.drain()
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                stdin.close()
+
+    async def outbound() -> None:
+        while data := await stdout.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(Exception):
+            writer.write_eof()
+
+    feed = asyncio.create_task(inbound())
+    err = asyncio.create_task(stderr.read())
+    try:
+        await outbound()
+        code = await proc.wait()
+        text = (await err).decode(errors="replace").strip()
+        if code != 0:
+            log.warning("data channel: %s exited %s: %s", proc.pid, code, text[-500:])
+    finally:
+        feed.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

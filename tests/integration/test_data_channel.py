@@ -1,0 +1,94 @@
+"""rsync over the agents' authenticated data channel (real rsync, real sockets on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.disks.channel import DataServer, check_argv
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/rsync").exists(), reason="rsync not installed")
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+async def rsync_via_channel(src: Path, dest: Path, token_file: Path, port: int) -> int:
+    rsh = f"{sys.executable} -m corral.disks.rsh --port {port} --token-file {token_file}"
+    proc = await asyncio.create_subprocess_exec(
+        "rsync", "-a", "--delete", "-e", rsh, f"{src}/", f"127.0.0.1:{dest}/",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        print(err.decode())
+    return proc.returncode or 0
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    for i in range(30):
+        (src / "a" / f"f{i}").write_bytes(os.urandom(1000 + i * 500))
+    (src / "a" / "b" / "big").write_bytes(os.urandom(3 * 1024 * 1024))
+    return src
+
+
+async def test_rsync_through_channel_copies_tree(tmp_path: Path, tree: Path) -> None:
+    roots = tmp_path / "disks"
+    roots.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    server = DataServer("s3cret", [roots])
+    await server.start()
+    try:
+        dest = roots / "web"
+        assert await rsync_via_channel(tree, dest, token_file, server.port) == 0
+        assert digest(dest) == digest(tree)
+        (tree / "a" / "f3").unlink()
+        (tree / "a" / "new").write_bytes(b"x" * 10)
+        assert await rsync_via_channel(tree, dest, token_file, server.port) == 0
+        assert digest(dest) == digest(tree)
+    finally:
+        await server.stop()
+
+
+async def test_wrong_token_and_outside_paths_are_refused(tmp_path: Path, tree: Path) -> None:
+    roots = tmp_path / "disks"
+    roots.mkdir()
+    bad = tmp_path / "bad-token"
+    bad.write_text("guess")
+    server = DataServer("s3cret", [roots])
+    await server.start()
+    try:
+        assert await rsync_via_channel(tree, roots / "x", bad, server.port) != 0
+        assert not (roots / "x").exists()
+        good = tmp_path / "token"
+        good.write_text("s3cret")
+        assert await rsync_via_channel(tree, tmp_path / "elsewhere", good, server.port) != 0
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        await server.stop()
+
+
+def test_argv_rules(tmp_path: Path) -> None:
+    roots = [tmp_path]
+    d = str(tmp_path / "i")
+    assert check_argv(["rsync", "--server", "-logDtpre.iLsfxC", ".", d], roots) is None
+    assert check_argv(["rsync", "--server", "--sender", "-a", ".", d], roots) is not None
+    assert check_argv(["rsync", "--server", "--log-file=/etc/x", ".", d], roots) is not None
+    assert check_argv(["rsync", "--server", ".", "/etc"], roots) is not None
+    assert check_argv(["sh", "-c", "id"], roots) is not None
+    assert check_argv(["btrfs", "receive", d], roots) is None
+    assert check_argv(["btrfs", "receive", "/"], roots) is not None
+    assert check_argv(["rsync", "--server", ".", f"{d}/../../etc"], roots) is not None
