@@ -92,3 +92,36 @@ def test_argv_rules(tmp_path: Path) -> None:
     assert check_argv(["btrfs", "receive", d], roots) is None
     assert check_argv(["btrfs", "receive", "/"], roots) is not None
     assert check_argv(["rsync", "--server", ".", f"{d}/../../etc"], roots) is not None
+
+
+async def test_dirty_pass_moves_only_changed_paths(tmp_path: Path, tree: Path) -> None:
+    from corral.disks.dirty import DirtyTracker
+    from corral.disks.rsync import Endpoint, run_pass
+
+    roots = tmp_path / "disks"
+    roots.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    server = DataServer("s3cret", [roots])
+    await server.start()
+    tracker = DirtyTracker(tree)
+    tracker.start()
+    try:
+        ep = Endpoint("127.0.0.1", server.port, token_file, str(roots / "web"))
+        first = await run_pass(tree, ep)
+        assert first.files == 31
+        tracker.take()  # the list starts after the full pass
+        (tree / "a" / "f1").write_bytes(b"changed")
+        (tree / "a" / "f2").unlink()
+        (tree / "a" / "c").mkdir()
+        (tree / "a" / "c" / "inner").write_bytes(b"new")
+        await asyncio.sleep(0.1)
+        dirty = tracker.take()
+        assert not dirty.overflowed
+        result = await run_pass(tree, ep, dirty.paths)
+        assert result.files == 2  # f1 and c/inner; nothing else was read or sent
+        assert digest(roots / "web") == digest(tree)
+        assert not (roots / "web" / "a" / "f2").exists()
+    finally:
+        tracker.stop()
+        await server.stop()

@@ -1,0 +1,131 @@
+"""Which paths of an instance's root changed since the last sync, from inotify.
+
+The frozen pass of a standby refresh or a migration must be short (USERS.md §2: suspend time is
+the critical figure). rsync's own scan of a large tree is what makes it slow, so while the
+instance runs we keep the list of paths that changed and the frozen pass hands rsync only those.
+Whenever the list may be incomplete — the kernel queue overflowed, we ran out of watches, a
+directory was renamed (its watch paths went stale) — the tracker says ``overflowed`` and the
+caller falls back to a full pass. Never a wrong short list: a missed path would be a silently stale
+file in the standby.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+WATCH = (F.CREATE | F.MODIFY | F.ATTRIB | F.CLOSE_WRITE | F.DELETE | F.MOVED_FROM | F.MOVED_TO
+         | F.DELETE_SELF | F.MOVE_SELF)
+
+
+@dataclass(frozen=True)
+class DirtySet:
+    paths: frozenset[str]
+    overflowed: bool
+    reason: str = ""
+
+
+class DirtyTracker:
+    def __init__(self, root: Path, max_paths: int = 200_000) -> None:
+        self.root = Path(root)
+        self.max_paths = max_paths
+        self._ino = INotify()
+        self._wds: dict[int, str] = {}
+        self._dirty: set[str] = set()
+        self._overflow = ""
+        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._watch_tree("")
+        self._thread = threading.Thread(target=self._run, name=f"dirty:{self.root.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._ino.close()
+
+    def take(self) -> DirtySet:
+        """The changes so far, and start a new list (call right before a pass)."""
+        with self._read_lock:
+            self._handle(self._ino.read(timeout=0))
+            with self._lock:
+                out = DirtySet(frozenset(self._dirty), bool(self._overflow), self._overflow)
+                self._dirty = set()
+                self._overflow = ""
+        return out
+
+    def drain(self) -> None:
+        """Handle every event the kernel has queued now (the pass must not miss the last ones)."""
+        with self._read_lock:
+            self._handle(self._ino.read(timeout=0))
+
+    # -- internals ---------------------------------------------------------------------------
+    def _mark_overflow(self, why: str) -> None:
+        with self._lock:
+            self._overflow = self._overflow or why
+
+    def _watch_tree(self, rel: str) -> None:
+        base = self.root / rel if rel else self.root
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            rel_dir = "" if rel_dir == "." else rel_dir
+            try:
+                wd = self._ino.add_watch(dirpath, WATCH)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self._mark_overflow("out of inotify watches (fs.inotify.max_user_watches)")
+                    return
+                if exc.errno == errno.ENOENT:
+                    continue
+                raise
+            self._wds[wd] = rel_dir
+            if rel:  # a directory that appeared while we watch: everything in it is new
+                with self._lock:
+                    self._dirty.add(rel_dir)
+                    self._dirty.update(os.path.join(rel_dir, n) for n in dirnames + filenames)
+
+    def _run(self) -> None:
+        fd = self._ino.fileno()
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if ready:
+                    self.drain()
+            except (OSError, ValueError):
+                return
+
+    def _handle(self, events: list) -> None:  # type: ignore[type-arg]
+        for ev in events:
+            if ev.mask & F.Q_OVERFLOW:
+                self._mark_overflow("inotify queue overflowed")
+                continue
+            parent = self._wds.get(ev.wd)
+            if parent is None:
+                continue
+            if ev.mask & F.IGNORED:
+                self._wds.pop(ev.wd, None)
+                continue
+            rel = os.path.join(parent, ev.name) if ev.name else parent
+            is_dir = bool(ev.mask & F.ISDIR)
+            if is_dir and ev.mask & (F.MOVED_FROM | F.MOVED_TO | F.MOVE_SELF):
+                self._mark_overflow(f"directory {rel or '.'} was renamed")
+            if is_dir and ev.mask & F.CREATE:
+                self._watch_tree(rel)
+            if rel:
+                with self._lock:
+                    self._dirty.add(rel)
+                    if len(self._dirty) > self.max_paths:
+                        self._overflow = self._overflow or "more changed paths than max_paths"
