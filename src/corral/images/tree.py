@@ -177,10 +177,7 @@ def _chunks(fd: int, off: int, length: int, window: int = 32 * 1024**2) -> Itera
         last = pos >= end
         pieces = [bytes(c.data) for c in fastcdc(data, min_size=MIN_CHUNK, avg_size=AVG_CHUNK,
                                                  max_size=MAX_CHUNK, fat=True)]
-        if not last and len(pieces) > 1:
-            carry = pieces.pop()
-        else:
-            carry = b""
+        carry = pieces.pop() if not last and len(pieces) > 1 else b""
         yield from pieces
         if last:
             return
