@@ -59,6 +59,14 @@ class Location:
 
 
 @dataclass(frozen=True)
+class SweepResult:
+    dropped: int  # index entries of unreferenced chunks removed
+    packs_rewritten: int
+    bytes_freed: int
+    damaged: list[str]  # live chunks that could not be read back (left in place, reported)
+
+
+@dataclass(frozen=True)
 class Damage:
     pack: int
     offset: int
@@ -77,9 +85,12 @@ class PackStore:
         )
         self._chunks = self._env.open_db(b"chunks")
         self._meta = self._env.open_db(b"meta")
+        self._refs = self._env.open_db(b"refs")
         self._lock = threading.Lock()
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._read_fds: dict[int, int] = {}
+        #: ids touched by writes while a GC runs; the sweep never drops them
+        self._pins: set[bytes] | None = None
         self._recover()
 
     # -- packs -------------------------------------------------------------------------------
@@ -98,6 +109,10 @@ class PackStore:
         """Index complete records past each pack's committed mark; cut torn tails."""
         with self._env.begin(write=True) as txn:
             current = self._current_pack(txn)
+            for key, _ in list(txn.cursor(db=self._meta)):
+                if bytes(key).startswith(b"dead:"):
+                    self._pack_path(int(bytes(key)[5:])).unlink(missing_ok=True)
+                    txn.delete(key, db=self._meta)
             for n in range(current + 1):
                 path = self._pack_path(n)
                 if not path.exists():
@@ -144,36 +159,48 @@ class PackStore:
             ids.append(cid)
             pending.setdefault(cid, data)
         with self._lock:
-            with self._env.begin() as txn:
-                todo = [(c, d) for c, d in pending.items() if txn.get(c, db=self._chunks) is None]
-                current = self._current_pack(txn)
-                mark = self._committed(txn, current)
-            if not todo:
-                return ids
-            if mark >= PACK_LIMIT:
-                current, mark = current + 1, 0
-            path = self._pack_path(current)
-            entries: list[tuple[bytes, bytes]] = []
-            with path.open("ab") as fh:
-                if fh.tell() != mark:  # someone left a tail: recovery should have cut it
-                    fh.truncate(mark)
-                    fh.seek(mark)
-                offset = mark
-                for cid, data in todo:
-                    comp = self._cctx.compress(data)
-                    fh.write(HEADER.pack(MAGIC, cid, len(data), len(comp)))
-                    fh.write(comp)
-                    entries.append((cid, LOC.pack(current, offset + HEADER.size, len(comp),
-                                                  len(data))))
-                    offset += HEADER.size + len(comp)
-                fh.flush()
-                os.fsync(fh.fileno())
-            with self._env.begin(write=True) as txn:
-                for cid, loc in entries:
-                    txn.put(cid, loc, db=self._chunks, overwrite=False)
-                txn.put(b"len:%d" % current, b"%d" % offset, db=self._meta)
-                txn.put(b"current", b"%d" % current, db=self._meta)
+            if self._pins is not None:
+                self._pins.update(pending)
+            self._append(list(pending.items()), only_new=True)
         return ids
+
+    def _append(self, items: list[tuple[bytes, bytes]], only_new: bool,
+                moved: dict[bytes, bytes] | None = None) -> None:
+        """Append records and index them (caller holds the lock). ``moved`` collects new
+        locations instead of indexing them, for the GC to swap in one transaction."""
+        with self._env.begin() as txn:
+            todo = [(c, d) for c, d in items
+                    if not only_new or txn.get(c, db=self._chunks) is None]
+            current = self._current_pack(txn)
+            mark = self._committed(txn, current)
+        if not todo:
+            return
+        if mark >= PACK_LIMIT:
+            current, mark = current + 1, 0
+        path = self._pack_path(current)
+        entries: list[tuple[bytes, bytes]] = []
+        with path.open("ab") as fh:
+            if fh.tell() != mark:  # someone left a tail: recovery should have cut it
+                fh.truncate(mark)
+                fh.seek(mark)
+            offset = mark
+            for cid, data in todo:
+                comp = self._cctx.compress(data)
+                fh.write(HEADER.pack(MAGIC, cid, len(data), len(comp)))
+                fh.write(comp)
+                entries.append((cid, LOC.pack(current, offset + HEADER.size, len(comp),
+                                              len(data))))
+                offset += HEADER.size + len(comp)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with self._env.begin(write=True) as txn:
+            for cid, loc in entries:
+                if moved is not None:
+                    moved[cid] = loc
+                else:
+                    txn.put(cid, loc, db=self._chunks, overwrite=False)
+            txn.put(b"len:%d" % current, b"%d" % offset, db=self._meta)
+            txn.put(b"current", b"%d" % current, db=self._meta)
 
     def put(self, data: bytes) -> bytes:
         return self.put_many([data])[0]
@@ -235,6 +262,98 @@ class PackStore:
             except CorruptChunk as exc:
                 damage.append(Damage(loc.pack, loc.offset, cid.hex(), exc.message))
         return damage
+
+    # -- names -------------------------------------------------------------------------------
+    def set_ref(self, name: str, target: bytes) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(name.encode(), target, db=self._refs)
+
+    def get_ref(self, name: str) -> bytes | None:
+        with self._env.begin() as txn:
+            raw = txn.get(name.encode(), db=self._refs)
+        return bytes(raw) if raw is not None else None
+
+    def del_ref(self, name: str) -> bool:
+        with self._env.begin(write=True) as txn:
+            return bool(txn.delete(name.encode(), db=self._refs))
+
+    def refs(self) -> dict[str, bytes]:
+        with self._env.begin() as txn:
+            return {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=self._refs)}
+
+    # -- garbage collection -----------------------------------------------------------------
+    def pin_writes(self) -> None:
+        """From now until :meth:`unpin_writes`, every id a write touches is kept by a sweep, so
+        an import that deduplicates against a chunk the mark phase thought dead stays whole."""
+        with self._lock:
+            self._pins = set()
+
+    def unpin_writes(self) -> None:
+        with self._lock:
+            self._pins = None
+
+    def sweep(self, live: set[bytes], min_dead_ratio: float = 0.25) -> SweepResult:
+        """Drop chunks not in ``live`` (nor pinned); rewrite sealed packs that are mostly dead.
+
+        Crash-safe: live records are copied and fsynced first, the index swaps to the copies and
+        marks the old pack dead in one transaction, and only then is the old file removed."""
+        with self._lock:
+            keep = live | (self._pins or set())
+            with self._env.begin() as txn:
+                current = self._current_pack(txn)
+            by_pack: dict[int, list[tuple[bytes, Location]]] = {}
+            dead: list[bytes] = []
+            for cid, loc in self:
+                if cid in keep:
+                    by_pack.setdefault(loc.pack, []).append((cid, loc))
+                else:
+                    dead.append(cid)
+            with self._env.begin(write=True) as txn:
+                for cid in dead:
+                    txn.delete(cid, db=self._chunks)
+            rewritten, freed, damaged = 0, 0, []
+            for path in sorted((self.root / "packs").glob("pack-*.dat")):
+                n = int(path.stem.split("-")[1])
+                if n >= current:
+                    continue
+                entries = by_pack.get(n, [])
+                size = path.stat().st_size
+                live_bytes = sum(HEADER.size + loc.comp_len for _, loc in entries)
+                if size == 0 or (size - live_bytes) / size < min_dead_ratio:
+                    continue
+                items: list[tuple[bytes, bytes]] = []
+                bad = []
+                for cid, _ in entries:
+                    try:
+                        items.append((cid, self.get(cid)))
+                    except CorruptChunk:
+                        bad.append(cid.hex())
+                if bad:
+                    damaged.extend(bad)
+                    continue  # never delete a pack holding live data we could not copy
+                moved: dict[bytes, bytes] = {}
+                self._append(items, only_new=False, moved=moved)
+                with self._env.begin(write=True) as txn:
+                    for cid, loc_raw in moved.items():
+                        txn.put(cid, loc_raw, db=self._chunks)
+                    txn.delete(b"len:%d" % n, db=self._meta)
+                    txn.put(b"dead:%d" % n, b"1", db=self._meta)
+                fd = self._read_fds.pop(n, None)
+                if fd is not None:
+                    os.close(fd)
+                path.unlink()
+                with self._env.begin(write=True) as txn:
+                    txn.delete(b"dead:%d" % n, db=self._meta)
+                rewritten += 1
+                freed += size - live_bytes
+            return SweepResult(len(dead), rewritten, freed, damaged)
+
+    def seal(self) -> None:
+        """Start a new pack for the next writes (lets a sweep reclaim the one that was open)."""
+        with self._lock, self._env.begin(write=True) as txn:
+            current = self._current_pack(txn)
+            if self._committed(txn, current) > 0:
+                txn.put(b"current", b"%d" % (current + 1), db=self._meta)
 
     def close(self) -> None:
         for fd in self._read_fds.values():

@@ -1,0 +1,146 @@
+"""Named images over the pack store: import a tree or tarball, list with dedup figures, remove,
+collect garbage.
+
+An image is a ref ``image:<name>`` pointing at its manifest, which is itself stored as a chunk,
+so the whole store is one content-addressed space and a copy of it is a copy of its files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.images.packstore import PackStore, SweepResult
+from corral.images.tree import Manifest, materialize, snapshot
+
+PREFIX = "image:"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    manifest: str
+    files: int
+    size: int  # logical bytes of its files
+    unique_size: int  # bytes of chunks no other image uses
+    stored_size: int  # bytes of its distinct chunks (what it costs alone, before compression)
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.size / self.stored_size if self.stored_size else 1.0
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.packs = PackStore(root)
+        self._imports: set[int] = set()
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+
+    def close(self) -> None:
+        self.packs.close()
+
+    def manifest(self, name: str) -> Manifest:
+        ref = self.packs.get_ref(PREFIX + name)
+        if ref is None:
+            raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
+        return Manifest.from_json(self.packs.get(ref))
+
+    def import_tree(self, name: str, path: Path, replace: bool = False) -> ImageInfo:
+        if self.packs.get_ref(PREFIX + name) is not None and not replace:
+            raise Conflict(f"image '{name}' exists", hint="pick another name or pass --replace")
+        if path.is_file():
+            return self._import_tarball(name, path)
+        with self._cond:
+            ticket = next(self._seq)
+            self._imports.add(ticket)
+        try:
+            manifest = snapshot(path, self.packs)
+            mid = self.packs.put(manifest.to_json())
+            self.packs.set_ref(PREFIX + name, mid)  # the image exists once all of it is stored
+        finally:
+            with self._cond:
+                self._imports.discard(ticket)
+                self._cond.notify_all()
+        return self.info(name)
+
+    def _import_tarball(self, name: str, tarball: Path) -> ImageInfo:
+        with tempfile.TemporaryDirectory(prefix="corral-import-") as tmp:
+            proc = subprocess.run(
+                ["tar", "-x", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-p",
+                 "-f", str(tarball), "-C", tmp],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise InvalidRequest(f"cannot unpack {tarball}: {proc.stderr.strip()[-400:]}",
+                                     hint="give a tar archive (optionally compressed) or a "
+                                          "directory")
+            return self.import_tree(name, Path(tmp), replace=True)
+
+    def materialize(self, name: str, dest: Path) -> None:
+        materialize(self.manifest(name), self.packs, dest)
+
+    def remove(self, name: str) -> None:
+        if not self.packs.del_ref(PREFIX + name):
+            raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
+
+    def names(self) -> list[str]:
+        return sorted(k[len(PREFIX):] for k in self.packs.refs() if k.startswith(PREFIX))
+
+    def _chunk_sizes(self, manifest: Manifest) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for cid in manifest.chunk_ids():
+            loc = self.packs.locate(bytes.fromhex(cid))
+            sizes[cid] = loc.raw_len if loc else 0
+        return sizes
+
+    def info(self, name: str) -> ImageInfo:
+        return self.list([name])[0]
+
+    def list(self, only: list[str] | None = None) -> list[ImageInfo]:
+        names = self.names()
+        manifests = {n: self.manifest(n) for n in names}
+        users: dict[str, int] = {}
+        for m in manifests.values():
+            for cid in m.chunk_ids():
+                users[cid] = users.get(cid, 0) + 1
+        out = []
+        for n in only if only is not None else names:
+            m = manifests[n]
+            sizes = self._chunk_sizes(m)
+            ref = self.packs.get_ref(PREFIX + n)
+            out.append(ImageInfo(
+                name=n, manifest=ref.hex() if ref else "",
+                files=sum(1 for e in m.entries if e.kind == "f"), size=m.size(),
+                unique_size=sum(sz for cid, sz in sizes.items() if users[cid] == 1),
+                stored_size=sum(sizes.values()),
+            ))
+        return out
+
+    def gc(self, min_dead_ratio: float = 0.25) -> SweepResult:
+        """Mark from every ref, sweep the rest; writes may go on meanwhile (they are pinned)."""
+        self.packs.pin_writes()
+        try:
+            # imports that began before the pin wrote chunks nobody references yet: wait for
+            # them to set their refs (imports that begin after the pin are pinned instead)
+            with self._cond:
+                before = set(self._imports)
+                self._cond.wait_for(lambda: not (before & self._imports))
+            live: set[bytes] = set()
+            for ref in self.packs.refs().values():
+                live.add(ref)
+                manifest = Manifest.from_json(self.packs.get(ref))
+                live.update(bytes.fromhex(c) for c in manifest.chunk_ids())
+            return self.packs.sweep(live, min_dead_ratio)
+        finally:
+            self.packs.unpin_writes()
+
+
+def tar_available() -> bool:
+    return shutil.which("tar") is not None
