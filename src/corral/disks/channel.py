@@ -6,8 +6,11 @@ remote shell, which connects here. Handshake, one JSON line each way:
 
 1. server -> client: ``{"nonce": <hex>}``
 2. client -> server: ``{"argv": [...], "mac": hex(HMAC-SHA256(token, nonce + "\\n" + argv json))}``
-3. server -> client: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; then raw bytes both ways
-   between the socket and the spawned command's stdin/stdout.
+3. server -> client: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; then frames both ways
+   (``type(1) | length(4) | payload``): DATA carries the command's stdin/stdout, EOF closes the
+   client's side, and at the end the server sends ERR (the command's stderr tail) and EXIT (its
+   status), so the sending tool fails when the receiving one did (``btrfs receive`` has no
+   protocol of its own to say so).
 
 Only two command shapes are accepted: ``rsync --server ...`` whose destination lies under one of
 the agent's allowed roots, and ``btrfs receive [-e] DIR`` under one of them. Nothing is run through
@@ -24,12 +27,20 @@ import json
 import logging
 import os
 import secrets
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_LIMIT = 64 * 1024
+FRAME = struct.Struct(">BI")
+DATA, EOF, ERR, EXIT = 1, 2, 3, 4
+MAX_FRAME = 4 * 1024 * 1024
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return FRAME.pack(kind, len(payload)) + payload
 
 
 def mac(token: str, nonce: str, argv: Sequence[str]) -> str:
@@ -115,7 +126,12 @@ class DataServer:
             )
             writer.write(b'{"ok": true}\n')
             await writer.drain()
-            await _relay(reader, writer, proc)
+            code = await _relay(reader, writer, proc)
+            if argv[0] == "btrfs" and code != 0:
+                from corral.disks.btrfs import drop_partial_receives
+
+                dropped = await asyncio.to_thread(drop_partial_receives, Path(argv[-1]))
+                log.warning("data channel: dropped half-received snapshots %s", dropped)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("data channel from %s ended: %s", peer, exc)
         finally:
@@ -130,16 +146,22 @@ async def _refuse(writer: asyncio.StreamWriter, why: str) -> None:
 
 
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 proc: asyncio.subprocess.Process) -> None:
+                 proc: asyncio.subprocess.Process) -> int:
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
 
     async def inbound() -> None:
         try:
-            while data := await reader.read(256 * 1024):
-                stdin.write(data)
+            while True:
+                kind, length = FRAME.unpack(await reader.readexactly(FRAME.size))
+                if length > MAX_FRAME:
+                    raise ConnectionError("oversized frame")
+                payload = await reader.readexactly(length)
+                if kind != DATA:
+                    break
+                stdin.write(payload)
                 await stdin.drain()
-        except (ConnectionError, BrokenPipeError):
+        except (ConnectionError, BrokenPipeError, asyncio.IncompleteReadError):
             pass
         finally:
             with contextlib.suppress(Exception):
@@ -147,10 +169,8 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
     async def outbound() -> None:
         while data := await stdout.read(256 * 1024):
-            writer.write(data)
+            writer.write(frame(DATA, data))
             await writer.drain()
-        with contextlib.suppress(Exception):
-            writer.write_eof()
 
     feed = asyncio.create_task(inbound())
     err = asyncio.create_task(stderr.read())
@@ -160,6 +180,10 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         text = (await err).decode(errors="replace").strip()
         if code != 0:
             log.warning("data channel: %s exited %s: %s", proc.pid, code, text[-500:])
+        writer.write(frame(ERR, text[-4000:].encode()))
+        writer.write(frame(EXIT, struct.pack(">i", code)))
+        await writer.drain()
+        return code
     finally:
         feed.cancel()
         if proc.returncode is None:

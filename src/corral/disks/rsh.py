@@ -13,35 +13,49 @@ import json
 import os
 import selectors
 import socket
+import struct
 import sys
 
-from corral.disks.channel import mac
+from corral.disks.channel import DATA, EOF, ERR, EXIT, FRAME, frame, mac
 
 
-def relay(sock: socket.socket, fd_in: int, fd_out: int) -> None:
+def relay(sock: socket.socket, fd_in: int, fd_out: int) -> int:
+    """Frame stdin into DATA, unframe DATA to stdout; returns the remote command's status."""
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, "sock")
     sel.register(fd_in, selectors.EVENT_READ, "in")
-    sock_open = True
-    while sock_open:
+    buf = bytearray()
+    while True:
         for key, _ in sel.select():
             if key.data == "in":
                 data = os.read(fd_in, 256 * 1024)
                 if not data:
                     sel.unregister(fd_in)
-                    sock.shutdown(socket.SHUT_WR)
+                    sock.sendall(frame(EOF))
                 else:
-                    sock.sendall(data)
-            else:
-                data = sock.recv(256 * 1024)
-                if not data:
-                    sel.unregister(sock)
-                    sock_open = False
+                    sock.sendall(frame(DATA, data))
+                continue
+            data = sock.recv(256 * 1024)
+            if not data:
+                print("corral data channel: connection closed before the remote exit status",
+                      file=sys.stderr)
+                return 255
+            buf += data
+            while len(buf) >= FRAME.size:
+                kind, length = FRAME.unpack_from(buf)
+                if len(buf) < FRAME.size + length:
                     break
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd_out, view)
-                    view = view[n:]
+                payload = bytes(buf[FRAME.size:FRAME.size + length])
+                del buf[:FRAME.size + length]
+                if kind == DATA:
+                    view = memoryview(payload)
+                    while view:
+                        n = os.write(fd_out, view)
+                        view = view[n:]
+                elif kind == ERR and payload:
+                    sys.stderr.write(payload.decode(errors="replace") + "\n")
+                elif kind == EXIT:
+                    return int(struct.unpack(">i", payload)[0])
 
 
 def _line(sock: socket.socket, limit: int = 65536) -> bytes:
@@ -78,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corral data channel: {answer.get('error')}", file=sys.stderr)
         return 12
     sock.settimeout(None)
-    relay(sock, 0, 1)
-    return 0
+    return relay(sock, 0, 1)
 
 
 if __name__ == "__main__":
