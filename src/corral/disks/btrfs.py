@@ -34,7 +34,7 @@ def _run(*argv: str) -> str:
 def drop_partial_receives(directory: Path) -> list[str]:
     """Delete subvolumes under ``directory`` that a failed ``btrfs receive`` left behind (they
     have no Received UUID), so a standby never holds a half-received snapshot."""
-    dropped = []
+    dropped: list[str] = []
     if not directory.is_dir():
         return dropped
     for entry in directory.iterdir():
