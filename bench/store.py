@@ -10,7 +10,7 @@ the pack + one index commit; file store: syncfs), so neither gets to cheat with 
 on writes. GETs read random objects already stored (after dropping nothing: a warm cache for
 both, which favours the file store's small-file reads).
 
-    python bench/store.py                      # 1,000,000 objects, slices of 250,000
+    python bench/store.py                      # 300,000 objects, slices of 100,000
     python bench/store.py --objects 15000000 --slice 1000000 --dir /big/disk    # the long run
 """
 
@@ -88,8 +88,8 @@ def measure(name: str, store: PackStore | FileStore, start: int, count: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--objects", type=int, default=1_000_000)
-    ap.add_argument("--slice", type=int, default=250_000)
+    ap.add_argument("--objects", type=int, default=300_000)
+    ap.add_argument("--slice", type=int, default=100_000)
     ap.add_argument("--gets", type=int, default=20_000, help="random GETs measured per slice")
     ap.add_argument("--dir", type=Path, default=None, help="where both stores live (same disk)")
     ap.add_argument("--keep", action="store_true", help="keep the stores afterwards")
