@@ -102,3 +102,23 @@ class Reply(BaseModel):
     result: Any = None
     #: ``CorralError.to_dict()`` when not ok
     error: dict[str, Any] | None = None
+
+
+class LogBatch(BaseModel):
+    """Lines of one source (an instance's stdout, stderr or a tailed file), batched.
+
+    ``first_seq`` numbers the first line; line i has ``first_seq + i``. Sequences are per
+    (host, instance, source) and survive agent restarts, so a sink can tell a gap from a repeat.
+    """
+
+    host: str
+    instance: str
+    source: str
+    first_seq: int = Field(ge=1)
+    lines: list[str]
+    ts: float
+
+    @property
+    def msg_id(self) -> str:
+        """JetStream dedup id: a batch re-sent after an agent restart is stored once."""
+        return f"{self.host}:{self.instance}:{self.source}:{self.first_seq}:{len(self.lines)}"

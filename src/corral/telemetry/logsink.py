@@ -1,0 +1,223 @@
+"""A durable log sink: JetStream -> one file per instance and source, no line lost or doubled.
+
+Exactly-once on disk without a database: after each fetched batch the sink fsyncs the files it
+appended to, then atomically replaces a checkpoint holding the stream sequence it reached, each
+file's length, and the last line number per source. On start it cuts every file back to its
+checkpointed length (whatever was appended after the last checkpoint is written again) and asks
+JetStream for messages after the checkpointed sequence. A kill -9 at any instant therefore
+replays exactly what was not checkpointed.
+
+Line numbers are per source (host, instance, stream), set by the agent; a jump is a gap (lines
+that never reached the bus, or aged out of it) and is recorded in ``gaps.jsonl`` and counted,
+never papered over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from corral.bus import streams, subjects
+from corral.bus.messages import LogBatch
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _safe(part: str) -> str:
+    return _SAFE.sub("_", part) or "_"
+
+
+@dataclass
+class Checkpoint:
+    stream_seq: int = 0
+    lengths: dict[str, int] = field(default_factory=dict)
+    last_line: dict[str, int] = field(default_factory=dict)
+    gaps: int = 0
+    bad: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        return cls(raw["stream_seq"], raw["lengths"], raw["last_line"], raw.get("gaps", 0),
+                   raw.get("bad", 0))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            json.dump(self.__dict__, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class LogSink:
+    def __init__(self, directory: Path, name: str, batch: int = 256) -> None:
+        self.dir = Path(directory)
+        self.name = _safe(name)
+        self.batch = batch
+        self.state_path = self.dir / f".sink-{self.name}.json"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cp = Checkpoint.load(self.state_path)
+        self._files: dict[str, Any] = {}
+        self.written = 0
+        self._restore()
+
+    def _restore(self) -> None:
+        """Cut every file back to what the checkpoint vouches for."""
+        for rel, length in self.cp.lengths.items():
+            path = self.dir / rel
+            if path.exists() and path.stat().st_size > length:
+                with path.open("r+b") as fh:
+                    fh.truncate(length)
+                    os.fsync(fh.fileno())
+
+    def _file(self, rel: str) -> Any:
+        fh = self._files.get(rel)
+        if fh is None:
+            path = self.dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = self._files[rel] = path.open("ab")
+        return fh
+
+    def apply(self, stream_seq: int, raw: bytes) -> None:
+        """Write one message's new lines (idempotent against the checkpoint)."""
+        if stream_seq <= self.cp.stream_seq:
+            return
+        self.cp.stream_seq = stream_seq
+        try:
+            batch = LogBatch.model_validate_json(raw)
+        except ValidationError:
+            self.cp.bad += 1
+            log.warning("sink %s: message %d is not a log batch", self.name, stream_seq)
+            return
+        key = f"{batch.host}/{batch.instance}/{batch.source}"
+        last = self.cp.last_line.get(key, 0)
+        if batch.first_seq > last + 1:
+            self._gap(key, last + 1, batch.first_seq - 1)
+        skip = max(0, last + 1 - batch.first_seq)
+        lines = batch.lines[skip:]
+        if not lines:
+            return
+        rel = f"{_safe(batch.instance)}/{_safe(batch.source)}.log"
+        fh = self._file(rel)
+        fh.write("".join(line.rstrip("\n") + "\n" for line in lines).encode())
+        self.cp.lengths[rel] = fh.tell()
+        self.cp.last_line[key] = batch.first_seq + len(batch.lines) - 1
+        self.written += len(lines)
+
+    def _gap(self, key: str, first: int, last: int) -> None:
+        self.cp.gaps += 1
+        log.warning("sink %s: lines %d-%d of %s never arrived", self.name, first, last, key)
+        with (self.dir / "gaps.jsonl").open("a") as fh:
+            fh.write(json.dumps({"source": key, "first": first, "last": last,
+                                 "seen_at": time.time()}) + "\n")
+
+    def checkpoint(self) -> None:
+        for fh in self._files.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.cp.save(self.state_path)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._files.clear()
+
+    async def run(self, nc: Any, stop: asyncio.Event | None = None,
+                  idle_timeout: float = 1.0) -> None:
+        """Consume until ``stop`` is set. The durable consumer is recreated at the checkpoint, so
+        JetStream's idea of our position never overrides the files' own."""
+        js = nc.jetstream()
+        await streams.ensure(js, streams.logs_config())
+        durable = f"sink-{self.name}"
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(streams.LOGS, durable)
+        config = ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.cp.stream_seq + 1,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=self.batch * 4,
+        )
+        sub = await js.pull_subscribe(subjects.logs("*"), durable=durable, stream=streams.LOGS,
+                                      config=config)
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=idle_timeout)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                self.apply(msg.metadata.sequence.stream, msg.data)
+            self.checkpoint()
+            for msg in msgs:
+                await msg.ack()
+
+
+async def serve(url: str, token: str, directory: Path, name: str) -> None:
+    """Run one sink until SIGTERM/SIGINT (``corral logsink``)."""
+    import signal
+
+    import nats
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await nats.connect(url, token=token, name=f"corral-logsink-{name}",
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    sink = LogSink(directory, name)
+    try:
+        while not stop.is_set():
+            try:
+                await sink.run(nc, stop)
+            except Exception as exc:  # the bus went away: keep the files, try again
+                if stop.is_set():
+                    break
+                log.warning("sink %s: %s; retrying", name, exc)
+                await asyncio.sleep(1.0)
+    finally:
+        sink.checkpoint()
+        sink.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="corral-logsink")
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--nats", required=True)
+    ap.add_argument("--token-file", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(serve(args.nats, args.token_file.read_text().strip(), args.dir, args.name))
+
+
+if __name__ == "__main__":
+    main()
