@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def serve(settings: Settings) -> None:
-    """Run the agent until SIGTERM/SIGINT (imported lazily to keep ``import corral.agent`` light)."""
+    """Run the agent until SIGTERM/SIGINT (imported lazily: ``import corral.agent`` stays light)."""
     from corral.agent.service import serve as _serve
 
     _serve(settings)

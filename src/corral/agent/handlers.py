@@ -1,0 +1,199 @@
+"""One thin handler per server -> agent call of :data:`corral.bus.rpc.CALLS`.
+
+Each handler checks its arguments, takes the instance's lock, calls the driver in a worker thread
+and returns a JSON-able result. Policy (placement, the lifecycle table) is the server's; the agent
+only adds what only it can know: the epoch fence and whether an end was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal as signals
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from corral.agent import rootfs
+from corral.agent.report import apply_status, to_report
+from corral.agent.state import AgentState
+from corral.agent.store import InstanceRecord, check_name
+from corral.bus.messages import WireSpec
+from corral.drivers.base import Spec
+from corral.errors import Conflict, InvalidRequest
+
+Handler = Callable[[AgentState, dict[str, Any]], Awaitable[Any]]
+
+#: signals that end a workload on purpose: what follows reads as "stopped", not "failed".
+_ENDING_SIGNALS = frozenset({signals.SIGTERM, signals.SIGKILL, signals.SIGINT, signals.SIGQUIT})
+
+
+def _name(args: dict[str, Any]) -> str:
+    name = args.get("name")
+    if not isinstance(name, str):
+        raise InvalidRequest("the call needs a 'name' (string)", hint="this is a server bug")
+    return check_name(name)
+
+
+def _check_epoch(st: AgentState, name: str, epoch: Any) -> int | None:
+    """Refuse an epoch older than the newest one seen (a stale server or a fenced owner)."""
+    if epoch is None:
+        return None
+    if not isinstance(epoch, int):
+        raise InvalidRequest(f"epoch must be an integer, got {epoch!r}")
+    newest = st.epochs.get(name, 0)
+    if epoch < newest:
+        raise Conflict(
+            f"stale epoch {epoch} for instance '{name}': this host has seen epoch {newest}",
+            hint="a newer owner took this instance over; refresh state and retry",
+            details={"epoch": epoch, "newest": newest},
+        )
+    st.epochs[name] = epoch
+    return epoch
+
+
+async def create(st: AgentState, args: dict[str, Any]) -> Any:
+    try:
+        spec = WireSpec.model_validate(args.get("spec"))
+    except ValidationError as exc:
+        raise InvalidRequest(f"bad spec for create: {exc}") from exc
+    name = check_name(spec.name)
+    drv = st.driver(spec.driver)
+    async with st.lock(name):
+        existing = st.records.get(name)
+        if existing is not None:
+            if existing.spec.model_copy(update={"epoch": 0}) != spec.model_copy(
+                update={"epoch": 0}
+            ):
+                raise Conflict(f"instance '{name}' already exists here with another spec",
+                               hint="delete it first or pick another name")
+            _check_epoch(st, name, spec.epoch)
+            return to_report(existing).model_dump()
+        _check_epoch(st, name, spec.epoch)
+        workdir = st.store.dir_for(name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            root = spec.rootfs
+            if root is None and drv.capabilities.needs_rootfs:
+                root = str(await st.call(rootfs.instance_rootfs, st.data_dir, workdir))
+            dspec = Spec(name=name, command=list(spec.command), workdir=str(workdir),
+                         rootfs=root, env=dict(spec.env), cpus=spec.cpus,
+                         memory_bytes=spec.memory_bytes)
+            handle = await st.call(drv.create, dspec)
+        except BaseException:
+            await st.call(st.store.remove, name)  # no record was written: leave nothing behind
+            raise
+        rec = InstanceRecord(spec=spec, handle=handle, epoch=spec.epoch, state="created")
+        st.save(rec)
+        st.records[name] = rec
+        return to_report(rec).model_dump()
+
+
+async def start(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    async with st.lock(name):
+        rec = st.record(name)
+        epoch = _check_epoch(st, name, args.get("epoch"))
+        drv = st.driver(rec.driver)
+        if epoch is not None:
+            rec.epoch = epoch
+        rec.stop_requested = False
+        rec.handle = await st.call(drv.start, rec.handle)
+        st.save(rec)
+        return (await st.refresh(rec)).model_dump()
+
+
+async def stop(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    raw = args.get("timeout")
+    timeout = st.stop_timeout if raw is None else float(raw)
+    async with st.lock(name):
+        rec = st.record(name)
+        rec.stop_requested = True
+        st.save(rec)
+        status = await st.call(st.driver(rec.driver).stop, rec.handle, timeout)
+        apply_status(rec, status)
+        st.save(rec)
+        return to_report(rec).model_dump()
+
+
+async def kill(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    raw = args.get("signal")
+    sig = int(signals.SIGKILL if raw is None else raw)
+    async with st.lock(name):
+        rec = st.record(name)
+        if sig in _ENDING_SIGNALS:
+            rec.stop_requested = True
+            st.save(rec)
+        drv = st.driver(rec.driver)
+        await st.call(drv.kill, rec.handle, sig)
+        report = await st.refresh(rec)
+        # A deadly signal takes a moment to land; wait (bounded) so the reply says how it ended.
+        for _ in range(40 if sig in _ENDING_SIGNALS else 0):
+            if report.state not in ("running", "frozen"):
+                break
+            await asyncio.sleep(0.05)
+            report = await st.refresh(rec)
+        return report.model_dump()
+
+
+async def freeze(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    async with st.lock(name):
+        rec = st.record(name)
+        await st.call(st.driver(rec.driver).freeze, rec.handle)
+        return (await st.refresh(rec)).model_dump()
+
+
+async def thaw(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    async with st.lock(name):
+        rec = st.record(name)
+        await st.call(st.driver(rec.driver).thaw, rec.handle)
+        return (await st.refresh(rec)).model_dump()
+
+
+async def delete(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    async with st.lock(name):
+        rec = st.records.get(name)
+        if rec is None:
+            return None  # already gone: delete is idempotent
+        report = await st.refresh(rec)
+        if report.state in ("running", "frozen"):
+            raise Conflict(f"instance '{name}' is {report.state}; stop it before deleting",
+                           hint=f"corral stop {name}")
+        await st.call(st.driver(rec.driver).delete, rec.handle)
+        await st.call(st.store.remove, name)
+        del st.records[name]
+        return None
+
+
+async def status(st: AgentState, args: dict[str, Any]) -> Any:
+    name = _name(args)
+    async with st.lock(name):
+        return (await st.refresh(st.record(name))).model_dump()
+
+
+async def list_(st: AgentState, args: dict[str, Any]) -> Any:
+    out = []
+    for name in list(st.records):
+        async with st.lock(name):
+            rec = st.records.get(name)
+            if rec is not None:
+                out.append((await st.refresh(rec)).model_dump())
+    return out
+
+
+HANDLERS: dict[str, Handler] = {
+    "create": create,
+    "start": start,
+    "stop": stop,
+    "kill": kill,
+    "freeze": freeze,
+    "thaw": thaw,
+    "delete": delete,
+    "status": status,
+    "list": list_,
+}

@@ -1,0 +1,67 @@
+"""From what a driver sees to the lifecycle state the server records.
+
+A driver only knows whether the workload runs and, when it ended, how. Whether that end was
+*asked for* (stop, kill: ``stopped``), clean (exit code 0: ``exited``) or not (a crash, a kill
+behind corral's back, an unknown code after an agent restart: ``failed``) is the agent's
+knowledge, so the translation lives here, in one small pure function.
+"""
+
+from __future__ import annotations
+
+from corral.agent.store import InstanceRecord
+from corral.bus.messages import InstanceReport
+from corral.drivers.base import Status
+from corral.lifecycle import ALIVE, State
+
+
+def observed_state(status: Status, stop_requested: bool) -> State:
+    """The lifecycle state for a driver ``status``.
+
+    A driver that says ``stopped`` knows the end was asked for (drivers keep that fact in the
+    workdir too); ``exited`` is judged by the agent's own flag and the exit code.
+    """
+    if status.state == "stopped":
+        return State.STOPPED
+    if status.state == "exited":
+        if stop_requested:
+            return State.STOPPED
+        if status.exit_code == 0 and status.signal is None:
+            return State.EXITED
+        return State.FAILED
+    try:
+        return State(status.state)
+    except ValueError:
+        return State.FAILED
+
+
+def apply_status(record: InstanceRecord, status: Status) -> bool:
+    """Update ``record`` from ``status``; True when the observed state changed."""
+    new = observed_state(status, record.stop_requested).value
+    changed = new != record.state
+    record.state = new
+    record.pid = status.pid if new in ALIVE else None
+    if new not in ALIVE and new != State.CREATED:
+        # Keep an exit code learnt earlier when a later look (after a restart) cannot see it.
+        if status.exit_code is not None or status.signal is not None or changed:
+            record.exit_code = status.exit_code
+            record.signal = status.signal
+    else:
+        record.exit_code = None
+        record.signal = None
+    return changed
+
+
+def is_alive(record: InstanceRecord) -> bool:
+    return record.state in ALIVE
+
+
+def to_report(record: InstanceRecord) -> InstanceReport:
+    return InstanceReport(
+        name=record.name,
+        driver=record.driver,
+        state=record.state,
+        pid=record.pid,
+        exit_code=record.exit_code,
+        signal=record.signal,
+        epoch=record.epoch,
+    )

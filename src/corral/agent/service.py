@@ -1,0 +1,301 @@
+"""The agent process: join, heartbeat, run commands, watch and sample -- on one asyncio loop.
+
+Start-up re-attaches to every persisted instance *before* talking to the server, so the join
+already reports what survived an agent restart; nothing is ever killed or restarted here. After
+that three things run side by side: the command subscription (one task per request, so a long
+stop does not hold up a status), the heartbeat loop (which doubles as the way to re-join a server
+that forgot us), and the sampler loop (counters -> CPU figures, plus noticing ended instances and
+heartbeating at once). SIGTERM/SIGINT end the loop and leave every workload running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+import corral
+from corral.agent.handlers import HANDLERS
+from corral.agent.report import is_alive
+from corral.agent.sampler import sample_pass
+from corral.agent.state import AgentState
+from corral.bus import subjects
+from corral.bus.codec import decode, encode
+from corral.bus.messages import (
+    Capacity,
+    Command,
+    Heartbeat,
+    HeartbeatReply,
+    JoinReply,
+    JoinRequest,
+    Reply,
+)
+from corral.config import Settings
+from corral.errors import (
+    ConfigError,
+    CorralError,
+    DriverError,
+    InvalidRequest,
+    Unauthorized,
+    from_dict,
+)
+from corral.telemetry.accounting import CpuAccountant
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+JOIN_TRY_TIMEOUT = 5.0
+JOIN_BACKOFF_MAX = 10.0
+
+
+def host_name(settings: Settings) -> str:
+    name = settings.host_name or socket.gethostname().split(".")[0]
+    if not name or any(c in name for c in ". *>\t"):
+        raise ConfigError(f"host name {name!r} cannot be used in a bus subject",
+                          hint="set host_name (CORRAL_HOST_NAME) to letters, digits and '-'")
+    return name
+
+
+def memory_total_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def capacity(data_dir: Path) -> Capacity:
+    return Capacity(cores=os.cpu_count() or 1, memory_bytes=memory_total_bytes(),
+                    disk_bytes=shutil.disk_usage(data_dir).total)
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        from corral.drivers.registry import make_drivers
+
+        if not settings.nats_url:
+            raise ConfigError("the agent needs the bus address", hint="set nats_url (--nats)")
+        if not settings.token:
+            raise ConfigError("the agent needs the fleet token", hint="set token (--token)")
+        self.settings = settings
+        self.host = host_name(settings)
+        self.data_dir = Path(settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        drivers, reasons = make_drivers(settings.drivers.split(","), self.host, self.data_dir)
+        for name, why in reasons.items():
+            log.warning("driver %s is not offered on this host: %s", name, why)
+        if not drivers:
+            raise ConfigError(f"none of the drivers {settings.drivers!r} can run on this host",
+                              hint="; ".join(f"{n}: {w}" for n, w in reasons.items()))
+        self.state = AgentState(self.data_dir, drivers, settings.stop_timeout)
+        self.accountant = CpuAccountant(os.cpu_count() or 1)
+        self.heartbeat_s = settings.heartbeat_seconds
+        self.sample_s = settings.sample_seconds
+        self.seq = 0
+        self.nc: Any = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    # --- bus -----------------------------------------------------------------------------------
+    async def connect(self, stop: asyncio.Event) -> None:
+        from corral.bus.connect import connect
+
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                self.nc = await connect(self.settings.nats_url, self.settings.token,
+                                        f"agent-{self.host}")
+                return
+            except Unauthorized:
+                raise  # retrying a refused token cannot help
+            except Exception as exc:
+                log.warning("cannot reach the bus at %s (%s); retrying in %.1fs",
+                            self.settings.nats_url, exc, delay)
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, JOIN_BACKOFF_MAX)
+
+    def join_request(self) -> JoinRequest:
+        return JoinRequest(
+            host=self.host,
+            address=self.settings.host_address,
+            capacity=capacity(self.data_dir),
+            drivers={n: dataclasses.asdict(d.capabilities) for n, d in self.state.drivers.items()},
+            agent_version=corral.__version__,
+            instances=self.state.reports(),
+        )
+
+    async def join(self, stop: asyncio.Event) -> None:
+        """Ask the server to register this host until it answers (bounded per try, not overall)."""
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                msg = await self.nc.request(subjects.JOIN, encode(self.join_request()),
+                                            timeout=JOIN_TRY_TIMEOUT)
+                reply = unwrap(msg.data, JoinReply)
+            except CorralError as exc:
+                log.error("the server refused our join: %s", exc)
+            except Exception as exc:
+                log.warning("join not answered (%s); retrying in %.1fs", exc or "timeout", delay)
+            else:
+                self.heartbeat_s = reply.heartbeat_seconds
+                self.sample_s = reply.sample_seconds
+                log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
+                         reply.heartbeat_seconds, reply.lease_seconds)
+                return
+            await _sleep_or_stop(stop, delay)
+            delay = min(delay * 2, JOIN_BACKOFF_MAX)
+
+    async def heartbeat(self) -> HeartbeatReply | None:
+        self.seq += 1
+        hb = Heartbeat(host=self.host, seq=self.seq, sent_at=time.time(),
+                       instances=self.state.reports())
+        try:
+            msg = await self.nc.request(subjects.heartbeat(self.host), encode(hb),
+                                        timeout=max(1.0, self.heartbeat_s))
+            return unwrap(msg.data, HeartbeatReply)
+        except Exception as exc:
+            log.warning("heartbeat %d not acknowledged: %s", self.seq, exc or "timeout")
+            return None
+
+    # --- loops ---------------------------------------------------------------------------------
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.state.changed.wait(), timeout=self.heartbeat_s)
+            except TimeoutError:
+                await self.sweep()
+            self.state.changed.clear()
+            reply = await self.heartbeat()
+            if reply is not None and not reply.known:
+                log.warning("the server does not know this host; joining again")
+                await self.join(stop)
+
+    async def sweep(self, names: set[str] | None = None) -> None:
+        """Ask the driver about instances believed alive; skip any a command is busy with."""
+        for name, rec in list(self.state.records.items()):
+            if not is_alive(rec) or (names is not None and name not in names):
+                continue
+            lock = self.state.lock(name)
+            if lock.locked():
+                continue
+            async with lock:
+                if self.state.records.get(name) is rec:
+                    try:
+                        await self.state.refresh(rec)
+                    except Exception as exc:
+                        log.warning("status of %s failed: %s", name, exc)
+
+    async def sample_loop(self, stop: asyncio.Event) -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await _sleep_or_stop(stop, max(0.05, self.sample_s - (time.monotonic() - last)))
+            now = time.monotonic()
+            interval, last = now - last, now
+            handles = [r.handle for r in self.state.records.values() if is_alive(r)]
+            try:
+                res = await asyncio.to_thread(sample_pass, self.state.drivers, handles,
+                                              self.accountant, self.host, interval)
+                await self.nc.publish(subjects.metrics(self.host), encode(res.sample))
+            except Exception as exc:
+                log.warning("sampling failed: %s", exc)
+                continue
+            if res.missing:
+                await self.sweep(set(res.missing))
+
+    # --- commands ------------------------------------------------------------------------------
+    async def on_command(self, msg: Any) -> None:
+        task = asyncio.create_task(self.handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def handle(self, msg: Any) -> None:
+        reply = await dispatch(self.state, msg.data)
+        if msg.reply:
+            try:
+                await msg.respond(encode(reply))
+            except Exception as exc:
+                log.warning("could not answer a command: %s", exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.state.recover_all()
+        await self.connect(stop)
+        if self.nc is None:
+            return
+        await self.nc.subscribe(subjects.command(self.host), cb=self.on_command)
+        await self.join(stop)
+        loops = [asyncio.create_task(self.heartbeat_loop(stop)),
+                 asyncio.create_task(self.sample_loop(stop))]
+        await stop.wait()
+        for t in [*loops, *self._inflight]:
+            t.cancel()
+        await asyncio.gather(*loops, *self._inflight, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except Exception as exc:
+            log.debug("drain: %s", exc)
+        log.info("agent %s stopped; instances left running", self.host)
+
+
+def unwrap(data: bytes, model: type[M]) -> M:
+    """Decode a server answer: the model itself, or a :class:`Reply` carrying it or an error."""
+    try:
+        return decode(data, model)
+    except ValidationError as first:
+        try:
+            wrapped = decode(data, Reply)
+        except ValidationError:
+            raise CorralError(f"malformed answer from the server: {first}",
+                              hint="the server and agent versions may differ") from first
+        if not wrapped.ok:
+            raise from_dict(wrapped.error or {"message": "refused without a reason"}) from None
+        try:
+            return model.model_validate(wrapped.result)
+        except ValidationError as exc:
+            raise CorralError(f"malformed answer from the server: {exc}",
+                              hint="the server and agent versions may differ") from exc
+
+
+async def dispatch(state: AgentState, data: bytes) -> Reply:
+    """Decode one command, run its handler, and always produce a Reply."""
+    try:
+        try:
+            cmd = decode(data, Command)
+        except ValidationError as exc:
+            raise InvalidRequest(f"malformed command: {exc}") from exc
+        handler = HANDLERS.get(cmd.verb)
+        if handler is None:
+            raise InvalidRequest(f"unknown verb '{cmd.verb}'",
+                                 hint=f"known: {', '.join(sorted(HANDLERS))}")
+        return Reply(ok=True, result=await handler(state, cmd.args))
+    except CorralError as exc:
+        return Reply(ok=False, error=exc.to_dict())
+    except Exception as exc:
+        log.exception("command failed")
+        return Reply(ok=False, error=DriverError(f"{type(exc).__name__}: {exc}").to_dict())
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(settings).run(stop)
+
+
+def serve(settings: Settings) -> None:
+    """Run the agent until SIGTERM or SIGINT; instances keep running after it returns."""
+    asyncio.run(_main(settings))
