@@ -1,0 +1,396 @@
+"""One conformance suite for every driver (Litestream's RunWithReplicaClient, Nomad's harness).
+
+Each case runs against every driver usable here: the fake, the process driver with a cgroup
+(v1 here; and on the hybrid v2 mount when there is one), the process driver reading /proc only,
+and runc when root. Real processes, real cgroups, real runc; every instance, cgroup and container
+a test makes is removed in a finalizer, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from corral.drivers import cgroups
+from corral.drivers.base import Driver, Handle, Spec, Status
+from corral.drivers.fake import FakeDriver, FakeWorld
+from corral.drivers.process import ProcessDriver
+from corral.drivers.runc import RuncDriver
+from corral.errors import Conflict, DriverError
+from corral.rig.rootfs import build_busybox_rootfs, clone_rootfs
+
+BURN = "while :; do :; done"
+SLEEPER = "while :; do sleep 1; done"
+DEADLINE = 15.0
+IS_ROOT = os.geteuid() == 0
+MOUNTS = cgroups.read_mounts()
+
+
+@dataclass
+class Harness:
+    kind: str
+    scope: str
+    tmp: Path
+    make: Callable[[], Driver]
+    #: hierarchy whose directories must vanish on delete (None: the driver uses no cgroup)
+    hierarchy: cgroups.Hierarchy | None = None
+    template: Path | None = None
+    handles: dict[str, Handle] = field(default_factory=dict)
+    driver: Driver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.driver = self.make()
+
+    @property
+    def fake(self) -> FakeDriver:
+        assert isinstance(self.driver, FakeDriver)
+        return self.driver
+
+    def create(self, script: str) -> Handle:
+        name = f"i{uuid.uuid4().hex[:8]}"
+        wd = self.tmp / name
+        rootfs = None
+        if self.template is not None:
+            rootfs = str(clone_rootfs(self.template, wd / "rootfs"))
+        h = self.driver.create(Spec(name, ["sh", "-c", script], str(wd), rootfs=rootfs))
+        self.handles[name] = h
+        return h
+
+    def start(self, h: Handle, *, burn: bool = False, ignore_term: bool = False) -> Handle:
+        h = self.driver.start(h)
+        self.handles[h.name] = h
+        if self.kind == "fake":
+            self.fake.set_cpu_rate(h.name, 1.0 if burn else 0.0)
+            self.fake.ignore_term(h.name, ignore_term)
+        return h
+
+    def kill_from_outside(self, h: Handle, signum: int) -> None:
+        if self.kind == "fake":
+            self.fake.crash(h.name, signal=signum)
+        else:
+            os.kill(int(h.data["pid"]), signum)
+
+    def end_by_itself(self, h: Handle, code: int) -> None:
+        """The real drivers' command already exits by itself; the fake is told to."""
+        if self.kind == "fake":
+            self.fake.crash(h.name, code)
+
+    def wait_state(self, h: Handle, states: set[str], driver: Driver | None = None) -> Status:
+        d = driver or self.driver
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            st = d.status(h)
+            if st.state in states or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+    def cpu_ns(self, h: Handle, driver: Driver | None = None) -> int:
+        return (driver or self.driver).stats([h])[h.name].cpu_ns
+
+    def cgroup_dirs(self, h: Handle) -> list[Path]:
+        if self.hierarchy is None:
+            return []
+        return self.hierarchy.dirs(str(h.data["cgroup"]))
+
+    def cleanup(self) -> None:
+        for h in self.handles.values():
+            try:
+                self.driver.stop(h, 0.5)
+                self.driver.delete(h)
+            except Exception:  # last resort below; the test itself reports the failure
+                pid = h.data.get("pid")
+                if self.kind.startswith("process") and pid:
+                    with contextlib.suppress(OSError):
+                        os.killpg(int(pid), signal.SIGKILL)
+                if self.kind == "runc" and isinstance(self.driver, RuncDriver):
+                    subprocess.run(self.driver._cmd("delete", "--force", h.name),
+                                   capture_output=True, timeout=30, check=False)
+        if self.hierarchy is not None:
+            for d in self.hierarchy.dirs(f"corral/{self.scope}"):
+                for child in sorted(d.glob("*/"), reverse=True) if d.is_dir() else []:
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            cgroups.remove_scope(self.scope)
+
+
+def _process_cgroup_reason() -> str | None:
+    if not IS_ROOT:
+        return "needs root for cgroup v1 (or a delegated v2 cgroup)"
+    found = cgroups.for_process_driver(f"probe{os.getpid()}")
+    if isinstance(found, str):
+        return found
+    for d in found[0].dirs(found[1]):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    return None
+
+
+KINDS = ["fake", "process-cgroup", "process-proc", "process-cgroup-v2", "runc"]
+
+
+@pytest.fixture(scope="session")
+def busybox_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_busybox_rootfs(tmp_path_factory.mktemp("rootfs") / "busybox")
+
+
+@pytest.fixture(params=KINDS)
+def hz(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    kind: str = request.param
+    scope = f"t{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if kind == "fake":
+        world = FakeWorld()
+        harness = Harness(kind, scope, tmp_path, lambda: FakeDriver(scope, world))
+    elif kind == "process-proc":
+        harness = Harness(kind, scope, tmp_path, lambda: ProcessDriver(scope, use_cgroup=False))
+    elif kind == "process-cgroup":
+        reason = _process_cgroup_reason()
+        if reason:
+            pytest.skip(f"process driver with a cgroup: {reason}")
+        harness = Harness(kind, scope, tmp_path, lambda: ProcessDriver(scope, use_cgroup=True))
+        assert isinstance(harness.driver, ProcessDriver)
+        harness.hierarchy = harness.driver._cg
+    elif kind == "process-cgroup-v2":
+        if not IS_ROOT or MOUNTS.v2 is None or MOUNTS.unified:
+            pytest.skip("needs root and a hybrid host's separate v2 mount (on a pure v2 host, "
+                        "process-cgroup already runs on v2)")
+        v2 = cgroups.V2Hierarchy(MOUNTS.v2)
+        parent = f"corral/{scope}"
+        harness = Harness(kind, scope, tmp_path,
+                          lambda: ProcessDriver(scope, cgroups=(v2, parent)), hierarchy=v2)
+    else:
+        if not IS_ROOT:
+            pytest.skip("the runc driver needs root")
+        state_root = tmp_path / "runc-state"
+        probe = RuncDriver(scope, str(state_root))
+        reason = probe.available()
+        if reason:
+            pytest.skip(reason)
+        template = request.getfixturevalue("busybox_template")
+        harness = Harness(kind, scope, tmp_path, lambda: RuncDriver(scope, str(state_root)),
+                          hierarchy=cgroups.V1Hierarchy(MOUNTS, everywhere=True)
+                          if not MOUNTS.unified else probe.hierarchy,
+                          template=template)
+    request.addfinalizer(harness.cleanup)
+    yield harness
+
+
+def test_create_start_status(hz: Harness) -> None:
+    h = hz.create(SLEEPER)
+    assert hz.driver.status(h).state == "created"
+    h = hz.start(h)
+    st = hz.driver.status(h)
+    assert st.state == "running"
+    assert st.pid is not None
+    again = hz.driver.start(h)  # starting a running instance changes nothing
+    assert again.data["generation"] == h.data["generation"]
+
+
+def test_cpu_burner_counts_one_core(hz: Harness) -> None:
+    h = hz.start(hz.create(BURN), burn=True)
+    time.sleep(0.3)
+    c0, t0 = hz.cpu_ns(h), time.monotonic()
+    time.sleep(2.0)
+    c1, t1 = hz.cpu_ns(h), time.monotonic()
+    cores = (c1 - c0) / 1e9 / (t1 - t0)
+    assert 0.6 <= cores <= 1.4, f"{hz.kind}: burner used {cores:.2f} cores"
+    stats = hz.driver.stats([h])[h.name]
+    assert stats.memory_bytes > 0
+    assert stats.generation == h.data["generation"]
+
+
+def test_freeze_stops_the_counter_and_thaw_resumes(hz: Harness) -> None:
+    if not hz.driver.capabilities.can_freeze:
+        pytest.skip("driver cannot freeze")
+    h = hz.start(hz.create(BURN), burn=True)
+    time.sleep(0.3)
+    hz.driver.freeze(h)
+    assert hz.driver.status(h).state == "frozen"
+    time.sleep(0.1)
+    a = hz.cpu_ns(h)
+    time.sleep(0.6)
+    b = hz.cpu_ns(h)
+    assert b - a < 50_000_000, f"{hz.kind}: frozen instance used {(b - a) / 1e6:.0f} ms CPU"
+    hz.driver.thaw(h)
+    assert hz.driver.status(h).state == "running"
+    c = hz.cpu_ns(h)
+    time.sleep(1.0)
+    d = hz.cpu_ns(h)
+    assert d - c > 400_000_000, f"{hz.kind}: thawed instance used only {(d - c) / 1e6:.0f} ms"
+
+
+def test_stop_works_on_a_frozen_instance(hz: Harness) -> None:
+    if not hz.driver.capabilities.can_freeze:
+        pytest.skip("driver cannot freeze")
+    h = hz.start(hz.create(SLEEPER))
+    hz.driver.freeze(h)
+    assert hz.driver.status(h).state == "frozen"
+    st = hz.driver.stop(h, 1.0)
+    assert st.state == "stopped"
+    assert h.name not in hz.driver.stats([h])
+
+
+def test_stop_kills_what_ignores_sigterm(hz: Harness) -> None:
+    h = hz.start(hz.create("trap '' TERM; while :; do sleep 0.1; done"), ignore_term=True)
+    time.sleep(0.3)  # let the shell install its trap
+    t0 = time.monotonic()
+    st = hz.driver.stop(h, 1.0)
+    assert time.monotonic() - t0 < 12.0
+    assert st.state == "stopped"
+    assert st.signal == signal.SIGKILL
+    assert hz.driver.status(h).state == "stopped"
+    assert h.name not in hz.driver.stats([h])
+
+
+def test_stop_ends_a_cooperative_instance_with_sigterm(hz: Harness) -> None:
+    if hz.kind == "runc":
+        # pid 1 of a pid namespace ignores SIGTERM unless it installs a handler: trap it.
+        h = hz.start(hz.create("trap 'exit 0' TERM; while :; do sleep 0.1; done"))
+        time.sleep(0.3)
+        st = hz.driver.stop(h, 5.0)
+        assert (st.state, st.exit_code) == ("stopped", 0)
+        return
+    h = hz.start(hz.create(SLEEPER))
+    st = hz.driver.stop(h, 5.0)
+    assert st.state == "stopped"
+    assert st.signal == signal.SIGTERM
+
+
+def test_exit_by_itself_is_seen_with_its_code(hz: Harness) -> None:
+    h = hz.start(hz.create("sleep 0.3; exit 7"))
+    hz.end_by_itself(h, 7)
+    st = hz.wait_state(h, {"exited"})
+    assert st.state == "exited"
+    assert st.exit_code == 7
+    assert st.signal is None
+    assert h.name not in hz.driver.stats([h])
+
+
+def test_kill_9_from_outside_is_seen(hz: Harness) -> None:
+    h = hz.start(hz.create(SLEEPER))
+    hz.kill_from_outside(h, signal.SIGKILL)
+    st = hz.wait_state(h, {"exited"})
+    assert st.state == "exited"
+    assert st.signal == signal.SIGKILL
+
+
+def test_start_after_stop_is_a_new_generation(hz: Harness) -> None:
+    h1 = hz.start(hz.create(SLEEPER))
+    hz.driver.stop(h1, 2.0)
+    h2 = hz.start(h1)
+    assert h2.data["generation"] != h1.data["generation"]
+    assert hz.driver.status(h2).state == "running"
+    assert hz.driver.stats([h2])[h2.name].generation == h2.data["generation"]
+
+
+def test_recover_reattaches_without_killing(hz: Harness) -> None:
+    h = hz.start(hz.create(BURN), burn=True)
+    pid = hz.driver.status(h).pid
+    fresh = hz.make()  # the agent restarted: a new driver object, only the persisted handle
+    restored = Handle.from_dict(h.to_dict())
+    st = fresh.recover(restored)
+    assert st.state == "running"
+    assert st.pid == pid
+    if hz.kind != "fake":
+        os.kill(int(restored.data["pid"]), 0)  # still there
+    c0 = hz.cpu_ns(restored, fresh)
+    time.sleep(0.5)
+    assert hz.cpu_ns(restored, fresh) > c0
+    assert fresh.stats([restored])[h.name].generation == h.data["generation"]
+    st = fresh.stop(restored, 2.0)
+    assert st.state == "stopped"
+    hz.driver = fresh
+    hz.handles[h.name] = restored
+
+
+def test_delete_refuses_a_live_instance_and_cleans_up(hz: Harness) -> None:
+    h = hz.start(hz.create(SLEEPER))
+    with pytest.raises(Conflict):
+        hz.driver.delete(h)
+    dirs = hz.cgroup_dirs(h)
+    if hz.hierarchy is not None:
+        assert any(d.is_dir() for d in dirs), f"{hz.kind}: no cgroup at {dirs}"
+    hz.driver.stop(h, 2.0)
+    hz.driver.delete(h)
+    leftover = [d for d in dirs if d.exists()]
+    assert not leftover, f"{hz.kind}: cgroup left after delete: {leftover}"
+    del hz.handles[h.name]
+
+
+def test_verbs_on_a_stopped_instance_are_refused(hz: Harness) -> None:
+    h = hz.start(hz.create(SLEEPER))
+    hz.driver.stop(h, 2.0)
+    with pytest.raises(Conflict):
+        hz.driver.freeze(h)
+    with pytest.raises(Conflict):
+        hz.driver.kill(h, signal.SIGTERM)
+    assert hz.driver.stop(h, 1.0).state == "stopped"  # stopping again is harmless
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("runc") is None, reason="needs root and runc")
+def test_runc_container_shares_the_host_network_namespace(
+        busybox_template: Path, tmp_path: Path) -> None:
+    scope = f"t{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    harness = Harness("runc", scope, tmp_path,
+                      lambda: RuncDriver(scope, str(tmp_path / "state")),
+                      hierarchy=cgroups.V1Hierarchy(MOUNTS, everywhere=True)
+                      if not MOUNTS.unified else cgroups.V2Hierarchy(MOUNTS.v2 or Path()),
+                      template=busybox_template)
+    try:
+        h = harness.start(harness.create("readlink /proc/1/ns/net; readlink /proc/self/ns/pid; "
+                                         "sleep 0.2; exit 0"))
+        assert harness.wait_state(h, {"exited"}).exit_code == 0
+        out = (tmp_path / h.name / "stdout.log").read_text().split()
+        assert out[0] == os.readlink("/proc/self/ns/net")
+        assert out[1] != os.readlink("/proc/self/ns/pid")
+    finally:
+        harness.cleanup()
+
+
+def test_process_driver_logs_append_and_rootfs_is_the_cwd(tmp_path: Path,
+                                                           busybox_template: Path) -> None:
+    d = ProcessDriver(f"t{os.getpid()}", use_cgroup=False)
+    root = clone_rootfs(busybox_template, tmp_path / "root")
+    h = d.create(Spec("logs", ["sh", "-c", "pwd; echo oops >&2"], str(tmp_path / "wd"),
+                      rootfs=str(root)))
+    hz = Harness("process-proc", "unused", tmp_path, lambda: d)
+    for _ in range(2):
+        h = d.start(h)
+        st = hz.wait_state(h, {"exited"})
+        assert (st.state, st.exit_code) == ("exited", 0)
+    assert (tmp_path / "wd" / "stdout.log").read_text().split() == [str(root)] * 2
+    assert (tmp_path / "wd" / "stderr.log").read_text().split() == ["oops"] * 2
+    d.delete(h)
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("runc") is None, reason="needs root and runc")
+def test_runc_failure_is_a_driver_error_with_runc_words(busybox_template: Path,
+                                                        tmp_path: Path) -> None:
+    scope = f"t{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    d = RuncDriver(scope, str(tmp_path / "state"))
+    wd = tmp_path / "bad"
+    h = d.create(Spec("bad", ["/no/such/binary"], str(wd),
+                      rootfs=str(clone_rootfs(busybox_template, wd / "rootfs"))))
+    hier = cgroups.V1Hierarchy(MOUNTS, everywhere=True) if not MOUNTS.unified else d.hierarchy
+    try:
+        with pytest.raises(DriverError) as err:
+            d.start(h)
+        assert "/no/such/binary" in err.value.message
+        assert "runc.log" in err.value.hint
+        assert d.status(h).state == "created"
+        d.delete(h)
+        assert not any(p.exists() for p in hier.dirs(str(h.data["cgroup"])))
+    finally:
+        subprocess.run(d._cmd("delete", "--force", "bad"), capture_output=True, check=False)
+        for p in hier.dirs(f"corral/{scope}"):
+            with contextlib.suppress(OSError):
+                p.rmdir()
