@@ -1,0 +1,177 @@
+"""The one HTTP client every caller of the API uses (CLI, tour, tests).
+
+It turns the server's JSON error bodies back into the :mod:`corral.errors` exception the server
+raised, so the CLI formats an agent's or scheduler's own words (with its hint and exit code)
+instead of an HTTP status. Routes are spelled out only here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from corral import errors
+from corral.api.models import CreateInstance, FleetStatus, HostView, InstanceView
+
+M = TypeVar("M", bound=BaseModel)
+
+UNREACHABLE_HINT = "is the fleet up? run 'corral up' or set CORRAL_URL"
+
+_HOSTS = TypeAdapter(list[HostView])
+_INSTANCES = TypeAdapter(list[InstanceView])
+
+
+class Client:
+    """Typed methods over the ``/v1`` API; every failure is a :class:`corral.errors.CorralError`."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- resources -------------------------------------------------------------------------
+
+    def status(self) -> FleetStatus:
+        return FleetStatus.model_validate(self._json("GET", "/v1/status"))
+
+    def hosts(self) -> list[HostView]:
+        return _HOSTS.validate_python(self._json("GET", "/v1/hosts"))
+
+    def host(self, name: str) -> HostView:
+        return HostView.model_validate(self._json("GET", f"/v1/hosts/{name}"))
+
+    def instances(self) -> list[InstanceView]:
+        return _INSTANCES.validate_python(self._json("GET", "/v1/instances"))
+
+    def instance(self, name: str) -> InstanceView:
+        return InstanceView.model_validate(self._json("GET", f"/v1/instances/{name}"))
+
+    def create(self, spec: CreateInstance) -> InstanceView:
+        body = spec.model_dump(mode="json")
+        return InstanceView.model_validate(self._json("POST", "/v1/instances", json=body))
+
+    def action(
+        self,
+        name: str,
+        verb: str,
+        timeout: float | None = None,
+        signal: int | None = None,
+    ) -> InstanceView:
+        """One lifecycle verb (start, stop, kill, restart, freeze, thaw) on an instance."""
+        body: dict[str, Any] = {}
+        if timeout is not None:
+            body["timeout"] = timeout
+        if signal is not None:
+            body["signal"] = signal
+        # a stop waits for its grace period on the agent: let the HTTP call wait as long.
+        wait = None if timeout is None else max(self._http.timeout.read or 30.0, timeout + 30.0)
+        raw = self._json("POST", f"/v1/instances/{name}/{verb}", json=body, read_timeout=wait)
+        return InstanceView.model_validate(raw)
+
+    def delete(self, name: str, force: bool = False) -> None:
+        params = {"force": "true"} if force else None
+        self._request("DELETE", f"/v1/instances/{name}", params=params)
+
+    def metrics_text(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    def health(self) -> bool:
+        """True when the server answers its unauthenticated health route."""
+        try:
+            return self._http.get("/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._request(method, path, **kw).json()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        read_timeout: float | None = None,
+    ) -> httpx.Response:
+        extra: dict[str, Any] = {}
+        if read_timeout is not None:
+            extra["timeout"] = httpx.Timeout(read_timeout, connect=10.0)
+        try:
+            resp = self._http.request(method, path, json=json, params=params, **extra)
+        except httpx.ConnectError as exc:
+            raise errors.CorralError(
+                f"cannot reach the corral server at {self.base_url}: {exc}",
+                hint=UNREACHABLE_HINT,
+                retryable=True,
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise errors.HostUnavailable(
+                f"the corral server at {self.base_url} did not answer {method} {path} in time",
+                hint="the server may be overloaded or an agent slow; try again, or check "
+                "'corral status'",
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise errors.CorralError(
+                f"talking to {self.base_url} failed: {exc}", hint=UNREACHABLE_HINT
+            ) from exc
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        return resp
+
+
+def error_from_response(resp: httpx.Response) -> errors.CorralError:
+    """The exception a failed response stands for: the server's own error when it sent one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return errors.from_dict(body["error"])
+    if isinstance(body, dict) and "detail" in body:
+        return _from_detail(resp.status_code, body["detail"])
+    text = resp.text.strip()[:200] or resp.reason_phrase
+    if resp.status_code == 401:
+        return errors.Unauthorized(
+            f"the server refused the token: {text}",
+            hint="check CORRAL_TOKEN or the context file written by 'corral up'",
+        )
+    if resp.status_code == 404:
+        return errors.NotFound(f"not found: {resp.request.url.path}")
+    return errors.CorralError(f"HTTP {resp.status_code} from the server: {text}")
+
+
+def _from_detail(status: int, detail: Any) -> errors.CorralError:
+    """FastAPI's own error shape (``{"detail": ...}``), e.g. a validation error not wrapped."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg")))
+        message = "invalid request: " + "; ".join(parts)
+        return errors.InvalidRequest(message, hint="fix the fields named above")
+    cls: type[errors.CorralError] = {
+        401: errors.Unauthorized,
+        404: errors.NotFound,
+        409: errors.Conflict,
+        422: errors.InvalidRequest,
+    }.get(status, errors.CorralError)
+    return cls(str(detail))

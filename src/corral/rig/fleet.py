@@ -1,0 +1,293 @@
+"""``corral up`` / ``corral down``: a whole fleet (server + NATS + N agents) on one machine.
+
+Every process is started detached through :mod:`corral.rig.procs` and recorded in the context
+file, so ``corral down`` (from any shell, later) stops exactly what ``up`` started. ``up`` either
+finishes with a working fleet or leaves nothing behind: any failure stops what it started and
+removes the network it built, and the error carries the tail of the failing process's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.api.client import Client
+from corral.errors import Conflict, CorralError
+from corral.lifecycle import ALIVE
+from corral.rig import netns, procs
+from corral.rig.context import (
+    FleetContext,
+    ProcInfo,
+    context_path,
+    load_context,
+    remove_context,
+    save_context,
+)
+
+Say = Callable[[str], None]
+
+
+def default_fleet_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral" / "fleet"
+
+
+@dataclass
+class UpOptions:
+    hosts: int = 3
+    use_netns: bool = False
+    data_dir: Path | None = None
+    #: bound on each wait (server ready, all hosts up)
+    timeout: float = 60.0
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+#: settings a fleet's processes take from the caller's environment (timings, logging); the
+#: rest (addresses, ports, data dirs, the token) are set by ``up`` itself.
+PASSED_SETTINGS = ("HEARTBEAT_SECONDS", "LEASE_SECONDS", "SAMPLE_SECONDS", "STOP_TIMEOUT",
+                   "LOG_LEVEL")
+
+
+def child_env(token: str) -> dict[str, str]:
+    """The environment of the fleet's processes: the token travels here, not in argv (where
+    ``ps`` would show it), and stray ``CORRAL_*`` settings cannot redirect the fleet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update({f"CORRAL_{k}": os.environ[f"CORRAL_{k}"] for k in PASSED_SETTINGS
+                if f"CORRAL_{k}" in os.environ})
+    env["CORRAL_TOKEN"] = token
+    return env
+
+
+def fleet_alive(ctx: FleetContext) -> bool:
+    return any(procs.alive(p) for p in [*([ctx.server] if ctx.server else []), *ctx.agents])
+
+
+def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
+    """Start a fleet and write the context file; raise with a clear reason if it cannot."""
+    if opts.hosts < 1:
+        raise CorralError(f"--hosts must be at least 1, not {opts.hosts}")
+    _refuse_second_fleet(say)
+    if opts.use_netns:
+        netns.require_root()
+    data = (opts.data_dir or default_fleet_dir()).expanduser().resolve()
+    _refuse_busy_data_dir(data)
+    data.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    _write_secret(data / "token", token)
+    env = child_env(token)
+    net: netns.FleetNetwork | None = None
+    started: list[ProcInfo] = []
+    try:
+        if opts.use_netns:
+            say(f"building a bridge and {opts.hosts} network namespaces")
+            net = netns.create(opts.hosts)
+        server, ready = _start_server(data, env, net, opts.timeout, say)
+        started.append(server)
+        ctx = FleetContext(
+            url=str(ready["api_url"]),
+            token=token,
+            data_dir=str(data),
+            nats_url=str(ready["nats_url"]),
+            server=server,
+            network=net.to_dict() if net else None,
+        )
+        for i in range(1, opts.hosts + 1):
+            agent = _start_agent(i, data, env, ctx.nats_url or "", net)
+            started.append(agent)
+            ctx.agents.append(agent)
+        say(f"waiting for {opts.hosts} agents to join")
+        _wait_hosts(ctx, opts.timeout)
+        save_context(ctx)
+        return ctx
+    except BaseException:
+        for proc in reversed(started):
+            procs.stop(proc, timeout=5)
+        if net is not None:
+            netns.cleanup(net)
+        raise
+
+
+def _refuse_second_fleet(say: Say) -> None:
+    ctx = load_context()
+    if ctx is None:
+        return
+    if fleet_alive(ctx):
+        raise Conflict(
+            f"a corral fleet is already running at {ctx.url} (data {ctx.data_dir})",
+            hint="run 'corral down' first, or set CORRAL_CONTEXT to a different file "
+            "to run a second fleet",
+        )
+    say(f"removing the stale context of a fleet that is no longer running ({context_path()})")
+    _teardown(ctx, say)
+
+
+def _refuse_busy_data_dir(data: Path) -> None:
+    info = data / "server" / "server.json"
+    try:
+        pid = int(json.loads(info.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return
+    if "corral" in cmdline and not procs.is_zombie(pid):
+        raise Conflict(
+            f"a corral server (pid {pid}) is already using {data}",
+            hint="stop it ('corral down' with its context) or choose another --data directory",
+        )
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+
+
+def _start_server(
+    data: Path, env: dict[str, str], net: netns.FleetNetwork | None, timeout: float, say: Say
+) -> tuple[ProcInfo, dict[str, Any]]:
+    sdir = data / "server"
+    sdir.mkdir(parents=True, exist_ok=True)
+    ready_file = sdir / "server.json"
+    ready_file.unlink(missing_ok=True)
+    nats_host = net.gateway if net else "127.0.0.1"
+    argv = procs.corral_argv(
+        "server", "--data", str(sdir), "--api-host", "127.0.0.1", "--api-port", "0",
+        "--nats-host", nats_host,
+    )
+    say("starting the server and its NATS")
+    server = procs.spawn("server", argv, sdir / "server.log", env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready_file.exists():
+            try:
+                ready = dict(json.loads(ready_file.read_text()))
+                if ready.get("api_url") and ready.get("nats_url"):
+                    return server, ready
+            except ValueError:
+                pass  # written but not complete yet
+        if not procs.alive(server):
+            raise _died("the server", server)
+        time.sleep(0.1)
+    raise CorralError(
+        f"the server did not become ready within {timeout:.0f}s (no {ready_file})",
+        hint=f"see {server.log}:\n{procs.tail(server.log)}",
+        retryable=True,
+    )
+
+
+def _start_agent(
+    i: int, data: Path, env: dict[str, str], nats_url: str, net: netns.FleetNetwork | None
+) -> ProcInfo:
+    name = f"host{i}"
+    hdir = data / "hosts" / name
+    hdir.mkdir(parents=True, exist_ok=True)
+    address = net.address(i) if net else "127.0.0.1"
+    drivers = "process,runc" if net else "process"
+    argv = procs.corral_argv(
+        "agent", "--name", name, "--nats", nats_url, "--data", str(hdir),
+        "--address", address, "--drivers", drivers,
+    )
+    ns = net.namespace(i) if net else None
+    if ns:
+        argv = netns.enter_argv(ns) + argv
+    return procs.spawn(name, argv, hdir / "agent.log", env=env, netns=ns, address=address)
+
+
+def _wait_hosts(ctx: FleetContext, timeout: float) -> None:
+    want = {a.name for a in ctx.agents}
+    deadline = time.monotonic() + timeout
+    up_now: set[str] = set()
+    with Client(ctx.url, ctx.token, timeout=5) as client:
+        while time.monotonic() < deadline:
+            for agent in ctx.agents:
+                if not procs.alive(agent):
+                    raise _died(f"the agent of {agent.name}", agent)
+            try:
+                up_now = {h.name for h in client.hosts() if h.state == "up"}
+            except CorralError:
+                up_now = set()
+            if want <= up_now:
+                return
+            time.sleep(0.2)
+    missing = ", ".join(sorted(want - up_now))
+    logs = "\n".join(f"{a.log}:\n{procs.tail(a.log, 5)}" for a in ctx.agents if a.name in missing)
+    raise CorralError(
+        f"hosts did not join within {timeout:.0f}s: {missing}",
+        hint=f"see the agents' logs:\n{logs}",
+        retryable=True,
+    )
+
+
+def _died(what: str, proc: ProcInfo) -> CorralError:
+    procs.reap(proc.pid)
+    return CorralError(
+        f"{what} exited while starting",
+        hint=f"its log {proc.log} ends with:\n{procs.tail(proc.log)}",
+    )
+
+
+def down(say: Say = _quiet, instance_timeout: float = 10.0) -> FleetContext:
+    """Stop every instance through the API, then the agents, then the server; remove the context.
+
+    Instances are stopped first so no workload is orphaned when its agent goes away.
+    """
+    ctx = load_context()
+    if ctx is None:
+        raise CorralError(
+            f"no fleet to stop (no context file at {context_path()})",
+            hint="'corral down' stops fleets started by 'corral up'; set CORRAL_CONTEXT if "
+            "yours wrote its context elsewhere",
+        )
+    if ctx.server and procs.alive(ctx.server):
+        stop_instances(ctx, instance_timeout, say)
+    _teardown(ctx, say)
+    return ctx
+
+
+def stop_instances(ctx: FleetContext, timeout: float, say: Say) -> None:
+    try:
+        with Client(ctx.url, ctx.token, timeout=10) as client:
+            running = [i.name for i in client.instances() if i.state in ALIVE]
+            if not running:
+                return
+            say(f"stopping {len(running)} instance(s)")
+
+            def one(name: str) -> None:
+                try:
+                    client.action(name, "stop", timeout=timeout)
+                except CorralError as exc:
+                    say(f"warning: could not stop {name}: {exc}")
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(one, running))
+    except CorralError as exc:
+        say(f"warning: could not list instances to stop them: {exc}")
+
+
+def _teardown(ctx: FleetContext, say: Say) -> None:
+    live_agents = [a for a in ctx.agents if procs.alive(a)]
+    if live_agents:
+        say(f"stopping {len(live_agents)} agent(s)")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda a: procs.stop(a, timeout=10), live_agents))
+    if ctx.server and procs.alive(ctx.server):
+        say("stopping the server")
+        procs.stop(ctx.server, timeout=15)
+    if ctx.network:
+        left = netns.cleanup(str(ctx.network["tag"]))
+        if left:
+            say(f"warning: could not remove {', '.join(left)}")
+    remove_context()

@@ -1,0 +1,121 @@
+"""The default fleet (3 unprivileged hosts, process driver, loopback) driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from fleetkit import Fleet
+
+from corral.errors import InvalidTransition, NoCapacity, NotFound, NotSupported, Unauthorized
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_lifecycle_through_the_cli(local_fleet: Fleet) -> None:
+    f = local_fleet
+    out = f.ok("run", "life", "--cpus", "0.2", "--memory", "32M", "--", "sleep", "600")
+    assert "life" in out
+    listed = {i["name"]: i for i in f.json("ls")}
+    assert listed["life"]["state"] == "running"
+    assert listed["life"]["memory_bytes"] == 32 * 1024**2
+    view = f.instance("life")
+    assert view["host"] in {"host1", "host2", "host3"}
+    assert view["pid"]
+    assert "stop" in view["allowed"] and "thaw" not in view["allowed"]
+
+    # freeze/thaw when this host's process driver can freeze, else a clear "not supported"
+    host = next(h for h in f.json("host", "ls") if h["name"] == view["host"])
+    frozen = f.cli("freeze", "life")
+    if host["drivers"]["process"].get("can_freeze"):
+        assert frozen.returncode == 0, frozen.stderr
+        assert f.instance("life")["state"] == "frozen"
+        f.ok("thaw", "life")
+        assert f.instance("life")["state"] == "running"
+    else:
+        assert frozen.returncode == NotSupported.exit_code
+        assert frozen.stderr.startswith("error: ")
+
+    f.ok("stop", "life", "--timeout", "5")
+    assert f.instance("life")["state"] == "stopped"
+    refused = f.cli("thaw", "life")
+    assert refused.returncode == InvalidTransition.exit_code
+    assert "error: cannot thaw instance 'life': it is stopped" in refused.stderr
+    assert "hint: " in refused.stderr and "start" in refused.stderr
+
+    f.ok("start", "life")
+    running = f.wait_state("life", {"running"})
+    assert running["pid"] and running["pid"] != view["pid"]
+    busy = f.cli("rm", "life")
+    assert busy.returncode == InvalidTransition.exit_code, busy.stderr
+    f.ok("stop", "life", "--timeout", "5")
+    f.ok("rm", "life")
+    assert "life" not in {i["name"] for i in f.json("ls")}
+    gone = f.cli("show", "life")
+    assert gone.returncode == NotFound.exit_code
+    assert gone.stderr.startswith("error: ")
+
+
+def test_oversized_request_names_the_shortfall(local_fleet: Fleet) -> None:
+    proc = local_fleet.cli("run", "huge", "--cpus", "512", "--", "sleep", "1")
+    assert proc.returncode == NoCapacity.exit_code, proc.stderr
+    assert proc.stderr.startswith("error: ")
+    for host in ("host1", "host2", "host3"):
+        assert host in proc.stderr
+    assert "huge" not in {i["name"] for i in local_fleet.json("ls")}
+
+
+def test_bad_token_is_refused(local_fleet: Fleet) -> None:
+    assert local_fleet.ctx is not None
+    env = {**local_fleet.env, "CORRAL_URL": local_fleet.ctx.url, "CORRAL_TOKEN": "not-the-token"}
+    proc = local_fleet.cli("ls", env=env)
+    assert proc.returncode == Unauthorized.exit_code
+    assert proc.stderr.startswith("error: ")
+    assert "hint: " in proc.stderr
+    raw = httpx.get(local_fleet.ctx.url + "/v1/instances",
+                    headers={"Authorization": "Bearer not-the-token"})
+    assert raw.status_code == 401
+    assert raw.json()["error"]["code"] == "unauthorized"
+
+
+def test_malformed_input_gets_field_level_422(local_fleet: Fleet) -> None:
+    assert local_fleet.ctx is not None
+    raw = httpx.post(local_fleet.ctx.url + "/v1/instances",
+                     headers={"Authorization": f"Bearer {local_fleet.ctx.token}"},
+                     json={"name": "ok-name", "command": ["sleep"], "cpus": -1})
+    assert raw.status_code == 422
+    assert "cpus" in json.dumps(raw.json())
+
+
+def test_top_once_json_shows_a_burner(local_fleet: Fleet) -> None:
+    f = local_fleet
+    f.ok("run", "burn", "--cpus", "1", "--", "sh", "-c", "while :; do :; done")
+    try:
+        deadline = time.monotonic() + 30
+        frame = f.json("top", "--once")
+        while time.monotonic() < deadline:
+            burner = next(i for i in frame["instances"] if i["name"] == "burn")
+            if burner["usage"]["cpu_core_pct"] is not None:
+                break
+            time.sleep(1)
+            frame = f.json("top", "--once")
+        assert {h["name"] for h in frame["hosts"]} == {"host1", "host2", "host3"}
+        assert frame["instances"][0]["name"] == "burn"  # sorted by CPU, busiest first
+        usage = frame["instances"][0]["usage"]
+        assert usage["cpu_core_pct"] > 30  # a whole core when the machine is quiet
+        cores = next(h["cores"] for h in frame["hosts"] if h["name"] == burner["host"])
+        assert usage["cpu_host_pct"] == pytest.approx(usage["cpu_core_pct"] / cores, abs=0.2)
+        table = f.ok("top", "--once")
+        assert "CPU%(core)" in table and "burn" in table and "rest" in table
+        assert "CPU%core" in f.ok("ls")
+    finally:
+        f.cli("rm", "--force", "burn")
+
+
+def test_second_up_is_refused(local_fleet: Fleet) -> None:
+    proc = local_fleet.cli("up", "--hosts", "1", "--data", str(local_fleet.tmp / "other"))
+    assert proc.returncode == 5
+    assert "already running" in proc.stderr
+    assert "corral down" in proc.stderr
