@@ -38,8 +38,8 @@ class ActionRequest(BaseModel):
 
 
 class Usage(BaseModel):
-    cpu_core_pct: float | None = Field(None, description="% of one core (can exceed 100)")
-    cpu_host_pct: float | None = Field(None, description="% of the whole host")
+    cpu_core_pct: float | None = Field(default=None, description="% of one core (can exceed 100)")
+    cpu_host_pct: float | None = Field(default=None, description="% of the whole host")
     memory_bytes: int | None = None
     sampled_at: float | None = None
 
@@ -59,7 +59,7 @@ class InstanceView(BaseModel):
     epoch: int = 0
     created_at: float
     updated_at: float
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     allowed: list[str] = Field(default_factory=list, description="verbs allowed from this state")
 
 
@@ -79,7 +79,7 @@ class HostView(BaseModel):
     reserved: Resources
     free: Resources
     instances: int
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     #: % of the host used by everything that is not a corral instance (100 - sum - idle).
     rest_host_pct: float | None = None
     last_heartbeat: float | None = None
