@@ -77,6 +77,9 @@ class MetricsSample(BaseModel):
     instances: list[InstanceSample] = []
     #: agent process CPU seconds spent sampling in this interval (for the accounting bench).
     sample_cpu_s: float = 0.0
+    #: % of the whole host busy over the interval (every process, from /proc/stat); None when
+    #: unknown. The server shows ``host_cpu_pct - sum(instances)`` as the host's "rest".
+    host_cpu_pct: float | None = None
 
 
 class WireSpec(BaseModel):

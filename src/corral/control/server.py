@@ -1,0 +1,234 @@
+"""``corral server``: the API, the bus handlers and the lease checker in one asyncio loop.
+
+One loop (no threads touching state) keeps the ordering simple: a heartbeat, a metrics sample
+and an API request are handled one after the other, and every database write happens there.
+When everything listens, ``DATA/server.json`` is written atomically with the URLs, so ``corral
+up`` and the CLI find the fleet without flags; it is removed on a clean exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import Engine
+
+from corral.bus import codec, subjects
+from corral.bus.connect import connect
+from corral.bus.embedded import EmbeddedNats
+from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
+from corral.config import Settings, ensure_token
+from corral.control.agents import AgentCaller
+from corral.control.api import build_app
+from corral.control.db import db_url, open_db, safe_url
+from corral.control.fleet import Fleet
+from corral.control.service import InstanceService
+from corral.errors import CorralError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the control plane owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          hint="pick another api_port (0 picks a free one) or stop what uses it"
+                          ) from exc
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ControlPlane:
+    """Start with :meth:`start`, stop with :meth:`stop`; :func:`serve` wraps both."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.token = ""
+        self.nats: EmbeddedNats | None = None
+        self.nats_url = settings.nats_url
+        self.api_url = ""
+        self.nc: Client | None = None
+        self.fleet: Fleet | None = None
+        self._http: _Uvicorn | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.info_path = self.data_dir / "server.json"
+        self._engine: Engine | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.token = ensure_token(s)
+        try:
+            await self._start(s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, s: Settings) -> None:
+        url = db_url(s)
+        engine, sessions = await asyncio.to_thread(open_db, s)
+        self._engine = engine
+        if not self.nats_url:
+            self.nats = EmbeddedNats(self.data_dir, self.token, s.nats_host, s.nats_port)
+            self.nats.start()  # in this thread: the child's life is tied to it (bounded wait)
+            self.nats_url = self.nats.url
+        self.nc = await connect(self.nats_url, self.token, "corral-server")
+        fleet = self.fleet = Fleet(sessions, s)
+        service = InstanceService(fleet, AgentCaller(self.nc), s)
+        await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))
+        await self.nc.subscribe(subjects.HEARTBEAT_ALL,
+                                cb=self._handler(Heartbeat, self._on_heartbeat))
+        await self.nc.subscribe(subjects.METRICS_ALL,
+                                cb=self._handler(MetricsSample, self._on_metrics))
+        await self.nc.flush()
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="leases"))
+
+        sock = _listen(s.api_host, s.api_port)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.api_url = f"http://{shown}:{port}"
+        app = build_app(fleet, service, self.token, self.nats_url, safe_url(url))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._http = _Uvicorn(config)
+        self._tasks.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        while not self._http.started:
+            if self._tasks[-1].done():
+                self._tasks[-1].result()
+                raise CorralError("the HTTP server stopped while starting")
+            if loop.time() > deadline:
+                raise CorralError(f"the HTTP server did not start within {READY_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.02)
+        _write_atomic(self.info_path, {
+            "api_url": self.api_url, "nats_url": self.nats_url, "pid": os.getpid(),
+            "token_file": str(self.data_dir / "token"),
+        })
+        log.info("corral server ready: api %s, nats %s, db %s", self.api_url, self.nats_url,
+                 safe_url(url))
+
+    def _handler(self, model: type[BaseModel], fn: Callable[[Any, Msg], Awaitable[None]]
+                 ) -> Callable[[Msg], Awaitable[None]]:
+        """Decode, call, and never let one bad message kill the subscription."""
+
+        async def cb(msg: Msg) -> None:
+            try:
+                payload = codec.decode(msg.data, model)
+            except ValidationError as exc:
+                log.warning("bad %s on %s: %s", model.__name__, msg.subject,
+                            exc.errors()[0].get("msg"))
+                return
+            try:
+                await fn(payload, msg)
+            except Exception:
+                log.exception("handling %s on %s failed", model.__name__, msg.subject)
+
+        return cb
+
+    async def _on_join(self, req: JoinRequest, msg: Msg) -> None:
+        assert self.fleet is not None
+        reply = self.fleet.join(req)
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _on_heartbeat(self, hb: Heartbeat, msg: Msg) -> None:
+        assert self.fleet is not None
+        reply = self.fleet.heartbeat(subjects.host_from_subject(msg.subject), hb)
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _on_metrics(self, sample: MetricsSample, msg: Msg) -> None:
+        assert self.fleet is not None
+        if sample.host == subjects.host_from_subject(msg.subject):
+            self.fleet.record_metrics(sample)
+
+    async def _lease_loop(self) -> None:
+        assert self.fleet is not None
+        every = max(0.1, min(1.0, self.settings.lease_seconds / 4))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                self.fleet.expire_leases()
+            except Exception:
+                log.exception("lease check failed; trying again")
+
+    async def stop(self) -> None:
+        """Stop everything that was started, in reverse order; safe to call twice."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.info_path.exists() and json.loads(self.info_path.read_text()).get(
+                    "pid") == os.getpid():
+                self.info_path.unlink()
+        if self._http is not None:
+            self._http.should_exit = True
+        for task in reversed(self._tasks):
+            if task.get_name() != "http":
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+        self._tasks.clear()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5)
+            self.nc = None
+        if self.nats is not None:
+            await asyncio.to_thread(self.nats.stop)
+            self.nats = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    plane = ControlPlane(settings)
+    try:
+        await plane.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await plane.stop()
+
+
+def serve(settings: Settings) -> None:
+    """Blocking entry point of ``corral server``."""
+    asyncio.run(run(settings))

@@ -1,0 +1,233 @@
+"""Instance operations: create (place, then ask the agent), lifecycle verbs, delete.
+
+Each operation checks the lifecycle table against the *observed* state first, records the
+operator's wish as the desired state, then asks the agent and applies the agent's report. The
+database transaction never spans a bus call: state is committed before the call (so a crash in
+between leaves an honest record) and updated after it from what the agent answered.
+
+A create whose agent call fails never leaves a silent half-instance: when the agent refused,
+nothing was made and the row is removed; when the agent did not answer, the outcome is unknown,
+so the instance is kept as ``failed`` and the error says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.api.models import ActionRequest, CreateInstance
+from corral.bus.messages import InstanceReport, WireSpec
+from corral.config import Settings
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Instance
+from corral.control.fleet import Fleet
+from corral.errors import Conflict, CorralError, HostUnavailable, NotFound
+from corral.lifecycle import ALIVE, State, Verb, check_verb
+from corral.scheduling.placement import Request, place
+
+log = logging.getLogger(__name__)
+
+DESIRED: dict[Verb, State] = {
+    Verb.START: State.RUNNING,
+    Verb.RESTART: State.RUNNING,
+    Verb.THAW: State.RUNNING,
+    Verb.STOP: State.STOPPED,
+    Verb.KILL: State.STOPPED,
+    Verb.FREEZE: State.FROZEN,
+}
+
+
+def reword(exc: CorralError, message: str, hint: str) -> CorralError:
+    """The same kind of error (code, status) with a message that says what happened here."""
+    return type(exc)(f"{message}: {exc.message}", hint=hint, retryable=exc.retryable,
+                     details=exc.details)
+
+
+class InstanceService:
+    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.settings = settings
+
+    @contextlib.contextmanager
+    def _busy(self, name: str) -> Iterator[None]:
+        if name in self.fleet.busy:
+            raise Conflict(f"instance '{name}' is busy with another request",
+                           hint="wait for that request to finish, then try again",
+                           retryable=True)
+        self.fleet.busy.add(name)
+        try:
+            yield
+        finally:
+            self.fleet.busy.discard(name)
+
+    @staticmethod
+    def _get(s: Session, name: str) -> Instance:
+        inst = s.get(Instance, name)
+        if inst is None:
+            raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+        return inst
+
+    def get(self, name: str) -> Instance:
+        with self.fleet.sessions() as s:
+            return self._get(s, name)
+
+    def list(self) -> list[Instance]:
+        with self.fleet.sessions() as s:
+            return list(s.scalars(select(Instance).order_by(Instance.name)))
+
+    def _after(self, name: str, target: State, report: InstanceReport | None) -> None:
+        """Record a verb's outcome: its target state, then whatever the agent observed."""
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return
+            inst.state = target.value
+            inst.updated_at = self.fleet.clock()
+            if report is not None:
+                self.fleet.apply_report(inst, report, from_verb=True)
+
+    def _host_up(self, s: Session, inst: Instance) -> str:
+        host = s.get(Host, inst.host) if inst.host else None
+        if host is None or host.state != "up":
+            raise HostUnavailable(
+                f"host {inst.host} of instance '{inst.name}' is down",
+                hint="wait for its agent to re-join (see 'corral host ls')",
+            )
+        return host.name
+
+    # --- create -----------------------------------------------------------------------------
+
+    async def create(self, req: CreateInstance) -> Instance:
+        with self._busy(req.name):
+            now = self.fleet.clock()
+            with self.fleet.sessions.begin() as s:
+                if s.get(Instance, req.name) is not None:
+                    raise Conflict(f"an instance named '{req.name}' already exists",
+                                   hint="pick another name, or remove it first ('corral rm')")
+                target = place(Request(req.cpus, req.memory_bytes, req.driver, host=req.host),
+                               self.fleet.snapshot(s))
+                s.add(Instance(
+                    name=req.name, host=target, driver=req.driver, command=list(req.command),
+                    rootfs=req.rootfs, env=dict(req.env), cpus=req.cpus,
+                    memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
+                    desired_state=(State.RUNNING if req.start else State.CREATED).value,
+                    state=State.PENDING.value,
+                ))
+            spec = WireSpec(name=req.name, driver=req.driver, command=list(req.command),
+                            rootfs=req.rootfs, env=dict(req.env), cpus=req.cpus,
+                            memory_bytes=req.memory_bytes, epoch=1)
+            log.info("creating %s on %s", req.name, target)
+            try:
+                report = await self.agents.report(target, "create",
+                                                  {"spec": spec.model_dump()})
+            except HostUnavailable as exc:
+                self._after(req.name, State.FAILED, None)
+                raise reword(exc, f"instance '{req.name}' may be half-created on {target}",
+                             f"it is recorded as failed; 'corral rm {req.name}' cleans up "
+                             "once the host answers") from exc
+            except CorralError as exc:
+                self._forget(req.name)
+                raise reword(exc, f"host {target} could not create '{req.name}'",
+                             exc.hint or "nothing was kept; fix the request and try again"
+                             ) from exc
+            self._after(req.name, State.CREATED, report)
+            if req.start:
+                await self._start(req.name, target, after_create=True)
+        return self.get(req.name)
+
+    def _forget(self, name: str) -> None:
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is not None:
+                s.delete(inst)
+
+    async def _start(self, name: str, host: str, *, after_create: bool = False) -> None:
+        with self.fleet.sessions.begin() as s:
+            inst = self._get(s, name)
+            if not after_create:
+                inst.epoch += 1
+            epoch = inst.epoch
+        try:
+            report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        except CorralError as exc:
+            if not after_create:
+                raise
+            self._after(name, State.FAILED, None)
+            raise reword(exc, f"instance '{name}' was created on {host} but did not start",
+                         f"it is recorded as failed; fix the cause, then 'corral start {name}'"
+                         f" or 'corral rm {name}'") from exc
+        self._after(name, State.RUNNING, report)
+
+    # --- verbs ------------------------------------------------------------------------------
+
+    async def act(self, name: str, verb: Verb, body: ActionRequest | None = None) -> Instance:
+        body = body or ActionRequest()
+        with self._busy(name):
+            with self.fleet.sessions.begin() as s:
+                inst = self._get(s, name)
+                current = State(inst.state)
+                target = check_verb(name, current, verb)
+                host = self._host_up(s, inst)
+                inst.desired_state = DESIRED[verb].value
+                inst.updated_at = self.fleet.clock()
+            if verb is Verb.START or (verb is Verb.RESTART and current not in ALIVE):
+                await self._start(name, host)
+            elif verb is Verb.RESTART:
+                await self._stop(name, host, body.timeout)
+                await self._start(name, host)
+            elif verb is Verb.STOP:
+                await self._stop(name, host, body.timeout)
+            elif verb is Verb.KILL:
+                sig = body.signal or 9
+                report = await self.agents.report(host, "kill", {"name": name, "signal": sig})
+                self._after(name, target, report)
+            else:
+                report = await self.agents.report(host, verb.value, {"name": name})
+                self._after(name, target, report)
+        return self.get(name)
+
+    async def _stop(self, name: str, host: str, timeout: float | None) -> None:
+        grace = timeout if timeout is not None else self.settings.stop_timeout
+        report = await self.agents.report(host, "stop", {"name": name, "timeout": grace})
+        self._after(name, State.STOPPED, report)
+
+    # --- delete -----------------------------------------------------------------------------
+
+    async def delete(self, name: str, force: bool = False) -> None:
+        with self._busy(name):
+            with self.fleet.sessions.begin() as s:
+                inst = self._get(s, name)
+                state = State(inst.state)
+                alive = state in ALIVE
+                if not (alive and force):
+                    try:
+                        check_verb(name, state, Verb.DELETE)
+                    except CorralError as exc:
+                        if alive:
+                            exc.hint += "; or remove it with force (stops it first)"
+                        raise
+                host_row = s.get(Host, inst.host) if inst.host else None
+                host = inst.host or ""
+                up = host_row is not None and host_row.state == "up"
+                inst.desired_state = State.DELETED.value
+            if not up:
+                if not force:
+                    raise HostUnavailable(
+                        f"host {host} of instance '{name}' is down, so it cannot clean up",
+                        hint=f"wait for the host, or 'corral rm --force {name}' to forget it "
+                             f"(its files stay on {host})",
+                    )
+                log.warning("forgetting %s without its host %s (down)", name, host)
+            else:
+                if alive:
+                    await self._stop(name, host, None)
+                try:
+                    await self.agents.call(host, "delete", {"name": name})
+                except NotFound:
+                    log.info("agent on %s did not know %s; removing the record", host, name)
+            self._forget(name)

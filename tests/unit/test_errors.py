@@ -1,0 +1,58 @@
+"""One error shape: codes, statuses, exit codes, and the round trip over the wire."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral import errors
+from corral.errors import CorralError, from_dict
+
+
+def _all() -> list[type[CorralError]]:
+    out: list[type[CorralError]] = []
+    todo: list[type[CorralError]] = [CorralError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def test_codes_are_unique_and_stable() -> None:
+    codes = [c.code for c in _all() if c.__module__ == "corral.errors"]
+    assert len(codes) == len(set(codes))
+    assert errors.NoCapacity.code == "no_capacity" and errors.NoCapacity.http_status == 409
+    assert errors.Unauthorized.http_status == 401
+    assert errors.InvalidRequest.http_status == 422
+    assert errors.HostUnavailable.http_status == 503
+
+
+def test_exit_codes_differ_between_kinds() -> None:
+    base = [c for c in _all() if c.__module__ == "corral.errors"
+            and c is not errors.InvalidTransition]
+    exit_codes = [c.exit_code for c in base]
+    assert len(exit_codes) == len(set(exit_codes))
+
+
+@pytest.mark.parametrize("cls", [c for c in _all() if c.__module__ == "corral.errors"])
+def test_round_trip_keeps_class_and_fields(cls: type[CorralError]) -> None:
+    err = cls("boom", hint="do this", details={"a": 1})
+    back = from_dict(err.to_dict())
+    assert type(back) is cls
+    assert (back.message, back.hint, back.retryable, back.details) == (
+        "boom", "do this", err.retryable, {"a": 1})
+
+
+def test_shape_and_defaults() -> None:
+    err = errors.NoCapacity("no room", hint="add a host")
+    assert err.to_dict() == {"code": "no_capacity", "message": "no room", "hint": "add a host",
+                             "retryable": True}
+    assert str(err) == "no room (add a host)"
+    assert str(errors.NotFound("gone")) == "gone"
+    assert errors.NotFound("x", retryable=True).retryable is True
+
+
+def test_unknown_code_becomes_the_base_class() -> None:
+    err = from_dict({"code": "from_the_future", "message": "hm"})
+    assert type(err) is CorralError and err.message == "hm"
+    assert from_dict({}).message == "unknown error"
