@@ -68,7 +68,8 @@ def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         rootfs = build_busybox_rootfs(tmp / "rootfs")
         fleet.up("--hosts", "3", "--netns")
-        fleet.ok("run", BURNER, "--cpus", "0.5", "--memory", "64M", "--from", str(rootfs),
+        # the burner reserves a whole core: a reservation is also the container's CPU quota
+        fleet.ok("run", BURNER, "--cpus", "1", "--memory", "64M", "--from", str(rootfs),
                  "--", "sh", "-c", "while :; do :; done", "burn-c1")
         for name in SLEEPERS:
             fleet.ok("run", name, "--cpus", "0.5", "--memory", "64M", "--from", str(rootfs),
@@ -136,7 +137,7 @@ def test_six_containers_placed_within_capacity(nfleet: Fleet) -> None:
         assert h["reserved"]["memory_bytes"] <= h["memory_bytes"]
         placed = [i for i in items.values() if i["host"] == h["name"]]
         assert h["reserved"]["cpus"] == pytest.approx(sum(i["cpus"] for i in placed))
-    assert sum(h["reserved"]["cpus"] for h in hosts) == pytest.approx(3.0)
+    assert sum(h["reserved"]["cpus"] for h in hosts) == pytest.approx(3.5)
     # each container lives in its host's network namespace
     ctx = load_context(nfleet.context_file)
     assert ctx is not None

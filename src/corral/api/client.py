@@ -93,7 +93,7 @@ class Client:
     def health(self) -> bool:
         """True when the server answers its unauthenticated health route."""
         try:
-            return self._http.get("/health", timeout=2.0).status_code == 200
+            return self._http.get("/healthz", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
 
