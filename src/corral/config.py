@@ -36,8 +36,9 @@ def default_data_dir() -> Path:
 class Settings:
     """Every setting of the server and the agent (each process reads the ones it needs)."""
 
-    data_dir: Path = _doc("directory for state: DB, NATS JetStream, agent handles, logs",
-                          default_factory=default_data_dir)
+    data_dir: Path = _doc(  # noqa: RUF009  (_doc returns a dataclasses.field)
+        "directory for state: DB, NATS JetStream, agent handles, logs",
+        default_factory=default_data_dir)
     token: str = _doc("bearer token for the API and the bus; generated into DATA/token if empty",
                       "")
     api_host: str = _doc("address the HTTP API listens on (never 0.0.0.0 unless you ask)",

@@ -165,3 +165,17 @@ def test_steady_rates_are_reproduced(cores: int, rates: list[float], dwall: int)
         core, host = acc.update("x", cpu, "g", wall)
         assert core == pytest.approx(100.0 * used / dwall)
         assert host == pytest.approx(100.0 * used / dwall / cores)
+
+
+def test_host_cpu_from_proc_stat() -> None:
+    from corral.telemetry.accounting import HostCpu, parse_proc_stat
+
+    assert parse_proc_stat("cpu  10 0 5 80 5 0 0 0 0 0\ncpu0 ...") == (15, 100)
+    hc = HostCpu()
+    assert hc.update("cpu  10 0 5 80 5 0 0 0 0 0") is None  # first reading: no figure
+    assert hc.update("cpu  40 0 15 120 5 0 0 0 0 0") == pytest.approx(100 * 40 / 80)
+    assert hc.update("cpu  1 0 0 1 0 0 0 0 0 0") is None  # counters went back: no figure
+    real = HostCpu()
+    real.update()
+    pct = real.update()
+    assert pct is None or 0.0 <= pct <= 100.0

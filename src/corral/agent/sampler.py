@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from corral.bus.messages import InstanceSample, MetricsSample
 from corral.drivers.base import Driver, Handle
-from corral.telemetry.accounting import CpuAccountant
+from corral.telemetry.accounting import CpuAccountant, HostCpu
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ def sample_pass(
     host: str,
     interval_s: float,
     clock_ns: Callable[[], int] = time.monotonic_ns,
+    host_cpu: HostCpu | None = None,
 ) -> PassResult:
     """Read ``driver.stats`` once per driver for ``handles`` and account each instance.
 
@@ -69,7 +70,9 @@ def sample_pass(
             seen.add(name)
     accountant.forget_missing(seen)
     cpu_s = (time.thread_time() - t0) + max(0.0, _children_cpu_s() - c0)
+    host_pct_all = host_cpu.update() if host_cpu is not None else None
     sample = MetricsSample(host=host, wall_ns=time.time_ns(), host_cores=accountant.host_cores,
-                           interval_s=interval_s, instances=samples, sample_cpu_s=cpu_s)
+                           interval_s=interval_s, instances=samples, sample_cpu_s=cpu_s,
+                           host_cpu_pct=host_pct_all)
     missing = frozenset(h.name for h in handles) - seen
     return PassResult(sample=sample, missing=missing, cpu_s=cpu_s)

@@ -49,7 +49,7 @@ from corral.errors import (
     Unauthorized,
     from_dict,
 )
-from corral.telemetry.accounting import CpuAccountant
+from corral.telemetry.accounting import CpuAccountant, HostCpu
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -99,6 +99,7 @@ class Agent:
                               hint="; ".join(f"{n}: {w}" for n, w in reasons.items()))
         self.state = AgentState(self.data_dir, drivers, settings.stop_timeout)
         self.accountant = CpuAccountant(os.cpu_count() or 1)
+        self.host_cpu = HostCpu()
         self.heartbeat_s = settings.heartbeat_seconds
         self.sample_s = settings.sample_seconds
         self.seq = 0
@@ -203,7 +204,8 @@ class Agent:
             handles = [r.handle for r in self.state.records.values() if is_alive(r)]
             try:
                 res = await asyncio.to_thread(sample_pass, self.state.drivers, handles,
-                                              self.accountant, self.host, interval)
+                                              self.accountant, self.host, interval,
+                                              host_cpu=self.host_cpu)
                 await self.nc.publish(subjects.metrics(self.host), encode(res.sample))
             except Exception as exc:
                 log.warning("sampling failed: %s", exc)

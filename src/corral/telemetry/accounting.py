@@ -85,3 +85,35 @@ class CpuAccountant:
         core = sum(p for p in core_pcts if p is not None)
         host = core / self.host_cores
         return HostTotals(core_pct=core, host_pct=host, free_host_pct=max(0.0, 100.0 - host))
+
+
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat's first line.
+
+    Idle and iowait count as not busy; steal counts as busy (the host did not get that time)."""
+    fields = text.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu":
+        raise ValueError("not a /proc/stat cpu line")
+    values = [int(v) for v in fields[1:9]] + [0] * max(0, 8 - len(fields[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class HostCpu:
+    """The whole host's busy % between two readings of /proc/stat (every process, corral's
+    instances or not), so the server can show what the rest of the host uses."""
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self.path = path
+        self._prev: tuple[int, int] | None = None
+
+    def update(self, text: str | None = None) -> float | None:
+        if text is None:
+            with open(self.path) as fh:
+                text = fh.readline()
+        busy, total = parse_proc_stat(text)
+        prev, self._prev = self._prev, (busy, total)
+        if prev is None or total <= prev[1] or busy < prev[0]:
+            return None
+        return 100.0 * (busy - prev[0]) / (total - prev[1])
