@@ -35,7 +35,12 @@ STATE_STYLE = {
 
 
 def out() -> Console:
-    return Console(soft_wrap=False)
+    """Standard output; piped or captured, tables get room instead of Rich's 80-column default
+    (a log or a pager should see whole names, not 'hos…')."""
+    import sys
+
+    width = None if sys.stdout.isatty() else 160
+    return Console(soft_wrap=False, width=width)
 
 
 def err() -> Console:

@@ -8,6 +8,7 @@ instance) are shown with corral's own error and the tour goes on: the tour never
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 
 from rich.console import Console
@@ -67,7 +68,7 @@ def run_tour(console: Console, client: Client | None = None) -> None:
 
 def _tour(console: Console, c: Client) -> None:
     _step(console, "1. run two instances", f"corral run {BURNER} --cpus 1 -- "
-          f"{' '.join(BURN_CMD)}; corral run {IDLER} -- {' '.join(IDLE_CMD)}")
+          f"{shlex.join(BURN_CMD)}; corral run {IDLER} -- {shlex.join(IDLE_CMD)}")
     for name, cmd, cpus in ((BURNER, BURN_CMD, 1.0), (IDLER, IDLE_CMD, 0.1)):
         view = c.create(CreateInstance(name=name, command=cmd, cpus=cpus))
         console.print(f"{view.name}: {view.state} on {view.host}")
