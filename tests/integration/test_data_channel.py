@@ -125,3 +125,67 @@ async def test_dirty_pass_moves_only_changed_paths(tmp_path: Path, tree: Path) -
     finally:
         tracker.stop()
         await server.stop()
+
+
+async def test_refresh_of_a_running_writer_lands_a_consistent_copy(tmp_path: Path) -> None:
+    """A real process keeps writing while the dir backend refreshes; frozen with the cgroup
+    freezer (or SIGSTOP without one), the copy equals the source exactly."""
+    from corral.disks.dirbackend import DirBackend
+    from corral.disks.rsync import Endpoint
+    from corral.drivers.base import Spec
+    from corral.drivers.process import ProcessDriver
+
+    disks = DirBackend(tmp_path / "disks")
+    root = disks.create("web")
+    for i in range(200):
+        (root / f"f{i}").write_bytes(os.urandom(2000))
+    target = tmp_path / "target"
+    target.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    server = DataServer("s3cret", [target])
+    await server.start()
+    drv = ProcessDriver(scope=f"t{os.getpid()}")
+    writer = ("i=0; while :; do i=$((i+1)); echo $i > f$((i % 200)); "
+              "echo $i >> journal; sleep 0.002; done")
+    spec = Spec(name="w", command=["sh", "-c", writer], workdir=str(tmp_path / "w"),
+                rootfs=str(root))
+    (tmp_path / "w").mkdir()
+    handle = drv.start(drv.create(spec))
+    try:
+        disks.track("web")
+        await asyncio.sleep(0.3)
+        ep = Endpoint("127.0.0.1", server.port, token_file, str(target / "web"))
+
+        async def freeze() -> None:
+            await asyncio.to_thread(drv.freeze, handle)
+
+        async def thaw() -> None:
+            await asyncio.to_thread(drv.thaw, handle)
+
+        snapshot: dict[str, str] = {}
+
+        async def freeze_and_look() -> None:
+            await freeze()
+            await asyncio.sleep(0.05)  # the writer is stopped: the tree must not move now
+            snapshot.update(digest(root))
+
+        first = await disks.refresh("web", ep, freeze_and_look, thaw)
+        assert first.live.files >= 200
+        # the copy is exactly the frozen source, journal included, no torn file
+        copy = digest(target / "web")
+        assert copy == snapshot
+        assert first.frozen.files < 200 or first.frozen_full
+        second = await disks.refresh("web", ep, freeze_and_look, thaw)
+        assert digest(target / "web") == snapshot
+        assert second.freeze_s < 5
+        print(f"freeze {first.freeze_s * 1000:.0f} ms / {second.freeze_s * 1000:.0f} ms, "
+              f"frozen pass files {first.frozen.files} / {second.frozen.files}")
+    finally:
+        from corral.drivers.cgroups import remove_scope
+
+        drv.stop(handle, 5)
+        drv.delete(handle)
+        remove_scope(f"t{os.getpid()}")
+        disks.delete("web")
+        await server.stop()

@@ -7,8 +7,11 @@ file and renames it, so a standby never holds a truncated file even if the pass 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +59,70 @@ def _num(rx: re.Pattern[str], text: str) -> int:
     return int(re.sub(r"[,.]", "", m.group(1))) if m else 0
 
 
+def _check(proc_code: int | None, err: bytes, ep: Endpoint) -> None:
+    # 24 = some source files vanished during the live pass: expected while the instance runs
+    if proc_code not in (0, 24):
+        msg = err.decode(errors="replace").strip()[-800:]
+        raise TransferFailed(
+            f"rsync to {ep.host}:{ep.path} failed (exit {proc_code}): {msg}",
+            hint="check the target agent's log and its free disk; the pass can be retried",
+        )
+
+
+DIRTY_FLAGS = ["--files-from=-", "--from0", "--delete-missing-args", "--force", "-r"]
+
+
+class PreparedPass:
+    """An rsync already connected to the target and waiting for its list of paths.
+
+    The frozen pass of a refresh must not pay for process start-up, the remote shell and the
+    protocol handshake while the instance is frozen; rsync only reads ``--files-from`` after it
+    has connected, so we start it before the freeze, wait for the remote shell to report the
+    handshake done, and hand it the dirty list once frozen.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, ep: Endpoint, ready: Path) -> None:
+        self.proc, self.ep, self._ready = proc, ep, ready
+
+    @classmethod
+    async def start(cls, src: Path, ep: Endpoint, timeout: float = 15.0) -> PreparedPass:
+        ready = Path(tempfile.mkdtemp(prefix="corral-rsync-")) / "ready"
+        argv = ["rsync", *BASE_FLAGS, "-e", rsh(ep), *DIRTY_FLAGS, f"{src}/",
+                f"{ep.host}:{ep.path}/"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "CORRAL_RSH_READY": str(ready)},
+        )
+        prepared = cls(proc, ep, ready)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                await prepared.abort()
+                _, err = await proc.communicate()
+                _check(proc.returncode if proc.returncode else 255, err, ep)
+            await asyncio.sleep(0.005)
+        return prepared
+
+    async def finish(self, paths: Iterable[str]) -> PassResult:
+        listing = b"".join(n.encode() + b"\0" for n in sorted(set(paths)))
+        start = time.monotonic()
+        out, err = await self.proc.communicate(listing)
+        seconds = time.monotonic() - start
+        self._cleanup()
+        _check(self.proc.returncode, err, self.ep)
+        text = out.decode(errors="replace")
+        return PassResult(_num(_FILES, text), _num(_SENT, text), seconds)
+
+    async def abort(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._ready.parent, ignore_errors=True)
+
+
 async def run_pass(src: Path, ep: Endpoint, paths: Iterable[str] | None = None,
                    extra: list[str] | None = None) -> PassResult:
     """One rsync pass of ``src`` to ``ep``; with ``paths``, only those (deleted ones removed)."""
@@ -65,7 +132,7 @@ async def run_pass(src: Path, ep: Endpoint, paths: Iterable[str] | None = None,
         names = sorted(set(paths))
         if not names:
             return PassResult(0, 0, 0.0)
-        argv += ["--files-from=-", "--from0", "--delete-missing-args", "--force", "-r"]
+        argv += DIRTY_FLAGS
         listing = b"\0".join(n.encode() for n in names) + b"\0"
     argv += [f"{src}/", f"{ep.host}:{ep.path}/"]
     start = time.monotonic()
@@ -77,11 +144,5 @@ async def run_pass(src: Path, ep: Endpoint, paths: Iterable[str] | None = None,
     out, err = await proc.communicate(listing)
     seconds = time.monotonic() - start
     text = out.decode(errors="replace")
-    # 24 = some source files vanished during the live pass: expected while the instance runs
-    if proc.returncode not in (0, 24):
-        msg = err.decode(errors="replace").strip()[-800:]
-        raise TransferFailed(
-            f"rsync to {ep.host}:{ep.path} failed (exit {proc.returncode}): {msg}",
-            hint="check the target agent's log and its free disk; the pass can be retried",
-        )
+    _check(proc.returncode, err, ep)
     return PassResult(_num(_FILES, text), _num(_SENT, text), seconds)
