@@ -31,6 +31,15 @@ def _run(*argv: str) -> str:
     return proc.stdout
 
 
+def _syncfs(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def drop_partial_receives(directory: Path) -> list[str]:
     """Delete subvolumes under ``directory`` that a failed ``btrfs receive`` left behind (they
     have no Received UUID), so a standby never holds a half-received snapshot."""
@@ -77,6 +86,17 @@ class BtrfsBackend:
             raise InvalidRequest(f"disk {dest} exists", hint="remove it first")
         _run("btrfs", "subvolume", "create", str(dest))
         return dest
+
+    def preflush(self, name: str) -> None:
+        """Write dirty data out while the instance still runs, so the snapshot taken while it
+        is frozen only has to commit what changed in the last moments (the freeze shrinks from
+        a full flush to a small one)."""
+        fd = os.open(self.path(name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def snapshot(self, name: str, tag: str) -> Path:
         """Read-only snapshot; this is the only step that needs the instance frozen."""

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,9 @@ class DataServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # see rsh.py: no Nagle on a protocol of small exchanges
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             nonce = secrets.token_hex(16)
             writer.write(json.dumps({"nonce": nonce}).encode() + b"\n")

@@ -38,6 +38,7 @@ class DirBackend:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._trackers: dict[str, DirtyTracker] = {}
+        self.last_timing: dict[str, float] = {}
 
     def available(self) -> str | None:
         return None if shutil.which("rsync") else "rsync not found; apt-get install rsync"
@@ -84,6 +85,7 @@ class DirBackend:
             await freeze()
             frozen_at = time.monotonic()
             dirty = tracker.take()
+            took = time.monotonic()
             if dirty.overflowed:
                 await prepared.abort()
                 frozen = await run_pass(src, ep)
@@ -95,4 +97,5 @@ class DirBackend:
         finally:
             freeze_s = time.monotonic() - frozen_at
             await thaw()
+        self.last_timing = {"take_s": took - frozen_at, "pass_s": frozen.seconds}
         return Refresh(live, frozen, dirty.overflowed, freeze_s)
