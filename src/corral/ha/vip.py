@@ -31,8 +31,10 @@ def parse(vip: str) -> ipaddress.IPv4Interface:
     try:
         iface = ipaddress.IPv4Interface(vip if "/" in vip else f"{vip}/32")
     except ValueError as exc:
-        raise InvalidRequest(f"bad virtual IP {vip!r}: {exc}",
-                             hint="give an IPv4 address with its prefix, e.g. 10.0.0.50/24") from exc
+        raise InvalidRequest(
+            f"bad virtual IP {vip!r}: {exc}",
+            hint="give an IPv4 address with its prefix, e.g. 10.0.0.50/24",
+        ) from exc
     return iface
 
 
