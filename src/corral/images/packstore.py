@@ -89,6 +89,7 @@ class PackStore:
         self._lock = threading.Lock()
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._read_fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
         #: ids touched by writes while a GC runs; the sweep never drops them
         self._pins: set[bytes] | None = None
         self._recover()
@@ -165,9 +166,11 @@ class PackStore:
         return ids
 
     def _append(self, items: list[tuple[bytes, bytes]], only_new: bool,
-                moved: dict[bytes, bytes] | None = None) -> None:
+                moved: dict[bytes, bytes] | None = None,
+                raw_lens: dict[bytes, int] | None = None) -> None:
         """Append records and index them (caller holds the lock). ``moved`` collects new
-        locations instead of indexing them, for the GC to swap in one transaction."""
+        locations instead of indexing them, for the GC to swap in one transaction. With
+        ``raw_lens`` the items are already compressed (and verified by the caller)."""
         with self._env.begin() as txn:
             todo = [(c, d) for c, d in items
                     if not only_new or txn.get(c, db=self._chunks) is None]
@@ -185,11 +188,14 @@ class PackStore:
                 fh.seek(mark)
             offset = mark
             for cid, data in todo:
-                comp = self._cctx.compress(data)
-                fh.write(HEADER.pack(MAGIC, cid, len(data), len(comp)))
+                if raw_lens is None:
+                    comp, raw_len = self._cctx.compress(data), len(data)
+                else:
+                    comp, raw_len = data, raw_lens[cid]
+                fh.write(HEADER.pack(MAGIC, cid, raw_len, len(comp)))
                 fh.write(comp)
                 entries.append((cid, LOC.pack(current, offset + HEADER.size, len(comp),
-                                              len(data))))
+                                              raw_len)))
                 offset += HEADER.size + len(comp)
             fh.flush()
             os.fsync(fh.fileno())
@@ -201,6 +207,37 @@ class PackStore:
                     txn.put(cid, loc, db=self._chunks, overwrite=False)
             txn.put(b"len:%d" % current, b"%d" % offset, db=self._meta)
             txn.put(b"current", b"%d" % current, db=self._meta)
+
+    def put_compressed(self, records: list[tuple[bytes, int, bytes]]) -> None:
+        """Store chunks that arrive compressed (from another store), after checking each one
+        decompresses to content matching its id: a fetched chunk is trusted no more than a
+        read one."""
+        checked: list[tuple[bytes, bytes]] = []
+        lens: dict[bytes, int] = {}
+        for cid, raw_len, comp in records:
+            try:
+                data = zstandard.ZstdDecompressor().decompress(comp, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise CorruptChunk(f"received chunk {cid.hex()} does not decompress: {exc}",
+                                   hint="the sender's store may be damaged; run its verify"
+                                   ) from exc
+            if len(data) != raw_len or chunk_id(data) != cid:
+                raise CorruptChunk(f"received chunk {cid.hex()} does not match its hash",
+                                   hint="the sender's store may be damaged; run its verify")
+            checked.append((cid, comp))
+            lens[cid] = raw_len
+        with self._lock:
+            if self._pins is not None:
+                self._pins.update(lens)
+            self._append(checked, only_new=True, raw_lens=lens)
+
+    def read_compressed(self, cid: bytes) -> tuple[int, bytes] | None:
+        """(raw length, stored bytes) of a chunk, unverified, for sending to a store that
+        verifies on receipt (:meth:`put_compressed`)."""
+        loc = self.locate(cid)
+        if loc is None:
+            return None
+        return loc.raw_len, os.pread(self._fd(loc.pack), loc.comp_len, loc.offset)
 
     def put(self, data: bytes) -> bytes:
         return self.put_many([data])[0]
@@ -218,8 +255,10 @@ class PackStore:
     def _fd(self, pack: int) -> int:
         fd = self._read_fds.get(pack)
         if fd is None:
-            fd = os.open(self._pack_path(pack), os.O_RDONLY)
-            self._read_fds[pack] = fd
+            with self._fd_lock:
+                fd = self._read_fds.get(pack)
+                if fd is None:
+                    fd = self._read_fds[pack] = os.open(self._pack_path(pack), os.O_RDONLY)
         return fd
 
     def get(self, cid: bytes) -> bytes:

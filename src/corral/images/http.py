@@ -1,0 +1,111 @@
+"""The image store over HTTP: the server's side of "fetch only the chunks you lack".
+
+Chunks travel as they are stored (zstd), in batches: one request names up to ``MAX_BATCH`` ids
+and the answer is a stream of records ``id(32) | raw_len(u32) | comp_len(u32) | bytes``. The
+receiver verifies every chunk against its id before keeping it (``PackStore.put_compressed``),
+so a damaged server store can never poison an agent's cache.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+
+from fastapi import APIRouter, Response
+from fastapi.params import Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from corral.errors import InvalidRequest, NotFound
+from corral.images.store import ImageStore
+
+RECORD = struct.Struct(">32sII")
+MAX_BATCH = 1024
+
+
+class ChunkIds(BaseModel):
+    ids: list[str] = Field(max_length=MAX_BATCH, description="chunk ids, hex")
+
+
+class Missing(BaseModel):
+    missing: list[str]
+
+
+class ImageRow(BaseModel):
+    name: str
+    manifest: str
+    files: int
+    size: int
+    unique_size: int
+    stored_size: int
+    dedup_ratio: float
+
+
+def _ids(raw: list[str]) -> list[bytes]:
+    try:
+        ids = [bytes.fromhex(i) for i in raw]
+    except ValueError as exc:
+        raise InvalidRequest(f"bad chunk id: {exc}", hint="chunk ids are 64 hex digits") from exc
+    if any(len(i) != 32 for i in ids):
+        raise InvalidRequest("bad chunk id length", hint="chunk ids are 64 hex digits")
+    return ids
+
+
+def router(store: ImageStore, dependencies: Sequence[Depends] = ()) -> APIRouter:
+    r = APIRouter(dependencies=list(dependencies), tags=["images"])
+
+    @r.get("/v1/images")
+    def images() -> list[ImageRow]:
+        return [ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
+                         unique_size=i.unique_size, stored_size=i.stored_size,
+                         dedup_ratio=round(i.dedup_ratio, 3)) for i in store.list()]
+
+    @r.get("/v1/images/{name}/manifest")
+    def manifest(name: str) -> Response:
+        ref = store.packs.get_ref("image:" + name)
+        if ref is None:
+            raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
+        return Response(store.packs.get(ref), media_type="application/json",
+                        headers={"X-Manifest-Id": ref.hex()})
+
+    @r.post("/v1/chunks/missing")
+    def missing(body: ChunkIds) -> Missing:
+        ids = _ids(body.ids)
+        have = store.packs.has_many(ids)
+        return Missing(missing=[i.hex() for i, h in zip(ids, have, strict=True) if not h])
+
+    @r.post("/v1/chunks/fetch")
+    def fetch(body: ChunkIds) -> StreamingResponse:
+        ids = _ids(body.ids)
+        absent = [i.hex() for i, h in zip(ids, store.packs.has_many(ids), strict=True) if not h]
+        if absent:
+            raise NotFound(f"{len(absent)} chunk(s) not in the store, e.g. {absent[0]}",
+                           hint="the image changed or was collected; fetch its manifest again",
+                           details={"missing": absent[:50]})
+
+        def stream() -> Iterator[bytes]:
+            for cid in ids:
+                got = store.packs.read_compressed(cid)
+                if got is None:  # collected between the check and now: end short, client sees
+                    return
+                raw_len, comp = got
+                yield RECORD.pack(cid, raw_len, len(comp)) + comp
+
+        return StreamingResponse(stream(), media_type="application/octet-stream")
+
+    return r
+
+
+def parse_records(data: bytes) -> list[tuple[bytes, int, bytes]]:
+    out: list[tuple[bytes, int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < RECORD.size:
+            raise InvalidRequest("truncated chunk stream", hint="retry the fetch")
+        cid, raw_len, comp_len = RECORD.unpack_from(data, pos)
+        pos += RECORD.size
+        if len(data) - pos < comp_len:
+            raise InvalidRequest("truncated chunk stream", hint="retry the fetch")
+        out.append((cid, raw_len, data[pos:pos + comp_len]))
+        pos += comp_len
+    return out

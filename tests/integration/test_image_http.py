@@ -1,0 +1,111 @@
+"""Agents fetch only the chunks they lack, over real HTTP on loopback, verified on receipt."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException
+
+from corral.images import http as image_http
+from corral.images.fetch import materialize_image
+from corral.images.packstore import CorruptChunk, PackStore
+from corral.images.store import ImageStore
+
+TOKEN = "img-token"
+
+
+def need_token(authorization: str = Header(default="")) -> None:
+    if authorization != f"Bearer {TOKEN}":
+        raise HTTPException(401)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ImageStore, str]]:
+    store = ImageStore(tmp_path / "server-store")
+    app = FastAPI()
+    app.include_router(image_http.router(store, [Depends(need_token)]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield store, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        store.close()
+
+
+def tree(root: Path, shared: bytes, own: bytes) -> Path:
+    (root / "usr").mkdir(parents=True)
+    (root / "usr" / "base").write_bytes(shared)
+    (root / "app").write_bytes(own)
+    return root
+
+
+def digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_second_image_moves_only_its_own_chunks(served: tuple[ImageStore, str],
+                                                tmp_path: Path) -> None:
+    store, url = served
+    shared = os.urandom(3_000_000)
+    a = tree(tmp_path / "a", shared, os.urandom(100_000))
+    b = tree(tmp_path / "b", shared, os.urandom(100_000))
+    store.import_tree("a", a)
+    store.import_tree("b", b)
+    cache = PackStore(tmp_path / "agent-cache")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            first = materialize_image(c, cache, "a", tmp_path / "out-a")
+            second = materialize_image(c, cache, "b", tmp_path / "out-b")
+            again = materialize_image(c, cache, "a", tmp_path / "out-a2")
+        assert digest(tmp_path / "out-a") == digest(a)
+        assert digest(tmp_path / "out-b") == digest(b)
+        assert first.bytes > 3_000_000
+        assert 0 < second.bytes < 400_000  # its own file (+ an edge chunk), not the base
+        assert again.chunks == 0 and again.bytes == 0
+    finally:
+        cache.close()
+
+
+def test_without_token_nothing_is_served(served: tuple[ImageStore, str]) -> None:
+    _, url = served
+    with httpx.Client(base_url=url) as c:
+        assert c.get("/v1/images").status_code == 401
+
+
+def test_a_corrupt_chunk_from_the_server_is_refused(served: tuple[ImageStore, str],
+                                                    tmp_path: Path) -> None:
+    store, url = served
+    src = tree(tmp_path / "src", os.urandom(500_000), b"x")
+    store.import_tree("img", src)
+    # damage one data chunk (not the manifest) in the server's pack file behind its back
+    manifest_id = store.packs.get_ref("image:img")
+    cid, loc = next((c, lo) for c, lo in store.packs if c != manifest_id)
+    pack = store.packs.root / "packs" / f"pack-{loc.pack:08d}.dat"
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + 5] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    cache = PackStore(tmp_path / "cache")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c, \
+                pytest.raises(CorruptChunk):
+            materialize_image(c, cache, "img", tmp_path / "out")
+        assert cache.locate(cid) is None  # nothing unverified was kept
+    finally:
+        cache.close()
