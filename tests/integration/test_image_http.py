@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
 
+from corral.errors import CorralError
 from corral.images import http as image_http
 from corral.images.fetch import materialize_image
 from corral.images.packstore import CorruptChunk, PackStore
@@ -31,6 +33,11 @@ def need_token(authorization: str = Header(default="")) -> None:
 def served(tmp_path: Path) -> Iterator[tuple[ImageStore, str]]:
     store = ImageStore(tmp_path / "server-store")
     app = FastAPI()
+
+    @app.exception_handler(CorralError)
+    async def _err(_: Request, exc: CorralError) -> JSONResponse:  # as the server does
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
     app.include_router(image_http.router(store, [Depends(need_token)]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,5 +114,34 @@ def test_a_corrupt_chunk_from_the_server_is_refused(served: tuple[ImageStore, st
                 pytest.raises(CorruptChunk):
             materialize_image(c, cache, "img", tmp_path / "out")
         assert cache.locate(cid) is None  # nothing unverified was kept
+    finally:
+        cache.close()
+
+
+def test_push_uploads_only_what_the_server_lacks(served: tuple[ImageStore, str],
+                                                 tmp_path: Path) -> None:
+    from corral.images.fetch import push_tree
+
+    store, url = served
+    shared = os.urandom(2_000_000)
+    base = tree(tmp_path / "base", shared, b"base")
+    store.import_tree("base", base)
+    disk = tree(tmp_path / "disk", shared, os.urandom(150_000))  # an instance built on base
+    cache = PackStore(tmp_path / "agent")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            up = push_tree(c, cache, disk, "shelf-web")
+            assert 0 < up.bytes < 500_000  # its own data, not the 2 MB base
+            again = push_tree(c, cache, disk, "shelf-web", replace=True)
+            assert again.chunks == 0
+        out = tmp_path / "back"
+        store.materialize("shelf-web", out)
+        assert digest(out) == digest(disk)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            bad = c.put("/v1/images/holes", content=b'{"version": 1, "entries": [{"path": "x",'
+                        b' "kind": "f", "mode": 420, "uid": 0, "gid": 0, "mtime_ns": 0,'
+                        b' "size": 3, "extents": [[0, ["' + b"ab" * 32 + b'"]]]}]}')
+            assert bad.status_code == 422  # names a chunk the store does not hold
+            assert "not stored" in bad.json()["error"]["message"]
     finally:
         cache.close()

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 
 from corral.errors import CorralError, from_dict
-from corral.images.http import MAX_BATCH, parse_records
+from corral.images.http import MAX_BATCH, encode_records, parse_records
 from corral.images.packstore import PackStore
-from corral.images.tree import Manifest, materialize
+from corral.images.tree import Manifest, materialize, snapshot
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,37 @@ def materialize_image(client: httpx.Client, cache: PackStore, name: str,
     stats = fetch_missing(client, cache, [bytes.fromhex(c) for c in m.chunk_ids()])
     materialize(m, cache, dest)
     return stats
+
+
+def push_tree(client: httpx.Client, cache: PackStore, root: Path, name: str,
+              batch: int = 256, replace: bool = False) -> FetchStats:
+    """Snapshot ``root`` into the local cache, upload the chunks the server lacks, then name
+    the manifest there (shelving: the disk goes to the store, each unique byte once)."""
+    m = snapshot(root, cache)
+    ids = [bytes.fromhex(c) for c in m.chunk_ids()]
+    lacking: list[bytes] = []
+    for start in range(0, len(ids), MAX_BATCH):
+        resp = client.post("/v1/chunks/missing",
+                           json={"ids": [i.hex() for i in ids[start:start + MAX_BATCH]]})
+        _raise(resp)
+        lacking += [bytes.fromhex(h) for h in resp.json()["missing"]]
+    chunks = moved = 0
+    for start in range(0, len(lacking), min(batch, MAX_BATCH)):
+        records = []
+        for cid in lacking[start:start + batch]:
+            got = cache.read_compressed(cid)
+            if got is None:
+                raise CorralError(f"chunk {cid.hex()} vanished from the local cache",
+                                  hint="retry the shelve", retryable=True)
+            records.append((cid, got[0], got[1]))
+        body = encode_records(records)
+        resp = client.post("/v1/chunks/upload", content=body,
+                           headers={"Content-Type": "application/octet-stream"})
+        _raise(resp)
+        chunks += len(records)
+        moved += len(body)
+    resp = client.put(f"/v1/images/{name}", content=m.to_json(),
+                      params={"replace": str(replace).lower()},
+                      headers={"Content-Type": "application/json"})
+    _raise(resp)
+    return FetchStats(chunks, moved)

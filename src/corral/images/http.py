@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -93,7 +93,45 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = ()) -> APIRouter
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 
+    @r.post("/v1/chunks/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        """Records as :func:`parse_records` reads them; each verified before it is kept."""
+        body = await request.body()
+        records = parse_records(body)
+        if len(records) > MAX_BATCH:
+            raise InvalidRequest(f"at most {MAX_BATCH} chunks per upload",
+                                 hint="send smaller batches")
+        store.packs.put_compressed(records)
+        return {"stored": len(records)}
+
+    @r.put("/v1/images/{name}")
+    async def put_image(name: str, request: Request, replace: bool = False) -> ImageRow:
+        """Name a tree whose chunks were uploaded: the manifest is the body. Refused unless
+        every chunk it lists is already in the store, so a name never points at a hole."""
+        from corral.images.tree import Manifest
+
+        if not name or "/" in name or len(name) > 200:
+            raise InvalidRequest(f"bad image name {name!r}", hint="letters, digits, '-', '.'")
+        raw = await request.body()
+        m = Manifest.from_json(raw)
+        ids = [bytes.fromhex(c) for c in m.chunk_ids()]
+        lacking = [i.hex() for i, h in zip(ids, store.packs.has_many(ids), strict=True)
+                   if not h]
+        if lacking:
+            raise InvalidRequest(f"{len(lacking)} chunk(s) of this manifest are not stored",
+                                 hint="upload the missing chunks first (POST /v1/chunks/missing)",
+                                 details={"missing": lacking[:50]})
+        store.put_manifest(name, m, replace=replace)
+        i = store.info(name)
+        return ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
+                        unique_size=i.unique_size, stored_size=i.stored_size,
+                        dedup_ratio=round(i.dedup_ratio, 3))
+
     return r
+
+
+def encode_records(records: list[tuple[bytes, int, bytes]]) -> bytes:
+    return b"".join(RECORD.pack(cid, raw_len, len(comp)) + comp for cid, raw_len, comp in records)
 
 
 def parse_records(data: bytes) -> list[tuple[bytes, int, bytes]]:

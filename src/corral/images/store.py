@@ -70,6 +70,12 @@ class ImageStore:
                 self._cond.notify_all()
         return self.info(name)
 
+    def put_manifest(self, name: str, manifest: Manifest, replace: bool = False) -> None:
+        """Name a manifest whose chunks are all stored (an agent uploaded them)."""
+        if self.packs.get_ref(PREFIX + name) is not None and not replace:
+            raise Conflict(f"image '{name}' exists", hint="pick another name or pass replace")
+        self.packs.set_ref(PREFIX + name, self.packs.put(manifest.to_json()))
+
     def _import_tarball(self, name: str, tarball: Path) -> ImageInfo:
         with tempfile.TemporaryDirectory(prefix="corral-import-") as tmp:
             proc = subprocess.run(
