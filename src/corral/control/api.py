@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -76,8 +77,10 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 
 
 def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
-              db: str) -> FastAPI:
-    """The API over ``fleet`` (reads) and ``service`` (writes)."""
+              db: str, routers: Sequence[Callable[[list[Any]], APIRouter]] = ()) -> FastAPI:
+    """The API over ``fleet`` (reads) and ``service`` (writes). ``routers`` are factories that
+    get the auth dependencies and return more routes (images, logs, events...), so each area
+    keeps its routes in its own module."""
 
     async def require_token(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -168,4 +171,6 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
         await service.delete(name, force=force)
         return Response(status_code=204)
 
+    for make in routers:
+        app.include_router(make(auth))
     return app

@@ -36,6 +36,8 @@ from corral.control.db import db_url, open_db, safe_url
 from corral.control.fleet import Fleet
 from corral.control.service import InstanceService
 from corral.errors import CorralError
+from corral.images import http as image_http
+from corral.images.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[Any]] = []
         self.info_path = self.data_dir / "server.json"
         self._engine: Engine | None = None
+        self.images: ImageStore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -121,7 +125,11 @@ class ControlPlane:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.api_url = f"http://{shown}:{port}"
-        app = build_app(fleet, service, self.token, self.nats_url, safe_url(url))
+        self._loop = asyncio.get_running_loop()
+        images = self.images = await asyncio.to_thread(ImageStore, self.data_dir / "images")
+        routers = [lambda auth: image_http.router(images, auth, on_change=self._image_changed)]
+        app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
+                        routers=routers)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _Uvicorn(config)
         self._tasks.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
@@ -140,6 +148,14 @@ class ControlPlane:
         })
         log.info("corral server ready: api %s, nats %s, db %s", self.api_url, self.nats_url,
                  safe_url(url))
+
+    def _image_changed(self, name: str) -> None:
+        """An image was removed or replaced: tell every agent (called from a worker thread)."""
+        if self.nc is None or self._loop is None:
+            return
+        payload = json.dumps({"image": name}).encode()
+        asyncio.run_coroutine_threadsafe(self.nc.publish(subjects.INVALIDATE, payload),
+                                         self._loop)
 
     def _handler(self, model: type[BaseModel], fn: Callable[[Any, Msg], Awaitable[None]]
                  ) -> Callable[[Msg], Awaitable[None]]:
@@ -211,6 +227,9 @@ class ControlPlane:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:

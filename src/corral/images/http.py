@@ -9,7 +9,7 @@ so a damaged server store can never poison an agent's cache.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import APIRouter, Request, Response
 from fastapi.params import Depends
@@ -51,7 +51,10 @@ def _ids(raw: list[str]) -> list[bytes]:
     return ids
 
 
-def router(store: ImageStore, dependencies: Sequence[Depends] = ()) -> APIRouter:
+def router(store: ImageStore, dependencies: Sequence[Depends] = (),
+           on_change: Callable[[str], None] | None = None) -> APIRouter:
+    """``on_change(name)`` runs after an image is removed or replaced (the server broadcasts
+    an invalidation so agents drop what they no longer need)."""
     r = APIRouter(dependencies=list(dependencies), tags=["images"])
 
     @r.get("/v1/images")
@@ -67,6 +70,20 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = ()) -> APIRouter
             raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
         return Response(store.packs.get(ref), media_type="application/json",
                         headers={"X-Manifest-Id": ref.hex()})
+
+    @r.delete("/v1/images/{name}", status_code=204)
+    def remove(name: str) -> Response:
+        """Drop the name; its chunks go at the next gc unless another image uses them."""
+        store.remove(name)
+        if on_change is not None:
+            on_change(name)
+        return Response(status_code=204)
+
+    @r.post("/v1/images/gc")
+    def gc() -> dict[str, object]:
+        res = store.gc()
+        return {"dropped": res.dropped, "packs_rewritten": res.packs_rewritten,
+                "bytes_freed": res.bytes_freed, "damaged": res.damaged}
 
     @r.post("/v1/chunks/missing")
     def missing(body: ChunkIds) -> Missing:
@@ -122,6 +139,8 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = ()) -> APIRouter
                                  hint="upload the missing chunks first (POST /v1/chunks/missing)",
                                  details={"missing": lacking[:50]})
         store.put_manifest(name, m, replace=replace)
+        if replace and on_change is not None:
+            on_change(name)
         i = store.info(name)
         return ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
                         unique_size=i.unique_size, stored_size=i.stored_size,
