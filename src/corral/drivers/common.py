@@ -167,3 +167,43 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02)
             return False
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())) or interval)
         interval = min(interval * 1.5, 0.1)
+
+
+KILL_WAIT = 10.0
+
+
+def stop_then_kill(
+    handle: Handle,
+    frozen: bool,
+    timeout: float,
+    *,
+    signal: Callable[[int], None],
+    kill_all: Callable[[], None],
+    gone: Callable[[float], bool],
+    thaw: Callable[[], None],
+    what: str,
+) -> None:
+    """The stop every driver does: mark it requested, SIGTERM (a frozen instance is thawed so
+    it can act on it), wait ``timeout``, then SIGKILL everything and wait a bounded time more."""
+    mark_stop(handle)
+    signal(_signal.SIGTERM)
+    if frozen:
+        thaw()
+    if not gone(timeout):
+        kill_all()
+        if not gone(KILL_WAIT):
+            from corral.errors import DriverError
+
+            raise DriverError(f"{what} {handle.name} survived SIGKILL for {KILL_WAIT:.0f} s",
+                              hint="a process stuck in the kernel (D state)?", retryable=True)
+
+
+def signal_instance(handle: Handle, signum: int, frozen: bool, *,
+                    send: Callable[[int], None], thaw: Callable[[], None]) -> None:
+    """``kill``: an ending signal counts as a requested stop, and reaches a frozen instance."""
+    if signum in ENDING_SIGNALS:
+        mark_stop(handle)
+    send(signum)
+    if frozen and signum in ENDING_SIGNALS:
+        thaw()
+

@@ -31,7 +31,7 @@ from corral.drivers.cgroups import Hierarchy, for_process_driver
 from corral.errors import Conflict, DriverError, InvalidRequest
 
 _JOIN_FAILED = 125
-_KILL_WAIT = 10.0
+_KILL_WAIT = common.KILL_WAIT
 
 
 class ProcessDriver:
@@ -227,25 +227,19 @@ class ProcessDriver:
         if st.state not in ("running", "frozen"):
             self._kill_leftovers(handle)
             return st
-        common.mark_stop(handle)
-        self._signal_tree(handle, sig.SIGTERM)
-        if st.state == "frozen":
-            self.thaw(handle)
-        if not self._wait_gone(handle, timeout):
-            self._signal_tree(handle, sig.SIGKILL)
-            if not self._wait_gone(handle, _KILL_WAIT):
-                raise DriverError(f"instance {handle.name} survived SIGKILL for {_KILL_WAIT} s",
-                                  hint="a process stuck in the kernel (D state)?",
-                                  retryable=True)
+        common.stop_then_kill(
+            handle, st.state == "frozen", timeout,
+            signal=lambda n: self._signal_tree(handle, n),
+            kill_all=lambda: self._signal_tree(handle, sig.SIGKILL),
+            gone=lambda t: self._wait_gone(handle, t),
+            thaw=lambda: self.thaw(handle), what="instance")
         return self.status(handle)
 
     def kill(self, handle: Handle, signal: int) -> None:
         st = self._require_alive(handle, "signal")
-        if signal in common.ENDING_SIGNALS:
-            common.mark_stop(handle)
-        self._signal_tree(handle, signal)
-        if st.state == "frozen" and signal in common.ENDING_SIGNALS:
-            self.thaw(handle)
+        common.signal_instance(handle, signal, st.state == "frozen",
+                               send=lambda n: self._signal_tree(handle, n),
+                               thaw=lambda: self.thaw(handle))
 
     def freeze(self, handle: Handle) -> None:
         st = self._require_alive(handle, "freeze")

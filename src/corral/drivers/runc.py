@@ -35,7 +35,6 @@ SHIM = Path(__file__).with_name("runc_shim.py")
 SHIM_EXIT_FILE = "runc-exit.json"
 _CREATE_TIMEOUT = 60.0
 _VERB_TIMEOUT = 30.0
-_KILL_WAIT = 10.0
 _MSG_RE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 
 
@@ -250,25 +249,19 @@ class RuncDriver:
         st = self.status(handle)
         if st.state not in ("running", "frozen"):
             return st
-        common.mark_stop(handle)
-        self._kill(handle, sig.SIGTERM)
-        if st.state == "frozen":
-            self.thaw(handle)
-        if not self._wait_dead(handle, timeout):
-            self._kill(handle, sig.SIGKILL, all_procs=True)
-            if not self._wait_dead(handle, _KILL_WAIT):
-                raise DriverError(f"container {handle.name} survived SIGKILL for {_KILL_WAIT} s",
-                                  hint="a process stuck in the kernel (D state)?",
-                                  retryable=True)
+        common.stop_then_kill(
+            handle, st.state == "frozen", timeout,
+            signal=lambda n: self._kill(handle, n),
+            kill_all=lambda: self._kill(handle, sig.SIGKILL, all_procs=True),
+            gone=lambda t: self._wait_dead(handle, t),
+            thaw=lambda: self.thaw(handle), what="container")
         return self.status(handle)
 
     def kill(self, handle: Handle, signal: int) -> None:
         st = self._require_alive(handle, "signal")
-        if signal in common.ENDING_SIGNALS:
-            common.mark_stop(handle)
-        self._kill(handle, signal)
-        if st.state == "frozen" and signal in common.ENDING_SIGNALS:
-            self.thaw(handle)
+        common.signal_instance(handle, signal, st.state == "frozen",
+                               send=lambda n: self._kill(handle, n),
+                               thaw=lambda: self.thaw(handle))
 
     def freeze(self, handle: Handle) -> None:
         if self._require_alive(handle, "freeze").state == "running":
