@@ -59,6 +59,12 @@ class Settings:
     drivers: str = _doc("agent: comma-separated drivers to offer (those available here)",
                         "process,runc")
     log_level: str = _doc("logging level: debug, info, warning, error", "info")
+    events_max_age_seconds: float = _doc("server: how long the event stream keeps an event",
+                                         30 * 86400.0)
+    events_max_msgs: int = _doc("server: how many events the event stream keeps at most",
+                                1_000_000)
+    traffic_online_seconds: float = _doc("server: a client counts as online this long after "
+                                         "its last request (live traffic view)", 1800.0)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

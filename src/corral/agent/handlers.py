@@ -164,6 +164,8 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         if report.state in ("running", "frozen"):
             raise Conflict(f"instance '{name}' is {report.state}; stop it before deleting",
                            hint=f"corral stop {name}")
+        for hook in st.before_delete:
+            await hook(name)
         await st.call(st.driver(rec.driver).delete, rec.handle)
         await st.call(st.store.remove, name)
         del st.records[name]

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 import corral
+from corral.agent.capture import CaptureManager
 from corral.agent.handlers import HANDLERS
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
@@ -105,6 +106,8 @@ class Agent:
         self.seq = 0
         self.nc: Any = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self.capture = CaptureManager(self.state, self.host)
+        self.state.before_delete.append(self.capture.before_delete)
 
     # --- bus -----------------------------------------------------------------------------------
     async def connect(self, stop: asyncio.Event) -> None:
@@ -235,7 +238,8 @@ class Agent:
         await self.nc.subscribe(subjects.command(self.host), cb=self.on_command)
         await self.join(stop)
         loops = [asyncio.create_task(self.heartbeat_loop(stop)),
-                 asyncio.create_task(self.sample_loop(stop))]
+                 asyncio.create_task(self.sample_loop(stop)),
+                 asyncio.create_task(self.capture.run(self.nc, stop))]
         await stop.wait()
         for t in [*loops, *self._inflight]:
             t.cancel()

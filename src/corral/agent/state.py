@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +35,9 @@ class AgentState:
         self._locks: dict[str, asyncio.Lock] = {}
         #: set when something worth telling the server at once happened (an instance ended).
         self.changed = asyncio.Event()
+        #: awaited with the name (under its lock) before an instance's files are removed,
+        #: e.g. log capture's last pump.
+        self.before_delete: list[Callable[[str], Awaitable[None]]] = []
 
     def lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -7,13 +7,22 @@ instead of an HTTP status. Routes are spelled out only here.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from corral import errors
-from corral.api.models import CreateInstance, FleetStatus, HostView, InstanceView
+from corral.api.models import (
+    CreateInstance,
+    Event,
+    FleetStatus,
+    HostView,
+    InstanceView,
+    TrafficView,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -87,8 +96,65 @@ class Client:
         params = {"force": "true"} if force else None
         self._request("DELETE", f"/v1/instances/{name}", params=params)
 
+    def logs(self, name: str, since: str | None = None, follow: bool = False,
+             source: str | None = None) -> Iterator[dict[str, Any]]:
+        """An instance's captured lines, oldest first: ``{ts, host, source, seq, line}`` each.
+        With ``follow`` the iterator waits for new lines until the caller stops it."""
+        params: dict[str, str] = {}
+        if since is not None:
+            params["since"] = since
+        if follow:
+            params["follow"] = "true"
+        if source is not None:
+            params["source"] = source
+        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
+        try:
+            with self._http.stream("GET", f"/v1/instances/{name}/logs", params=params,
+                                   timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise error_from_response(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise errors.CorralError(f"reading logs from {self.base_url} failed: {exc}",
+                                     hint=UNREACHABLE_HINT, retryable=True) from exc
+
     def metrics_text(self) -> str:
         return self._request("GET", "/metrics").text
+
+    def events(self, since: str | None = None, after: int | None = None, follow: bool = False,
+               types: list[str] | None = None, instance: str | None = None
+               ) -> Iterator[Event]:
+        """Events in index order; with ``follow`` the iterator waits for new ones until the
+        caller stops it."""
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("type", t) for t in types or []]
+        for key, value in (("since", since), ("after", after), ("instance", instance)):
+            if value is not None:
+                params.append((key, str(value)))
+        if follow:
+            params.append(("follow", "true"))
+        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
+        try:
+            with self._http.stream("GET", "/v1/events", params=params,
+                                   timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise error_from_response(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield Event.model_validate_json(line)
+        except httpx.TransportError as exc:
+            raise errors.CorralError(f"reading events from {self.base_url} failed: {exc}",
+                                     hint=UNREACHABLE_HINT, retryable=True) from exc
+
+    def traffic(self, name: str, url: str | None = None, limit: int = 30) -> TrafficView:
+        """The live traffic view of one instance (and ``url``'s latest clients)."""
+        params = {"limit": str(limit), **({"url": url} if url is not None else {})}
+        raw = self._json("GET", f"/v1/instances/{name}/traffic", params=params)
+        return TrafficView.model_validate(raw)
 
     def health(self) -> bool:
         """True when the server answers its unauthenticated health route."""

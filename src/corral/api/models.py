@@ -6,11 +6,15 @@ The CLI imports only this package to talk to the server (as Nomad's ``command/``
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+#: names of extra log sources (``tail``); stdout and stderr are always captured.
+TAIL_SOURCE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+RESERVED_SOURCES = frozenset({"stdout", "stderr"})
 
 
 class CreateInstance(BaseModel):
@@ -23,6 +27,23 @@ class CreateInstance(BaseModel):
     rootfs: str | None = Field(default=None, description="root filesystem path on the host")
     env: dict[str, str] = Field(default_factory=dict)
     start: bool = Field(default=True, description="start right after creating")
+    tail: dict[str, str] = Field(
+        default_factory=dict,
+        description="log source name -> absolute path of a file to capture (inside the rootfs "
+                    "when the instance has one, else on the host), e.g. {'access': "
+                    "'/var/log/access.log'}",
+    )
+
+    @field_validator("tail")
+    @classmethod
+    def _tail_sources(cls, v: dict[str, str]) -> dict[str, str]:
+        for source, path in v.items():
+            if not re.fullmatch(TAIL_SOURCE_PATTERN, source) or source in RESERVED_SOURCES:
+                raise ValueError(f"tail source {source!r}: use {TAIL_SOURCE_PATTERN} and not "
+                                 f"{' or '.join(sorted(RESERVED_SOURCES))}")
+            if not path.startswith("/") or "\0" in path:
+                raise ValueError(f"tail path {path!r} of source {source!r} must be absolute")
+        return v
 
     @field_validator("command")
     @classmethod
@@ -52,6 +73,7 @@ class InstanceView(BaseModel):
     cpus: float
     memory_bytes: int
     rootfs: str | None = None
+    tail: dict[str, str] = Field(default_factory=dict, description="captured files by source")
     desired_state: str
     state: str
     pid: int | None = None
@@ -106,3 +128,58 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# --- events and live traffic (issue 4) -----------------------------------------------------------
+
+
+class Event(BaseModel):
+    """One committed change of fleet state, as kept on the CORRAL_EVENTS stream.
+
+    ``index`` is the stream sequence JetStream gave it: monotonic, so a reader can resume after
+    the last index it saw (0 only on an event not yet stored)."""
+
+    index: int = 0
+    type: str = Field(description="a registered type, e.g. instance.state (see docs)")
+    ts: float = Field(description="when the change was committed (unix seconds)")
+    host: str | None = None
+    instance: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class RateView(BaseModel):
+    """Requests over one sliding window of whole seconds."""
+
+    seconds: int
+    hits: int
+    hits_per_s: float
+    status_per_s: dict[str, float] = Field(default_factory=dict, description="by status code")
+    class_per_s: dict[str, float] = Field(default_factory=dict, description="2xx, 3xx, 4xx, 5xx")
+
+
+class UrlOnline(BaseModel):
+    url: str
+    online: int
+
+
+class ClientSeen(BaseModel):
+    client: str
+    last_seen: float
+
+
+class TrafficView(BaseModel):
+    """The live view of one instance's access log (built from lines with source "access")."""
+
+    instance: str
+    at: float = Field(description="the time the figures are for (unix seconds)")
+    lines: int = Field(description="access-log lines received since the server started")
+    hits: int = Field(description="lines parsed as requests")
+    bad_lines: int = Field(description="lines that were not Common/Combined Log Format")
+    online: int = Field(description="clients seen within online_window_s")
+    online_window_s: float
+    windows: list[RateView] = Field(default_factory=list)
+    top_urls: list[UrlOnline] = Field(default_factory=list)
+    url: str | None = None
+    url_online: int | None = None
+    clients: list[ClientSeen] = Field(default_factory=list,
+                                      description="url's clients, latest access first")

@@ -93,6 +93,8 @@ class WireSpec(BaseModel):
     cpus: float = 0.0
     memory_bytes: int = 0
     epoch: int = 0
+    #: extra log sources: name -> file to capture (inside ``rootfs`` when there is one).
+    tail: dict[str, str] = {}
 
 
 class Command(BaseModel):

@@ -14,7 +14,7 @@ import typer
 from corral.api.models import CreateInstance
 from corral.cli import render
 from corral.cli.app import JSON_HELP, app, client
-from corral.cli.parse import parse_cpus, parse_env, parse_memory, parse_signal
+from corral.cli.parse import parse_cpus, parse_env, parse_memory, parse_signal, parse_tail
 from corral.errors import InvalidRequest
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
@@ -37,6 +37,8 @@ def run(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable")
                    ] = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="create without starting")] = False,
+    tail: Annotated[list[str] | None, typer.Option(
+        "--tail", help="capture a file too: SOURCE=PATH (inside the rootfs), repeatable")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance and start it: corral run NAME OPTIONS -- CMD ARGS..."""
@@ -52,6 +54,7 @@ def run(
         host=host,
         rootfs=str(rootfs.expanduser().resolve()) if rootfs else None,
         env=parse_env(env or []),
+        tail=parse_tail(tail or []),
         start=not no_start,
     )
     with client() as c:

@@ -15,7 +15,15 @@ import typer
 from pydantic import ValidationError
 from typer.exceptions import TyperException
 
-from corral.cli import fleet_cmds, images, instances, top  # noqa: F401  (registers the commands)
+from corral.cli import (  # noqa: F401  (registers the commands)
+    events_cmd,
+    fleet_cmds,
+    images,
+    instances,
+    logs,
+    top,
+    traffic_cmd,
+)
 from corral.cli.app import app
 from corral.cli.render import err, report_error
 from corral.errors import CorralError, InvalidRequest

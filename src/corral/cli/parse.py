@@ -51,6 +51,21 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_tail(items: list[str]) -> dict[str, str]:
+    """``SOURCE=PATH`` pairs for ``--tail`` (the wire model checks names and paths)."""
+    out: dict[str, str] = {}
+    for item in items:
+        source, sep, path = item.partition("=")
+        if not sep or not source or not path:
+            raise InvalidRequest(f"bad --tail {item!r}: expected SOURCE=PATH",
+                                 hint="e.g. --tail access=/var/log/access.log")
+        if source in out:
+            raise InvalidRequest(f"--tail names source {source!r} twice",
+                                 hint="give each source one path")
+        out[source] = path
+    return out
+
+
 def parse_signal(text: str) -> int:
     """A signal by number ("9") or name ("KILL", "SIGKILL", "sigterm")."""
     raw = text.strip().upper()

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
@@ -77,7 +78,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 
 
 def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
-              db: str, routers: Sequence[Callable[[list[Any]], APIRouter]] = ()) -> FastAPI:
+              db: str, routers: Sequence[Callable[[list[Any]], APIRouter]] = (),
+              collectors: Sequence[Collector] = ()) -> FastAPI:
     """The API over ``fleet`` (reads) and ``service`` (writes). ``routers`` are factories that
     get the auth dependencies and return more routes (images, logs, events...), so each area
     keeps its routes in its own module."""
@@ -133,7 +135,7 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
 
     @app.get("/metrics", dependencies=auth, tags=["meta"], response_class=Response)
     async def metrics() -> Response:
-        return Response(prom.render(fleet), media_type=prom.CONTENT_TYPE)
+        return Response(prom.render(fleet, collectors), media_type=prom.CONTENT_TYPE)
 
     @app.get("/v1/status", dependencies=auth, tags=["fleet"])
     async def status() -> FleetStatus:

@@ -60,6 +60,8 @@ class Instance(Base):
     command: Mapped[list[str]] = mapped_column(JSON)
     rootfs: Mapped[str | None] = mapped_column(String(4096), nullable=True)
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    #: extra log sources to capture (migration 0002): name -> path
+    tail: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
     cpus: Mapped[float] = mapped_column(Float)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
     desired_state: Mapped[str] = mapped_column(String(16))

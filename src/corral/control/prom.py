@@ -7,7 +7,7 @@ removed simply stops appearing (no stale series to forget).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -79,7 +79,10 @@ class FleetCollector(Collector):
         yield from (up, cpu, rest, cores, rc, rm)
 
 
-def render(fleet: Fleet) -> bytes:
+def render(fleet: Fleet, extra: Sequence[Collector] = ()) -> bytes:
+    """The fleet's series plus those of ``extra`` collectors (live traffic, ...)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet))
+    for collector in extra:
+        registry.register(collector)
     return generate_latest(registry)

@@ -30,10 +30,12 @@ from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
 from corral.config import Settings, ensure_token
+from corral.control import logs_http
 from corral.control.agents import AgentCaller
 from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.fleet import Fleet
+from corral.control.live import Live
 from corral.control.service import InstanceService
 from corral.errors import CorralError
 from corral.images import http as image_http
@@ -89,6 +91,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[Any]] = []
         self.info_path = self.data_dir / "server.json"
         self._engine: Engine | None = None
+        self.live = Live(settings)
         self.images: ImageStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -113,6 +116,7 @@ class ControlPlane:
         self.nc = await connect(self.nats_url, self.token, "corral-server")
         fleet = self.fleet = Fleet(sessions, s)
         service = InstanceService(fleet, AgentCaller(self.nc), s)
+        await self.live.start(self.nc, fleet, service)  # events from the first join on
         await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))
         await self.nc.subscribe(subjects.HEARTBEAT_ALL,
                                 cb=self._handler(Heartbeat, self._on_heartbeat))
@@ -120,6 +124,8 @@ class ControlPlane:
                                 cb=self._handler(MetricsSample, self._on_metrics))
         await self.nc.flush()
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="leases"))
+        if self.nats is not None:
+            self._tasks.append(asyncio.create_task(self._nats_watch(), name="nats-watch"))
 
         sock = _listen(s.api_host, s.api_port)
         host, port = sock.getsockname()[:2]
@@ -128,8 +134,10 @@ class ControlPlane:
         self._loop = asyncio.get_running_loop()
         images = self.images = await asyncio.to_thread(ImageStore, self.data_dir / "images")
         routers = [lambda auth: image_http.router(images, auth, on_change=self._image_changed)]
+        routers.append(lambda auth: logs_http.router(lambda: self.nc, service.exists, auth))
+        routers.extend(self.live.routers(service))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
-                        routers=routers)
+                        routers=routers, collectors=self.live.collectors())
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _Uvicorn(config)
         self._tasks.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
@@ -202,6 +210,22 @@ class ControlPlane:
             except Exception:
                 log.exception("lease check failed; trying again")
 
+    async def _nats_watch(self) -> None:
+        """Start the embedded nats-server again if it died (kill -9, OOM): same port, same
+        JetStream directory, so every client's reconnect finds it and no stored message is lost.
+        Spawned from this (the main) thread, as at start, so it still dies with the server."""
+        while True:
+            await asyncio.sleep(0.5)
+            nats = self.nats
+            if nats is None or nats.running:
+                continue
+            log.warning("the embedded nats-server died; starting it again on port %d", nats.port)
+            nats.requested_port = nats.port
+            try:
+                nats.start()
+            except CorralError as exc:
+                log.error("could not restart nats-server: %s; trying again", exc)
+
     async def stop(self) -> None:
         """Stop everything that was started, in reverse order; safe to call twice."""
         with contextlib.suppress(FileNotFoundError):
@@ -217,6 +241,7 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        await self.live.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 5)

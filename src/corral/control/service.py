@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,10 +51,12 @@ class InstanceService:
     def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
         self.fleet = fleet
         self.agents = agents
+        #: told of every verb that fails (instance, verb, error), e.g. to publish an event
+        self.on_error: Callable[[str, str, CorralError], None] | None = None
         self.settings = settings
 
     @contextlib.contextmanager
-    def _busy(self, name: str) -> Iterator[None]:
+    def _busy(self, name: str, verb: str = "") -> Iterator[None]:
         if name in self.fleet.busy:
             raise Conflict(f"instance '{name}' is busy with another request",
                            hint="wait for that request to finish, then try again",
@@ -62,6 +64,10 @@ class InstanceService:
         self.fleet.busy.add(name)
         try:
             yield
+        except CorralError as exc:
+            if self.on_error is not None:
+                self.on_error(name, verb, exc)
+            raise
         finally:
             self.fleet.busy.discard(name)
 
@@ -75,6 +81,10 @@ class InstanceService:
     def get(self, name: str) -> Instance:
         with self.fleet.sessions() as s:
             return self._get(s, name)
+
+    def exists(self, name: str) -> bool:
+        with self.fleet.sessions() as s:
+            return s.get(Instance, name) is not None
 
     def list(self) -> list[Instance]:
         with self.fleet.sessions() as s:
@@ -103,7 +113,7 @@ class InstanceService:
     # --- create -----------------------------------------------------------------------------
 
     async def create(self, req: CreateInstance) -> Instance:
-        with self._busy(req.name):
+        with self._busy(req.name, "create"):
             now = self.fleet.clock()
             with self.fleet.sessions.begin() as s:
                 if s.get(Instance, req.name) is not None:
@@ -113,14 +123,14 @@ class InstanceService:
                                self.fleet.snapshot(s))
                 s.add(Instance(
                     name=req.name, host=target, driver=req.driver, command=list(req.command),
-                    rootfs=req.rootfs, env=dict(req.env), cpus=req.cpus,
+                    rootfs=req.rootfs, env=dict(req.env), tail=dict(req.tail), cpus=req.cpus,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,
                 ))
             spec = WireSpec(name=req.name, driver=req.driver, command=list(req.command),
                             rootfs=req.rootfs, env=dict(req.env), cpus=req.cpus,
-                            memory_bytes=req.memory_bytes, epoch=1)
+                            memory_bytes=req.memory_bytes, epoch=1, tail=dict(req.tail))
             log.info("creating %s on %s", req.name, target)
             try:
                 report = await self.agents.report(target, "create",
@@ -167,7 +177,7 @@ class InstanceService:
 
     async def act(self, name: str, verb: Verb, body: ActionRequest | None = None) -> Instance:
         body = body or ActionRequest()
-        with self._busy(name):
+        with self._busy(name, verb.value):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)
                 current = State(inst.state)
@@ -199,7 +209,7 @@ class InstanceService:
     # --- delete -----------------------------------------------------------------------------
 
     async def delete(self, name: str, force: bool = False) -> None:
-        with self._busy(name):
+        with self._busy(name, "delete"):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)
                 state = State(inst.state)

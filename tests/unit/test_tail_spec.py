@@ -1,0 +1,56 @@
+"""``tail`` sources on create: names and paths are checked at the edge (API model and CLI)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from corral.api.models import CreateInstance
+from corral.bus.messages import LogBatch, WireSpec
+from corral.cli.parse import parse_tail
+from corral.control.logs_http import lines_of
+from corral.errors import InvalidRequest
+
+
+def make(tail: dict[str, str]) -> CreateInstance:
+    return CreateInstance(name="web", command=["true"], tail=tail)
+
+
+def test_good_sources_pass_and_default_is_empty() -> None:
+    assert make({"access": "/var/log/access.log", "app_2-x": "/a"}).tail["access"].endswith(
+        "access.log")
+    assert CreateInstance(name="web", command=["true"]).tail == {}
+    assert WireSpec(name="web", driver="process", command=["true"]).tail == {}
+
+
+@pytest.mark.parametrize("source", ["stdout", "stderr", "Access", "1abc", "a.b", "", "a" * 33,
+                                    "has space"])
+def test_bad_source_names_are_refused(source: str) -> None:
+    with pytest.raises(ValidationError, match="tail source"):
+        make({source: "/var/log/x.log"})
+
+
+@pytest.mark.parametrize("path", ["relative/x.log", "", "/nul\0byte"])
+def test_paths_must_be_absolute(path: str) -> None:
+    with pytest.raises(ValidationError, match="must be absolute"):
+        make({"access": path})
+
+
+def test_parse_tail() -> None:
+    assert parse_tail(["access=/var/log/a.log", "err=/x=y"]) == {
+        "access": "/var/log/a.log", "err": "/x=y"}
+    for bad in (["access"], ["=/x"], ["access="]):
+        with pytest.raises(InvalidRequest, match="SOURCE=PATH"):
+            parse_tail(bad)
+    with pytest.raises(InvalidRequest, match="twice"):
+        parse_tail(["a=/x", "a=/y"])
+
+
+def test_ndjson_lines_are_numbered_and_filtered() -> None:
+    batch = LogBatch(host="h1", instance="web", source="stderr", first_seq=7,
+                     lines=["a", "b"], ts=1.5)
+    out = lines_of(batch, None)
+    assert [o.decode() for o in out] == [
+        '{"ts": 1.5, "host": "h1", "source": "stderr", "seq": 7, "line": "a"}\n',
+        '{"ts": 1.5, "host": "h1", "source": "stderr", "seq": 8, "line": "b"}\n']
+    assert lines_of(batch, "stdout") == []
