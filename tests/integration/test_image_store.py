@@ -142,3 +142,72 @@ def test_packstore_reopen_after_sweep(tmp_path: Path) -> None:
         assert ps.locate(ids[1]) is None
     with PackStore(tmp_path) as ps:
         assert ps.get(ids[0]) == b"a" * 5000 and len(ps) == 1
+
+
+def test_verify_names_the_images_a_flipped_byte_breaks(tmp_path: Path) -> None:
+    shared = os.urandom(600_000)
+    store = ImageStore(tmp_path / "store")
+    try:
+        store.import_tree("a", make_tree(tmp_path / "a", 1, shared))
+        store.import_tree("b", make_tree(tmp_path / "b", 2, shared))
+        assert store.verify() == []
+        # flip a byte in a chunk of the shared file: both images are broken by it
+        base = store.manifest("a")
+        entry = next(e for e in base.entries if e.path == "bin/base")
+        cid = bytes.fromhex(entry.extents[0][1][0])
+        loc = store.packs.locate(cid)
+        assert loc is not None
+        pack = store.packs.root / "packs" / f"pack-{loc.pack:08d}.dat"
+        raw = bytearray(pack.read_bytes())
+        raw[loc.offset + 3] ^= 0x01
+        pack.write_bytes(bytes(raw))
+        damage = store.verify()
+        assert [d["chunk"] for d in damage] == [cid.hex()]
+        assert damage[0]["images"] == ["a", "b"]
+    finally:
+        store.close()
+
+
+IMPORT_LOOP = """
+import sys
+from pathlib import Path
+from corral.images.store import ImageStore
+store = ImageStore(Path(sys.argv[1]))
+print("ready", flush=True)
+store.import_tree("big", Path(sys.argv[2]))
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.6])
+def test_kill_9_during_import_leaves_no_half_image(tmp_path: Path, delay: float) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(500_000))
+    store = ImageStore(tmp_path / "store")
+    store.import_tree("keep", make_tree(tmp_path / "k", 9, os.urandom(100_000)))
+    store.close()
+    proc = subprocess.Popen([sys.executable, "-c", IMPORT_LOOP, str(tmp_path / "store"),
+                             str(src)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    store = ImageStore(tmp_path / "store")
+    try:
+        names = store.names()
+        assert "keep" in names
+        if "big" in names:  # finished before the kill: then it is whole
+            out = tmp_path / "out"
+            store.materialize("big", out)
+            assert digest(out) == digest(src)
+        assert store.packs.verify() == []
+        store.gc(min_dead_ratio=0.0)  # the orphaned chunks of the killed import go
+        assert store.packs.verify() == []
+        out = tmp_path / "keep-out"
+        store.materialize("keep", out)
+    finally:
+        store.close()

@@ -99,3 +99,31 @@ def test_similar_files_share_chunks(tmp_path: Path, sample_tree: Path) -> None:
         before = len(store)
         snapshot(sample_tree, store)  # same tree again: nothing new stored
         assert len(store) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners and setuid bits need root to restore")
+def test_debian_root_round_trip(tmp_path: Path) -> None:
+    """This machine's own Debian files (/etc, /usr/sbin, dpkg's database, setuid tools) survive
+    store and restore exactly, as rsync's checksum comparison sees them."""
+    root = tmp_path / "debian"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "var" / "lib").mkdir(parents=True)
+    for src, dest in (("/etc", root / "etc"), ("/usr/sbin", root / "usr" / "sbin"),
+                      ("/var/lib/dpkg", root / "var" / "lib" / "dpkg")):
+        subprocess.run(["cp", "-a", src, str(dest)], check=True)
+    for tool in ("gpasswd", "newgrp", "chfn", "passwd", "su", "mount"):
+        if Path("/usr/bin", tool).exists():
+            subprocess.run(["cp", "-a", f"/usr/bin/{tool}", str(root / "usr" / "bin")],
+                           check=True)
+    os.link(root / "etc" / "hostname", root / "etc" / "hostname.hardlink")
+    os.setxattr(root / "etc" / "hostname", "user.origin", b"debian")
+    with PackStore(tmp_path / "store") as store:
+        manifest = snapshot(root, store)
+        out = tmp_path / "restored"
+        materialize(Manifest.from_json(manifest.to_json()), store, out)
+    diff = subprocess.run(
+        ["rsync", "-naicHAX", "--numeric-ids", f"{root}/", f"{out}/"],
+        capture_output=True, text=True, check=True,
+    )
+    assert diff.stdout.strip() == "", diff.stdout[:2000]
+    assert tree_digest(out) == tree_digest(root)

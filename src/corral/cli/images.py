@@ -94,6 +94,25 @@ def rm(names: Annotated[list[str], typer.Argument(help="image name(s)")]) -> Non
             render.out().print(f"{n}: removed")
 
 
+@image_app.command("verify")
+def verify(json_out: JsonOpt = False) -> None:
+    """Read back every stored chunk; list damage and the images it breaks (exit 11 if any)."""
+    with _http() as c:
+        resp = c.post("/v1/images/verify", timeout=httpx.Timeout(3600.0, connect=10.0))
+        _check(resp)
+        damaged = resp.json()["damaged"]
+    if json_out:
+        render.print_json(damaged)
+    elif not damaged:
+        render.out().print("every chunk reads back intact")
+    else:
+        for d in damaged:
+            render.err().print(f"pack {d['pack']} offset {d['offset']}: chunk {d['chunk'][:16]}"
+                               f"… {d['reason']}; breaks: {', '.join(d['images']) or 'no image'}")
+    if damaged:
+        raise typer.Exit(11)
+
+
 @image_app.command("gc")
 def gc(json_out: JsonOpt = False) -> None:
     """Free the chunks no image uses any more."""

@@ -79,6 +79,11 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = (),
             on_change(name)
         return Response(status_code=204)
 
+    @r.post("/v1/images/verify")
+    def verify() -> dict[str, object]:
+        """Read every chunk back; list damaged ones with the images they break."""
+        return {"damaged": store.verify()}
+
     @r.post("/v1/images/gc")
     def gc() -> dict[str, object]:
         res = store.gc()

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
 from corral.images.packstore import PackStore, SweepResult
 from corral.images.tree import Manifest, materialize, snapshot
 
@@ -128,6 +128,26 @@ class ImageStore:
                 stored_size=sum(sizes.values()),
             ))
         return out
+
+    def verify(self) -> list[dict[str, object]]:
+        """Read back every chunk; for each damaged one, the images it breaks (never raises for
+        damage: the point is to list all of it)."""
+        damage = self.packs.verify()
+        if not damage:
+            return []
+        users: dict[str, list[str]] = {}
+        for name in self.names():
+            ref = self.packs.get_ref(PREFIX + name)
+            if ref is not None:
+                users.setdefault(ref.hex(), []).append(name)
+            try:
+                manifest = self.manifest(name)
+            except CorralError:
+                continue  # its manifest is itself damaged: listed through its ref above
+            for cid in manifest.chunk_ids():
+                users.setdefault(cid, []).append(name)
+        return [{"pack": d.pack, "offset": d.offset, "chunk": d.chunk, "reason": d.reason,
+                 "images": sorted(set(users.get(d.chunk, [])))} for d in damage]
 
     def gc(self, min_dead_ratio: float = 0.25) -> SweepResult:
         """Mark from every ref, sweep the rest; writes may go on meanwhile (they are pinned)."""
