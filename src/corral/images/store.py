@@ -7,6 +7,7 @@ so the whole store is one content-addressed space and a copy of it is a copy of 
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import shutil
 import subprocess
@@ -129,7 +130,7 @@ class ImageStore:
             ))
         return out
 
-    def verify(self) -> list[dict[str, object]]:
+    def verify(self) -> builtins.list[dict[str, object]]:
         """Read back every chunk; for each damaged one, the images it breaks (never raises for
         damage: the point is to list all of it)."""
         damage = self.packs.verify()
