@@ -65,6 +65,8 @@ class Settings:
                                 1_000_000)
     traffic_online_seconds: float = _doc("server: a client counts as online this long after "
                                          "its last request (live traffic view)", 1800.0)
+    hooks_dir: str = _doc("server: directory of operation hooks (pre-<op>, post-<op>, "
+                          "<op>-failed); empty means DATA/hooks", "")
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from corral.bus.embedded import free_port
 from corral.config import Settings
 from corral.control.db import MIGRATIONS, Base, open_db
+from corral.ops.store import operations
 
 pytestmark = pytest.mark.postgres
 
@@ -113,6 +115,15 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError("postgres did not accept connections in 60s")
 
 
+def _schema() -> sa.MetaData:
+    """What the migrations must build: the ORM's tables and the operation store's table."""
+    meta = sa.MetaData()
+    for table in Base.metadata.tables.values():
+        table.to_metadata(meta)
+    operations.to_metadata(meta)
+    return meta
+
+
 def _head() -> str:
     """The newest revision in control/migrations/versions (there must be exactly one)."""
     from alembic.config import Config
@@ -134,7 +145,7 @@ def test_migrations_match_the_models_and_are_idempotent(
         engine, _sessions = open_db(settings)
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert compare_metadata(ctx, Base.metadata) == []
+            assert compare_metadata(ctx, _schema()) == []
             assert ctx.get_current_revision() == _head()
         engine.dispose()
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import signal as signals
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from corral.agent import rootfs
+from corral.agent import imagecache, rootfs
 from corral.agent.report import apply_status, to_report
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord, check_name
@@ -72,9 +73,12 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
         _check_epoch(st, name, spec.epoch)
         workdir = st.store.dir_for(name)
         workdir.mkdir(parents=True, exist_ok=True)
+        extra: dict[str, Any] = {}
         try:
             root = spec.rootfs
-            if root is None and drv.capabilities.needs_rootfs:
+            if spec.image is not None:
+                root, extra["image"] = await _image_root(st, spec, workdir)
+            elif root is None and drv.capabilities.needs_rootfs:
                 root = str(await st.call(rootfs.instance_rootfs, st.data_dir, workdir))
             dspec = Spec(name=name, command=list(spec.command), workdir=str(workdir),
                          rootfs=root, env=dict(spec.env), cpus=spec.cpus,
@@ -83,10 +87,24 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
         except BaseException:
             await st.call(st.store.remove, name)  # no record was written: leave nothing behind
             raise
-        rec = InstanceRecord(spec=spec, handle=handle, epoch=spec.epoch, state="created")
+        rec = InstanceRecord(spec=spec, handle=handle, epoch=spec.epoch, state="created",
+                             extra=extra)
         st.save(rec)
         st.records[name] = rec
         return to_report(rec).model_dump()
+
+
+async def _image_root(st: AgentState, spec: WireSpec, workdir: Path) -> tuple[str, Any]:
+    """Materialise ``spec.image`` at ``<workdir>/rootfs`` from this host's chunk cache."""
+    if spec.rootfs is not None:
+        raise InvalidRequest("a spec gives either an image or a rootfs, not both")
+    if st.images is None:
+        raise InvalidRequest("this agent has no image cache", hint="this is an agent bug")
+    image = spec.image or ""
+    dest = workdir / "rootfs"
+    info = await asyncio.to_thread(st.images.materialize, image, dest,
+                                   workdir / imagecache.CHUNKS_FILE)
+    return str(dest), info
 
 
 async def start(st: AgentState, args: dict[str, Any]) -> Any:
@@ -169,6 +187,8 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         await st.call(st.driver(rec.driver).delete, rec.handle)
         await st.call(st.store.remove, name)
         del st.records[name]
+        if rec.spec.image is not None and st.images is not None:
+            await st.images.released(rec.spec.image)
         return None
 
 

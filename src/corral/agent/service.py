@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 import corral
 from corral.agent.capture import CaptureManager
 from corral.agent.handlers import HANDLERS
+from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
 from corral.agent.state import AgentState
@@ -108,6 +109,8 @@ class Agent:
         self._inflight: set[asyncio.Task[None]] = set()
         self.capture = CaptureManager(self.state, self.host)
         self.state.before_delete.append(self.capture.before_delete)
+        self.images = ImageCache(self.data_dir, self.state.store.root, settings.token)
+        self.state.images = self.images
 
     # --- bus -----------------------------------------------------------------------------------
     async def connect(self, stop: asyncio.Event) -> None:
@@ -152,6 +155,7 @@ class Agent:
             else:
                 self.heartbeat_s = reply.heartbeat_seconds
                 self.sample_s = reply.sample_seconds
+                self.images.api_url = reply.api_url or self.images.api_url
                 log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
                          reply.heartbeat_seconds, reply.lease_seconds)
                 return
@@ -165,7 +169,9 @@ class Agent:
         try:
             msg = await self.nc.request(subjects.heartbeat(self.host), encode(hb),
                                         timeout=max(1.0, self.heartbeat_s))
-            return unwrap(msg.data, HeartbeatReply)
+            reply = unwrap(msg.data, HeartbeatReply)
+            self.images.api_url = reply.api_url or self.images.api_url
+            return reply
         except Exception as exc:
             log.warning("heartbeat %d not acknowledged: %s", self.seq, exc or "timeout")
             return None
@@ -236,10 +242,12 @@ class Agent:
         if self.nc is None:
             return
         await self.nc.subscribe(subjects.command(self.host), cb=self.on_command)
+        await self.nc.subscribe(subjects.INVALIDATE, cb=self.images.on_invalidate)
         await self.join(stop)
         loops = [asyncio.create_task(self.heartbeat_loop(stop)),
                  asyncio.create_task(self.sample_loop(stop)),
-                 asyncio.create_task(self.capture.run(self.nc, stop))]
+                 asyncio.create_task(self.capture.run(self.nc, stop)),
+                 asyncio.create_task(self.images.sweep_loop(stop))]
         await stop.wait()
         for t in [*loops, *self._inflight]:
             t.cancel()
@@ -248,6 +256,7 @@ class Agent:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except Exception as exc:
             log.debug("drain: %s", exc)
+        self.images.close()
         log.info("agent %s stopped; instances left running", self.host)
 
 

@@ -11,13 +11,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from corral.agent.report import apply_status, to_report
 from corral.agent.store import InstanceRecord, Store
 from corral.bus.messages import InstanceReport
 from corral.drivers.base import Driver
 from corral.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from corral.agent.imagecache import ImageCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +41,8 @@ class AgentState:
         #: awaited with the name (under its lock) before an instance's files are removed,
         #: e.g. log capture's last pump.
         self.before_delete: list[Callable[[str], Awaitable[None]]] = []
+        #: the chunk cache for image-based roots (set by the agent; None in bare tests)
+        self.images: ImageCache | None = None
 
     def lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -21,6 +21,8 @@ from corral.api.models import (
     FleetStatus,
     HostView,
     InstanceView,
+    OperationView,
+    RecreateRequest,
     TrafficView,
 )
 
@@ -30,6 +32,7 @@ UNREACHABLE_HINT = "is the fleet up? run 'corral up' or set CORRAL_URL"
 
 _HOSTS = TypeAdapter(list[HostView])
 _INSTANCES = TypeAdapter(list[InstanceView])
+_OPS = TypeAdapter(list[OperationView])
 
 
 class Client:
@@ -155,6 +158,21 @@ class Client:
         params = {"limit": str(limit), **({"url": url} if url is not None else {})}
         raw = self._json("GET", f"/v1/instances/{name}/traffic", params=params)
         return TrafficView.model_validate(raw)
+
+    def ops(self, target: str | None = None, limit: int = 50) -> list[OperationView]:
+        """Operations, newest first (only ``target``'s when given)."""
+        params = {"limit": str(limit), **({"target": target} if target else {})}
+        return _OPS.validate_python(self._json("GET", "/v1/ops", params=params))
+
+    def op(self, op_id: str) -> OperationView:
+        return OperationView.model_validate(self._json("GET", f"/v1/ops/{op_id}"))
+
+    def recreate(self, name: str, to: str | None = None) -> OperationView:
+        """Start ``recreate`` on ``name``; returns the operation as first recorded (follow it
+        with :meth:`op`)."""
+        body = RecreateRequest(to=to).model_dump(mode="json")
+        raw = self._json("POST", f"/v1/instances/{name}/recreate", json=body)
+        return OperationView.model_validate(raw)
 
     def health(self) -> bool:
         """True when the server answers its unauthenticated health route."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 #: names of extra log sources (``tail``); stdout and stderr are always captured.
@@ -25,6 +25,9 @@ class CreateInstance(BaseModel):
     driver: str = Field(default="process", pattern=r"^[a-z][a-z0-9_-]*$")
     host: str | None = Field(default=None, description="pin to this host")
     rootfs: str | None = Field(default=None, description="root filesystem path on the host")
+    image: str | None = Field(
+        default=None, min_length=1, max_length=255,
+        description="image of the server's store to materialise as the root (not with rootfs)")
     env: dict[str, str] = Field(default_factory=dict)
     start: bool = Field(default=True, description="start right after creating")
     tail: dict[str, str] = Field(
@@ -52,6 +55,12 @@ class CreateInstance(BaseModel):
             raise ValueError("the program (first word of command) is empty")
         return v
 
+    @model_validator(mode="after")
+    def _one_root(self) -> CreateInstance:
+        if self.image is not None and self.rootfs is not None:
+            raise ValueError("give either an image or a rootfs, not both (--image or --from)")
+        return self
+
 
 class ActionRequest(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=3600, description="stop: grace seconds")
@@ -73,6 +82,7 @@ class InstanceView(BaseModel):
     cpus: float
     memory_bytes: int
     rootfs: str | None = None
+    image: str | None = None
     tail: dict[str, str] = Field(default_factory=dict, description="captured files by source")
     desired_state: str
     state: str
@@ -183,3 +193,42 @@ class TrafficView(BaseModel):
     url_online: int | None = None
     clients: list[ClientSeen] = Field(default_factory=list,
                                       description="url's clients, latest access first")
+
+
+# --- operations (issues 3 and 5) -----------------------------------------------------------------
+
+
+class StepView(BaseModel):
+    """One step of an operation: pending, running, done, failed, undoing, undone, undo_failed."""
+
+    name: str
+    state: str
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: str = ""
+
+
+class OperationView(BaseModel):
+    """A durable multi-step action and how far it got (``GET /v1/ops/{id}``).
+
+    ``state`` is running, rolling_back, succeeded, rolled_back or needs_attention; ``hooks``
+    lists the hooks that ran, with their exit codes and (bounded) output."""
+
+    id: str
+    kind: str
+    target: str
+    state: str
+    finished: bool
+    params: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    hooks: list[dict[str, Any]] = Field(default_factory=list)
+    steps: list[StepView] = Field(default_factory=list)
+    created_at: float
+    updated_at: float
+
+
+class RecreateRequest(BaseModel):
+    """``POST /v1/instances/{name}/recreate``: where to create it again (default: same host)."""
+
+    to: str | None = Field(default=None, description="target host; empty means its own host")

@@ -43,6 +43,8 @@ class JoinReply(BaseModel):
     lease_seconds: float
     heartbeat_seconds: float
     sample_seconds: float
+    #: the server's HTTP API (image chunks); "" when the server answered before it listened.
+    api_url: str = ""
 
 
 class Heartbeat(BaseModel):
@@ -56,6 +58,8 @@ class HeartbeatReply(BaseModel):
     #: False when the server does not know this host (e.g. its DB was reset): the agent re-joins.
     known: bool
     lease_expires_at: float = 0.0
+    #: the server's HTTP API, so an agent that joined before it was known still learns it.
+    api_url: str = ""
 
 
 class InstanceSample(BaseModel):
@@ -89,6 +93,8 @@ class WireSpec(BaseModel):
     driver: str
     command: list[str]
     rootfs: str | None = None
+    #: image in the server's store to materialise as the root (exclusive with ``rootfs``).
+    image: str | None = None
     env: dict[str, str] = {}
     cpus: float = 0.0
     memory_bytes: int = 0

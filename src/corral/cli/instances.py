@@ -29,11 +29,14 @@ def run(
     memory: Annotated[str, typer.Option(help="memory reservation: 64M, 1G, 512Ki...")] = "64M",
     host: Annotated[str | None, typer.Option(help="pin to this host")] = None,
     driver: Annotated[
-        str | None, typer.Option(help="process or runc (default: runc with --from, else process)")
+        str | None,
+        typer.Option(help="process or runc (default: runc with --from or --image, else process)"),
     ] = None,
     rootfs: Annotated[
         Path | None, typer.Option("--from", help="root filesystem directory (on the host)")
     ] = None,
+    image: Annotated[str | None, typer.Option(
+        "--image", help="image to run from (see 'corral image ls'); not with --from")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable")
                    ] = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="create without starting")] = False,
@@ -50,9 +53,10 @@ def run(
         command=command,
         cpus=parse_cpus(cpus),
         memory_bytes=parse_memory(memory),
-        driver=driver or ("runc" if rootfs else "process"),
+        driver=driver or ("runc" if rootfs or image else "process"),
         host=host,
         rootfs=str(rootfs.expanduser().resolve()) if rootfs else None,
+        image=image,
         env=parse_env(env or []),
         tail=parse_tail(tail or []),
         start=not no_start,

@@ -21,6 +21,7 @@ from corral.cli import (  # noqa: F401  (registers the commands)
     images,
     instances,
     logs,
+    ops_cmd,
     top,
     traffic_cmd,
 )

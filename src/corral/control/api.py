@@ -164,6 +164,10 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
     async def instance(name: str) -> InstanceView:
         return views.instance_view(fleet, service.get(name))
 
+    # before the catch-all verb route, so a router's POST /v1/instances/{name}/<word> wins
+    for make in routers:
+        app.include_router(make(auth))
+
     @app.post("/v1/instances/{name}/{verb}", dependencies=auth, tags=["instances"])
     async def act(name: str, verb: VerbName, body: ActionRequest | None = None) -> InstanceView:
         return views.instance_view(fleet, await service.act(name, Verb(verb), body))
@@ -173,6 +177,4 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
         await service.delete(name, force=force)
         return Response(status_code=204)
 
-    for make in routers:
-        app.include_router(make(auth))
     return app

@@ -59,6 +59,8 @@ class Instance(Base):
     driver: Mapped[str] = mapped_column(String(32))
     command: Mapped[list[str]] = mapped_column(JSON)
     rootfs: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    #: image of the server's store the root is materialised from (migration 0004)
+    image: Mapped[str | None] = mapped_column(String(255), nullable=True)
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     #: extra log sources to capture (migration 0002): name -> path
     tail: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")

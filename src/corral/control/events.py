@@ -47,7 +47,7 @@ TYPES: dict[str, str] = {
     "host.up": "a host came back (re-joined or heartbeat after being down)",
     "host.down": "a host lost its lease",
     "operation.changed": "an operation started, finished a step, or ended (data: id, kind, "
-                         "state, step, error)",
+                         "state, step (the one in flight, else the last moved), step_state, error)",
 }
 
 MAX_QUEUE = 100_000
@@ -176,9 +176,14 @@ class EventPublisher:
 
     def on_op_change(self, rec: Any) -> None:
         """An :class:`corral.ops.engine.OpEngine` ``on_change`` callback."""
-        step = rec.steps[-1].name if getattr(rec, "steps", None) else None
+        steps = list(getattr(rec, "steps", None) or [])
+        busy = [s for s in steps if str(s.state) in ("running", "undoing", "failed",
+                                                     "undo_failed")]
+        moved = [s for s in steps if str(s.state) != "pending"]
+        current = busy[0] if busy else (moved[-1] if moved else None)
         self.emit("operation.changed", instance=rec.target, id=rec.id, kind=rec.kind,
-                  state=str(rec.state), step=step, error=rec.error)
+                  state=str(rec.state), step=current.name if current else None,
+                  step_state=str(current.state) if current else None, error=rec.error)
 
     def verb_error(self, instance: str, verb: str, exc: CorralError) -> None:
         """An :class:`InstanceService` ``on_error`` callback."""

@@ -30,12 +30,13 @@ from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
 from corral.config import Settings, ensure_token
-from corral.control import logs_http
+from corral.control import logs_http, ops_api
 from corral.control.agents import AgentCaller
 from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.fleet import Fleet
 from corral.control.live import Live
+from corral.control.operations import Operations
 from corral.control.service import InstanceService
 from corral.errors import CorralError
 from corral.images import http as image_http
@@ -92,6 +93,8 @@ class ControlPlane:
         self.info_path = self.data_dir / "server.json"
         self._engine: Engine | None = None
         self.live = Live(settings)
+        #: the operation engine (recreate now; migrations, standbys, shelving later)
+        self.ops: Operations | None = None
         self.images: ImageStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -117,12 +120,15 @@ class ControlPlane:
         fleet = self.fleet = Fleet(sessions, s)
         service = InstanceService(fleet, AgentCaller(self.nc), s)
         await self.live.start(self.nc, fleet, service)  # events from the first join on
+        ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed)
+        bus_ready_at = fleet.clock()
         await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))
         await self.nc.subscribe(subjects.HEARTBEAT_ALL,
                                 cb=self._handler(Heartbeat, self._on_heartbeat))
         await self.nc.subscribe(subjects.METRICS_ALL,
                                 cb=self._handler(MetricsSample, self._on_metrics))
         await self.nc.flush()
+        ops.start(bus_ready_at)  # resumes unfinished operations once the agents heartbeat
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="leases"))
         if self.nats is not None:
             self._tasks.append(asyncio.create_task(self._nats_watch(), name="nats-watch"))
@@ -133,9 +139,11 @@ class ControlPlane:
         self.api_url = f"http://{shown}:{port}"
         self._loop = asyncio.get_running_loop()
         images = self.images = await asyncio.to_thread(ImageStore, self.data_dir / "images")
+        service.image_exists = lambda name: images.packs.get_ref("image:" + name) is not None
         routers = [lambda auth: image_http.router(images, auth, on_change=self._image_changed)]
         routers.append(lambda auth: logs_http.router(lambda: self.nc, service.exists, auth))
         routers.extend(self.live.routers(service))
+        routers.append(lambda auth: ops_api.router(ops, service, auth))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
                         routers=routers, collectors=self.live.collectors())
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -156,6 +164,11 @@ class ControlPlane:
         })
         log.info("corral server ready: api %s, nats %s, db %s", self.api_url, self.nats_url,
                  safe_url(url))
+
+    def _op_changed(self, rec: Any) -> None:
+        """Operation progress goes out as ``operation.changed`` events."""
+        if self.live.publisher is not None:
+            self.live.publisher.on_op_change(rec)
 
     def _image_changed(self, name: str) -> None:
         """An image was removed or replaced: tell every agent (called from a worker thread)."""
@@ -186,12 +199,14 @@ class ControlPlane:
     async def _on_join(self, req: JoinRequest, msg: Msg) -> None:
         assert self.fleet is not None
         reply = self.fleet.join(req)
+        reply.api_url = self.api_url  # read now: "" until the HTTP socket is bound
         if msg.reply:
             await msg.respond(codec.encode(reply))
 
     async def _on_heartbeat(self, hb: Heartbeat, msg: Msg) -> None:
         assert self.fleet is not None
         reply = self.fleet.heartbeat(subjects.host_from_subject(msg.subject), hb)
+        reply.api_url = self.api_url  # agents that joined before the API listened learn it
         if msg.reply:
             await msg.respond(codec.encode(reply))
 
@@ -241,6 +256,9 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
         await self.live.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):

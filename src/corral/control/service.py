@@ -54,6 +54,9 @@ class InstanceService:
         #: told of every verb that fails (instance, verb, error), e.g. to publish an event
         self.on_error: Callable[[str, str, CorralError], None] | None = None
         self.settings = settings
+        #: whether the image store holds an image of that name (set by the server once its
+        #: store is open); None = no store, so an image-based create is refused.
+        self.image_exists: Callable[[str], bool] | None = None
 
     @contextlib.contextmanager
     def _busy(self, name: str, verb: str = "") -> Iterator[None]:
@@ -119,17 +122,21 @@ class InstanceService:
                 if s.get(Instance, req.name) is not None:
                     raise Conflict(f"an instance named '{req.name}' already exists",
                                    hint="pick another name, or remove it first ('corral rm')")
+                if req.image is not None:
+                    self._check_image(req.image)
                 target = place(Request(req.cpus, req.memory_bytes, req.driver, host=req.host),
                                self.fleet.snapshot(s))
                 s.add(Instance(
                     name=req.name, host=target, driver=req.driver, command=list(req.command),
-                    rootfs=req.rootfs, env=dict(req.env), tail=dict(req.tail), cpus=req.cpus,
+                    rootfs=req.rootfs, image=req.image, env=dict(req.env), tail=dict(req.tail),
+                    cpus=req.cpus,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,
                 ))
             spec = WireSpec(name=req.name, driver=req.driver, command=list(req.command),
-                            rootfs=req.rootfs, env=dict(req.env), cpus=req.cpus,
+                            rootfs=req.rootfs, image=req.image, env=dict(req.env),
+                            cpus=req.cpus,
                             memory_bytes=req.memory_bytes, epoch=1, tail=dict(req.tail))
             log.info("creating %s on %s", req.name, target)
             try:
@@ -149,6 +156,12 @@ class InstanceService:
             if req.start:
                 await self._start(req.name, target, after_create=True)
         return self.get(req.name)
+
+    def _check_image(self, image: str) -> None:
+        """Refuse before placing: an agent could only fail later, and less clearly."""
+        if self.image_exists is None or not self.image_exists(image):
+            raise NotFound(f"no image named '{image}'",
+                           hint="see 'corral image ls', or 'corral image import NAME PATH'")
 
     def _forget(self, name: str) -> None:
         with self.fleet.sessions.begin() as s:

@@ -34,6 +34,7 @@ def instance_view(fleet: Fleet, inst: Instance) -> InstanceView:
     return InstanceView(
         name=inst.name, host=inst.host, driver=inst.driver, command=list(inst.command),
         cpus=inst.cpus, memory_bytes=inst.memory_bytes, rootfs=inst.rootfs,
+        image=inst.image,
         tail=dict(inst.tail or {}),
         desired_state=inst.desired_state, state=inst.state, pid=inst.pid,
         exit_code=inst.exit_code, epoch=inst.epoch, created_at=inst.created_at,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.api.client import Client
+from corral.bus.embedded import free_port
 from corral.errors import Conflict, CorralError
 from corral.lifecycle import ALIVE
 from corral.rig import netns, procs
@@ -163,9 +164,12 @@ def _start_server(
     ready_file = sdir / "server.json"
     ready_file.unlink(missing_ok=True)
     nats_host = net.gateway if net else "127.0.0.1"
+    # fixed ports (picked free now, not 0): the recorded command then restarts the server on
+    # the addresses the agents and the context already know
     argv = procs.corral_argv(
-        "server", "--data", str(sdir), "--api-host", "127.0.0.1", "--api-port", "0",
-        "--nats-host", nats_host,
+        "server", "--data", str(sdir), "--api-host", nats_host,
+        "--api-port", str(free_port(nats_host)),
+        "--nats-host", nats_host, "--nats-port", str(free_port(nats_host)),
     )
     say("starting the server and its NATS")
     server = procs.spawn("server", argv, sdir / "server.log", env=env)

@@ -1,0 +1,133 @@
+"""``corral ops ls/show`` (the operation engine's records) and ``corral recreate``.
+
+``corral recreate`` starts the operation, then follows it with ``GET /v1/ops/{id}`` until it is
+finished, printing each step's state and time; it exits non-zero (12) unless the operation
+succeeded, with the operation's error and its id for ``corral ops show``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from corral.api.models import OperationView
+from corral.api.timespec import iso
+from corral.cli.app import JSON_HELP, app, client
+from corral.cli.render import err, out, print_json
+from corral.errors import CorralError
+
+ops_app = typer.Typer(help="Operations: durable multi-step actions and their steps.",
+                      no_args_is_help=True)
+app.add_typer(ops_app, name="ops")
+
+
+class OperationNotSucceeded(CorralError):
+    """The operation finished, but not as asked (rolled back or needing attention)."""
+
+    code = "operation_failed"
+    http_status = 409
+    exit_code = 12
+
+
+def _took(start: float | None, end: float | None) -> str:
+    if start is None:
+        return "-"
+    return f"{(end or time.time()) - start:.2f}s"
+
+
+def ops_table(items: Sequence[OperationView]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for col in ("ID", "KIND", "TARGET", "STATE", "STEP", "CREATED", "ERROR"):
+        t.add_column(col)
+    for o in items:
+        step = next((s.name for s in o.steps if s.state not in ("pending", "done", "undone")),
+                    "-")
+        error = (o.error or {}).get("message", "") if o.error else ""
+        t.add_row(o.id, o.kind, o.target, o.state, step, iso(o.created_at),
+                  error if len(error) <= 60 else error[:59] + "…")
+    return t
+
+
+def steps_table(o: OperationView) -> Table:
+    t = Table(box=None, pad_edge=False, title=f"{o.kind} {o.target} ({o.id}): {o.state}",
+              title_justify="left")
+    for col in ("STEP", "STATE", "TOOK", "ERROR"):
+        t.add_column(col)
+    for s in o.steps:
+        t.add_row(s.name, s.state, _took(s.started_at, s.ended_at), s.error)
+    return t
+
+
+def show_op(o: OperationView) -> None:
+    console = out()
+    console.print(steps_table(o))
+    if o.error:
+        console.print(f"error: {o.error.get('message', '')}"
+                      + (f" (step {o.error['step']})" if o.error.get("step") else ""))
+    for h in o.hooks:
+        console.print(f"hook {h.get('name')}: exit {h.get('exit_code')}"
+                      + (" (timed out)" if h.get("timed_out") else ""))
+
+
+@ops_app.command("ls")
+def ops_ls(
+    target: Annotated[str | None, typer.Option("--target", help="only this instance's")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
+    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Operations, newest first."""
+    with client() as c:
+        items = c.ops(target=target, limit=limit)
+    if json_out:
+        print_json(items)
+    else:
+        out().print(ops_table(items))
+
+
+@ops_app.command("show")
+def ops_show(
+    op_id: Annotated[str, typer.Argument(metavar="ID")],
+    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """One operation: its steps with states and timings, its error and the hooks that ran."""
+    with client() as c:
+        o = c.op(op_id)
+    if json_out:
+        print_json(o)
+    else:
+        show_op(o)
+
+
+@app.command()
+def recreate(
+    name: str,
+    to: Annotated[str | None, typer.Option("--to", help="create it on this host instead")
+                  ] = None,
+    wait: Annotated[float, typer.Option(help="seconds to follow the operation")] = 600.0,
+    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Stop, delete and create an instance again (on its host or --to another), starting it
+    again if it was running; any failure puts it back where it was."""
+    with client() as c:
+        o = c.recreate(name, to)
+        deadline = time.monotonic() + wait
+        while not o.finished and time.monotonic() < deadline:
+            time.sleep(0.3)
+            o = c.op(o.id)
+    if json_out:
+        print_json(o)
+    else:
+        show_op(o)
+    if not o.finished:
+        raise CorralError(f"operation {o.id} is still {o.state} after {wait:g}s",
+                          hint=f"follow it with 'corral ops show {o.id}'", retryable=True)
+    if o.state != "succeeded":
+        message = (o.error or {}).get("message", "no error recorded")
+        if json_out:
+            err().print(f"operation {o.id} {o.state}")
+        raise OperationNotSucceeded(f"recreate of '{name}' {o.state}: {message}",
+                                    hint=f"see 'corral ops show {o.id}'")
