@@ -10,14 +10,17 @@ slower, never wrong.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.disks.dirty import DirtyTracker
-from corral.disks.rsync import Endpoint, PassResult, PreparedPass, run_pass
+from corral.disks.rsync import Endpoint, PassResult, PreparedPass, TransferFailed, run_pass
 from corral.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,13 @@ class DirBackend:
         tracker = self.track(name)
         tracker.take()  # what changes from now on goes in the frozen pass
         live = await run_pass(src, ep)
-        prepared = await PreparedPass.start(src, ep)
+        prepared: PreparedPass | None
+        try:
+            prepared = await PreparedPass.start(src, ep)
+        except TransferFailed as exc:  # correctness does not need it, only a short freeze does
+            log.warning("refresh of %s: could not prepare the frozen pass (%s); it will "
+                        "connect while frozen", name, exc)
+            prepared = None
         frozen_at = time.monotonic()
         try:
             await freeze()
@@ -87,12 +96,16 @@ class DirBackend:
             dirty = tracker.take()
             took = time.monotonic()
             if dirty.overflowed:
-                await prepared.abort()
+                if prepared is not None:
+                    await prepared.abort()
                 frozen = await run_pass(src, ep)
+            elif prepared is None:
+                frozen = await run_pass(src, ep, dirty.paths)
             else:
                 frozen = await prepared.finish(dirty.paths)
         except BaseException:
-            await prepared.abort()
+            if prepared is not None:
+                await prepared.abort()
             raise
         finally:
             freeze_s = time.monotonic() - frozen_at

@@ -97,9 +97,14 @@ class PreparedPass:
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if proc.returncode is not None or time.monotonic() > deadline:
+                why = ("rsync exited" if proc.returncode is not None
+                       else f"the remote shell did not connect within {timeout:.0f}s")
                 await prepared.abort()
                 _, err = await proc.communicate()
-                _check(proc.returncode if proc.returncode else 255, err, ep)
+                raise TransferFailed(
+                    f"preparing a pass to {ep.host}:{ep.path} failed: {why}: "
+                    f"{err.decode(errors='replace').strip()[-600:]}",
+                    hint="check the target agent's data port and log")
             await asyncio.sleep(0.005)
         return prepared
 
