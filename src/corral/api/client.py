@@ -110,19 +110,8 @@ class Client:
             params["follow"] = "true"
         if source is not None:
             params["source"] = source
-        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
-        try:
-            with self._http.stream("GET", f"/v1/instances/{name}/logs", params=params,
-                                   timeout=timeout) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise error_from_response(resp)
-                for line in resp.iter_lines():
-                    if line.strip():
-                        yield json.loads(line)
-        except httpx.TransportError as exc:
-            raise errors.CorralError(f"reading logs from {self.base_url} failed: {exc}",
-                                     hint=UNREACHABLE_HINT, retryable=True) from exc
+        for line in self._ndjson(f"/v1/instances/{name}/logs", params, follow, "logs"):
+            yield json.loads(line)
 
     def metrics_text(self) -> str:
         return self._request("GET", "/metrics").text
@@ -139,19 +128,8 @@ class Client:
                 params.append((key, str(value)))
         if follow:
             params.append(("follow", "true"))
-        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
-        try:
-            with self._http.stream("GET", "/v1/events", params=params,
-                                   timeout=timeout) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise error_from_response(resp)
-                for line in resp.iter_lines():
-                    if line.strip():
-                        yield Event.model_validate_json(line)
-        except httpx.TransportError as exc:
-            raise errors.CorralError(f"reading events from {self.base_url} failed: {exc}",
-                                     hint=UNREACHABLE_HINT, retryable=True) from exc
+        for line in self._ndjson("/v1/events", params, follow, "events"):
+            yield Event.model_validate_json(line)
 
     def traffic(self, name: str, url: str | None = None, limit: int = 30) -> TrafficView:
         """The live traffic view of one instance (and ``url``'s latest clients)."""
@@ -182,6 +160,21 @@ class Client:
             return False
 
     # -- plumbing --------------------------------------------------------------------------
+
+    def _ndjson(self, path: str, params: Any, follow: bool, what: str) -> Iterator[str]:
+        """Lines of a streamed NDJSON answer; ``follow`` waits for more without a read timeout."""
+        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
+        try:
+            with self._http.stream("GET", path, params=params, timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise error_from_response(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield line
+        except httpx.TransportError as exc:
+            raise errors.CorralError(f"reading {what} from {self.base_url} failed: {exc}",
+                                     hint=UNREACHABLE_HINT, retryable=True) from exc
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._request(method, path, **kw).json()
