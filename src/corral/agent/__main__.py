@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level.lower() != "debug":  # one line per chunk request is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         serve(settings)
     except CorralError as exc:

@@ -42,6 +42,9 @@ def _settings(flags: dict[str, Any], extra: list[str] | None, cfg: Path | None
     settings = config.load(flags, config_file=cfg)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one line per HTTP request (image chunks) drowns the log; corral logs what matters itself
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     return settings
 
 
