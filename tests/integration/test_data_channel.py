@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,19 @@ def tree(tmp_path: Path) -> Path:
     return src
 
 
-async def test_rsync_through_channel_copies_tree(tmp_path: Path, tree: Path) -> None:
+@dataclass
+class Channel:
+    server: DataServer
+    roots: Path  # the receiving agent's disk root
+    token_file: Path  # holds the right token
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@pytest.fixture
+async def channel(tmp_path: Path) -> AsyncIterator[Channel]:
     roots = tmp_path / "disks"
     roots.mkdir()
     token_file = tmp_path / "token"
@@ -52,33 +66,30 @@ async def test_rsync_through_channel_copies_tree(tmp_path: Path, tree: Path) -> 
     server = DataServer("s3cret", [roots])
     await server.start()
     try:
-        dest = roots / "web"
-        assert await rsync_via_channel(tree, dest, token_file, server.port) == 0
-        assert digest(dest) == digest(tree)
-        (tree / "a" / "f3").unlink()
-        (tree / "a" / "new").write_bytes(b"x" * 10)
-        assert await rsync_via_channel(tree, dest, token_file, server.port) == 0
-        assert digest(dest) == digest(tree)
+        yield Channel(server, roots, token_file)
     finally:
         await server.stop()
 
 
-async def test_wrong_token_and_outside_paths_are_refused(tmp_path: Path, tree: Path) -> None:
-    roots = tmp_path / "disks"
-    roots.mkdir()
+async def test_rsync_through_channel_copies_tree(channel: Channel, tree: Path) -> None:
+    dest = channel.roots / "web"
+    assert await rsync_via_channel(tree, dest, channel.token_file, channel.port) == 0
+    assert digest(dest) == digest(tree)
+    (tree / "a" / "f3").unlink()
+    (tree / "a" / "new").write_bytes(b"x" * 10)
+    assert await rsync_via_channel(tree, dest, channel.token_file, channel.port) == 0
+    assert digest(dest) == digest(tree)
+
+
+async def test_wrong_token_and_outside_paths_are_refused(tmp_path: Path, tree: Path,
+                                                         channel: Channel) -> None:
     bad = tmp_path / "bad-token"
     bad.write_text("guess")
-    server = DataServer("s3cret", [roots])
-    await server.start()
-    try:
-        assert await rsync_via_channel(tree, roots / "x", bad, server.port) != 0
-        assert not (roots / "x").exists()
-        good = tmp_path / "token"
-        good.write_text("s3cret")
-        assert await rsync_via_channel(tree, tmp_path / "elsewhere", good, server.port) != 0
-        assert not (tmp_path / "elsewhere").exists()
-    finally:
-        await server.stop()
+    assert await rsync_via_channel(tree, channel.roots / "x", bad, channel.port) != 0
+    assert not (channel.roots / "x").exists()
+    elsewhere = tmp_path / "elsewhere"
+    assert await rsync_via_channel(tree, elsewhere, channel.token_file, channel.port) != 0
+    assert not elsewhere.exists()
 
 
 def test_argv_rules(tmp_path: Path) -> None:
@@ -94,16 +105,11 @@ def test_argv_rules(tmp_path: Path) -> None:
     assert check_argv(["rsync", "--server", ".", f"{d}/../../etc"], roots) is not None
 
 
-async def test_dirty_pass_moves_only_changed_paths(tmp_path: Path, tree: Path) -> None:
+async def test_dirty_pass_moves_only_changed_paths(channel: Channel, tree: Path) -> None:
     from corral.disks.dirty import DirtyTracker
     from corral.disks.rsync import Endpoint, run_pass
 
-    roots = tmp_path / "disks"
-    roots.mkdir()
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret")
-    server = DataServer("s3cret", [roots])
-    await server.start()
+    roots, token_file, server = channel.roots, channel.token_file, channel.server
     tracker = DirtyTracker(tree)
     tracker.start()
     try:
@@ -124,7 +130,6 @@ async def test_dirty_pass_moves_only_changed_paths(tmp_path: Path, tree: Path) -
         assert not (roots / "web" / "a" / "f2").exists()
     finally:
         tracker.stop()
-        await server.stop()
 
 
 async def test_refresh_of_a_running_writer_lands_a_consistent_copy(tmp_path: Path) -> None:
