@@ -156,20 +156,21 @@ async def kill(st: AgentState, args: dict[str, Any]) -> Any:
         return report.model_dump()
 
 
-async def freeze(st: AgentState, args: dict[str, Any]) -> Any:
+async def _driver_verb(st: AgentState, args: dict[str, Any], verb: str) -> Any:
+    """A verb that is one driver call on the instance, answered with what it looks like after."""
     name = _name(args)
     async with st.lock(name):
         rec = st.record(name)
-        await st.call(st.driver(rec.driver).freeze, rec.handle)
+        await st.call(getattr(st.driver(rec.driver), verb), rec.handle)
         return (await st.refresh(rec)).model_dump()
+
+
+async def freeze(st: AgentState, args: dict[str, Any]) -> Any:
+    return await _driver_verb(st, args, "freeze")
 
 
 async def thaw(st: AgentState, args: dict[str, Any]) -> Any:
-    name = _name(args)
-    async with st.lock(name):
-        rec = st.record(name)
-        await st.call(st.driver(rec.driver).thaw, rec.handle)
-        return (await st.refresh(rec)).model_dump()
+    return await _driver_verb(st, args, "thaw")
 
 
 async def delete(st: AgentState, args: dict[str, Any]) -> Any:
