@@ -6,32 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetkit import Fleet, make_env, parts_missing, teardown
+from fleetkit import Fleet, fleet_for
 
 
 @pytest.fixture(scope="module")
 def local_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """Three unprivileged hosts on loopback with the process driver (the default fleet)."""
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
-    tmp = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet(tmp=tmp, env=make_env(tmp))
-    try:
-        fleet.up("--hosts", "3")
+    with fleet_for(tmp_path_factory.mktemp("fleet"), "--hosts", "3") as fleet:
         yield fleet
-    finally:
-        teardown(fleet)
 
 
 @pytest.fixture
 def fresh_fleet_dir(tmp_path: Path) -> Iterator[Fleet]:
     """A fleet the test starts itself (to check up/down/tour); always torn down."""
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
-    fleet = Fleet(tmp=tmp_path, env=make_env(tmp_path))
-    try:
+    with fleet_for(tmp_path) as fleet:
         yield fleet
-    finally:
-        teardown(fleet)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,24 @@ class Fleet:
         self.ok("up", "--data", str(self.tmp / "data"), *args, timeout=timeout)
         self.ctx = load_context(self.context_file)
         assert self.ctx is not None
+
+
+@contextlib.contextmanager
+def fleet_for(tmp: Path, *up_args: str) -> Iterator[Fleet]:
+    """A fleet in ``tmp`` (started with ``corral up UP_ARGS`` when any are given), skipped when
+    the server or agent is not built, and always torn down."""
+    import pytest
+
+    missing = parts_missing()
+    if missing:
+        pytest.skip(missing)
+    fleet = Fleet(tmp=tmp, env=make_env(tmp))
+    try:
+        if up_args:
+            fleet.up(*up_args)
+        yield fleet
+    finally:
+        teardown(fleet)
 
 
 def teardown(fleet: Fleet) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import Fleet, make_env, parts_missing, teardown
+from fleetkit import Fleet, fleet_for
 
 pytestmark = [
     pytest.mark.root,
@@ -26,16 +26,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def bfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
-    tmp = tmp_path_factory.mktemp("bfleet")
-    fleet = Fleet(tmp=tmp, env=make_env(tmp))
-    try:
-        fleet.up("--hosts", "2", "--netns")
+    with fleet_for(tmp_path_factory.mktemp("bfleet"), "--hosts", "2", "--netns") as fleet:
         yield fleet
-    finally:
-        teardown(fleet)
 
 
 def fetched(fleet: Fleet, host: str, name: str) -> dict[str, Any]:

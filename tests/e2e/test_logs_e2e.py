@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetkit import CLI, Fleet, make_env, parts_missing, restart_agent, teardown
+from fleetkit import CLI, Fleet, fleet_for, restart_agent
 
 from corral.rig.context import load_context
 
@@ -81,15 +81,8 @@ class Sinks:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
-    f = Fleet(tmp=tmp_path, env=make_env(tmp_path))
-    try:
-        f.up("--hosts", "3")
+    with fleet_for(tmp_path, "--hosts", "3") as f:
         yield f
-    finally:
-        teardown(f)
 
 
 @pytest.fixture

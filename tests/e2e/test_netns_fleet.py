@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import Fleet, make_env, parts_missing, restart_agent, teardown
+from fleetkit import Fleet, fleet_for, restart_agent
 
 from corral.api.client import Client
 from corral.rig import procs
@@ -58,14 +58,10 @@ def _sleeper_argv(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
     from corral.rig.rootfs import build_busybox_rootfs
 
     tmp = tmp_path_factory.mktemp("nfleet")
-    fleet = Fleet(tmp=tmp, env=make_env(tmp))
-    try:
+    with fleet_for(tmp) as fleet:
         rootfs = build_busybox_rootfs(tmp / "rootfs")
         fleet.up("--hosts", "3", "--netns")
         # the burner reserves a whole core: a reservation is also the container's CPU quota
@@ -75,8 +71,6 @@ def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fleet.ok("run", name, "--cpus", "0.5", "--memory", "64M", "--from", str(rootfs),
                      "--", *_sleeper_argv(name))
         yield fleet
-    finally:
-        teardown(fleet)
 
 
 @pytest.fixture

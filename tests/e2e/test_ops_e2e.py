@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fleetkit import Fleet, make_env, parts_missing, restart_agent, teardown
+from fleetkit import Fleet, fleet_for, restart_agent
 
 from corral.rig import procs
 from corral.rig.context import load_context, save_context
@@ -30,16 +30,8 @@ FAILED_EXIT = 12  # corral recreate: the operation finished but did not succeed
 @pytest.fixture(scope="module")
 def ops_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """Three process-driver hosts of our own (tests here kill agents and the server)."""
-    missing = parts_missing()
-    if missing:
-        pytest.skip(missing)
-    tmp = tmp_path_factory.mktemp("opsfleet")
-    fleet = Fleet(tmp=tmp, env=make_env(tmp))
-    try:
-        fleet.up("--hosts", "3")
+    with fleet_for(tmp_path_factory.mktemp("opsfleet"), "--hosts", "3") as fleet:
         yield fleet
-    finally:
-        teardown(fleet)
 
 
 def server_dir(f: Fleet) -> Path:
