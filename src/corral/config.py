@@ -67,6 +67,19 @@ class Settings:
                                          "its last request (live traffic view)", 1800.0)
     hooks_dir: str = _doc("server: directory of operation hooks (pre-<op>, post-<op>, "
                           "<op>-failed); empty means DATA/hooks", "")
+    failover_grace_seconds: float = _doc("server: after a host's lease ran out, wait this long "
+                                         "more before failing its instances over", 1.0)
+    disk_backend: str = _doc("agent: where instance disks live: dir (plain directories, moved "
+                             "with rsync) or btrfs (subvolumes, moved with send/receive; "
+                             "disk_root must be on btrfs)", "dir")
+    disk_root: str = _doc("agent: directory of instance disks; empty means DATA/disks", "")
+    data_port: int = _doc("agent: TCP port of the data channel for host-to-host disk "
+                          "transfers, on host_address; 0 picks a free one", 0)
+    fence_margin_seconds: float = _doc("agent: stop this host's instances this long before "
+                                       "its lease would run out without an acknowledged "
+                                       "heartbeat (self-fencing)", 2.0)
+    vip_interface: str = _doc("agent: network interface that virtual IPs are added to; empty "
+                              "means the one that holds host_address", "")
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

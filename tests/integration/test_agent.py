@@ -380,7 +380,7 @@ async def test_runc_burner_with_built_rootfs(
         assert join.drivers["runc"]["needs_rootfs"]
         await server.ok("create", spec=_spec(name, BURN, marker, driver="runc"))
         assert (tmp_path / server.host / "rootfs-template").is_dir()
-        assert (tmp_path / server.host / "instances" / name / "rootfs").is_dir()
+        assert (tmp_path / server.host / "disks" / name / "bin" / "busybox").is_file()
         started = await server.ok("start", name=name, epoch=1)
         assert started["state"] == "running"
         _check_burner(await _burn_and_measure(server, name))
@@ -392,6 +392,7 @@ async def test_runc_burner_with_built_rootfs(
         assert report.state == "running" and report.pid == started["pid"]
         assert (await server.ok("stop", name=name, timeout=5))["state"] == "stopped"
         await server.ok("delete", name=name)
+        assert not (tmp_path / server.host / "disks" / name).exists()
     finally:
         agent.kill9()
         subprocess.run(["runc", "--root", str(tmp_path / server.host / "runc"), "delete",

@@ -40,6 +40,8 @@ WORKDIR_SOURCES = frozenset({"stdout", "stderr"})
 
 def instance_root(rec: InstanceRecord) -> Path | None:
     """The root filesystem the driver was given (the agent may have made one), if any."""
+    if rec.extra.get("cwd_disk"):
+        return None  # a plain process's disk is its working directory, not its root
     spec = rec.handle.data.get("spec") if isinstance(rec.handle.data, dict) else None
     root = (spec or {}).get("rootfs") or rec.spec.rootfs
     return Path(str(root)) if root else None

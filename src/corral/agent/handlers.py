@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from corral.agent import imagecache, rootfs
+from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, to_report
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord, check_name
@@ -74,9 +75,19 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
         workdir = st.store.dir_for(name)
         workdir.mkdir(parents=True, exist_ok=True)
         extra: dict[str, Any] = {}
+        made_disk = False
         try:
             root = spec.rootfs
-            if spec.image is not None:
+            if spec.image is not None and spec.rootfs is not None:
+                raise InvalidRequest("a spec gives either an image or a rootfs, not both")
+            if root is None and st.disks is not None:
+                made_disk = not st.disks.exists(name)
+                root = str(await _disk_root(st, spec, drv.capabilities.needs_rootfs, workdir,
+                                            extra))
+                extra["disk"] = root
+                # a plain process runs *in* its disk; its tail paths stay host paths
+                extra["cwd_disk"] = not drv.capabilities.needs_rootfs and spec.image is None
+            elif spec.image is not None:
                 root, extra["image"] = await _image_root(st, spec, workdir)
             elif root is None and drv.capabilities.needs_rootfs:
                 root = str(await st.call(rootfs.instance_rootfs, st.data_dir, workdir))
@@ -86,12 +97,35 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
             handle = await st.call(drv.create, dspec)
         except BaseException:
             await st.call(st.store.remove, name)  # no record was written: leave nothing behind
+            if made_disk and st.disks is not None:
+                await st.call(st.disks.delete, name)
             raise
         rec = InstanceRecord(spec=spec, handle=handle, epoch=spec.epoch, state="created",
                              extra=extra)
         st.save(rec)
         st.records[name] = rec
         return to_report(rec).model_dump()
+
+
+async def _disk_root(st: AgentState, spec: WireSpec, needs_rootfs: bool, workdir: Path,
+                     extra: dict[str, Any]) -> Path:
+    """The instance's own disk: the one already here (adopted from a migration, a standby or
+    a shelf), else a new one filled elsewhere and renamed into place, so a disk at its final
+    path is always complete."""
+    disks = st.disks
+    assert disks is not None
+    if disks.exists(spec.name):
+        return disks.path(spec.name)
+    fill = await st.call(disks.new_dir, spec.name)
+    if spec.image is not None:
+        if st.images is None:
+            raise InvalidRequest("this agent has no image cache", hint="this is an agent bug")
+        extra["image"] = await asyncio.to_thread(
+            st.images.materialize, spec.image, fill, workdir / imagecache.CHUNKS_FILE, True)
+    elif needs_rootfs:
+        template = await st.call(rootfs.template, st.data_dir)
+        await st.call(rootfs.fill_from_template, template, fill)
+    return await st.call(disks.publish, spec.name, fill)
 
 
 async def _image_root(st: AgentState, spec: WireSpec, workdir: Path) -> tuple[str, Any]:
@@ -174,10 +208,14 @@ async def thaw(st: AgentState, args: dict[str, Any]) -> Any:
 
 
 async def delete(st: AgentState, args: dict[str, Any]) -> Any:
+    """Remove the instance; its disk too unless ``keep_disk`` (a shelf or a standby keeps it)."""
     name = _name(args)
+    keep_disk = bool(args.get("keep_disk", False))
     async with st.lock(name):
         rec = st.records.get(name)
         if rec is None:
+            if not keep_disk and st.disks is not None:
+                await st.call(st.disks.delete, name)
             return None  # already gone: delete is idempotent
         report = await st.refresh(rec)
         if report.state in ("running", "frozen"):
@@ -188,6 +226,8 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         await st.call(st.driver(rec.driver).delete, rec.handle)
         await st.call(st.store.remove, name)
         del st.records[name]
+        if "disk" in rec.extra and st.disks is not None and not keep_disk:
+            await st.call(st.disks.delete, name)
         if rec.spec.image is not None and st.images is not None:
             await st.images.released(rec.spec.image)
         return None
@@ -219,4 +259,5 @@ HANDLERS: dict[str, Handler] = {
     "delete": delete,
     "status": status,
     "list": list_,
+    **DISK_HANDLERS,
 }

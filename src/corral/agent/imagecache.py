@@ -95,9 +95,12 @@ class ImageCache:
                 self._cond.notify_all()
 
     # --- creates ----------------------------------------------------------------------------
-    def materialize(self, image: str, dest: Path, chunk_file: Path) -> dict[str, Any]:
+    def materialize(self, image: str, dest: Path, chunk_file: Path,
+                    into_empty: bool = False) -> dict[str, Any]:
         """Fetch ``image``'s manifest and the chunks this host lacks, build its tree at ``dest``
-        and record what it used in ``chunk_file``. Returns what was fetched (for the record)."""
+        and record what it used in ``chunk_file``. Returns what was fetched (for the record).
+        ``into_empty``: ``dest`` is a new empty directory (or subvolume) to fill, not a path to
+        replace."""
         if not self.api_url:
             raise HostUnavailable(
                 "this agent does not know the server's API address yet",
@@ -118,7 +121,7 @@ class ImageCache:
                     f"cannot fetch image '{image}' from {self.api_url}: {exc}",
                     hint="check that this host reaches the server's API", retryable=True
                 ) from exc
-            if dest.exists():
+            if dest.exists() and not into_empty:
                 shutil.rmtree(dest)  # left by a create that crashed: no record points at it
             materialize(manifest, self.packs, dest)
             chunk_file.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 import corral
 from corral.agent.capture import CaptureManager
+from corral.agent.disks import HostDisks
 from corral.agent.handlers import HANDLERS
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
@@ -111,6 +112,10 @@ class Agent:
         self.state.before_delete.append(self.capture.before_delete)
         self.images = ImageCache(self.data_dir, self.state.store.root, settings.token)
         self.state.images = self.images
+        disk_root = Path(settings.disk_root) if settings.disk_root else self.data_dir / "disks"
+        self.disks = HostDisks(disk_root, settings.disk_backend, settings.token, self.data_dir,
+                               listen=settings.host_address, port=settings.data_port)
+        self.state.disks = self.disks
 
     # --- bus -----------------------------------------------------------------------------------
     async def connect(self, stop: asyncio.Event) -> None:
@@ -138,6 +143,8 @@ class Agent:
             drivers={n: dataclasses.asdict(d.capabilities) for n, d in self.state.drivers.items()},
             agent_version=corral.__version__,
             instances=self.state.reports(),
+            data_port=self.disks.port,
+            disk_backend=self.disks.kind,
         )
 
     async def join(self, stop: asyncio.Event) -> None:
@@ -238,6 +245,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.state.recover_all()
+        await self.disks.start()
         await self.connect(stop)
         if self.nc is None:
             return
@@ -257,6 +265,7 @@ class Agent:
         except Exception as exc:
             log.debug("drain: %s", exc)
         self.images.close()
+        await self.disks.stop()
         log.info("agent %s stopped; instances left running", self.host)
 
 

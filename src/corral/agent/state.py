@@ -20,6 +20,7 @@ from corral.drivers.base import Driver
 from corral.errors import InvalidRequest, NotFound
 
 if TYPE_CHECKING:
+    from corral.agent.disks import HostDisks
     from corral.agent.imagecache import ImageCache
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class AgentState:
         self.before_delete: list[Callable[[str], Awaitable[None]]] = []
         #: the chunk cache for image-based roots (set by the agent; None in bare tests)
         self.images: ImageCache | None = None
+        #: this host's instance disks and data channel (set by the agent; None in bare tests,
+        #: where instances run from their spec's rootfs or their workdir as before)
+        self.disks: HostDisks | None = None
 
     def lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -37,6 +37,9 @@ class JoinRequest(BaseModel):
     drivers: dict[str, dict[str, bool]]
     agent_version: str
     instances: list[InstanceReport] = []
+    #: the data channel's port (host-to-host disk transfers); 0 = this agent moves no disks
+    data_port: int = 0
+    disk_backend: str = "dir"
 
 
 class JoinReply(BaseModel):
@@ -101,6 +104,8 @@ class WireSpec(BaseModel):
     epoch: int = 0
     #: extra log sources: name -> file to capture (inside ``rootfs`` when there is one).
     tail: dict[str, str] = {}
+    #: virtual IP (``10.0.0.50/24``) the agent adds while the instance runs
+    vip: str | None = None
 
 
 class Command(BaseModel):

@@ -30,9 +30,21 @@ CALLS: dict[str, Call] = {
         Call("kill", 15.0, ("name", "signal"), "InstanceReport", "send a signal to the whole tree"),
         Call("freeze", 15.0, ("name",), "InstanceReport", "freeze with the cgroup freezer"),
         Call("thaw", 15.0, ("name",), "InstanceReport", "thaw a frozen instance"),
-        Call("delete", 60.0, ("name",), "null", "remove an instance that is not alive"),
+        Call("delete", 60.0, ("name", "keep_disk"), "null",
+             "remove an instance that is not alive, and its disk unless keep_disk"),
         Call("status", 10.0, ("name",), "InstanceReport", "what the driver sees now"),
         Call("list", 10.0, (), "list[InstanceReport]", "every instance the agent holds"),
+        Call("disk_recv", 60.0, ("name", "slot"), "dict",
+             "make a slot (incoming|standby) ready to receive a disk; where to send it"),
+        Call("disk_send", 6 * 3600.0, ("name", "target", "mode", "gen", "keep_frozen"), "dict",
+             "one pass of the disk to another host's slot: live, or frozen (the short one)"),
+        Call("disk_discard", 120.0, ("name", "slot"), "null", "remove a slot's copy"),
+        Call("disk_commit", 60.0, ("name", "slot"), "null",
+             "a pass completed: keep only what the next incremental pass needs"),
+        Call("disk_adopt", 120.0, ("name", "slot"), "dict",
+             "the slot's copy becomes this host's live disk of the instance"),
+        Call("disk_demote", 120.0, ("name",), "dict",
+             "this host's live disk (no instance left here) becomes its standby copy"),
     )
 }
 

@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -47,6 +57,10 @@ class Host(Base):
     joined_at: Mapped[float] = mapped_column(Float, default=time.time)
     last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: the agent's data channel port for host-to-host disk transfers (migration 0005); 0 = none
+    data_port: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: where instance disks live on this host: ``dir`` or ``btrfs`` (migration 0005)
+    disk_backend: Mapped[str] = mapped_column(String(16), default="dir", server_default="dir")
 
 
 class Instance(Base):
@@ -73,6 +87,34 @@ class Instance(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    #: virtual IP (``10.0.0.50/24``) that moves with the instance (migration 0005)
+    vip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Standby(Base):
+    """A warm copy of an instance's disk on another host (migration 0005).
+
+    ``data_at`` is when the copy's content was taken (the frozen pass of the last complete
+    refresh): a promoted standby "drops back in time" to it. ``state`` is ``syncing`` while a
+    refresh runs, ``ready`` after a complete one, ``stale`` when the last refresh failed (the copy
+    still holds the previous complete refresh's files, none truncated).
+    """
+
+    __tablename__ = "standbys"
+
+    instance: Mapped[str] = mapped_column(
+        String(63), ForeignKey("instances.name", ondelete="CASCADE"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.name"), index=True)
+    every_seconds: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))
+    last_sync_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    data_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_freeze_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    syncs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 def db_url(settings: Settings) -> URL:

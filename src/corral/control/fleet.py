@@ -136,6 +136,8 @@ class Fleet:
             host.disk_bytes = req.capacity.disk_bytes
             host.drivers = {k: dict(v) for k, v in req.drivers.items()}
             host.agent_version = req.agent_version
+            host.data_port = req.data_port
+            host.disk_backend = req.disk_backend
             host.state = "up"
             host.last_heartbeat = now
             host.lease_expires_at = now + self.settings.lease_seconds

@@ -85,9 +85,10 @@ class PreparedPass:
         self.proc, self.ep, self._ready = proc, ep, ready
 
     @classmethod
-    async def start(cls, src: Path, ep: Endpoint, timeout: float = 15.0) -> PreparedPass:
+    async def start(cls, src: Path, ep: Endpoint, timeout: float = 15.0,
+                    extra: list[str] | None = None) -> PreparedPass:
         ready = Path(tempfile.mkdtemp(prefix="corral-rsync-")) / "ready"
-        argv = ["rsync", *BASE_FLAGS, "-e", rsh(ep), *DIRTY_FLAGS, f"{src}/",
+        argv = ["rsync", *BASE_FLAGS, *(extra or []), "-e", rsh(ep), *DIRTY_FLAGS, f"{src}/",
                 f"{ep.host}:{ep.path}/"]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
