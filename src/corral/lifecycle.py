@@ -22,6 +22,8 @@ class State(StrEnum):
     EXITED = "exited"  # the workload ended by itself (exit code 0)
     FAILED = "failed"  # the workload crashed or was killed behind corral's back
     LOST = "lost"  # its host stopped answering; what runs there is unknown
+    #: its disk is in the image store (and maybe still on its old host); no CPU or memory held
+    SHELVED = "shelved"
     DELETED = "deleted"
 
 
@@ -33,6 +35,8 @@ class Verb(StrEnum):
     FREEZE = "freeze"
     THAW = "thaw"
     DELETE = "rm"
+    SHELVE = "shelve"  # an operation (control/shelve.py), not a single agent call
+    UNSHELVE = "unshelve"
 
 
 TERMINAL: frozenset[State] = frozenset({State.DELETED})
@@ -51,23 +55,29 @@ VERBS: dict[Verb, tuple[frozenset[State], State]] = {
     Verb.RESTART: (_STARTABLE | {State.RUNNING}, State.RUNNING),
     Verb.FREEZE: (frozenset({State.RUNNING}), State.FROZEN),
     Verb.THAW: (frozenset({State.FROZEN}), State.RUNNING),
-    Verb.DELETE: (_STARTABLE | {State.PENDING, State.LOST}, State.DELETED),
+    Verb.DELETE: (_STARTABLE | {State.PENDING, State.LOST, State.SHELVED}, State.DELETED),
+    Verb.SHELVE: (_STARTABLE | {State.RUNNING}, State.SHELVED),
+    Verb.UNSHELVE: (frozenset({State.SHELVED}), State.RUNNING),
 }
 
 #: state -> states reachable from it, by a verb or by an observation (exit, crash, host loss).
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PENDING: frozenset({State.CREATED, State.RUNNING, State.FAILED, State.DELETED}),
-    State.CREATED: frozenset({State.RUNNING, State.DELETED, State.FAILED, State.LOST}),
+    State.CREATED: frozenset(
+        {State.RUNNING, State.DELETED, State.FAILED, State.LOST, State.SHELVED}),
     State.RUNNING: frozenset(
-        {State.RUNNING, State.FROZEN, State.STOPPED, State.EXITED, State.FAILED, State.LOST}
+        {State.RUNNING, State.FROZEN, State.STOPPED, State.EXITED, State.FAILED, State.LOST,
+         State.SHELVED}
     ),
     State.FROZEN: frozenset({State.RUNNING, State.STOPPED, State.FAILED, State.LOST}),
-    State.STOPPED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
-    State.EXITED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
-    State.FAILED: frozenset({State.RUNNING, State.DELETED, State.LOST}),
+    State.STOPPED: frozenset({State.RUNNING, State.DELETED, State.LOST, State.SHELVED}),
+    State.EXITED: frozenset({State.RUNNING, State.DELETED, State.LOST, State.SHELVED}),
+    State.FAILED: frozenset({State.RUNNING, State.DELETED, State.LOST, State.SHELVED}),
     State.LOST: frozenset(
         {State.RUNNING, State.FROZEN, State.STOPPED, State.EXITED, State.FAILED, State.DELETED}
     ),
+    #: unshelve creates it again (created, then running if it was); rm forgets it
+    State.SHELVED: frozenset({State.CREATED, State.RUNNING, State.DELETED}),
     State.DELETED: frozenset(),
 }
 

@@ -314,7 +314,8 @@ async def test_forbidden_verb_is_refused_with_state_and_allowed(h: Harness) -> N
     err = r.json()["error"]
     assert err["code"] == "invalid_transition"
     assert err["details"]["state"] == "running"
-    assert err["details"]["allowed"] == ["stop", "kill", "restart", "freeze"]
+    assert err["details"]["allowed"] == ["stop", "kill", "restart", "freeze",
+                                          "shelve"]
     assert "from running you can: stop, kill, restart, freeze" in err["hint"]
     r = await h.http.post("/v1/instances/web/thaw")
     assert r.status_code == 409

@@ -81,8 +81,25 @@ def test_forbidden_verbs_say_state_and_what_is_allowed(state: State, verb: Verb)
 
 def test_running_allows_exactly_these_verbs() -> None:
     assert [v.value for v in allowed_verbs(State.RUNNING)] == ["stop", "kill", "restart",
-                                                                "freeze"]
+                                                                "freeze", "shelve"]
     assert [v.value for v in allowed_verbs(State.LOST)] == ["rm"]
+
+
+def test_shelved_can_only_be_unshelved_or_removed() -> None:
+    assert [v.value for v in allowed_verbs(State.SHELVED)] == ["rm", "unshelve"]
+    for state in (State.RUNNING, State.STOPPED, State.CREATED, State.EXITED, State.FAILED):
+        assert check_verb("x", state, Verb.SHELVE) is State.SHELVED
+        assert transition("x", state, State.SHELVED) is State.SHELVED
+    for state in (State.FROZEN, State.LOST, State.PENDING, State.SHELVED):
+        with pytest.raises(InvalidTransition):
+            check_verb("x", state, Verb.SHELVE)
+    with pytest.raises(InvalidTransition) as info:
+        check_verb("db", State.SHELVED, Verb.START)
+    assert info.value.hint == "from shelved you can: rm, unshelve"
+    # unshelve brings it back created (then running if it ran); a report never shelves it
+    assert transition("x", State.SHELVED, State.CREATED) is State.CREATED
+    with pytest.raises(InvalidTransition):
+        transition("x", State.SHELVED, State.STOPPED)
 
 
 def test_observed_transitions() -> None:

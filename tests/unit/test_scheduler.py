@@ -155,3 +155,43 @@ def test_a_placed_request_always_fits(req: Request, hosts: list[HostSnapshot]) -
     assert h.reserved_memory + req.memory_bytes <= h.memory_bytes
     # spread: no other fitting host has a strictly larger free CPU share
     assert all(o.free_cpu_share <= h.free_cpu_share for o in hosts if fits(req, o))
+
+
+# --- preference (unshelve: hosts that already cache more of the disk's chunks) ---------------
+
+
+def test_preference_beats_spreading_among_hosts_that_fit() -> None:
+    hosts = [host("h1", rc=0.0), host("h2", rc=1.5), host("h3", rc=1.0)]
+    req = Request(0.1, MiB, "process", prefer={"h2": 0.9, "h3": 0.4})
+    assert place(req, hosts) == "h2"
+    assert [h.name for h in candidates(req, hosts)] == ["h2", "h3", "h1"]
+
+
+def test_preference_never_picks_a_host_that_does_not_fit() -> None:
+    hosts = [host("h1", rc=0.0), host("h2", rc=1.95), host("h3", up=False)]
+    req = Request(0.5, MiB, "process", prefer={"h2": 1.0, "h3": 1.0})
+    assert place(req, hosts) == "h1"
+    with pytest.raises(NoCapacity):
+        place(Request(0.5, MiB, "process", host="h2", prefer={"h2": 1.0}), hosts)
+
+
+def test_preference_is_compared_in_steps_so_noise_does_not_beat_spreading() -> None:
+    hosts = [host("h1", rc=1.0), host("h2", rc=0.0)]
+    assert place(Request(0.1, MiB, "process", prefer={"h1": 0.52, "h2": 0.49}), hosts) == "h2"
+    assert place(Request(0.1, MiB, "process", prefer={"h1": 0.62, "h2": 0.49}), hosts) == "h1"
+    assert place(Request(0.1, MiB, "process", prefer={}), hosts) == "h2"
+
+
+@given(scores=st.dictionaries(st.sampled_from(["h1", "h2", "h3"]),
+                              st.floats(min_value=0.0, max_value=1.0), max_size=3),
+       reserved=st.lists(st.floats(min_value=0.0, max_value=2.0), min_size=3, max_size=3))
+def test_preferred_choice_fits_and_has_the_best_score(scores: dict[str, float],
+                                                      reserved: list[float]) -> None:
+    hosts = [host(f"h{i + 1}", rc=r) for i, r in enumerate(reserved)]
+    req = Request(0.1, MiB, "process", prefer=scores)
+    ok = [h for h in hosts if fits(req, h)]
+    if not ok:
+        return
+    chosen = place(req, hosts)
+    assert fits(req, next(h for h in hosts if h.name == chosen))
+    assert req.preference(chosen) == max(req.preference(h.name) for h in ok)

@@ -29,6 +29,7 @@ STATE_STYLE = {
     "lost": "red",
     "pending": "magenta",
     "created": "blue",
+    "shelved": "bright_black",
     "up": "green",
     "down": "red",
 }

@@ -7,19 +7,25 @@ never fails for lack of room) and passes the result to the agent.
 
 The rule is "spread": among the hosts that are up, offer the driver and fit, take the one with
 the largest share of its CPU still free (ties: most free memory share, then name), which keeps
-load even and leaves every host some headroom. When nothing fits, :class:`NoCapacity` names what
-each host lacks, so the operator can tell "make it smaller" from "start another agent".
+load even and leaves every host some headroom. A request may carry a ``prefer`` score per host
+(unshelve: the share of the shelved disk's chunks a host already caches, 0..1); among the hosts
+that fit, a higher score wins before spreading, compared in steps of :data:`PREFER_STEP` so a
+sampling wobble (0.51 against 0.50) does not override the spread. When nothing fits,
+:class:`NoCapacity` names what each host lacks, so the operator can tell "make it smaller" from
+"start another agent".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from corral.errors import NoCapacity
 
 #: Rounding slack so that 0.1 + 0.2 cores still "fit" in 0.3.
 EPSILON = 1e-9
+#: preference scores are compared in steps of this size (see the module doc)
+PREFER_STEP = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,12 @@ class Request:
     host: str | None = None
     #: hosts not to use (anti-affinity; e.g. where the primary of a standby runs)
     avoid: frozenset[str] = field(default_factory=frozenset)
+    #: host -> preference score (higher first; missing means 0), e.g. share of chunks cached
+    prefer: Mapping[str, float] = field(default_factory=dict)
+
+    def preference(self, host: str) -> int:
+        """The host's score in whole :data:`PREFER_STEP` steps (what the ordering uses)."""
+        return round(self.prefer.get(host, 0.0) / PREFER_STEP)
 
 
 def _gib(n: int) -> str:
@@ -90,7 +102,8 @@ def fits(req: Request, host: HostSnapshot) -> bool:
 def candidates(req: Request, hosts: Iterable[HostSnapshot]) -> list[HostSnapshot]:
     """Hosts that can take ``req``, best first."""
     ok = [h for h in hosts if fits(req, h)]
-    return sorted(ok, key=lambda h: (-h.free_cpu_share, -h.free_memory_share, h.name))
+    return sorted(ok, key=lambda h: (-req.preference(h.name), -h.free_cpu_share,
+                                     -h.free_memory_share, h.name))
 
 
 def place(req: Request, hosts: Sequence[HostSnapshot]) -> str:
