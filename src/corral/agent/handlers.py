@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from corral.agent import imagecache, rootfs
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, to_report
+from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord, check_name
 from corral.bus.messages import WireSpec
@@ -260,4 +261,5 @@ HANDLERS: dict[str, Handler] = {
     "status": status,
     "list": list_,
     **DISK_HANDLERS,
+    **SHELF_HANDLERS,
 }

@@ -94,6 +94,17 @@ class ImageCache:
                 self._sweeping = False
                 self._cond.notify_all()
 
+    def in_use(self) -> contextlib.AbstractContextManager[None]:
+        """Hold sweeps off while chunks are written or read outside :meth:`materialize`
+        (shelving pushes a disk through this cache and pulls one back, agent/shelf.py)."""
+        return self._using()
+
+    def count_fetched(self, chunks: int, nbytes: int) -> None:
+        """Add chunks fetched outside :meth:`materialize` to the cache's figures."""
+        with self._cond:
+            self.totals["fetched_chunks"] += chunks
+            self.totals["fetched_bytes"] += nbytes
+
     # --- creates ----------------------------------------------------------------------------
     def materialize(self, image: str, dest: Path, chunk_file: Path,
                     into_empty: bool = False) -> dict[str, Any]:

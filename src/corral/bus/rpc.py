@@ -45,6 +45,14 @@ CALLS: dict[str, Call] = {
              "the slot's copy becomes this host's live disk of the instance"),
         Call("disk_demote", 120.0, ("name",), "dict",
              "this host's live disk (no instance left here) becomes its standby copy"),
+        Call("disk_push", 3600.0, ("name", "image"), "dict",
+             "shelve: chunk the stopped instance's disk, upload what the store lacks, name it"),
+        Call("disk_pull", 3600.0, ("name", "image", "replace"), "dict",
+             "unshelve: build DISK_ROOT/NAME from a shelved manifest (kept if already there)"),
+        Call("disk_drop", 120.0, ("name",), "dict",
+             "remove a kept (shelved) disk; refused while an instance here uses it"),
+        Call("chunks_cached", 10.0, ("ids",), "dict",
+             "how many of these chunk ids this host's cache holds (unshelve placement)"),
     )
 }
 
