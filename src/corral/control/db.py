@@ -89,6 +89,15 @@ class Instance(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
     #: virtual IP (``10.0.0.50/24``) that moves with the instance (migration 0005)
     vip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: shelving (migration 0006): the host that still keeps a copy of the disk (the shelved
+    #: disk, or an old copy left behind when it came back elsewhere), dropped at ``offload_at``
+    #: (NULL: never); ``shelf`` names the shelved manifest in the image store, ``shelved_from``
+    #: the state it was shelved from (unshelve starts it again if that was running)
+    disk_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    shelf: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    shelved_from: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    shelved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    offload_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Standby(Base):
