@@ -80,6 +80,9 @@ class Settings:
                                        "heartbeat (self-fencing)", 2.0)
     vip_interface: str = _doc("agent: network interface that virtual IPs are added to; empty "
                               "means the one that holds host_address", "")
+    shelved_offload_seconds: float = _doc("server: how long a shelved instance's disk stays on "
+                                          "its host (a fast unshelve there) before it is "
+                                          "removed; 0 = at once, -1 = never", 3600.0)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
