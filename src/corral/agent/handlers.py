@@ -17,13 +17,14 @@ from pydantic import ValidationError
 
 from corral.agent import imagecache, rootfs
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
-from corral.agent.report import apply_status, to_report
+from corral.agent.report import apply_status, is_alive, to_report
 from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord, check_name
+from corral.agent.vips import check_spec_vip
 from corral.bus.messages import WireSpec
 from corral.drivers.base import Spec
-from corral.errors import Conflict, InvalidRequest
+from corral.errors import Conflict, DriverError, InvalidRequest
 
 Handler = Callable[[AgentState, dict[str, Any]], Awaitable[Any]]
 
@@ -62,6 +63,7 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
         raise InvalidRequest(f"bad spec for create: {exc}") from exc
     name = check_name(spec.name)
     drv = st.driver(spec.driver)
+    check_spec_vip(spec.vip)
     async with st.lock(name):
         existing = st.records.get(name)
         if existing is not None:
@@ -151,9 +153,30 @@ async def start(st: AgentState, args: dict[str, Any]) -> Any:
         if epoch is not None:
             rec.epoch = epoch
         rec.stop_requested = False
+        rec.extra.pop("fenced_at", None)
         rec.handle = await st.call(drv.start, rec.handle)
         st.save(rec)
-        return (await st.refresh(rec)).model_dump()
+        report = await st.refresh(rec)
+        if rec.spec.vip and st.vips is not None and is_alive(rec):
+            await _vip_up(st, rec)
+        return report.model_dump()
+
+
+async def _vip_up(st: AgentState, rec: InstanceRecord) -> None:
+    """Add the started instance's VIP; if that fails, the start fails: an instance that runs
+    where its clients cannot reach it is worse than one that says why it did not start."""
+    assert st.vips is not None
+    try:
+        await st.vips.up(rec)
+    except Exception as exc:
+        rec.stop_requested = True
+        st.save(rec)
+        await st.call(st.driver(rec.driver).kill, rec.handle, int(signals.SIGKILL))
+        await st.refresh(rec)
+        raise DriverError(f"instance '{rec.name}' started but its virtual IP {rec.spec.vip} "
+                          f"could not be added, so it was stopped again: {exc}",
+                          hint="check vip_interface on this agent and that the address is "
+                               "free on the segment") from exc
 
 
 async def stop(st: AgentState, args: dict[str, Any]) -> Any:
@@ -167,6 +190,8 @@ async def stop(st: AgentState, args: dict[str, Any]) -> Any:
         status = await st.call(st.driver(rec.driver).stop, rec.handle, timeout)
         apply_status(rec, status)
         st.save(rec)
+        if st.vips is not None and not is_alive(rec):
+            await st.vips.down(rec, st.records)
         return to_report(rec).model_dump()
 
 
@@ -188,6 +213,8 @@ async def kill(st: AgentState, args: dict[str, Any]) -> Any:
                 break
             await asyncio.sleep(0.05)
             report = await st.refresh(rec)
+        if st.vips is not None and not is_alive(rec):
+            await st.vips.down(rec, st.records)
         return report.model_dump()
 
 
@@ -222,6 +249,8 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         if report.state in ("running", "frozen"):
             raise Conflict(f"instance '{name}' is {report.state}; stop it before deleting",
                            hint=f"corral stop {name}")
+        if st.vips is not None:
+            await st.vips.down(rec, st.records)
         for hook in st.before_delete:
             await hook(name)
         await st.call(st.driver(rec.driver).delete, rec.handle)

@@ -27,11 +27,13 @@ from pydantic import BaseModel, ValidationError
 import corral
 from corral.agent.capture import CaptureManager
 from corral.agent.disks import HostDisks
+from corral.agent.fence import LeaseClock, fence_all
 from corral.agent.handlers import HANDLERS
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
 from corral.agent.state import AgentState
+from corral.agent.vips import Vips
 from corral.bus import subjects
 from corral.bus.codec import decode, encode
 from corral.bus.messages import (
@@ -116,6 +118,9 @@ class Agent:
         self.disks = HostDisks(disk_root, settings.disk_backend, settings.token, self.data_dir,
                                listen=settings.host_address, port=settings.data_port)
         self.state.disks = self.disks
+        self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address)
+        #: when our lease runs out as far as we can know (armed now; see agent/fence.py)
+        self.lease = LeaseClock(settings.lease_seconds, settings.fence_margin_seconds)
 
     # --- bus -----------------------------------------------------------------------------------
     async def connect(self, stop: asyncio.Event) -> None:
@@ -163,8 +168,10 @@ class Agent:
                 self.heartbeat_s = reply.heartbeat_seconds
                 self.sample_s = reply.sample_seconds
                 self.images.api_url = reply.api_url or self.images.api_url
+                self.lease.acked(reply.lease_seconds)
                 log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
                          reply.heartbeat_seconds, reply.lease_seconds)
+                await self.vips.sync(self.state.records)
                 return
             await _sleep_or_stop(stop, delay)
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
@@ -195,6 +202,20 @@ class Agent:
             if reply is not None and not reply.known:
                 log.warning("the server does not know this host; joining again")
                 await self.join(stop)
+            elif reply is not None:
+                self.lease.acked()
+                await self.vips.sync(self.state.records)
+
+    async def fence_loop(self, stop: asyncio.Event) -> None:
+        """Fence when the lease would run out without an acknowledged heartbeat."""
+        while not stop.is_set():
+            await _sleep_or_stop(stop, min(0.25, max(0.02, self.lease.until_due())))
+            if self.lease.due() and not stop.is_set():
+                self.lease.fenced = True
+                since = time.monotonic() - self.lease.last_ack
+                await fence_all(self.state, self.vips,
+                                f"no acknowledged heartbeat for {since:.1f}s (lease "
+                                f"{self.lease.lease:.1f}s, margin {self.lease.margin:.1f}s)")
 
     async def sweep(self, names: set[str] | None = None) -> None:
         """Ask the driver about instances believed alive; skip any a command is busy with."""
@@ -246,13 +267,17 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         await self.state.recover_all()
         await self.disks.start()
+        self.lease.arm()  # from here, a lease we cannot renew ends in a fence
+        fencing = asyncio.create_task(self.fence_loop(stop))
         await self.connect(stop)
         if self.nc is None:
+            fencing.cancel()
             return
         await self.nc.subscribe(subjects.command(self.host), cb=self.on_command)
         await self.nc.subscribe(subjects.INVALIDATE, cb=self.images.on_invalidate)
         await self.join(stop)
-        loops = [asyncio.create_task(self.heartbeat_loop(stop)),
+        loops = [fencing,
+                 asyncio.create_task(self.heartbeat_loop(stop)),
                  asyncio.create_task(self.sample_loop(stop)),
                  asyncio.create_task(self.capture.run(self.nc, stop)),
                  asyncio.create_task(self.images.sweep_loop(stop))]

@@ -22,6 +22,7 @@ from corral.errors import InvalidRequest, NotFound
 if TYPE_CHECKING:
     from corral.agent.disks import HostDisks
     from corral.agent.imagecache import ImageCache
+    from corral.agent.vips import Vips
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,8 @@ class AgentState:
         #: this host's instance disks and data channel (set by the agent; None in bare tests,
         #: where instances run from their spec's rootfs or their workdir as before)
         self.disks: HostDisks | None = None
+        #: this host's virtual IPs (set by the agent; None in bare tests: no addresses added)
+        self.vips: Vips | None = None
 
     def lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

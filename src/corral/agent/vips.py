@@ -1,0 +1,128 @@
+"""Virtual IPs on this host: an instance's address is here exactly while it runs here.
+
+The rule is one set computed from the instance records (the VIPs of alive instances), so every
+path that changes what runs -- start, stop, kill, delete, an instance ending by itself, the
+self-fence, an agent restart -- converges with one idempotent :meth:`Vips.sync` instead of each
+remembering to undo its own address. Handlers still call :meth:`Vips.up` / :meth:`Vips.down` at
+once, because a client should not wait for the next heartbeat to reach a new instance.
+
+Adding announces the address with gratuitous ARPs (:mod:`corral.ha.vip`), so peers that cached
+the dead host's MAC switch at once; ``sync`` announces only addresses it had to add, never one
+already present, so a heartbeat does not spam the segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+from collections.abc import Iterable
+
+from corral.agent.store import InstanceRecord
+from corral.errors import DriverError, InvalidRequest
+from corral.ha import vip as viplib
+from corral.lifecycle import ALIVE
+
+log = logging.getLogger(__name__)
+
+
+def interface_of(address: str) -> str:
+    """The interface that holds ``address`` in this network namespace (``ip -o -4 addr``)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True,
+                         timeout=10).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == "inet" and parts[3].split("/")[0] == address:
+            return parts[1].split("@")[0]
+    raise DriverError(f"no interface holds host_address {address}, so virtual IPs have nowhere "
+                      "to go", hint="set vip_interface (CORRAL_VIP_INTERFACE) on this agent")
+
+
+def addresses_on(ifname: str) -> set[str]:
+    """IPv4 addresses (without prefix) on ``ifname``."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", ifname],
+                         capture_output=True, text=True, timeout=10).stdout
+    found = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == "inet":
+            found.add(parts[3].split("/")[0])
+    return found
+
+
+def check_spec_vip(vip: str | None) -> None:
+    """Refuse at create what could only fail at start: a bad address, or no root to add it."""
+    if vip is None:
+        return
+    viplib.parse(vip)
+    if os.geteuid() != 0:
+        raise InvalidRequest(
+            f"this agent cannot hold the virtual IP {vip}: adding addresses needs root",
+            hint="run the agent as root (e.g. 'corral up --netns'), or create the instance "
+                 "without --vip")
+
+
+class Vips:
+    """The agent's virtual IPs on one interface (resolved lazily: tests without VIPs never
+    run ``ip``)."""
+
+    def __init__(self, interface: str, host_address: str) -> None:
+        self._interface = interface
+        self.host_address = host_address
+
+    @property
+    def interface(self) -> str:
+        if not self._interface:
+            self._interface = interface_of(self.host_address)
+        return self._interface
+
+    async def up(self, rec: InstanceRecord) -> None:
+        """Add the instance's address and announce it (call after it started)."""
+        if rec.spec.vip:
+            await asyncio.to_thread(viplib.add, self.interface, rec.spec.vip)
+            log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
+
+    async def down(self, rec: InstanceRecord, records: dict[str, InstanceRecord]) -> None:
+        """Remove the instance's address unless another alive instance here holds it too."""
+        vip = rec.spec.vip
+        if not vip or vip in wanted(records.values(), exclude=rec.name):
+            return
+        try:
+            await asyncio.to_thread(viplib.remove, self.interface, vip)
+            log.info("virtual IP %s of %s removed from %s", vip, rec.name, self.interface)
+        except Exception as exc:  # a failed removal must not fail the stop that asked for it
+            log.error("could not remove virtual IP %s of %s: %s", vip, rec.name, exc)
+
+    async def sync(self, records: dict[str, InstanceRecord]) -> None:
+        """Make the interface hold exactly the VIPs of alive instances (among corral's own)."""
+        recs = list(records.values())
+        if not any(r.spec.vip for r in recs):
+            return
+        want = wanted(recs)
+        ours = {r.spec.vip for r in recs if r.spec.vip}
+        try:
+            present = await asyncio.to_thread(addresses_on, self.interface)
+        except Exception as exc:
+            log.error("cannot list addresses on %s: %s", self._interface or "?", exc)
+            return
+        for vip in sorted(ours):
+            ip = str(viplib.parse(vip).ip)
+            try:
+                if vip in want and ip not in present:
+                    await asyncio.to_thread(viplib.add, self.interface, vip)
+                    log.warning("virtual IP %s was missing; added and announced", vip)
+                elif vip not in want and ip in present:
+                    await asyncio.to_thread(viplib.remove, self.interface, vip)
+                    log.info("virtual IP %s removed: no instance here runs with it", vip)
+            except Exception as exc:
+                log.error("could not set virtual IP %s: %s", vip, exc)
+
+
+def wanted(records: Iterable[InstanceRecord], exclude: str | None = None) -> set[str]:
+    """VIPs that alive instances hold (but ``exclude``)."""
+    out: set[str] = set()
+    for r in records:
+        if r.spec.vip and r.state in ALIVE and r.name != exclude:
+            out.add(r.spec.vip)
+    return out
