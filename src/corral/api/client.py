@@ -21,8 +21,11 @@ from corral.api.models import (
     FleetStatus,
     HostView,
     InstanceView,
+    MigrateRequest,
     OperationView,
     RecreateRequest,
+    StandbyRequest,
+    StandbyView,
     TrafficView,
 )
 
@@ -33,6 +36,7 @@ UNREACHABLE_HINT = "is the fleet up? run 'corral up' or set CORRAL_URL"
 _HOSTS = TypeAdapter(list[HostView])
 _INSTANCES = TypeAdapter(list[InstanceView])
 _OPS = TypeAdapter(list[OperationView])
+_STANDBYS = TypeAdapter(list[StandbyView])
 
 
 class Client:
@@ -151,6 +155,30 @@ class Client:
         body = RecreateRequest(to=to).model_dump(mode="json")
         raw = self._json("POST", f"/v1/instances/{name}/recreate", json=body)
         return OperationView.model_validate(raw)
+
+    def migrate(self, name: str, to: str | None = None, cold: bool = False) -> OperationView:
+        """Start ``migrate``; returns the operation as first recorded (follow it with
+        :meth:`op`)."""
+        body = MigrateRequest(to=to, cold=cold).model_dump(mode="json")
+        return OperationView.model_validate(
+            self._json("POST", f"/v1/instances/{name}/migrate", json=body))
+
+    def standbys(self) -> list[StandbyView]:
+        return _STANDBYS.validate_python(self._json("GET", "/v1/standbys"))
+
+    def standby_add(self, name: str, host: str | None, every: float) -> OperationView:
+        """Record a standby and start its first refresh (the returned operation)."""
+        body = StandbyRequest(host=host, every_seconds=every).model_dump(mode="json")
+        return OperationView.model_validate(
+            self._json("POST", f"/v1/instances/{name}/standby", json=body))
+
+    def standby_op(self, name: str, verb: str) -> OperationView:
+        """``sync`` or ``promote``: start that operation on ``name``'s standby."""
+        return OperationView.model_validate(
+            self._json("POST", f"/v1/instances/{name}/standby/{verb}"))
+
+    def standby_rm(self, name: str) -> None:
+        self._request("DELETE", f"/v1/instances/{name}/standby")
 
     def health(self) -> bool:
         """True when the server answers its unauthenticated health route."""

@@ -232,3 +232,38 @@ class RecreateRequest(BaseModel):
     """``POST /v1/instances/{name}/recreate``: where to create it again (default: same host)."""
 
     to: str | None = Field(default=None, description="target host; empty means its own host")
+
+
+class MigrateRequest(BaseModel):
+    """``POST /v1/instances/{name}/migrate``."""
+
+    to: str | None = Field(default=None, description="target host; empty lets the scheduler pick")
+    cold: bool = Field(default=False, description="stop first, then copy (no live pass)")
+
+
+class StandbyRequest(BaseModel):
+    """``POST /v1/instances/{name}/standby``: keep a warm copy on another host."""
+
+    host: str | None = Field(default=None, description="standby host; empty lets the "
+                             "scheduler pick one (never the primary's)")
+    every_seconds: float = Field(default=60.0, ge=1, le=7 * 86400,
+                                 description="refresh interval")
+
+
+class StandbyView(BaseModel):
+    """A warm standby: where, how fresh (``data_age_seconds``), and what its refreshes cost."""
+
+    instance: str
+    host: str
+    every_seconds: float
+    #: new (never synced) | syncing | ready | stale (last refresh failed, previous copy kept)
+    state: str
+    last_sync_at: float | None = None
+    #: when the copy's content was taken: a promoted standby drops back to this moment
+    data_at: float | None = None
+    data_age_seconds: float | None = None
+    last_freeze_ms: float | None = None
+    last_bytes: int | None = None
+    total_bytes: int = 0
+    syncs: int = 0
+    last_error: str = ""

@@ -8,12 +8,13 @@ succeeded, with the operation's error and its id for ``corral ops show``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from corral.api.client import Client
 from corral.api.models import OperationView
 from corral.api.timespec import iso
 from corral.cli.app import JSON_HELP, app, client
@@ -102,6 +103,35 @@ def ops_show(
         show_op(o)
 
 
+def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
+           json_out: bool, summary: Callable[[OperationView], str] | None = None
+           ) -> OperationView:
+    """Start an operation, follow it until it finishes (at most ``wait`` seconds), print it,
+    and raise :class:`OperationNotSucceeded` (exit 12) unless it succeeded."""
+    with client() as c:
+        o = start(c)
+        deadline = time.monotonic() + wait
+        while not o.finished and time.monotonic() < deadline:
+            time.sleep(0.3)
+            o = c.op(o.id)
+    if json_out:
+        print_json(o)
+    else:
+        show_op(o)
+        if summary is not None and o.state == "succeeded":
+            out().print(summary(o))
+    if not o.finished:
+        raise CorralError(f"operation {o.id} is still {o.state} after {wait:g}s",
+                          hint=f"follow it with 'corral ops show {o.id}'", retryable=True)
+    if o.state != "succeeded":
+        message = (o.error or {}).get("message", "no error recorded")
+        if json_out:
+            err().print(f"operation {o.id} {o.state}")
+        raise OperationNotSucceeded(f"{what} {o.state}: {message}",
+                                    hint=f"see 'corral ops show {o.id}'")
+    return o
+
+
 @app.command()
 def recreate(
     name: str,
@@ -112,22 +142,4 @@ def recreate(
 ) -> None:
     """Stop, delete and create an instance again (on its host or --to another), starting it
     again if it was running; any failure puts it back where it was."""
-    with client() as c:
-        o = c.recreate(name, to)
-        deadline = time.monotonic() + wait
-        while not o.finished and time.monotonic() < deadline:
-            time.sleep(0.3)
-            o = c.op(o.id)
-    if json_out:
-        print_json(o)
-    else:
-        show_op(o)
-    if not o.finished:
-        raise CorralError(f"operation {o.id} is still {o.state} after {wait:g}s",
-                          hint=f"follow it with 'corral ops show {o.id}'", retryable=True)
-    if o.state != "succeeded":
-        message = (o.error or {}).get("message", "no error recorded")
-        if json_out:
-            err().print(f"operation {o.id} {o.state}")
-        raise OperationNotSucceeded(f"recreate of '{name}' {o.state}: {message}",
-                                    hint=f"see 'corral ops show {o.id}'")
+    run_op(lambda c: c.recreate(name, to), f"recreate of '{name}'", wait, json_out)

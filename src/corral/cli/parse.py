@@ -88,3 +88,20 @@ def parse_cpus(value: float) -> float:
         raise InvalidRequest(f"bad --cpus {value}: must be more than 0",
                              hint="a CPU reservation in cores, e.g. 0.5 or 2")
     return value
+
+
+_TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``5m``, ``1h`` or ``2d``."""
+    raw = text.strip().lower()
+    try:
+        unit = raw[-1] if raw and raw[-1] in _TIME_UNITS else ""
+        value = float(raw[:-1]) * _TIME_UNITS[unit] if unit else float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{text!r} is not a duration",
+                             hint="write it like 30s, 5m or 1h") from None
+    if value < 0:
+        raise InvalidRequest(f"{text!r} is negative", hint="give a duration of 0 or more")
+    return value

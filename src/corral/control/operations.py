@@ -27,8 +27,11 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host
 from corral.control.fleet import Fleet
+from corral.control.migrate import KIND as MIGRATE
+from corral.control.migrate import Migrate
 from corral.control.recreate import KIND as RECREATE
 from corral.control.recreate import Recreate
+from corral.control.standby import FAILOVER, PROMOTE, SYNC, StandbyOps
 from corral.errors import Conflict
 from corral.ops.engine import Engine
 from corral.ops.hooks import Hooks
@@ -52,6 +55,11 @@ class Operations:
         self.hooks_dir = hooks_dir(settings)
         self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed)
         self.engine.register(RECREATE, Recreate(fleet, agents, settings).build)
+        self.engine.register(MIGRATE, Migrate(fleet, agents, settings).build)
+        standby = StandbyOps(fleet, agents, settings)
+        self.engine.register(SYNC, standby.build_sync)
+        self.engine.register(PROMOTE, standby.build_promote)
+        self.engine.register(FAILOVER, standby.build_failover)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._first_save: dict[str, asyncio.Future[OpRecord]] = {}
 

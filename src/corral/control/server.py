@@ -30,7 +30,7 @@ from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
 from corral.config import Settings, ensure_token
-from corral.control import logs_http, ops_api
+from corral.control import logs_http, ops_api, standby_api
 from corral.control.agents import AgentCaller
 from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
@@ -38,6 +38,7 @@ from corral.control.fleet import Fleet
 from corral.control.live import Live
 from corral.control.operations import Operations
 from corral.control.service import InstanceService
+from corral.control.standbys import Standbys
 from corral.errors import CorralError
 from corral.images import http as image_http
 from corral.images.store import ImageStore
@@ -96,6 +97,7 @@ class ControlPlane:
         #: the operation engine (recreate now; migrations, standbys, shelving later)
         self.ops: Operations | None = None
         self.images: ImageStore | None = None
+        self.standbys: Standbys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -144,6 +146,10 @@ class ControlPlane:
         routers.append(lambda auth: logs_http.router(lambda: self.nc, service.exists, auth))
         routers.extend(self.live.routers(service))
         routers.append(lambda auth: ops_api.router(ops, service, auth))
+        standbys = self.standbys = Standbys(fleet, service.agents, ops)
+        service.before_delete.append(standbys.discard_for_deleted)
+        routers.append(lambda auth: standby_api.router(ops, service, standbys, auth))
+        self._tasks.append(asyncio.create_task(standbys.loop(), name="standbys"))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
                         routers=routers, collectors=self.live.collectors())
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

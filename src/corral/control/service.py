@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -54,6 +54,8 @@ class InstanceService:
         #: told of every verb that fails (instance, verb, error), e.g. to publish an event
         self.on_error: Callable[[str, str, CorralError], None] | None = None
         self.settings = settings
+        #: awaited with the name before an instance is removed (e.g. its standby copy goes)
+        self.before_delete: list[Callable[[str], Awaitable[None]]] = []
         #: whether the image store holds an image of that name (set by the server once its
         #: store is open); None = no store, so an image-based create is refused.
         self.image_exists: Callable[[str], bool] | None = None
@@ -246,7 +248,9 @@ class InstanceService:
                              f"(its files stay on {host})",
                     )
                 log.warning("forgetting %s without its host %s (down)", name, host)
-            else:
+            for hook in self.before_delete:
+                await hook(name)
+            if up:
                 if alive:
                     await self._stop(name, host, None)
                 try:

@@ -86,6 +86,7 @@ class Engine:
         hooks: Hooks,
         *,
         forward_retries: int = 3,
+        undo_retries: int = 5,
         retry_delay: float = 1.0,
         on_change: Callable[[OpRecord], None] | None = None,
     ) -> None:
@@ -93,6 +94,9 @@ class Engine:
         self.hooks = hooks
         self.builders: dict[str, Builder] = {}
         self.forward_retries = forward_retries
+        #: an undo is tried this often (delays growing by ``retry_delay``) before the operation
+        #: is left needing attention: an agent killed mid-step is usually back within seconds
+        self.undo_retries = undo_retries
         self.retry_delay = retry_delay
         self.on_change = on_change
         self._locks: dict[str, asyncio.Lock] = {}
@@ -212,14 +216,22 @@ class Engine:
                 continue
             sr.state = StepState.UNDOING
             self._save(rec)
-            try:
-                await step.undo(ctx)
-            except Exception as exc:
-                sr.state, sr.error = StepState.UNDO_FAILED, f"undo: {_text(exc)}"
-                clean = False
-                log.error("operation %s: undo of %s failed: %s", rec.id, step.name, exc)
-            else:
-                sr.state = StepState.UNDONE
+            for attempt in range(1, self.undo_retries + 1):
+                try:
+                    await step.undo(ctx)
+                except Exception as exc:
+                    sr.error = f"undo: {_text(exc)}"
+                    if attempt < self.undo_retries:  # e.g. an agent coming back after a crash
+                        log.warning("operation %s: undo of %s failed (%s); retrying", rec.id,
+                                    step.name, exc)
+                        await asyncio.sleep(self.retry_delay * attempt)
+                        continue
+                    sr.state = StepState.UNDO_FAILED
+                    clean = False
+                    log.error("operation %s: undo of %s failed: %s", rec.id, step.name, exc)
+                else:
+                    sr.state = StepState.UNDONE
+                break
             sr.ended_at = time.time()
             self._save(rec)
         rec.state = OpState.ROLLED_BACK if clean else OpState.NEEDS_ATTENTION

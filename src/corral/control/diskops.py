@@ -1,0 +1,207 @@
+"""What the operations that move disks share: host checks, records, epochs, the disk calls.
+
+Migration, standby refresh, promotion and failover are all made of the same few moves: make a
+slot ready on one host, send a live pass and a frozen pass from another, adopt the copy, create
+and start the instance there. Each move here is one agent call with its undo beside it, so every
+operation built from them undoes exactly what it did, on every host involved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from corral.bus.messages import InstanceReport, WireSpec
+from corral.config import Settings
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Instance, Standby
+from corral.control.fleet import Fleet
+from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
+from corral.lifecycle import State
+from corral.ops.engine import OpContext
+
+log = logging.getLogger(__name__)
+
+#: states a disk may be moved from (frozen by an operator must be thawed first)
+MOVABLE = frozenset({State.RUNNING, State.STOPPED, State.CREATED, State.EXITED, State.FAILED})
+
+
+class HookRefused(Conflict):
+    code = "hook_refused"
+
+
+class DiskOps:
+    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.settings = settings
+
+    # -- reading the fleet -----------------------------------------------------------------------
+    @staticmethod
+    def host_up(s: Session, name: str, role: str) -> Host:
+        host = s.get(Host, name)
+        if host is None:
+            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
+        if host.state != "up":
+            raise HostUnavailable(f"{role} host {name} is down",
+                                  hint="wait for its agent to re-join (see 'corral host ls')")
+        return host
+
+    @staticmethod
+    def instance(s: Session, name: str) -> Instance:
+        inst = s.get(Instance, name)
+        if inst is None:
+            raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+        return inst
+
+    @staticmethod
+    def check_movable(inst: Instance, what: str) -> State:
+        state = State(inst.state)
+        if state not in MOVABLE:
+            raise Conflict(f"cannot {what} instance '{inst.name}': it is {state.value}",
+                           hint="thaw it first" if state == State.FROZEN else
+                           "wait until it is running or stopped")
+        if inst.rootfs:
+            raise InvalidRequest(
+                f"instance '{inst.name}' runs from the host path {inst.rootfs}, which corral "
+                f"cannot {what}", hint="create it from an image (--image) or the default root")
+        return state
+
+    @staticmethod
+    def check_pair(source: Host, target: Host) -> None:
+        """Both ends can move disks and keep them the same way."""
+        for h in (source, target):
+            if not h.data_port:
+                raise HostUnavailable(f"host {h.name} has no data channel for disk transfers",
+                                      hint="upgrade its agent and let it re-join")
+        if source.disk_backend != target.disk_backend:
+            raise InvalidRequest(
+                f"host {source.name} keeps disks in {source.disk_backend} and {target.name} "
+                f"in {target.disk_backend}", hint="pick a host with the same disk_backend")
+
+    def spec(self, inst: Instance, epoch: int) -> dict[str, Any]:
+        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
+                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
+                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=epoch,
+                        tail=dict(inst.tail or {}), vip=inst.vip).model_dump(mode="json")
+
+    # -- writing the fleet -----------------------------------------------------------------------
+    def record(self, name: str, host: str, state: State, report: InstanceReport | None,
+               **fields: Any) -> None:
+        """The instance now lives on ``host`` in ``state`` (refined by the agent's report)."""
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return
+            inst.host = host
+            inst.state = state.value
+            for k, v in fields.items():
+                setattr(inst, k, v)
+            inst.updated_at = self.fleet.clock()
+            if report is not None:
+                self.fleet.apply_report(inst, report, from_verb=True)
+
+    def new_epoch(self, name: str) -> int:
+        with self.fleet.sessions.begin() as s:
+            inst = self.instance(s, name)
+            inst.epoch += 1
+            return int(inst.epoch)
+
+    def standby_update(self, name: str, **fields: Any) -> None:
+        with self.fleet.sessions.begin() as s:
+            sb = s.get(Standby, name)
+            if sb is not None:
+                for k, v in fields.items():
+                    setattr(sb, k, v)
+
+    # -- the moves -------------------------------------------------------------------------------
+    async def recv(self, host: str, name: str, slot: str) -> dict[str, Any]:
+        out: dict[str, Any] = await self.agents.call(host, "disk_recv",
+                                                     {"name": name, "slot": slot})
+        return out
+
+    async def send(self, ctx: OpContext, host: str, mode: str, keep_frozen: bool = False
+                   ) -> dict[str, Any]:
+        """A pass from ``host`` into ``ctx.data['recv']``; the frozen one runs the
+        ``pre-freeze`` hook before (a refusal aborts) and ``post-thaw`` after."""
+        name = ctx.record.target
+        args = {"name": name, "target": ctx.data["recv"], "mode": mode,
+                "gen": ctx.data.get("gen", ""), "keep_frozen": keep_frozen}
+        if mode == "frozen":
+            pre = await ctx.hook("pre-freeze", {"instance": name, "host": host})
+            if not pre.ok:
+                raise HookRefused(f"pre-freeze hook refused (exit {pre.exit_code}): "
+                                  f"{pre.output.strip()[-300:]}",
+                                  hint="fix what the hook checks, then run it again")
+        try:
+            res: dict[str, Any] = await self.agents.call(host, "disk_send", args)
+        finally:
+            if mode == "frozen" and not keep_frozen:
+                await ctx.hook("post-thaw", {"instance": name, "host": host})
+        ctx.data["gen"] = res["gen"]
+        ctx.data["bytes"] = int(ctx.data.get("bytes", 0)) + int(res["bytes"])
+        ctx.data.setdefault("passes", []).append({"mode": mode, **res})
+        ctx.save()
+        log.info("%s: %s pass from %s: %d bytes in %.2fs%s", name, mode, host, res["bytes"],
+                 res["seconds"], f", frozen {res['freeze_ms']:.1f} ms"
+                 if res.get("freeze_ms") is not None else "")
+        return res
+
+    async def thaw_if_frozen(self, host: str, name: str) -> None:
+        try:
+            now = await self.agents.report(host, "status", {"name": name})
+        except NotFound:
+            return
+        if now.state == State.FROZEN.value:
+            await self.agents.report(host, "thaw", {"name": name})
+
+    async def kill_source(self, host: str, name: str) -> None:
+        """End the source copy at once: it is frozen with its final state already sent, so it
+        must not run its shutdown path (writes that would never reach the target)."""
+        report = await self.agents.report(host, "kill", {"name": name, "signal": 9})
+        self.record(name, host, State.STOPPED, report)
+
+    async def restart_source(self, ctx: OpContext, host: str) -> None:
+        """Undo of stopping the source: running there again, with a new epoch."""
+        name = ctx.record.target
+        try:
+            now = await self.agents.report(host, "status", {"name": name})
+        except NotFound:
+            return
+        if now.state == State.FROZEN.value:
+            now = await self.agents.report(host, "thaw", {"name": name})
+        if now.state != State.RUNNING.value:
+            epoch = self.new_epoch(name)
+            now = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        self.record(name, host, State.RUNNING, now, desired_state=State.RUNNING.value)
+
+    async def create_on(self, ctx: OpContext, host: str) -> None:
+        name = ctx.record.target
+        epoch = self.new_epoch(name)
+        ctx.data["epoch"] = epoch
+        ctx.save()
+        spec = {**ctx.data["spec"], "epoch": epoch}
+        await self.agents.report(host, "create", {"spec": spec})
+
+    async def start_on(self, ctx: OpContext, host: str) -> None:
+        name = ctx.record.target
+        if not ctx.data.get("was_running"):
+            self.record(name, host, State.CREATED, None)
+            return
+        epoch = self.new_epoch(name)
+        report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        self.record(name, host, State.RUNNING, report, desired_state=State.RUNNING.value)
+        ctx.data["started_at"] = time.time()
+        ctx.save()
+
+    async def stop_on(self, host: str, name: str) -> None:
+        """Undo of a start on ``host`` (nothing when it never ran there)."""
+        try:
+            now = await self.agents.report(host, "status", {"name": name})
+        except NotFound:
+            return
+        if now.state in (State.RUNNING.value, State.FROZEN.value):
+            await self.agents.report(host, "kill", {"name": name, "signal": 9})

@@ -1,0 +1,145 @@
+"""``migrate``: move an instance and its disk to another host; finish, or leave no trace.
+
+Warm (default): a live pass while the instance runs, then the instance is frozen for a pass of
+only what changed and stays frozen; it is killed on the source (its final state is already on
+the target), the copy is adopted as the target's disk, created and started there. Cold: stop
+first, then one pass. The start on the target is the point of no return; before it, any failure
+(a refused ``pre-migrate`` or ``pre-freeze`` hook, a full target disk, an agent that dies, a
+server killed -9 and restarted) undoes every step in reverse: the target's copy is removed, the
+source thawed or started again with a new epoch. After it, only the source's old copy remains to
+remove, which is retried, never undone.
+
+Downtime is measured on the server's clock, from the moment the frozen pass began freezing
+(its call's return minus the time the agent reports it was frozen) to the target's start reply.
+"""
+
+from __future__ import annotations
+
+import time
+
+from corral.control.db import Standby
+from corral.control.diskops import DiskOps
+from corral.errors import Conflict, InvalidRequest
+from corral.lifecycle import State
+from corral.ops.engine import OpContext, Step
+from corral.ops.store import OpRecord
+from corral.scheduling.placement import Request, place
+
+KIND = "migrate"
+
+
+class Migrate(DiskOps):
+    def build(self, rec: OpRecord) -> list[Step]:
+        cold = bool(rec.params.get("cold"))
+        steps = [Step("plan", self._plan), Step("prepare", self._prepare, self._unprepare)]
+        if cold:
+            steps += [Step("stop", self._stop, self._unstop),
+                      Step("copy", self._copy_cold)]
+        else:
+            steps += [Step("copy", self._copy_live),
+                      Step("freeze-copy", self._copy_frozen, self._unfreeze),
+                      Step("stop", self._stop, self._unstop)]
+        return [*steps,
+                Step("adopt", self._adopt, self._unadopt),
+                Step("create", self._create, self._unadopt),
+                Step("start", self._start, self._unstart, commit=True),
+                Step("cleanup", self._cleanup)]
+
+    # -- steps -------------------------------------------------------------------------------
+    async def _plan(self, ctx: OpContext) -> None:
+        name = ctx.record.target
+        with self.fleet.sessions() as s:
+            inst = self.instance(s, name)
+            state = self.check_movable(inst, "migrate")
+            source = self.host_up(s, inst.host or "", "its")
+            to = ctx.params.get("to")
+            snapshot = self.fleet.snapshot(s)
+            if not to:
+                to = place(Request(inst.cpus, inst.memory_bytes, inst.driver,
+                                   avoid=frozenset({source.name})), snapshot)
+            if to == source.name:
+                raise InvalidRequest(f"instance '{name}' already runs on {to}",
+                                     hint="name another host with --to")
+            target = self.host_up(s, to, "target")
+            self.check_pair(source, target)
+            sb = s.get(Standby, name)
+            if sb is not None and sb.host == to:
+                raise Conflict(f"{to} holds the standby of '{name}'",
+                               hint=f"use 'corral standby promote {name}' to switch to it")
+            if inst.driver not in (target.drivers or {}):
+                raise InvalidRequest(f"host {to} does not offer driver '{inst.driver}'",
+                                     hint="pick a host that lists it in 'corral host ls'")
+            place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to), snapshot)
+            ctx.data.update(source=source.name, target=to,
+                            was_running=state == State.RUNNING, state=state.value,
+                            spec=self.spec(inst, inst.epoch), bytes=0)
+
+    async def _prepare(self, ctx: OpContext) -> None:
+        ctx.data["recv"] = await self.recv(ctx.data["target"], ctx.record.target, "incoming")
+
+    async def _unprepare(self, ctx: OpContext) -> None:
+        if "target" in ctx.data:
+            await self.agents.call(ctx.data["target"], "disk_discard",
+                                   {"name": ctx.record.target, "slot": "incoming"})
+
+    async def _copy_live(self, ctx: OpContext) -> None:
+        if ctx.data["was_running"]:
+            await self.send(ctx, ctx.data["source"], "live")
+
+    async def _copy_frozen(self, ctx: OpContext) -> None:
+        started = time.monotonic()
+        res = await self.send(ctx, ctx.data["source"], "frozen", keep_frozen=True)
+        frozen_ms = res.get("freeze_ms")
+        if frozen_ms is not None:  # when, on our clock, the instance stopped answering
+            ctx.data["down_since"] = time.time() - frozen_ms / 1000.0
+        else:
+            ctx.data["down_since"] = time.time() - (time.monotonic() - started)
+        ctx.save()
+
+    async def _copy_cold(self, ctx: OpContext) -> None:
+        await self.send(ctx, ctx.data["source"], "frozen")
+
+    async def _unfreeze(self, ctx: OpContext) -> None:
+        if "source" in ctx.data:
+            await self.thaw_if_frozen(ctx.data["source"], ctx.record.target)
+
+    async def _stop(self, ctx: OpContext) -> None:
+        if not ctx.data["was_running"]:
+            return
+        if "down_since" not in ctx.data:
+            ctx.data["down_since"] = time.time()
+            ctx.save()
+        await self.kill_source(ctx.data["source"], ctx.record.target)
+
+    async def _unstop(self, ctx: OpContext) -> None:
+        if ctx.data.get("was_running"):
+            await self.restart_source(ctx, ctx.data["source"])
+
+    async def _adopt(self, ctx: OpContext) -> None:
+        await self.agents.call(ctx.data["target"], "disk_adopt",
+                               {"name": ctx.record.target, "slot": "incoming"})
+
+    async def _unadopt(self, ctx: OpContext) -> None:
+        """Nothing of the instance left on the target: its record and its disk go."""
+        if "target" in ctx.data:
+            await self.stop_on(ctx.data["target"], ctx.record.target)
+            await self.agents.call(ctx.data["target"], "delete", {"name": ctx.record.target})
+            self.record(ctx.record.target, ctx.data["source"],
+                        State(ctx.data["state"]) if not ctx.data["was_running"]
+                        else State.STOPPED, None)
+
+    async def _create(self, ctx: OpContext) -> None:
+        await self.create_on(ctx, ctx.data["target"])
+
+    async def _start(self, ctx: OpContext) -> None:
+        await self.start_on(ctx, ctx.data["target"])
+        if ctx.data.get("was_running") and "down_since" in ctx.data:
+            ctx.data["downtime_ms"] = round((time.time() - ctx.data["down_since"]) * 1000, 1)
+            ctx.save()
+
+    async def _unstart(self, ctx: OpContext) -> None:
+        await self.stop_on(ctx.data["target"], ctx.record.target)
+
+    async def _cleanup(self, ctx: OpContext) -> None:
+        """The source's copy goes (instance record, workdir and disk)."""
+        await self.agents.call(ctx.data["source"], "delete", {"name": ctx.record.target})

@@ -1,0 +1,120 @@
+"""Standby records: add (placed away from the primary), remove, list, and the refresh loop.
+
+Adding a standby records it and starts its first refresh at once; after that the loop starts a
+``standby-sync`` operation whenever one is due (see :func:`corral.control.standby.due`). An
+instance busy with another operation is simply tried again on the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Standby
+from corral.control.diskops import DiskOps
+from corral.control.fleet import Fleet
+from corral.control.operations import Operations
+from corral.control.standby import SYNC, due
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
+from corral.ops.store import OpRecord
+from corral.scheduling.placement import Request, place
+
+log = logging.getLogger(__name__)
+
+MIN_EVERY = 1.0
+TICK = 1.0
+
+
+class Standbys:
+    def __init__(self, fleet: Fleet, agents: AgentCaller, ops: Operations) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.ops = ops
+        self._tried: dict[str, float] = {}
+
+    def list(self) -> list[Standby]:
+        with self.fleet.sessions() as s:
+            return list(s.scalars(select(Standby).order_by(Standby.instance)))
+
+    async def add(self, name: str, host: str | None, every: float) -> OpRecord:
+        if every < MIN_EVERY:
+            raise InvalidRequest(f"a refresh every {every:g}s is too often",
+                                 hint=f"use at least {MIN_EVERY:g}s")
+        with self.fleet.sessions.begin() as s:
+            inst = DiskOps.instance(s, name)
+            DiskOps.check_movable(inst, "keep a standby of")
+            if s.get(Standby, name) is not None:
+                raise Conflict(f"instance '{name}' already has a standby",
+                               hint=f"remove it first ('corral standby rm {name}')")
+            primary = DiskOps.host_up(s, inst.host or "", "its")
+            if host is None:
+                host = place(Request(inst.cpus, inst.memory_bytes, inst.driver,
+                                     avoid=frozenset({primary.name})), self.fleet.snapshot(s))
+            if host == primary.name:
+                raise InvalidRequest(f"a standby of '{name}' cannot live on {host}, where it "
+                                     "runs", hint="name another host with --host")
+            target = DiskOps.host_up(s, host, "standby")
+            DiskOps.check_pair(primary, target)
+            s.add(Standby(instance=name, host=host, every_seconds=every, state="new",
+                          created_at=time.time(), total_bytes=0, syncs=0, last_error=""))
+        log.info("standby of %s on %s, every %gs", name, host, every)
+        return await self.sync(name)
+
+    async def sync(self, name: str) -> OpRecord:
+        with self.fleet.sessions() as s:
+            if s.get(Standby, name) is None:
+                raise NotFound(f"instance '{name}' has no standby",
+                               hint=f"add one with 'corral standby add {name}'")
+        self._tried[name] = time.time()
+        return await self.ops.begin(SYNC, name, {})
+
+    async def remove(self, name: str, check_busy: bool = True) -> None:
+        if check_busy and name in self.fleet.busy:
+            raise Conflict(f"'{name}' is busy with an operation",
+                           hint="wait for it (see 'corral ops ls'), then try again",
+                           retryable=True)
+        with self.fleet.sessions.begin() as s:
+            sb = s.get(Standby, name)
+            if sb is None:
+                raise NotFound(f"instance '{name}' has no standby")
+            host = s.get(Host, sb.host)
+            up = host is not None and host.state == "up"
+            where = sb.host
+            s.delete(sb)
+        if up:
+            await self.agents.call(where, "disk_discard", {"name": name, "slot": "standby"})
+        else:
+            log.warning("standby of %s removed while %s is down; its copy stays there", name,
+                        where)
+
+    async def discard_for_deleted(self, name: str) -> None:
+        """An instance is being deleted: its standby copy goes too (best effort)."""
+        with contextlib.suppress(NotFound, CorralError):
+            await self.remove(name, check_busy=False)
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                for name in due(self.fleet.sessions, time.time(), self._tried):
+                    if name in self.fleet.busy:
+                        continue
+                    self._tried[name] = time.time()
+                    with contextlib.suppress(Conflict):
+                        await self.ops.begin(SYNC, name, {})
+            except Exception:
+                log.exception("standby refresh loop failed; trying again")
+
+    def view(self, sb: Standby) -> dict[str, Any]:
+        now = time.time()
+        return {"instance": sb.instance, "host": sb.host, "every_seconds": sb.every_seconds,
+                "state": sb.state, "last_sync_at": sb.last_sync_at, "data_at": sb.data_at,
+                "data_age_seconds": None if sb.data_at is None else round(now - sb.data_at, 3),
+                "last_freeze_ms": sb.last_freeze_ms, "last_bytes": sb.last_bytes,
+                "total_bytes": sb.total_bytes, "syncs": sb.syncs, "last_error": sb.last_error}
