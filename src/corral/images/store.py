@@ -3,6 +3,11 @@ collect garbage.
 
 An image is a ref ``image:<name>`` pointing at its manifest, which is itself stored as a chunk,
 so the whole store is one content-addressed space and a copy of it is a copy of its files.
+
+A shelved instance's disk is stored the same way under a reserved name, ``@shelf-<instance>-<op>``
+(``@`` never starts a name an operator gives): agents fetch it through the same routes and gc
+keeps its chunks like any image's, but it is not an image to run or remove by hand, so listings
+(``corral image ls``) leave it out and ``remove`` refuses it; ``corral shelved`` lists them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from corral.images.packstore import PackStore, SweepResult
 from corral.images.tree import Manifest, materialize, snapshot
 
 PREFIX = "image:"
+#: names of shelved disks start with this (see the module doc)
+SHELF_PREFIX = "@shelf-"
+
+
+def is_shelf(name: str) -> bool:
+    return name.startswith(SHELF_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -93,12 +104,18 @@ class ImageStore:
     def materialize(self, name: str, dest: Path) -> None:
         materialize(self.manifest(name), self.packs, dest)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, shelf: bool = False) -> None:
+        """Drop a name; a shelved disk's only when ``shelf`` (unshelve and rm do that)."""
+        if is_shelf(name) and not shelf:
+            raise InvalidRequest(f"'{name}' is a shelved instance's disk, not an image",
+                                 hint="it goes when the instance is unshelved or removed")
         if not self.packs.del_ref(PREFIX + name):
             raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
 
-    def names(self) -> list[str]:
-        return sorted(k[len(PREFIX):] for k in self.packs.refs() if k.startswith(PREFIX))
+    def names(self, shelves: bool = False) -> list[str]:
+        """Image names; shelved disks too when ``shelves``."""
+        return sorted(k[len(PREFIX):] for k in self.packs.refs()
+                      if k.startswith(PREFIX) and (shelves or not is_shelf(k[len(PREFIX):])))
 
     def _chunk_sizes(self, manifest: Manifest) -> dict[str, int]:
         sizes: dict[str, int] = {}
@@ -108,7 +125,22 @@ class ImageStore:
         return sizes
 
     def info(self, name: str) -> ImageInfo:
-        return self.list([name])[0]
+        return self.shelf_info(name) if is_shelf(name) else self.list([name])[0]
+
+    def shelf_info(self, name: str) -> ImageInfo:
+        """A shelved disk's figures; ``unique_size`` counts the bytes of chunks no image
+        shares (what shelving it added to the store, at most), without reading other
+        shelves' manifests (a hundred shelves must not make each shelve slower)."""
+        m = self.manifest(name)
+        in_images: set[str] = set()
+        for n in self.names():
+            in_images |= self.manifest(n).chunk_ids()
+        sizes = self._chunk_sizes(m)
+        ref = self.packs.get_ref(PREFIX + name)
+        return ImageInfo(name=name, manifest=ref.hex() if ref else "",
+                         files=sum(1 for e in m.entries if e.kind == "f"), size=m.size(),
+                         unique_size=sum(sz for c, sz in sizes.items() if c not in in_images),
+                         stored_size=sum(sizes.values()))
 
     def list(self, only: list[str] | None = None) -> list[ImageInfo]:
         names = self.names()
@@ -137,7 +169,7 @@ class ImageStore:
         if not damage:
             return []
         users: dict[str, list[str]] = {}
-        for name in self.names():
+        for name in self.names(shelves=True):
             ref = self.packs.get_ref(PREFIX + name)
             if ref is not None:
                 users.setdefault(ref.hex(), []).append(name)
