@@ -93,6 +93,9 @@ class InstanceView(BaseModel):
     updated_at: float
     usage: Usage = Field(default_factory=Usage)
     allowed: list[str] = Field(default_factory=list, description="verbs allowed from this state")
+    #: shelving: the host still keeping its disk, and the shelved manifest (when shelved)
+    disk_host: str | None = None
+    shelf: str | None = None
 
 
 class Resources(BaseModel):
@@ -267,3 +270,43 @@ class StandbyView(BaseModel):
     total_bytes: int = 0
     syncs: int = 0
     last_error: str = ""
+
+
+# --- shelving (issue 5) --------------------------------------------------------------------------
+
+
+class ShelveRequest(BaseModel):
+    """``POST /v1/instances/{name}/shelve``."""
+
+    offload_after: float | None = Field(
+        default=None, le=10 * 365 * 86400,
+        description="seconds the disk stays on its host after shelving (a fast unshelve "
+                    "there); 0 removes it at once, negative keeps it until unshelve or rm; "
+                    "empty means the server's shelved_offload_seconds")
+
+
+class UnshelveRequest(BaseModel):
+    """``POST /v1/instances/{name}/unshelve``."""
+
+    to: str | None = Field(default=None, description="host to unshelve on; empty: its old host "
+                           "when the disk is there and it fits, else the scheduler's choice")
+
+
+class ShelfView(BaseModel):
+    """A shelved instance: its reservations (held by no host now) and where its disk is."""
+
+    name: str
+    driver: str
+    cpus: float
+    memory_bytes: int
+    image: str | None = None
+    shelf: str | None = Field(default=None, description="the shelved manifest's store name")
+    shelved_from: str | None = None
+    shelved_at: float | None = None
+    disk_host: str | None = Field(default=None, description="host still keeping the disk")
+    offload_at: float | None = Field(default=None, description="when that copy is removed; "
+                                     "empty: kept until unshelve or rm")
+    size: int | None = Field(default=None, description="bytes of the disk's files")
+    stored_size: int | None = Field(default=None, description="bytes of its distinct chunks")
+    unique_size: int | None = Field(default=None,
+                                    description="bytes of its chunks no image shares")

@@ -30,7 +30,7 @@ from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
 from corral.config import Settings, ensure_token
-from corral.control import logs_http, ops_api, standby_api
+from corral.control import logs_http, ops_api, shelve_api, standby_api
 from corral.control.agents import AgentCaller
 from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
@@ -38,6 +38,7 @@ from corral.control.fleet import Fleet
 from corral.control.live import Live
 from corral.control.operations import Operations
 from corral.control.service import InstanceService
+from corral.control.shelves import Shelves
 from corral.control.standbys import Standbys
 from corral.errors import CorralError
 from corral.images import http as image_http
@@ -123,6 +124,8 @@ class ControlPlane:
         service = InstanceService(fleet, AgentCaller(self.nc), s)
         await self.live.start(self.nc, fleet, service)  # events from the first join on
         ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed)
+        # registers shelve/unshelve before ops.start can resume one a crash left unfinished
+        shelves = Shelves(fleet, service.agents, s, ops, lambda: self.images)
         bus_ready_at = fleet.clock()
         await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))
         await self.nc.subscribe(subjects.HEARTBEAT_ALL,
@@ -150,6 +153,9 @@ class ControlPlane:
         service.before_delete.append(standbys.discard_for_deleted)
         routers.append(lambda auth: standby_api.router(ops, service, standbys, auth))
         self._tasks.append(asyncio.create_task(standbys.loop(), name="standbys"))
+        service.before_delete.append(shelves.discard_for_deleted)
+        routers.append(lambda auth: shelve_api.router(ops, service, shelves, auth))
+        self._tasks.append(asyncio.create_task(shelves.loop(), name="shelves"))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
                         routers=routers, collectors=self.live.collectors())
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

@@ -240,7 +240,7 @@ class InstanceService:
                 host = inst.host or ""
                 up = host_row is not None and host_row.state == "up"
                 inst.desired_state = State.DELETED.value
-            if not up:
+            if not up and state != State.SHELVED:  # a shelved one has no host to ask
                 if not force:
                     raise HostUnavailable(
                         f"host {host} of instance '{name}' is down, so it cannot clean up",

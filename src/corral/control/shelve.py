@@ -1,0 +1,227 @@
+"""The ``shelve`` operation: the disk goes to the image store, CPU and memory are released at
+once, the disk itself stays on the host until the offload delay (USERS.md §3).
+
+Steps, each with an undo that leaves the instance as it was (running where it ran):
+
+1. ``plan``: check it can be shelved (not frozen, not run from a host path, host up) and write
+   down what every undo needs;
+2. ``stop``: stop it if it runs (undo: start it again);
+3. ``push``: the agent chunks the stopped disk and uploads only what the store lacks, under the
+   reserved name ``@shelf-<name>-<op>`` (undo: drop that name; gc frees what no one else uses);
+4. ``delete``: delete it on the host but keep its disk (undo: create it again there; the create
+   finds the disk and uses it as it is);
+5. ``record`` (the point of no return): the row says ``shelved``, ``host`` NULL (so the fleet's
+   reservations no longer count it) and ``disk_host`` the host that keeps the disk until
+   ``offload_at``;
+6. ``offload``: with a delay of 0 the disk goes at once (if that fails, the offload loop in
+   :mod:`corral.control.shelves` tries again).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from corral.bus.messages import InstanceReport, WireSpec
+from corral.config import Settings
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Instance
+from corral.control.fleet import Fleet
+from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
+from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
+from corral.lifecycle import State, Verb, check_verb
+from corral.ops.engine import OpContext, Step
+from corral.ops.store import OpRecord
+
+log = logging.getLogger(__name__)
+
+KIND = "shelve"
+
+
+def shelf_name(instance: str, op_id: str) -> str:
+    """The store name of one shelving of ``instance`` (unique per operation, so a retried or
+    repeated shelve never replaces a manifest an agent may be reading)."""
+    return f"{SHELF_PREFIX}{instance}-{op_id[:8]}"
+
+
+class ShelfSteps:
+    """What shelve and unshelve share: the fleet, the agents, the store and row updates."""
+
+    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings,
+                 images: Callable[[], ImageStore | None]) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.settings = settings
+        self._images = images
+
+    def store(self) -> ImageStore:
+        store = self._images()
+        if store is None:
+            raise HostUnavailable("the image store is not open yet",
+                                  hint="the server is starting; try again", retryable=True)
+        return store
+
+    def drop_shelf(self, shelf: str | None) -> None:
+        """Remove a shelved manifest's name (idempotent)."""
+        if shelf:
+            self.store().packs.del_ref(PREFIX + shelf)
+
+    @staticmethod
+    def host_up(s: Session, name: str, role: str) -> Host:
+        host = s.get(Host, name)
+        if host is None:
+            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
+        if host.state != "up":
+            raise HostUnavailable(f"{role} host {name} is down",
+                                  hint="wait for its agent to re-join (see 'corral host ls')")
+        return host
+
+    def update(self, name: str, report: InstanceReport | None = None, **fields: Any) -> None:
+        """Set ``fields`` on the row, then apply the agent's report (if any)."""
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return
+            for key, value in fields.items():
+                setattr(inst, key, value)
+            inst.updated_at = self.fleet.clock()
+            if report is not None:
+                self.fleet.apply_report(inst, report, from_verb=True)
+
+    def new_epoch(self, name: str) -> int:
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                raise NotFound(f"instance '{name}' disappeared during the operation")
+            inst.epoch += 1
+            return int(inst.epoch)
+
+    def spec(self, ctx: OpContext) -> dict[str, Any]:
+        """The recorded spec with the row's current epoch."""
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, ctx.record.target)
+            epoch = inst.epoch if inst is not None else 1
+        return {**ctx.data["spec"], "epoch": epoch}
+
+    @staticmethod
+    def wire_spec(inst: Instance) -> dict[str, Any]:
+        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
+                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
+                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=inst.epoch,
+                        tail=dict(inst.tail or {})).model_dump(mode="json")
+
+    async def start_on(self, name: str, host: str) -> None:
+        epoch = self.new_epoch(name)
+        report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        self.update(name, report, host=host, state=State.RUNNING.value,
+                    desired_state=State.RUNNING.value)
+
+
+class Shelve(ShelfSteps):
+    """Builds the steps of a ``shelve`` record (see the module doc)."""
+
+    def build(self, rec: OpRecord) -> list[Step]:
+        return [
+            Step("plan", self._plan),
+            Step("stop", self._stop, self._unstop),
+            Step("push", self._push, self._unpush),
+            Step("delete", self._delete, self._undelete),
+            Step("record", self._record, commit=True),
+            Step("offload", self._offload),
+        ]
+
+    async def _plan(self, ctx: OpContext) -> None:
+        name = ctx.record.target
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            state = State(inst.state)
+            check_verb(name, state, Verb.SHELVE)
+            if inst.rootfs:
+                raise InvalidRequest(
+                    f"instance '{name}' runs from a host path ({inst.rootfs}), which corral "
+                    "does not own", hint="only instances with their own disk (--image, or "
+                    "neither --image nor --from) can be shelved")
+            source = inst.host or ""
+            self.host_up(s, source, "its")
+            old_copy = inst.disk_host if inst.disk_host not in (None, source) else None
+            spec = self.wire_spec(inst)
+        if old_copy is not None:  # left by an unshelve elsewhere: drop it before we reuse the
+            try:                  # column for this shelving's copy
+                await self.agents.call(old_copy, "disk_drop", {"name": name})
+            except HostUnavailable as exc:
+                raise Conflict(f"an old copy of '{name}''s disk on {old_copy} is not removed "
+                               "yet and that host does not answer",
+                               hint="wait for the host to come back, then shelve again",
+                               retryable=True) from exc
+            self.update(name, disk_host=None, offload_at=None)
+        raw = ctx.params.get("offload_after")
+        delay = self.settings.shelved_offload_seconds if raw is None else float(raw)
+        ctx.data.update(source=source, was_running=state == State.RUNNING,
+                        state=state.value, spec=spec, shelf=shelf_name(name, ctx.record.id),
+                        offload_after=None if delay < 0 else delay)
+
+    async def _stop(self, ctx: OpContext) -> None:
+        if not ctx.data["was_running"]:
+            return
+        name, source = ctx.record.target, ctx.data["source"]
+        report = await self.agents.report(source, "stop", {
+            "name": name, "timeout": self.settings.stop_timeout})
+        self.update(name, report, state=State.STOPPED.value,
+                    desired_state=State.STOPPED.value)
+
+    async def _unstop(self, ctx: OpContext) -> None:
+        if not ctx.data.get("was_running"):
+            return
+        name, source = ctx.record.target, ctx.data["source"]
+        now = await self.agents.report(source, "status", {"name": name})
+        if now.state != State.RUNNING.value:
+            await self.start_on(name, source)
+
+    async def _push(self, ctx: OpContext) -> None:
+        name, source, shelf = ctx.record.target, ctx.data["source"], ctx.data["shelf"]
+        out = await self.agents.call(source, "disk_push", {"name": name, "image": shelf})
+        info = self.store().shelf_info(shelf)
+        ctx.data["push"] = {**dict(out), "size": info.size, "stored_size": info.stored_size,
+                            "unique_size": info.unique_size, "files": info.files}
+
+    async def _unpush(self, ctx: OpContext) -> None:
+        self.drop_shelf(ctx.data.get("shelf"))
+
+    async def _delete(self, ctx: OpContext) -> None:
+        await self.agents.call(ctx.data["source"], "delete",
+                               {"name": ctx.record.target, "keep_disk": True})
+
+    async def _undelete(self, ctx: OpContext) -> None:
+        """Back on its host, on its own disk (create finds the disk and uses it)."""
+        if "source" not in ctx.data:
+            return
+        name, source = ctx.record.target, ctx.data["source"]
+        report = await self.agents.report(source, "create", {"spec": self.spec(ctx)})
+        state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
+        self.update(name, report, host=source, state=state.value)
+
+    async def _record(self, ctx: OpContext) -> None:
+        now = self.fleet.clock()
+        delay = ctx.data["offload_after"]
+        self.update(ctx.record.target, host=None, state=State.SHELVED.value,
+                    desired_state=State.SHELVED.value, pid=None, exit_code=None,
+                    disk_host=ctx.data["source"], shelf=ctx.data["shelf"],
+                    shelved_from=ctx.data["state"], shelved_at=now,
+                    offload_at=None if delay is None else now + delay)
+
+    async def _offload(self, ctx: OpContext) -> None:
+        if ctx.data["offload_after"] != 0:
+            return
+        name, source = ctx.record.target, ctx.data["source"]
+        try:
+            await self.agents.call(source, "disk_drop", {"name": name})
+        except Exception as exc:  # the offload loop tries again; the shelve itself succeeded
+            log.warning("could not drop the shelved disk of %s on %s now (%s); the offload "
+                        "loop will", name, source, exc)
+            return
+        self.update(name, disk_host=None, offload_at=None)

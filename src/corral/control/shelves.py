@@ -1,0 +1,127 @@
+"""Shelved instances outside their operations: registration of the two operation kinds, the
+offload loop that removes kept disks when their delay passed, clean-up when an instance is
+removed, and the listing behind ``GET /v1/shelves``.
+
+A kept disk is named by the instance row: ``disk_host`` holds a copy until ``offload_at`` (NULL:
+kept until unshelve or rm). The loop only touches rows no operation or verb holds (the fleet's
+busy set, which it also takes while it works), so an unshelve never chooses "its disk is still
+there" while that disk is being removed; the agent refuses to drop a disk an instance uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from corral.api.models import ShelfView
+from corral.config import Settings
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Instance
+from corral.control.fleet import Fleet
+from corral.control.operations import Operations
+from corral.control.shelve import KIND as SHELVE
+from corral.control.shelve import Shelve
+from corral.control.unshelve import KIND as UNSHELVE
+from corral.control.unshelve import Unshelve
+from corral.errors import CorralError
+from corral.images.store import ImageStore
+from corral.lifecycle import State
+
+log = logging.getLogger(__name__)
+
+#: how often the offload loop looks for disks whose delay passed
+OFFLOAD_EVERY = 1.0
+
+
+class Shelves:
+    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings, ops: Operations,
+                 images: Callable[[], ImageStore | None]) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.images = images
+        self.shelve = Shelve(fleet, agents, settings, images)
+        ops.engine.register(SHELVE, self.shelve.build)
+        ops.engine.register(UNSHELVE, Unshelve(fleet, agents, settings, images).build)
+
+    # -- the offload loop --------------------------------------------------------------------
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(OFFLOAD_EVERY)
+            try:
+                await self.offload_due()
+            except Exception:
+                log.exception("offload pass failed; trying again")
+
+    def _due(self) -> list[tuple[str, str]]:
+        now = self.fleet.clock()
+        with self.fleet.sessions() as s:
+            up = {h.name for h in s.scalars(select(Host).where(Host.state == "up"))}
+            rows = s.scalars(select(Instance).where(
+                Instance.disk_host.is_not(None), Instance.offload_at.is_not(None),
+                Instance.offload_at <= now))
+            return [(i.name, i.disk_host) for i in rows
+                    if i.disk_host in up and i.disk_host != i.host
+                    and i.name not in self.fleet.busy]
+
+    async def offload_due(self) -> list[str]:
+        """Remove every kept disk whose delay passed (on hosts that are up); their names."""
+        done = []
+        for name, host in self._due():
+            if name in self.fleet.busy:
+                continue
+            self.fleet.busy.add(name)
+            try:
+                await self.agents.call(host, "disk_drop", {"name": name})
+            except CorralError as exc:
+                log.warning("could not remove the kept disk of %s on %s: %s", name, host, exc)
+                continue
+            finally:
+                self.fleet.busy.discard(name)
+            with self.fleet.sessions.begin() as s:
+                inst = s.get(Instance, name)
+                if inst is not None and inst.disk_host == host:
+                    inst.disk_host, inst.offload_at = None, None
+            log.info("kept disk of %s removed from %s (offload delay passed)", name, host)
+            done.append(name)
+        return done
+
+    # -- rm ----------------------------------------------------------------------------------
+    async def discard_for_deleted(self, name: str) -> None:
+        """``InstanceService.before_delete`` hook: a kept disk and a shelved manifest go too
+        (best effort for the disk: a host that is down keeps it, and the log says so)."""
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return
+            disk_host, shelf, host = inst.disk_host, inst.shelf, inst.host
+        if disk_host is not None and disk_host != host:
+            try:
+                await self.agents.call(disk_host, "disk_drop", {"name": name})
+            except CorralError as exc:
+                log.warning("the kept disk of %s stays on %s: %s", name, disk_host, exc)
+        self.shelve.drop_shelf(shelf)
+
+    # -- listing -----------------------------------------------------------------------------
+    def views(self) -> list[ShelfView]:
+        store = self.images()
+        with self.fleet.sessions() as s:
+            rows = list(s.scalars(select(Instance).where(
+                Instance.state == State.SHELVED.value).order_by(Instance.name)))
+        out = []
+        for i in rows:
+            size = stored = unique = None
+            if store is not None and i.shelf:
+                try:
+                    info = store.shelf_info(i.shelf)
+                    size, stored, unique = info.size, info.stored_size, info.unique_size
+                except CorralError:
+                    pass
+            out.append(ShelfView(
+                name=i.name, driver=i.driver, cpus=i.cpus, memory_bytes=i.memory_bytes,
+                image=i.image, shelf=i.shelf, shelved_from=i.shelved_from,
+                shelved_at=i.shelved_at, disk_host=i.disk_host, offload_at=i.offload_at,
+                size=size, stored_size=stored, unique_size=unique))
+        return out

@@ -1,0 +1,182 @@
+"""The ``unshelve`` operation: back to the old host when its disk is still there and it fits
+(nothing moves), else to the host the scheduler picks, preferring hosts that already cache more
+of the shelved disk's chunks, which then fetch only what they lack (USERS.md §3).
+
+Steps, each with an undo that leaves the instance shelved as it was:
+
+1. ``plan``: choose the host and reserve its CPU and memory at once (the row gets ``host``
+   while still ``shelved``, so concurrent unshelves in a bulk never overfill a host); undo:
+   release the reservation;
+2. ``pull``: the agent makes ``DISK_ROOT/NAME`` from the shelved manifest, or finds the kept
+   disk there and moves nothing; undo: drop a disk that was built for this (a kept disk stays);
+3. ``create``: the ordinary create, which uses that disk as it is; undo: delete, keeping the
+   disk for the pull's undo to judge;
+4. ``start``: if it was running when shelved; undo: stop it;
+5. ``finish`` (the point of no return): the row forgets the shelf, the store drops its name;
+   an old copy of the disk on another host is left to the offload loop to remove at once.
+
+The chunk preference is measured, not guessed: the server sends every candidate host a sample
+of the manifest's chunk ids (the numerically smallest ``SAMPLE`` of them, which for hashes is a
+uniform sample) and each agent says how many it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from corral.control.db import Instance
+from corral.control.shelve import ShelfSteps
+from corral.errors import Conflict, NotFound
+from corral.lifecycle import State, Verb, check_verb
+from corral.ops.engine import OpContext, Step
+from corral.ops.store import OpRecord
+from corral.scheduling.placement import Request, fits, place
+
+log = logging.getLogger(__name__)
+
+KIND = "unshelve"
+SAMPLE = 256
+
+
+class Unshelve(ShelfSteps):
+    """Builds the steps of an ``unshelve`` record (see the module doc)."""
+
+    def build(self, rec: OpRecord) -> list[Step]:
+        return [
+            Step("plan", self._plan, self._unplan),
+            Step("pull", self._pull, self._unpull),
+            Step("create", self._create, self._uncreate),
+            Step("start", self._start, self._unstart),
+            Step("finish", self._finish, commit=True),
+        ]
+
+    # -- placement ---------------------------------------------------------------------------
+    async def _scores(self, shelf: str, driver: str) -> dict[str, float]:
+        """Share of a sample of the shelf's chunks each up host with the driver caches."""
+        manifest = await asyncio.to_thread(self.store().manifest, shelf)
+        sample = sorted(manifest.chunk_ids())[:SAMPLE]
+        if not sample:
+            return {}
+        with self.fleet.sessions() as s:
+            hosts = [h.name for h in self.fleet.snapshot(s) if h.up and driver in h.drivers]
+        answers = await asyncio.gather(
+            *(self.agents.call(h, "chunks_cached", {"ids": sample}) for h in hosts),
+            return_exceptions=True)
+        scores: dict[str, float] = {}
+        for host, got in zip(hosts, answers, strict=True):
+            if isinstance(got, BaseException) or not isinstance(got, dict):
+                log.info("host %s did not say which chunks it caches: %s", host, got)
+                continue
+            scores[host] = int(got.get("have", 0)) / len(sample)
+        return scores
+
+    def _reserve(self, ctx: OpContext, scores: dict[str, float] | None) -> bool:
+        """Pick and reserve a host in one transaction (no await: nothing interleaves).
+        With ``scores`` None, only the old host is tried; False when it does not fit."""
+        name, to = ctx.record.target, ctx.params.get("to")
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            snap = self.fleet.snapshot(s)
+            old = inst.disk_host
+            if scores is None:
+                if old is None or (to is not None and to != old):
+                    return False
+                req = Request(inst.cpus, inst.memory_bytes, inst.driver, host=old)
+                if not any(h.name == old and fits(req, h) for h in snap):
+                    return False
+                target = old
+            else:
+                target = place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to,
+                                       prefer=scores), snap)
+            inst.host = target
+            inst.updated_at = self.fleet.clock()
+        ctx.data.update(target=target, fast=target == old, scores=scores or {})
+        ctx.save()
+        return True
+
+    # -- steps -------------------------------------------------------------------------------
+    async def _plan(self, ctx: OpContext) -> None:
+        name = ctx.record.target
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            check_verb(name, State(inst.state), Verb.UNSHELVE)
+            if inst.host is not None:
+                raise Conflict(f"instance '{name}' already has a host reserved ({inst.host})",
+                               hint="an earlier unshelve did not finish; see 'corral ops ls'")
+            shelf, driver = inst.shelf or "", inst.driver
+            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.wire_spec(inst),
+                            was_running=inst.shelved_from == State.RUNNING.value)
+        if not shelf or self.store().packs.get_ref("image:" + shelf) is None:
+            raise NotFound(f"the shelved disk of '{name}' ({shelf or 'none'}) is not in the "
+                           "image store", hint="it cannot be unshelved; 'corral rm' it")
+        if not self._reserve(ctx, None):
+            self._reserve(ctx, await self._scores(shelf, driver))
+        log.info("unshelving %s to %s (%s)", name, ctx.data["target"],
+                 "its disk is there" if ctx.data["fast"] else "fetching what it lacks")
+
+    async def _unplan(self, ctx: OpContext) -> None:
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, ctx.record.target)
+            if inst is None:
+                return
+        self.update(ctx.record.target, host=None, state=State.SHELVED.value, pid=None,
+                    desired_state=State.SHELVED.value)
+
+    async def _pull(self, ctx: OpContext) -> None:
+        name, target = ctx.record.target, ctx.data["target"]
+        ctx.data["pull_sent"] = True
+        ctx.save()
+        ctx.data["pull"] = await self.agents.call(target, "disk_pull", {
+            "name": name, "image": ctx.data["shelf"], "replace": not ctx.data["fast"]})
+
+    async def _unpull(self, ctx: OpContext) -> None:
+        """A disk built for this unshelve goes; the kept disk of a fast one stays."""
+        if ctx.data.get("pull_sent") and not ctx.data.get("fast"):
+            await self.agents.call(ctx.data["target"], "disk_drop",
+                                   {"name": ctx.record.target})
+
+    async def _create(self, ctx: OpContext) -> None:
+        name, target = ctx.record.target, ctx.data["target"]
+        ctx.data["create_sent"] = True
+        ctx.save()
+        report = await self.agents.report(target, "create", {"spec": self.spec(ctx)})
+        self.update(name, report, state=State.CREATED.value)
+
+    async def _uncreate(self, ctx: OpContext) -> None:
+        if ctx.data.get("create_sent"):
+            await self.agents.call(ctx.data["target"], "delete",
+                                   {"name": ctx.record.target, "keep_disk": True})
+
+    async def _start(self, ctx: OpContext) -> None:
+        if ctx.data["was_running"]:
+            await self.start_on(ctx.record.target, ctx.data["target"])
+
+    async def _unstart(self, ctx: OpContext) -> None:
+        if not ctx.data.get("was_running") or "target" not in ctx.data:
+            return
+        name, target = ctx.record.target, ctx.data["target"]
+        try:
+            now = await self.agents.report(target, "status", {"name": name})
+        except NotFound:
+            return  # never created there
+        if now.state in (State.RUNNING.value, State.FROZEN.value):
+            await self.agents.report(target, "stop", {
+                "name": name, "timeout": self.settings.stop_timeout})
+
+    async def _finish(self, ctx: OpContext) -> None:
+        name, target, old = ctx.record.target, ctx.data["target"], ctx.data["disk_host"]
+        desired = State.RUNNING if ctx.data["was_running"] else State.CREATED
+        fields: dict[str, Any] = dict(shelf=None, shelved_from=None, shelved_at=None,
+                                         desired_state=desired.value)
+        if old is None or old == target:
+            fields.update(disk_host=None, offload_at=None)
+        else:  # an old copy stays on the old host: the offload loop removes it at once
+            fields.update(offload_at=self.fleet.clock())
+        self.update(name, None, **fields)
+        self.drop_shelf(ctx.data["shelf"])
