@@ -53,7 +53,8 @@ class Operations:
         self.publish = publish
         self.store = OperationStore(db)  # the table comes from migration 0003, never create_all
         self.hooks_dir = hooks_dir(settings)
-        self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed)
+        self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed,
+                             pause_dir=Path(settings.data_dir) / "drills")
         self.engine.register(RECREATE, Recreate(fleet, agents, settings).build)
         self.engine.register(MIGRATE, Migrate(fleet, agents, settings).build)
         standby = StandbyOps(fleet, agents, settings)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, CorralError, InvalidRequest
@@ -34,6 +35,9 @@ from corral.ops.store import (
 )
 
 log = logging.getLogger(__name__)
+
+#: a fire-drill pause (see :meth:`Engine._pause`) never holds a step longer than this
+PAUSE_LIMIT = 300.0
 
 
 class OpContext:
@@ -89,6 +93,7 @@ class Engine:
         undo_retries: int = 5,
         retry_delay: float = 1.0,
         on_change: Callable[[OpRecord], None] | None = None,
+        pause_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.hooks = hooks
@@ -99,6 +104,7 @@ class Engine:
         self.undo_retries = undo_retries
         self.retry_delay = retry_delay
         self.on_change = on_change
+        self.pause_dir = pause_dir
         self._locks: dict[str, asyncio.Lock] = {}
 
     def register(self, kind: str, builder: Builder) -> None:
@@ -186,7 +192,9 @@ class Engine:
                 sr.state, sr.started_at, sr.error = StepState.RUNNING, time.time(), ""
                 self._save(rec)
                 try:
+                    await self._pause(rec, step.name, "before")
                     await step.do(ctx)
+                    await self._pause(rec, step.name, "after")
                 except Exception as exc:  # every failure, whatever its type, is recorded
                     sr.state, sr.ended_at, sr.error = StepState.FAILED, time.time(), _text(exc)
                     self._save(rec)
@@ -236,6 +244,22 @@ class Engine:
             self._save(rec)
         rec.state = OpState.ROLLED_BACK if clean else OpState.NEEDS_ATTENTION
         self._save(rec)
+
+    async def _pause(self, rec: OpRecord, step: str, when: str) -> None:
+        """Fire drills: while ``<pause_dir>/<kind>.<step>.<before|after>`` exists, the step
+        waits there (after writing ``….reached``), so a drill can kill a server or an agent at
+        exactly that point and watch the operation finish or roll back. Bounded."""
+        if self.pause_dir is None:
+            return
+        flag = self.pause_dir / f"{rec.kind}.{step}.{when}"
+        if not flag.exists():
+            return
+        log.warning("operation %s paused %s step %s (%s exists)", rec.id, when, step, flag)
+        flag.with_name(flag.name + ".reached").write_text(rec.id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PAUSE_LIMIT
+        while flag.exists() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def run_hook(self, rec: OpRecord, name: str,
                        extra: dict[str, Any] | None = None) -> HookResult:
