@@ -46,6 +46,15 @@ TYPES: dict[str, str] = {
     "host.joined": "a host joined the fleet for the first time (data: address, cores)",
     "host.up": "a host came back (re-joined or heartbeat after being down)",
     "host.down": "a host lost its lease",
+    "instance.failover": "the HA manager started failing an instance over from a dead host to "
+                         "its standby (data: from, id of the operation)",
+    "instance.failover_failed": "a failover did not succeed (data: id, message); the instance "
+                                "stays lost",
+    "instance.lost_needs_restore": "an instance's host is dead and it has no usable standby "
+                                   "(data: reason): restore it by hand",
+    "instance.stale_copy_removed": "a returning host held a copy that was failed over or "
+                                   "fenced; it was killed (and deleted) there (data: epoch, "
+                                   "deleted, reason)",
     "operation.changed": "an operation started, finished a step, or ended (data: id, kind, "
                          "state, step (the one in flight, else the last moved), step_state, error)",
 }
