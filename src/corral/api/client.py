@@ -24,9 +24,12 @@ from corral.api.models import (
     MigrateRequest,
     OperationView,
     RecreateRequest,
+    ShelfView,
+    ShelveRequest,
     StandbyRequest,
     StandbyView,
     TrafficView,
+    UnshelveRequest,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -37,6 +40,7 @@ _HOSTS = TypeAdapter(list[HostView])
 _INSTANCES = TypeAdapter(list[InstanceView])
 _OPS = TypeAdapter(list[OperationView])
 _STANDBYS = TypeAdapter(list[StandbyView])
+_SHELVES = TypeAdapter(list[ShelfView])
 
 
 class Client:
@@ -179,6 +183,21 @@ class Client:
 
     def standby_rm(self, name: str) -> None:
         self._request("DELETE", f"/v1/instances/{name}/standby")
+
+    def shelve(self, name: str, offload_after: float | None = None) -> OperationView:
+        """Start ``shelve`` on ``name`` (``offload_after`` seconds; negative: never; None:
+        the server's default); returns the operation as first recorded."""
+        body = ShelveRequest(offload_after=offload_after).model_dump(mode="json")
+        raw = self._json("POST", f"/v1/instances/{name}/shelve", json=body)
+        return OperationView.model_validate(raw)
+
+    def unshelve(self, name: str, to: str | None = None) -> OperationView:
+        body = UnshelveRequest(to=to).model_dump(mode="json")
+        raw = self._json("POST", f"/v1/instances/{name}/unshelve", json=body)
+        return OperationView.model_validate(raw)
+
+    def shelves(self) -> list[ShelfView]:
+        return _SHELVES.validate_python(self._json("GET", "/v1/shelves"))
 
     def health(self) -> bool:
         """True when the server answers its unauthenticated health route."""

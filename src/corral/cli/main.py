@@ -22,6 +22,7 @@ from corral.cli import (  # noqa: F401  (registers the commands)
     instances,
     logs,
     ops_cmd,
+    shelve_cmd,
     standby_cmd,
     top,
     traffic_cmd,
