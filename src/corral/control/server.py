@@ -35,6 +35,7 @@ from corral.control.agents import AgentCaller
 from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.fleet import Fleet
+from corral.control.ha import HaManager
 from corral.control.live import Live
 from corral.control.operations import Operations
 from corral.control.service import InstanceService
@@ -97,6 +98,8 @@ class ControlPlane:
         self.live = Live(settings)
         #: the operation engine (recreate now; migrations, standbys, shelving later)
         self.ops: Operations | None = None
+        #: failover of dead hosts' instances and cleanup of stale copies (control/ha.py)
+        self.ha: HaManager | None = None
         self.images: ImageStore | None = None
         self.standbys: Standbys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +138,8 @@ class ControlPlane:
         await self.nc.flush()
         ops.start(bus_ready_at)  # resumes unfinished operations once the agents heartbeat
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="leases"))
+        self.ha = HaManager(fleet, service.agents, ops, s, emit=self._emit)
+        self._tasks.append(asyncio.create_task(self.ha.run(), name="ha"))
         if self.nats is not None:
             self._tasks.append(asyncio.create_task(self._nats_watch(), name="nats-watch"))
 
@@ -182,6 +187,11 @@ class ControlPlane:
         if self.live.publisher is not None:
             self.live.publisher.on_op_change(rec)
 
+    def _emit(self, type_: str, **fields: Any) -> None:
+        """An event that is not a row change (the HA manager's decisions)."""
+        if self.live.publisher is not None:
+            self.live.publisher.emit(type_, **fields)
+
     def _image_changed(self, name: str) -> None:
         """An image was removed or replaced: tell every agent (called from a worker thread)."""
         if self.nc is None or self._loop is None:
@@ -214,6 +224,8 @@ class ControlPlane:
         reply.api_url = self.api_url  # read now: "" until the HTTP socket is bound
         if msg.reply:
             await msg.respond(codec.encode(reply))
+        if self.ha is not None:
+            self.ha.on_report(req.host, req.instances)  # stale copies of a returning host
 
     async def _on_heartbeat(self, hb: Heartbeat, msg: Msg) -> None:
         assert self.fleet is not None
@@ -221,6 +233,8 @@ class ControlPlane:
         reply.api_url = self.api_url  # agents that joined before the API listened learn it
         if msg.reply:
             await msg.respond(codec.encode(reply))
+        if reply.known and self.ha is not None:
+            self.ha.on_report(subjects.host_from_subject(msg.subject), hb.instances)
 
     async def _on_metrics(self, sample: MetricsSample, msg: Msg) -> None:
         assert self.fleet is not None
@@ -268,6 +282,9 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks.clear()
+        if self.ha is not None:
+            await self.ha.stop()
+            self.ha = None
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
