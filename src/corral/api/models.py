@@ -30,6 +30,10 @@ class CreateInstance(BaseModel):
         description="image of the server's store to materialise as the root (not with rootfs)")
     env: dict[str, str] = Field(default_factory=dict)
     start: bool = Field(default=True, description="start right after creating")
+    vip: str | None = Field(
+        default=None, max_length=64,
+        description="virtual IP with prefix (10.0.0.50/24) added on the instance's host while "
+                    "it runs; it moves with failover (the agent must run as root)")
     tail: dict[str, str] = Field(
         default_factory=dict,
         description="log source name -> absolute path of a file to capture (inside the rootfs "
@@ -54,6 +58,19 @@ class CreateInstance(BaseModel):
         if not v[0].strip():
             raise ValueError("the program (first word of command) is empty")
         return v
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from corral.errors import CorralError
+        from corral.ha.vip import parse
+
+        try:
+            return str(parse(v))
+        except CorralError as exc:
+            raise ValueError(exc.message) from None
 
     @model_validator(mode="after")
     def _one_root(self) -> CreateInstance:
@@ -84,6 +101,7 @@ class InstanceView(BaseModel):
     rootfs: str | None = None
     image: str | None = None
     tail: dict[str, str] = Field(default_factory=dict, description="captured files by source")
+    vip: str | None = Field(default=None, description="virtual IP that moves with the instance")
     desired_state: str
     state: str
     pid: int | None = None

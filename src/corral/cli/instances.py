@@ -42,6 +42,8 @@ def run(
     no_start: Annotated[bool, typer.Option("--no-start", help="create without starting")] = False,
     tail: Annotated[list[str] | None, typer.Option(
         "--tail", help="capture a file too: SOURCE=PATH (inside the rootfs), repeatable")] = None,
+    vip: Annotated[str | None, typer.Option(
+        "--vip", help="virtual IP ADDR/PREFIX held while it runs; moves with failover")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance and start it: corral run NAME OPTIONS -- CMD ARGS..."""
@@ -60,6 +62,7 @@ def run(
         env=parse_env(env or []),
         tail=parse_tail(tail or []),
         start=not no_start,
+        vip=vip,
     )
     with client() as c:
         view = c.create(spec)

@@ -162,7 +162,7 @@ def instance_details(i: InstanceView) -> Table:
         ("name", i.name), ("host", i.host or "-"), ("driver", i.driver),
         ("state", state_text(i.state)), ("desired", i.desired_state),
         ("command", " ".join(i.command)), ("rootfs", i.rootfs or "-"),
-        ("image", i.image or "-"),
+        ("image", i.image or "-"), ("vip", i.vip or "-"),
         ("cpus", fmt_cpus(i.cpus)), ("memory", fmt_bytes(i.memory_bytes)),
         ("pid", str(i.pid) if i.pid else "-"),
         ("exit code", "-" if i.exit_code is None else str(i.exit_code)),

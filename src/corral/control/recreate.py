@@ -124,7 +124,7 @@ class Recreate:
                             rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
                             cpus=inst.cpus,
                             memory_bytes=inst.memory_bytes, epoch=inst.epoch,
-                            tail=dict(inst.tail or {}))
+                            tail=dict(inst.tail or {}), vip=inst.vip)
             ctx.data.update(source=source, target=target, was_running=state == State.RUNNING,
                             state=state.value, desired=inst.desired_state,
                             spec=spec.model_dump(mode="json"))

@@ -131,7 +131,7 @@ class InstanceService:
                 s.add(Instance(
                     name=req.name, host=target, driver=req.driver, command=list(req.command),
                     rootfs=req.rootfs, image=req.image, env=dict(req.env), tail=dict(req.tail),
-                    cpus=req.cpus,
+                    cpus=req.cpus, vip=req.vip,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,
@@ -139,7 +139,8 @@ class InstanceService:
             spec = WireSpec(name=req.name, driver=req.driver, command=list(req.command),
                             rootfs=req.rootfs, image=req.image, env=dict(req.env),
                             cpus=req.cpus,
-                            memory_bytes=req.memory_bytes, epoch=1, tail=dict(req.tail))
+                            memory_bytes=req.memory_bytes, epoch=1, tail=dict(req.tail),
+                            vip=req.vip)
             log.info("creating %s on %s", req.name, target)
             try:
                 report = await self.agents.report(target, "create",

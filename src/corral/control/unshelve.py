@@ -26,9 +26,11 @@ import asyncio
 import logging
 from typing import Any
 
+import nats.errors
+
 from corral.control.db import Instance
 from corral.control.shelve import ShelfSteps
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, HostUnavailable, NotFound
 from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 
 KIND = "unshelve"
 SAMPLE = 256
+
+
+def _unsent(ctx: OpContext, exc: HostUnavailable, flag: str) -> None:
+    """Nobody was listening on the host, so nobody received the call: nothing to undo there
+    (an undo sent to a dead agent would only fail and leave the operation needing attention)."""
+    if isinstance(exc.__cause__, nats.errors.NoRespondersError):
+        ctx.data[flag] = False
+        ctx.save()
 
 
 class Unshelve(ShelfSteps):
@@ -131,9 +141,13 @@ class Unshelve(ShelfSteps):
     async def _pull(self, ctx: OpContext) -> None:
         name, target = ctx.record.target, ctx.data["target"]
         ctx.data["pull_sent"] = True
-        ctx.save()
-        ctx.data["pull"] = await self.agents.call(target, "disk_pull", {
-            "name": name, "image": ctx.data["shelf"], "replace": not ctx.data["fast"]})
+        ctx.save()  # before the call: after a crash, the undo must look on the target
+        try:
+            ctx.data["pull"] = await self.agents.call(target, "disk_pull", {
+                "name": name, "image": ctx.data["shelf"], "replace": not ctx.data["fast"]})
+        except HostUnavailable as exc:
+            _unsent(ctx, exc, "pull_sent")
+            raise
 
     async def _unpull(self, ctx: OpContext) -> None:
         """A disk built for this unshelve goes; the kept disk of a fast one stays."""
@@ -145,7 +159,11 @@ class Unshelve(ShelfSteps):
         name, target = ctx.record.target, ctx.data["target"]
         ctx.data["create_sent"] = True
         ctx.save()
-        report = await self.agents.report(target, "create", {"spec": self.spec(ctx)})
+        try:
+            report = await self.agents.report(target, "create", {"spec": self.spec(ctx)})
+        except HostUnavailable as exc:
+            _unsent(ctx, exc, "create_sent")
+            raise
         self.update(name, report, state=State.CREATED.value)
 
     async def _uncreate(self, ctx: OpContext) -> None:

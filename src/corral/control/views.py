@@ -35,7 +35,7 @@ def instance_view(fleet: Fleet, inst: Instance) -> InstanceView:
         name=inst.name, host=inst.host, driver=inst.driver, command=list(inst.command),
         cpus=inst.cpus, memory_bytes=inst.memory_bytes, rootfs=inst.rootfs,
         image=inst.image,
-        tail=dict(inst.tail or {}),
+        tail=dict(inst.tail or {}), vip=inst.vip,
         desired_state=inst.desired_state, state=inst.state, pid=inst.pid,
         exit_code=inst.exit_code, epoch=inst.epoch, created_at=inst.created_at,
         updated_at=inst.updated_at, usage=instance_usage(fleet, inst),
