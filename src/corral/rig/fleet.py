@@ -56,7 +56,7 @@ def _quiet(_: str) -> None:
 #: settings a fleet's processes take from the caller's environment (timings, logging); the
 #: rest (addresses, ports, data dirs, the token) are set by ``up`` itself.
 PASSED_SETTINGS = ("HEARTBEAT_SECONDS", "LEASE_SECONDS", "SAMPLE_SECONDS", "STOP_TIMEOUT",
-                   "LOG_LEVEL")
+                   "LOG_LEVEL", "FAILOVER_GRACE_SECONDS", "FENCE_MARGIN_SECONDS")
 
 
 def child_env(token: str) -> dict[str, str]:
