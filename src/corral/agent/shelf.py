@@ -72,7 +72,7 @@ def _http(cache: ImageCache) -> httpx.Client:
 
 def _push(cache: ImageCache, root: Path, image: str) -> dict[str, Any]:
     with cache.in_use(), _http(cache) as client:
-        stats = push_tree(client, cache.packs, root, image, replace=True)
+        stats = push_tree(client, cache.packs, root, image)
     return {"uploaded_chunks": stats.chunks, "uploaded_bytes": stats.bytes}
 
 

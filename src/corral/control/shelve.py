@@ -184,6 +184,7 @@ class Shelve(ShelfSteps):
 
     async def _push(self, ctx: OpContext) -> None:
         name, source, shelf = ctx.record.target, ctx.data["source"], ctx.data["shelf"]
+        self.drop_shelf(shelf)  # a push retried after a crash names it anew, not "replace"
         out = await self.agents.call(source, "disk_push", {"name": name, "image": shelf})
         info = self.store().shelf_info(shelf)
         ctx.data["push"] = {**dict(out), "size": info.size, "stored_size": info.stored_size,
