@@ -10,6 +10,7 @@ records (what each agent answered) and from the files on each host's disk.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -203,8 +204,6 @@ def test_unshelve_all_brings_every_shelved_instance_back(fleet: Fleet) -> None:
     assert sorted(s["name"] for s in f.json("shelved")) == names
     proc = f.cli("unshelve", "--all", "--parallel", "2", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
-
     rows = json.loads(proc.stdout)
     assert [r["name"] for r in rows] == names
     assert all(r["result"] == "succeeded" for r in rows), rows
@@ -214,3 +213,22 @@ def test_unshelve_all_brings_every_shelved_instance_back(fleet: Fleet) -> None:
     for name in names:
         f.wait_state(name, {"running"})
     f.ok("rm", "--force", *names)
+
+
+def test_kept_disk_goes_when_its_delay_passed_and_unshelve_then_uses_the_store(
+        fleet: Fleet) -> None:
+    f = fleet
+    run(f, "late", "host1")
+    data = (disk(f, "host1", "late") / "own.bin").read_bytes()
+    f.ok("shelve", "late", "--offload-after", "2s")
+    row = f.json("shelved")[0]
+    assert row["disk_host"] == "host1"
+    assert row["offload_at"] == pytest.approx(row["shelved_at"] + 2, abs=0.01)
+    wait_for("the offload loop", lambda: not disk(f, "host1", "late").exists())
+    wait_for("disk_host to clear", lambda: f.json("shelved")[0]["disk_host"] is None)
+    res = f.json("unshelve", "late")[0]
+    assert res["result"] == "succeeded" and res["disk_was_there"] is False
+    host = res["host"]
+    assert (disk(f, host, "late") / "own.bin").read_bytes() == data
+    f.wait_state("late", {"running"})
+    f.ok("rm", "--force", "late")
