@@ -172,7 +172,12 @@ async def _vip_up(st: AgentState, rec: InstanceRecord) -> None:
         rec.stop_requested = True
         st.save(rec)
         await st.call(st.driver(rec.driver).kill, rec.handle, int(signals.SIGKILL))
-        await st.refresh(rec)
+        for _ in range(40):  # bounded: the VIP rule follows the state, so wait for the end
+            if not is_alive(rec):
+                break
+            await asyncio.sleep(0.05)
+            await st.refresh(rec)
+        await st.vips.down(rec, st.records)
         raise DriverError(f"instance '{rec.name}' started but its virtual IP {rec.spec.vip} "
                           f"could not be added, so it was stopped again: {exc}",
                           hint="check vip_interface on this agent and that the address is "

@@ -70,6 +70,8 @@ class Vips:
     def __init__(self, interface: str, host_address: str) -> None:
         self._interface = interface
         self.host_address = host_address
+        #: one change at a time: a start's add racing a heartbeat's sync would add twice
+        self._lock = asyncio.Lock()
 
     @property
     def interface(self) -> str:
@@ -80,7 +82,8 @@ class Vips:
     async def up(self, rec: InstanceRecord) -> None:
         """Add the instance's address and announce it (call after it started)."""
         if rec.spec.vip:
-            await asyncio.to_thread(viplib.add, self.interface, rec.spec.vip)
+            async with self._lock:
+                await asyncio.to_thread(viplib.add, self.interface, rec.spec.vip)
             log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
 
     async def down(self, rec: InstanceRecord, records: dict[str, InstanceRecord]) -> None:
@@ -89,16 +92,20 @@ class Vips:
         if not vip or vip in wanted(records.values(), exclude=rec.name):
             return
         try:
-            await asyncio.to_thread(viplib.remove, self.interface, vip)
+            async with self._lock:
+                await asyncio.to_thread(viplib.remove, self.interface, vip)
             log.info("virtual IP %s of %s removed from %s", vip, rec.name, self.interface)
         except Exception as exc:  # a failed removal must not fail the stop that asked for it
             log.error("could not remove virtual IP %s of %s: %s", vip, rec.name, exc)
 
     async def sync(self, records: dict[str, InstanceRecord]) -> None:
         """Make the interface hold exactly the VIPs of alive instances (among corral's own)."""
-        recs = list(records.values())
-        if not any(r.spec.vip for r in recs):
+        if not any(r.spec.vip for r in records.values()):
             return
+        async with self._lock:
+            await self._sync(list(records.values()))
+
+    async def _sync(self, recs: list[InstanceRecord]) -> None:
         want = wanted(recs)
         ours = {r.spec.vip for r in recs if r.spec.vip}
         try:
