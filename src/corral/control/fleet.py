@@ -70,6 +70,10 @@ class Fleet:
         self.metrics: dict[str, HostMetrics] = {}
         #: instances with a verb in flight (see module doc)
         self.busy: set[str] = set()
+        #: joins per host since this server started: a new value means a new agent process
+        self.joins: dict[str, int] = {}
+        #: hosts marked down by :meth:`expire_leases` since (up again with a heartbeat/join)
+        self.states: dict[str, str] = {}
 
     # --- observed state -------------------------------------------------------------------
 
@@ -120,8 +124,14 @@ class Fleet:
 
     # --- bus handlers -----------------------------------------------------------------------
 
+    def liveness(self, host: str) -> tuple[int, str]:
+        """What changes when ``host``'s agent restarts or the host goes down (cheap: no DB)."""
+        return self.joins.get(host, 0), self.states.get(host, "up")
+
     def join(self, req: JoinRequest) -> JoinReply:
         now = self.clock()
+        self.joins[req.host] = self.joins.get(req.host, 0) + 1
+        self.states[req.host] = "up"
         with self.sessions.begin() as s:
             host = s.get(Host, req.host)
             if host is None:
@@ -156,6 +166,7 @@ class Fleet:
                 return HeartbeatReply(known=False)
             if host.state != "up":
                 log.info("host %s is back", host_name)
+            self.states[host_name] = "up"
             host.state = "up"
             host.last_heartbeat = now
             host.lease_expires_at = now + self.settings.lease_seconds
@@ -174,6 +185,7 @@ class Fleet:
             for host in s.scalars(select(Host).where(
                     Host.state == "up", Host.lease_expires_at < now)):
                 host.state = "down"
+                self.states[host.name] = "down"
                 downed.append(host.name)
                 log.warning("host %s missed its lease (last heartbeat %.1fs ago): down",
                             host.name, now - (host.last_heartbeat or now))

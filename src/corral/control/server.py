@@ -124,7 +124,7 @@ class ControlPlane:
             self.nats_url = self.nats.url
         self.nc = await connect(self.nats_url, self.token, "corral-server")
         fleet = self.fleet = Fleet(sessions, s)
-        service = InstanceService(fleet, AgentCaller(self.nc), s)
+        service = InstanceService(fleet, AgentCaller(self.nc, fleet.liveness), s)
         await self.live.start(self.nc, fleet, service)  # events from the first join on
         ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed)
         # registers shelve/unshelve before ops.start can resume one a crash left unfinished
