@@ -8,7 +8,9 @@ while a writer inside the instance (a process under the cgroup freezer) keeps re
 100 files a second. Transfers go over corral's authenticated data channel for corral's methods
 and over the same channel for the recipe, so only the method differs.
 
-Needs root (loop devices, mount, cgroup freezer).
+corral's figures come from the agent's own disk code (``agent.disks.HostDisks``: a live pass,
+then the frozen pass, exactly what a ``standby-sync`` runs). Needs root (loop devices, mount,
+cgroup freezer).
 
     python bench/standby.py                 # 1.2 GB
     python bench/standby.py --size-mb 200   # a quick look
@@ -28,9 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from corral.disks.btrfs import BtrfsBackend
-from corral.disks.channel import DataServer
-from corral.disks.dirbackend import DirBackend
+from corral.agent.disks import HostDisks
 from corral.disks.rsync import Endpoint, run_pass
 from corral.drivers.base import Handle, Spec
 from corral.drivers.cgroups import remove_scope
@@ -85,26 +85,33 @@ async def main_async(args: argparse.Namespace) -> None:
     mounts: list[Path] = []
     drv = ProcessDriver(scope=f"bench{os.getpid()}")
     handle: Handle | None = None
-    server: DataServer | None = None
+    hosts: list[HostDisks] = []
     try:
         src_fs = loop_btrfs(work, "src", args.size_mb * 3 + 600)
         mounts.append(src_fs)
         dst_fs = loop_btrfs(work, "dst", args.size_mb * 3 + 600)
         mounts.append(dst_fs)
-        btrfs = BtrfsBackend(src_fs)
-        root = btrfs.create("web")
+        # the agent's own disk code, on one tree: the source host keeps it in a btrfs
+        # subvolume, seen by a dir host and a btrfs host (same root, two backends)
+        src_btrfs = HostDisks(src_fs / "disks", "btrfs", TOKEN, work / "s1")
+        src_dir = HostDisks(src_fs / "disks", "dir", TOKEN, work / "s2")
+        dst_dir = HostDisks(work / "dst-dir", "dir", TOKEN, work / "d1")
+        dst_btrfs = HostDisks(dst_fs / "disks", "btrfs", TOKEN, work / "d2")
+        hosts = [src_btrfs, src_dir, dst_dir, dst_btrfs]
+        for h in hosts:
+            await h.start()
+        root = src_btrfs.publish("web", src_btrfs.new_dir("web"))
         t0 = time.monotonic()
         files = build_tree(root, args.size_mb)
         print(f"tree: {len(files):,} files, {args.size_mb} MB, built in "
               f"{time.monotonic() - t0:.1f}s", flush=True)
-        targets = work / "targets"
-        targets.mkdir()
-        (dst_fs / "recv").mkdir()
-        token_file = work / "token"
-        token_file.write_text(TOKEN)
-        server = DataServer(TOKEN, [targets, dst_fs])
-        await server.start()
-        ep = lambda path: Endpoint("127.0.0.1", server.port, token_file, str(path))  # noqa: E731
+
+        def slot(h: HostDisks, name: str) -> dict[str, object]:
+            return {**h.recv_prepare(name, "standby"), "address": "127.0.0.1", "port": h.port}
+
+        recipe = dst_dir.slot("recipe", "standby")
+        recipe.mkdir(parents=True)
+        ep = Endpoint("127.0.0.1", dst_dir.port, src_dir.token_file, str(recipe))
 
         (work / "w").mkdir()
         spec = Spec(name="writer", command=["sh", "-c", WRITER], workdir=str(work / "w"),
@@ -118,45 +125,34 @@ async def main_async(args: argparse.Namespace) -> None:
         async def thaw() -> None:
             await asyncio.to_thread(drv.thaw, h)
 
+        async def refresh(src: HostDisks, dst: HostDisks) -> tuple[float, int]:
+            tgt = slot(dst, "web")
+            live = await src.send("web", tgt, "live", "", None, None)
+            frozen = await src.send("web", tgt, "frozen", live.gen, freeze, thaw)
+            dst.prune_received("web", "standby")
+            return (frozen.freeze_ms or 0.0) / 1000, live.bytes_sent + frozen.bytes_sent
+
         # initial copies, not measured as refreshes
-        disks = DirBackend(src_fs)  # the same tree: root is src_fs/web
-        disks.track("web")
-        await run_pass(root, ep(targets / "dir"))
-        await run_pass(root, ep(targets / "recipe"))
-        base = btrfs.snapshot("web", "0")
-        await btrfs.send(base, ep(dst_fs / "recv"))
+        await refresh(src_dir, dst_dir)
+        await refresh(src_btrfs, dst_btrfs)
+        await run_pass(root, ep)
         rnd = random.Random(2)
         rows = []
-
-        # corral dir
-        change(files, args.changes, rnd)
-        start = time.monotonic()
-        r = await disks.refresh("web", ep(targets / "dir"), freeze, thaw)
-        rows.append(("corral dir", r.freeze_s, time.monotonic() - start, r.bytes_sent))
-        print(f"  dir frozen pass: {r.frozen.files} files; {disks.last_timing}", flush=True)
-
-        # corral btrfs: freeze only for the snapshot, send after thaw
-        change(files, args.changes, rnd)
-        start = time.monotonic()
-        btrfs.preflush("web")
-        await freeze()
-        f0 = time.monotonic()
-        try:
-            snap = btrfs.snapshot("web", "1")
-        finally:
-            frozen = time.monotonic() - f0
-            await thaw()
-        sent = await btrfs.send(snap, ep(dst_fs / "recv"), parent=base)
-        rows.append(("corral btrfs", frozen, time.monotonic() - start, sent.bytes_sent))
+        for label, src, dst in (("corral dir", src_dir, dst_dir),
+                                ("corral btrfs", src_btrfs, dst_btrfs)):
+            change(files, args.changes, rnd)
+            start = time.monotonic()
+            frozen_s, moved = await refresh(src, dst)
+            rows.append((label, frozen_s, time.monotonic() - start, moved))
 
         # the recipe: rsync live, suspend, rsync again (full scan), resume
         change(files, args.changes, rnd)
         start = time.monotonic()
-        first = await run_pass(root, ep(targets / "recipe"))
+        first = await run_pass(root, ep)
         await freeze()
         f0 = time.monotonic()
         try:
-            second = await run_pass(root, ep(targets / "recipe"))
+            second = await run_pass(root, ep)
         finally:
             frozen = time.monotonic() - f0
             await thaw()
@@ -174,8 +170,8 @@ async def main_async(args: argparse.Namespace) -> None:
             drv.stop(handle, 5)
             drv.delete(handle)
         remove_scope(f"bench{os.getpid()}")
-        if server is not None:
-            await server.stop()
+        for host in hosts:
+            await host.stop()
         for m in reversed(mounts):
             subprocess.run(["umount", str(m)], check=False, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)

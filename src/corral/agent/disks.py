@@ -346,6 +346,8 @@ class HostDisks:
         assert self.btrfs is not None
         b = self.btrfs
         have = set(target.get("have") or [])
+        if gen:  # a frozen pass follows its live pass: that snapshot just arrived there
+            have.add(gen)
         parent = next((s for s in reversed(b.snapshots(name)) if s.name in have), None)
         tag = f"{time.time():.6f}"
         freeze_ms: float | None = None

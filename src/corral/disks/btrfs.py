@@ -135,7 +135,8 @@ class BtrfsBackend:
             send_argv += ["-p", str(parent)]
         send_argv.append(str(snap))
         rsh = [sys.executable, "-m", "corral.disks.rsh", "--port", str(ep.port),
-               "--token-file", str(ep.token_file), ep.host, "btrfs", "receive", ep.path]
+               "--token-file", str(ep.token_file), ep.host, "btrfs", "receive", "--quiet",
+               ep.path]
         start = time.monotonic()
         sender = await asyncio.create_subprocess_exec(
             *send_argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
