@@ -7,11 +7,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopfs import loop_btrfs
 
 from corral.disks.btrfs import BtrfsBackend
 from corral.disks.channel import DataServer
@@ -22,16 +22,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a loop btrfs"),
     pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="btrfs-progs not installed"),
 ]
-
-
-def loop_btrfs(tmp_path: Path, label: str) -> Path:
-    img = tmp_path / f"crl-{uuid.uuid4().hex[:8]}-{label}.img"
-    mnt = tmp_path / label
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "300M", str(img)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
-    return mnt
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from loopfs import loop_btrfs
 
 from corral.agent.disks import HostDisks
 from corral.drivers.base import Spec
@@ -29,16 +30,6 @@ WRITER = ("i=0; while :; do i=$((i+1)); echo $i > f$((i % 200)); echo $i >> jour
 def digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def loop_btrfs(tmp_path: Path, label: str) -> Path:
-    img = tmp_path / f"crl-{uuid.uuid4().hex[:8]}-{label}.img"
-    mnt = tmp_path / label
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "300M", str(img)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
-    return mnt
 
 
 @dataclass

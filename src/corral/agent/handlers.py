@@ -25,6 +25,7 @@ from corral.agent.vips import check_spec_vip
 from corral.bus.messages import WireSpec
 from corral.drivers.base import Spec
 from corral.errors import Conflict, DriverError, InvalidRequest
+from corral.rig.rootfs import copy_template
 
 Handler = Callable[[AgentState, dict[str, Any]], Awaitable[Any]]
 
@@ -127,7 +128,7 @@ async def _disk_root(st: AgentState, spec: WireSpec, needs_rootfs: bool, workdir
             st.images.materialize, spec.image, fill, workdir / imagecache.CHUNKS_FILE, True)
     elif needs_rootfs:
         template = await st.call(rootfs.template, st.data_dir)
-        await st.call(rootfs.fill_from_template, template, fill)
+        await st.call(copy_template, template, fill)
     return await st.call(disks.publish, spec.name, fill)
 
 

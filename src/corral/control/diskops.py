@@ -12,13 +12,8 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from corral.bus.messages import InstanceReport, WireSpec
-from corral.config import Settings
-from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance, Standby
-from corral.control.fleet import Fleet
+from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
 from corral.lifecycle import State
 from corral.ops.engine import OpContext
@@ -33,29 +28,8 @@ class HookRefused(Conflict):
     code = "hook_refused"
 
 
-class DiskOps:
-    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
-        self.fleet = fleet
-        self.agents = agents
-        self.settings = settings
-
-    # -- reading the fleet -----------------------------------------------------------------------
-    @staticmethod
-    def host_up(s: Session, name: str, role: str) -> Host:
-        host = s.get(Host, name)
-        if host is None:
-            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
-        if host.state != "up":
-            raise HostUnavailable(f"{role} host {name} is down",
-                                  hint="wait for its agent to re-join (see 'corral host ls')")
-        return host
-
-    @staticmethod
-    def instance(s: Session, name: str) -> Instance:
-        inst = s.get(Instance, name)
-        if inst is None:
-            raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
-        return inst
+class DiskOps(OpBase):
+    """The disk moves, each one agent call with its undo beside it."""
 
     @staticmethod
     def check_movable(inst: Instance, what: str) -> State:
@@ -81,34 +55,6 @@ class DiskOps:
             raise InvalidRequest(
                 f"host {source.name} keeps disks in {source.disk_backend} and {target.name} "
                 f"in {target.disk_backend}", hint="pick a host with the same disk_backend")
-
-    def spec(self, inst: Instance, epoch: int) -> dict[str, Any]:
-        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
-                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
-                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=epoch,
-                        tail=dict(inst.tail or {}), vip=inst.vip).model_dump(mode="json")
-
-    # -- writing the fleet -----------------------------------------------------------------------
-    def record(self, name: str, host: str, state: State, report: InstanceReport | None,
-               **fields: Any) -> None:
-        """The instance now lives on ``host`` in ``state`` (refined by the agent's report)."""
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                return
-            inst.host = host
-            inst.state = state.value
-            for k, v in fields.items():
-                setattr(inst, k, v)
-            inst.updated_at = self.fleet.clock()
-            if report is not None:
-                self.fleet.apply_report(inst, report, from_verb=True)
-
-    def new_epoch(self, name: str) -> int:
-        with self.fleet.sessions.begin() as s:
-            inst = self.instance(s, name)
-            inst.epoch += 1
-            return int(inst.epoch)
 
     def standby_update(self, name: str, **fields: Any) -> None:
         with self.fleet.sessions.begin() as s:

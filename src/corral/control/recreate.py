@@ -20,13 +20,9 @@ import logging
 from typing import Any
 
 import nats.errors
-from sqlalchemy.orm import Session
 
-from corral.bus.messages import InstanceReport, WireSpec
-from corral.config import Settings
-from corral.control.agents import AgentCaller
-from corral.control.db import Host, Instance
-from corral.control.fleet import Fleet
+from corral.control.db import Instance
+from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
 from corral.lifecycle import State
 from corral.ops.engine import OpContext, Step
@@ -41,13 +37,8 @@ RECREATABLE = frozenset({State.RUNNING, State.STOPPED, State.CREATED, State.EXIT
                          State.FAILED})
 
 
-class Recreate:
+class Recreate(OpBase):
     """Builds the steps of a ``recreate`` record (registered with ``Engine.register``)."""
-
-    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
-        self.fleet = fleet
-        self.agents = agents
-        self.settings = settings
 
     def build(self, rec: OpRecord) -> list[Step]:
         return [
@@ -59,38 +50,6 @@ class Recreate:
         ]
 
     # -- helpers -----------------------------------------------------------------------------
-    def _host_up(self, s: Session, name: str, role: str) -> Host:
-        host = s.get(Host, name)
-        if host is None:
-            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
-        if host.state != "up":
-            raise HostUnavailable(f"{role} host {name} is down",
-                                  hint="wait for its agent to re-join (see 'corral host ls')")
-        return host
-
-    def _record(self, name: str, host: str, state: State, report: InstanceReport | None,
-                **fields: Any) -> None:
-        """The instance now lives on ``host`` in ``state`` (refined by the agent's report)."""
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                return
-            inst.host = host
-            inst.state = state.value
-            for k, v in fields.items():
-                setattr(inst, k, v)
-            inst.updated_at = self.fleet.clock()
-            if report is not None:
-                self.fleet.apply_report(inst, report, from_verb=True)
-
-    def _new_epoch(self, name: str) -> int:
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"instance '{name}' disappeared during the operation")
-            inst.epoch += 1
-            return int(inst.epoch)
-
     def _spec(self, ctx: OpContext) -> dict[str, Any]:
         with self.fleet.sessions() as s:
             inst = s.get(Instance, ctx.record.target)
@@ -111,23 +70,18 @@ class Recreate:
                                hint="thaw it first" if state == State.FROZEN else
                                "wait until it is running or stopped")
             source = inst.host or ""
-            self._host_up(s, source, "its")
+            self.host_up(s, source, "its")
             target = ctx.params.get("to") or source
             if target != source:
-                host = self._host_up(s, target, "target")
+                host = self.host_up(s, target, "target")
                 if inst.driver not in (host.drivers or {}):
                     raise InvalidRequest(f"host {target} does not offer driver '{inst.driver}'",
                                          hint="pick a host that lists it in 'corral host ls'")
                 place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=target),
                       self.fleet.snapshot(s))
-            spec = WireSpec(name=name, driver=inst.driver, command=list(inst.command),
-                            rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
-                            cpus=inst.cpus,
-                            memory_bytes=inst.memory_bytes, epoch=inst.epoch,
-                            tail=dict(inst.tail or {}), vip=inst.vip)
             ctx.data.update(source=source, target=target, was_running=state == State.RUNNING,
                             state=state.value, desired=inst.desired_state,
-                            spec=spec.model_dump(mode="json"))
+                            spec=self.spec(inst, inst.epoch))
 
     async def _stop(self, ctx: OpContext) -> None:
         if not ctx.data["was_running"]:
@@ -135,7 +89,7 @@ class Recreate:
         name, source = ctx.record.target, ctx.data["source"]
         grace = self.settings.stop_timeout
         report = await self.agents.report(source, "stop", {"name": name, "timeout": grace})
-        self._record(name, source, State.STOPPED, report, desired_state=State.STOPPED.value)
+        self.record(name, source, State.STOPPED, report, desired_state=State.STOPPED.value)
 
     async def _unstop(self, ctx: OpContext) -> None:
         """Running again on the source host (a no-op if it never stopped)."""
@@ -144,9 +98,9 @@ class Recreate:
         name, source = ctx.record.target, ctx.data["source"]
         now = await self.agents.report(source, "status", {"name": name})
         if now.state != State.RUNNING.value:
-            epoch = self._new_epoch(name)
+            epoch = self.new_epoch(name)
             now = await self.agents.report(source, "start", {"name": name, "epoch": epoch})
-        self._record(name, source, State.RUNNING, now, desired_state=State.RUNNING.value)
+        self.record(name, source, State.RUNNING, now, desired_state=State.RUNNING.value)
 
     async def _delete(self, ctx: OpContext) -> None:
         await self.agents.call(ctx.data["source"], "delete", {"name": ctx.record.target})
@@ -158,13 +112,13 @@ class Recreate:
         name, source = ctx.record.target, ctx.data["source"]
         report = await self.agents.report(source, "create", {"spec": self._spec(ctx)})
         state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
-        self._record(name, source, state, report)
+        self.record(name, source, state, report)
 
     async def _create(self, ctx: OpContext) -> None:
         name, target = ctx.record.target, ctx.data["target"]
         ctx.data["create_sent"] = True
         ctx.save()  # before the call: after a crash, the undo must look on the target
-        self._record(name, target, State.PENDING, None)
+        self.record(name, target, State.PENDING, None)
         try:
             report = await self.agents.report(target, "create", {"spec": self._spec(ctx)})
         except HostUnavailable as exc:
@@ -172,7 +126,7 @@ class Recreate:
                 ctx.data["create_sent"] = False  # nobody received it: nothing to undo there
                 ctx.save()
             raise
-        self._record(name, target, State.CREATED, report)
+        self.record(name, target, State.CREATED, report)
 
     async def _uncreate(self, ctx: OpContext) -> None:
         """Nothing left on the target host; the record points at the source again."""
@@ -181,15 +135,15 @@ class Recreate:
         name, source, target = ctx.record.target, ctx.data["source"], ctx.data["target"]
         if target != source and ctx.data.get("create_sent"):
             await self.agents.call(target, "delete", {"name": name})
-        self._record(name, source, State.STOPPED, None)
+        self.record(name, source, State.STOPPED, None)
 
     async def _start(self, ctx: OpContext) -> None:
         name, target = ctx.record.target, ctx.data["target"]
         if not ctx.data["was_running"]:
             return
-        epoch = self._new_epoch(name)
+        epoch = self.new_epoch(name)
         report = await self.agents.report(target, "start", {"name": name, "epoch": epoch})
-        self._record(name, target, State.RUNNING, report, desired_state=State.RUNNING.value)
+        self.record(name, target, State.RUNNING, report, desired_state=State.RUNNING.value)
 
     async def _unstart(self, ctx: OpContext) -> None:
         if not ctx.data.get("was_running"):
@@ -203,4 +157,4 @@ class Recreate:
             return
         grace = self.settings.stop_timeout
         report = await self.agents.report(target, "stop", {"name": name, "timeout": grace})
-        self._record(name, target, State.STOPPED, report)
+        self.record(name, target, State.STOPPED, report)

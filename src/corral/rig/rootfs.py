@@ -168,6 +168,15 @@ def clone_rootfs(template: Path, dest: Path) -> Path:
         return dest
     if dest.exists():
         shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    copy_template(template, dest)
+    shutil.copy2(template / MARKER, dest / MARKER)
+    return dest
+
+
+def copy_template(template: Path, dest: Path) -> Path:
+    """Copy a template into ``dest`` (new, or an empty directory or subvolume that must stay
+    what it is); the busybox binary is hard-linked when both are on one filesystem."""
     binary = (template / "bin" / "busybox").resolve()
 
     def copy(src: str, dst: str) -> object:
@@ -179,11 +188,9 @@ def clone_rootfs(template: Path, dest: Path) -> Path:
                 pass
         return shutil.copy2(src, dst)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(template, dest, symlinks=True, copy_function=copy,
+    shutil.copytree(template, dest, symlinks=True, copy_function=copy, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns(MARKER))
     for d in ("tmp", "var/tmp"):
         if (dest / d).is_dir():
             os.chmod(dest / d, 0o1777)
-    shutil.copy2(template / MARKER, dest / MARKER)
     return dest

@@ -1,0 +1,75 @@
+"""The base of every operation builder: reads and writes of the fleet that steps share.
+
+A step never holds a database transaction across an agent call: it reads what it needs, calls,
+then writes what the agent answered, each in its own short transaction (:meth:`OpBase.record`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from corral.bus.messages import InstanceReport, WireSpec
+from corral.config import Settings
+from corral.control.agents import AgentCaller
+from corral.control.db import Host, Instance
+from corral.control.fleet import Fleet
+from corral.errors import HostUnavailable, NotFound
+from corral.lifecycle import State
+
+
+class OpBase:
+    """What every operation's builder needs: the fleet, the agents, the settings, and the
+    few reads and writes all steps make (one short transaction each, never across a call)."""
+
+    def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings) -> None:
+        self.fleet = fleet
+        self.agents = agents
+        self.settings = settings
+
+    # -- reading the fleet -----------------------------------------------------------------------
+    @staticmethod
+    def host_up(s: Session, name: str, role: str) -> Host:
+        host = s.get(Host, name)
+        if host is None:
+            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
+        if host.state != "up":
+            raise HostUnavailable(f"{role} host {name} is down",
+                                  hint="wait for its agent to re-join (see 'corral host ls')")
+        return host
+
+    @staticmethod
+    def instance(s: Session, name: str) -> Instance:
+        inst = s.get(Instance, name)
+        if inst is None:
+            raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+        return inst
+
+    def spec(self, inst: Instance, epoch: int) -> dict[str, Any]:
+        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
+                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
+                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=epoch,
+                        tail=dict(inst.tail or {}), vip=inst.vip).model_dump(mode="json")
+
+    # -- writing the fleet -----------------------------------------------------------------------
+    def record(self, name: str, host: str, state: State, report: InstanceReport | None,
+               **fields: Any) -> None:
+        """The instance now lives on ``host`` in ``state`` (refined by the agent's report)."""
+        with self.fleet.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return
+            inst.host = host
+            inst.state = state.value
+            for k, v in fields.items():
+                setattr(inst, k, v)
+            inst.updated_at = self.fleet.clock()
+            if report is not None:
+                self.fleet.apply_report(inst, report, from_verb=True)
+
+    def new_epoch(self, name: str) -> int:
+        with self.fleet.sessions.begin() as s:
+            inst = self.instance(s, name)
+            inst.epoch += 1
+            return int(inst.epoch)
