@@ -20,7 +20,7 @@ from diskkit import (
     running_copies,
     writer_cmd,
 )
-from fleetkit import Fleet, fleet_for
+from fleetkit import CLI, Fleet, fleet_for
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")]
@@ -193,3 +193,38 @@ def test_target_out_of_disk_rolls_back(fleet: Fleet) -> None:
     assert [h for _, h in running_copies(marker)] == ["host1"]
     assert leftovers(f, "big", home="host1") == []
     f.ok("rm", "--force", "big")
+
+
+def test_a_verb_waits_for_a_background_refresh(fleet: Fleet) -> None:
+    """A refresh holds the instance for a moment; an operator's stop waits for it to end
+    instead of failing with 'busy'."""
+    import httpx
+
+    f = fleet
+    start_writer(f, "sb3", "host1")
+    f.ok("standby", "add", "sb3", "--host", "host2", "--every", "1h")
+    assert f.ctx is not None and f.ctx.data_dir
+    drills = Path(f.ctx.data_dir) / "server" / "drills"
+    drills.mkdir(parents=True, exist_ok=True)
+    flag = drills / "standby-sync.copy.before"
+    reached = drills / "standby-sync.copy.before.reached"
+    reached.unlink(missing_ok=True)
+    flag.write_text("")
+    try:
+        with httpx.Client(base_url=f.ctx.url, timeout=30,
+                          headers={"Authorization": f"Bearer {f.ctx.token}"}) as c:
+            assert c.post("/v1/instances/sb3/standby/sync").status_code == 202
+        deadline = time.monotonic() + 30
+        while not reached.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stop = subprocess.Popen([*CLI, "stop", "sb3"], env=f.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert stop.poll() is None  # waiting, not refused
+    finally:
+        flag.unlink(missing_ok=True)
+    _, err = stop.communicate(timeout=60)
+    assert stop.returncode == 0, err
+    assert f.instance("sb3")["state"] == "stopped"
+    f.ok("rm", "sb3")

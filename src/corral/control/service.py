@@ -12,6 +12,7 @@ so the instance is kept as ``failed`` and the error says so.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,6 +31,9 @@ from corral.lifecycle import ALIVE, State, Verb, check_verb
 from corral.scheduling.placement import Request, place
 
 log = logging.getLogger(__name__)
+
+#: how long a verb waits for an operation on its instance to end before it is refused
+BUSY_WAIT = 15.0
 
 DESIRED: dict[Verb, State] = {
     Verb.START: State.RUNNING,
@@ -75,6 +79,14 @@ class InstanceService:
             raise
         finally:
             self.fleet.busy.discard(name)
+
+    async def _wait_free(self, name: str) -> None:
+        """Give a short operation in flight (a standby refresh every minute, say) a moment to
+        end, so an operator's verb does not fail just because a background refresh ran."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT
+        while name in self.fleet.busy and loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
     @staticmethod
     def _get(s: Session, name: str) -> Instance:
@@ -193,6 +205,7 @@ class InstanceService:
 
     async def act(self, name: str, verb: Verb, body: ActionRequest | None = None) -> Instance:
         body = body or ActionRequest()
+        await self._wait_free(name)
         with self._busy(name, verb.value):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)
@@ -225,6 +238,7 @@ class InstanceService:
     # --- delete -----------------------------------------------------------------------------
 
     async def delete(self, name: str, force: bool = False) -> None:
+        await self._wait_free(name)
         with self._busy(name, "delete"):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)
