@@ -171,6 +171,13 @@ def test_failed_steps_roll_back(fleet: Fleet, tmp_path: Path) -> None:
     assert reserved(f, "host1") > 0
     f.ok("start", "roll")
 
+    # an instance with a warm standby is refused before anything runs (nothing to keep fresh)
+    f.ok("standby", "add", "roll", "--host", "host2", "--every", "1h")
+    proc = f.cli("shelve", "roll")
+    assert proc.returncode == FAILED_EXIT and "standby rm roll" in proc.stderr, proc.stderr
+    assert f.instance("roll")["state"] == "running"
+    f.ok("standby", "rm", "roll")
+
     # unshelve to a host whose agent is dead: the pull fails, it stays shelved, nothing held
     f.ok("shelve", "roll", "--offload-after", "0")
     wait_for("the disk to go at once", lambda: not home.exists())

@@ -3,8 +3,8 @@ once, the disk itself stays on the host until the offload delay (USERS.md §3).
 
 Steps, each with an undo that leaves the instance as it was (running where it ran):
 
-1. ``plan``: check it can be shelved (not frozen, not run from a host path, host up) and write
-   down what every undo needs;
+1. ``plan``: check it can be shelved (not frozen, not run from a host path, no standby, host
+   up) and write down what every undo needs;
 2. ``stop``: stop it if it runs (undo: start it again);
 3. ``push``: the agent chunks the stopped disk and uploads only what the store lacks, under the
    reserved name ``@shelf-<name>-<op>`` (undo: drop that name; gc frees what no one else uses);
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from corral.bus.messages import InstanceReport, WireSpec
 from corral.config import Settings
 from corral.control.agents import AgentCaller
-from corral.control.db import Host, Instance
+from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
 from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
@@ -146,6 +146,10 @@ class Shelve(ShelfSteps):
                     f"instance '{name}' runs from a host path ({inst.rootfs}), which corral "
                     "does not own", hint="only instances with their own disk (--image, or "
                     "neither --image nor --from) can be shelved")
+            if s.get(Standby, name) is not None:
+                raise Conflict(f"instance '{name}' has a warm standby; a shelved instance "
+                               "runs nowhere, so there is nothing to keep it fresh from",
+                               hint=f"remove the standby first: corral standby rm {name}")
             source = inst.host or ""
             self.host_up(s, source, "its")
             old_copy = inst.disk_host if inst.disk_host not in (None, source) else None
