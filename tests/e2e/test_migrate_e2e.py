@@ -110,6 +110,13 @@ def test_refusals_say_why(fleet: Fleet) -> None:
     proc = f.cli("standby", "promote", "mig3")
     assert proc.returncode != 0 and "no standby" in proc.stderr
     f.ok("rm", "--force", "mig3")
+    # an instance run from a host path has no disk of its own to move
+    f.ok("run", "mig4", "--host", "host1", "--driver", "process", "--from", str(f.tmp), "--",
+         "sleep", "600")
+    proc = f.cli("migrate", "mig4", "--to", "host2")
+    assert proc.returncode == FAILED_EXIT and "host path" in proc.stderr, proc.stderr
+    assert f.instance("mig4")["host"] == "host1"
+    f.ok("rm", "--force", "mig4")
 
 
 def test_standby_refresh_and_promotion(fleet: Fleet) -> None:

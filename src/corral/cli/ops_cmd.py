@@ -7,6 +7,7 @@ succeeded, with the operation's error and its id for ``corral ops show``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated
@@ -103,17 +104,32 @@ def ops_show(
         show_op(o)
 
 
+def _doing(o: OperationView) -> str:
+    """The step in flight and for how long, for the live status line."""
+    for s in o.steps:
+        if s.state in ("running", "undoing"):
+            verb = "undoing" if s.state == "undoing" else "step"
+            return f"{verb} {s.name} ({_took(s.started_at, None)})"
+    return o.state
+
+
 def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
            json_out: bool, summary: Callable[[OperationView], str] | None = None
            ) -> OperationView:
     """Start an operation, follow it until it finishes (at most ``wait`` seconds), print it,
     and raise :class:`OperationNotSucceeded` (exit 12) unless it succeeded."""
+    console = err()
     with client() as c:
         o = start(c)
         deadline = time.monotonic() + wait
-        while not o.finished and time.monotonic() < deadline:
-            time.sleep(0.3)
-            o = c.op(o.id)
+        live = console.status(f"{what}: {o.state}") if console.is_terminal and not json_out \
+            else contextlib.nullcontext()
+        with live as status:
+            while not o.finished and time.monotonic() < deadline:
+                time.sleep(0.3)
+                o = c.op(o.id)
+                if status is not None:
+                    status.update(f"{what}: {_doing(o)}")
     if json_out:
         print_json(o)
     else:
