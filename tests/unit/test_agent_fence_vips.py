@@ -202,3 +202,19 @@ def test_interface_of_finds_the_interface_holding_an_address(
     assert vipmod.interface_of("127.0.0.1") == "lo"
     with pytest.raises(Exception, match="vip_interface"):
         vipmod.interface_of("10.9.9.9")
+
+
+async def test_if_epoch_guards_kill_and_delete_of_a_reported_copy(tmp_path: Path) -> None:
+    """Reconciling acts on the copy it saw: a copy that moved on to a newer epoch is spared."""
+    st, _ = _state(tmp_path)
+    st.vips = None
+    await _ok(st, "create", spec=_spec("web", None))
+    await _ok(st, "start", name="web", epoch=3)
+    reply = await _call(st, "kill", name="web", signal=9, if_epoch=2)
+    assert not reply.ok and reply.error is not None and reply.error["code"] == "conflict"
+    assert (await _ok(st, "status", name="web"))["state"] == "running"
+    await _ok(st, "kill", name="web", signal=9, if_epoch=3)
+    reply = await _call(st, "delete", name="web", if_epoch=1)
+    assert not reply.ok and "web" in st.records
+    await _ok(st, "delete", name="web", if_epoch=3)
+    assert "web" not in st.records

@@ -57,6 +57,17 @@ def _check_epoch(st: AgentState, name: str, epoch: Any) -> int | None:
     return epoch
 
 
+def _check_if_epoch(rec: InstanceRecord, args: dict[str, Any]) -> None:
+    """``if_epoch``: act only on the copy the caller saw. Reconciling kills and deletes a stale
+    copy by the epoch it reported; if this host has since moved on to another epoch (the
+    instance came back here), the call is about a copy that no longer exists."""
+    want = args.get("if_epoch")
+    if want is not None and rec.epoch != want:
+        raise Conflict(f"instance '{rec.name}' here is at epoch {rec.epoch}, not {want}; "
+                       "left alone", hint="the caller's view is stale; look again",
+                       details={"epoch": rec.epoch, "if_epoch": want})
+
+
 async def create(st: AgentState, args: dict[str, Any]) -> Any:
     try:
         spec = WireSpec.model_validate(args.get("spec"))
@@ -207,6 +218,7 @@ async def kill(st: AgentState, args: dict[str, Any]) -> Any:
     sig = int(signals.SIGKILL if raw is None else raw)
     async with st.lock(name):
         rec = st.record(name)
+        _check_if_epoch(rec, args)
         if sig in _ENDING_SIGNALS:
             rec.stop_requested = True
             st.save(rec)
@@ -251,6 +263,7 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
             if not keep_disk and st.disks is not None:
                 await st.call(st.disks.delete, name)
             return None  # already gone: delete is idempotent
+        _check_if_epoch(rec, args)
         report = await st.refresh(rec)
         if report.state in ("running", "frozen"):
             raise Conflict(f"instance '{name}' is {report.state}; stop it before deleting",

@@ -241,13 +241,17 @@ class HaManager:
         return todo
 
     async def _cleanup(self, host: str, c: Cleanup) -> None:
+        if c.instance in self.fleet.busy:  # an operation took it since the report: not ours
+            self._cleaning.discard((host, c.instance))
+            return
+        guard = {"name": c.instance, "if_epoch": c.epoch}  # only the copy that was reported
         try:
             log.warning("stale copy of %s (epoch %d) on %s: %s; %s", c.instance, c.epoch, host,
                         c.reason, "killing and deleting it" if c.delete else "killing it")
             if c.kill:
-                await self.agents.call(host, "kill", {"name": c.instance, "signal": 9})
+                await self.agents.call(host, "kill", {**guard, "signal": 9})
             if c.delete:
-                await self.agents.call(host, "delete", {"name": c.instance})
+                await self.agents.call(host, "delete", guard)
             self.emit("instance.stale_copy_removed", host=host, instance=c.instance,
                       epoch=c.epoch, deleted=c.delete, reason=c.reason)
         except CorralError as exc:
