@@ -260,7 +260,8 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
     async with st.lock(name):
         rec = st.records.get(name)
         if rec is None:
-            if not keep_disk and st.disks is not None:
+            # a guarded delete was about a copy that is gone; a disk here now is someone else's
+            if not keep_disk and st.disks is not None and args.get("if_epoch") is None:
                 await st.call(st.disks.delete, name)
             return None  # already gone: delete is idempotent
         _check_if_epoch(rec, args)
