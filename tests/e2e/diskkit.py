@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def host_dirs(f: Fleet) -> dict[str, Path]:
 
 def running_copies(marker: str) -> list[tuple[int, str]]:
     """(pid, host) of every live writer with ``marker``; the host comes from its cwd (its
-    disk, ``…/hosts/<host>/disks/<name>``)."""
+    disk, ``…/hosts/<host>/disks/<name>`` or ``DISK_ROOT/<host>/<name>``)."""
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -72,8 +73,8 @@ def running_copies(marker: str) -> list[tuple[int, str]]:
             if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue
             cwd = os.readlink(d / "cwd")
-            parts = Path(cwd).parts
-            host = parts[parts.index("hosts") + 1] if "hosts" in parts else "?"
+            hosts = [p for p in Path(cwd).parts if re.fullmatch(r"host\d+", p)]
+            host = hosts[-1] if hosts else "?"
             out.append((int(d.name), host))
     return out
 

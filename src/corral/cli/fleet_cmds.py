@@ -125,10 +125,16 @@ def up(
         "--data", help="fleet directory (default ~/.local/share/corral/fleet)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each step")] = 60.0,
     tour: Annotated[bool, typer.Option("--tour", help="then show a short guided tour")] = False,
+    disk_backend: Annotated[str, typer.Option(
+        "--disk-backend", help="instance disks: dir (rsync) or btrfs (send/receive)")] = "dir",
+    disk_root: Annotated[Path | None, typer.Option(
+        "--disk-root", help="host i keeps disks in DIR/host<i> (btrfs: on a btrfs "
+        "filesystem)")] = None,
 ) -> None:
     """Start a whole fleet on this machine: server, NATS and N agents."""
     console = render.out()
-    opts = fleet.UpOptions(hosts=hosts, use_netns=use_netns, data_dir=data, timeout=timeout)
+    opts = fleet.UpOptions(hosts=hosts, use_netns=use_netns, data_dir=data, timeout=timeout,
+                           disk_backend=disk_backend, disk_root=disk_root)
     with console.status("starting the fleet") as spinner:
         ctx = fleet.up(opts, say=_say(console, spinner))
     console.print(f"[green]fleet up[/green]: {ctx.url} with {len(ctx.agents)} hosts "

@@ -47,6 +47,10 @@ class UpOptions:
     data_dir: Path | None = None
     #: bound on each wait (server ready, all hosts up)
     timeout: float = 60.0
+    #: where the hosts keep instance disks: dir (default) or btrfs (needs ``disk_root``)
+    disk_backend: str = "dir"
+    #: host i keeps its disks in ``disk_root/host<i>`` (default: its own data dir)
+    disk_root: Path | None = None
 
 
 def _quiet(_: str) -> None:
@@ -80,6 +84,13 @@ def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
     _refuse_second_fleet(say)
     if opts.use_netns:
         netns.require_root()
+    if opts.disk_backend not in ("dir", "btrfs"):
+        raise CorralError(f"--disk-backend {opts.disk_backend!r} is not known",
+                          hint="use dir or btrfs")
+    if opts.disk_backend == "btrfs" and opts.disk_root is None:
+        raise CorralError("--disk-backend btrfs needs --disk-root",
+                          hint="give a directory on a btrfs filesystem (each host gets a "
+                               "subdirectory)")
     data = (opts.data_dir or default_fleet_dir()).expanduser().resolve()
     _refuse_busy_data_dir(data)
     data.mkdir(parents=True, exist_ok=True)
@@ -103,7 +114,7 @@ def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
             network=net.to_dict() if net else None,
         )
         for i in range(1, opts.hosts + 1):
-            agent = _start_agent(i, data, env, ctx.nats_url or "", net)
+            agent = _start_agent(i, data, env, ctx.nats_url or "", net, opts)
             started.append(agent)
             ctx.agents.append(agent)
         say(f"waiting for {opts.hosts} agents to join")
@@ -193,7 +204,8 @@ def _start_server(
 
 
 def _start_agent(
-    i: int, data: Path, env: dict[str, str], nats_url: str, net: netns.FleetNetwork | None
+    i: int, data: Path, env: dict[str, str], nats_url: str, net: netns.FleetNetwork | None,
+    opts: UpOptions | None = None,
 ) -> ProcInfo:
     name = f"host{i}"
     hdir = data / "hosts" / name
@@ -204,6 +216,11 @@ def _start_agent(
         "agent", "--name", name, "--nats", nats_url, "--data", str(hdir),
         "--address", address, "--drivers", drivers,
     )
+    if opts is not None and opts.disk_root is not None:
+        root = opts.disk_root.expanduser().resolve() / name
+        argv += ["--set", f"disk_root={root}"]
+    if opts is not None and opts.disk_backend != "dir":
+        argv += ["--set", f"disk_backend={opts.disk_backend}"]
     ns = net.namespace(i) if net else None
     if ns:
         argv = netns.enter_argv(ns) + argv
