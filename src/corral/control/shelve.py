@@ -23,13 +23,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from corral.bus.messages import InstanceReport, WireSpec
+from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.agents import AgentCaller
-from corral.control.db import Host, Instance, Standby
+from corral.control.db import Instance, Standby
 from corral.control.fleet import Fleet
+from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
 from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
 from corral.lifecycle import State, Verb, check_verb
@@ -47,14 +46,13 @@ def shelf_name(instance: str, op_id: str) -> str:
     return f"{SHELF_PREFIX}{instance}-{op_id[:8]}"
 
 
-class ShelfSteps:
-    """What shelve and unshelve share: the fleet, the agents, the store and row updates."""
+class ShelfSteps(OpBase):
+    """What shelve and unshelve share beyond :class:`OpBase`: the store and row updates that
+    may clear ``host`` (a shelved instance has none)."""
 
     def __init__(self, fleet: Fleet, agents: AgentCaller, settings: Settings,
                  images: Callable[[], ImageStore | None]) -> None:
-        self.fleet = fleet
-        self.agents = agents
-        self.settings = settings
+        super().__init__(fleet, agents, settings)
         self._images = images
 
     def store(self) -> ImageStore:
@@ -69,16 +67,6 @@ class ShelfSteps:
         if shelf:
             self.store().packs.del_ref(PREFIX + shelf)
 
-    @staticmethod
-    def host_up(s: Session, name: str, role: str) -> Host:
-        host = s.get(Host, name)
-        if host is None:
-            raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
-        if host.state != "up":
-            raise HostUnavailable(f"{role} host {name} is down",
-                                  hint="wait for its agent to re-join (see 'corral host ls')")
-        return host
-
     def update(self, name: str, report: InstanceReport | None = None, **fields: Any) -> None:
         """Set ``fields`` on the row, then apply the agent's report (if any)."""
         with self.fleet.sessions.begin() as s:
@@ -91,27 +79,12 @@ class ShelfSteps:
             if report is not None:
                 self.fleet.apply_report(inst, report, from_verb=True)
 
-    def new_epoch(self, name: str) -> int:
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"instance '{name}' disappeared during the operation")
-            inst.epoch += 1
-            return int(inst.epoch)
-
-    def spec(self, ctx: OpContext) -> dict[str, Any]:
-        """The recorded spec with the row's current epoch."""
+    def recorded_spec(self, ctx: OpContext) -> dict[str, Any]:
+        """The spec written down by the plan, with the row's current epoch."""
         with self.fleet.sessions() as s:
             inst = s.get(Instance, ctx.record.target)
             epoch = inst.epoch if inst is not None else 1
         return {**ctx.data["spec"], "epoch": epoch}
-
-    @staticmethod
-    def wire_spec(inst: Instance) -> dict[str, Any]:
-        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
-                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
-                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=inst.epoch,
-                        tail=dict(inst.tail or {})).model_dump(mode="json")
 
     async def start_on(self, name: str, host: str) -> None:
         epoch = self.new_epoch(name)
@@ -153,7 +126,7 @@ class Shelve(ShelfSteps):
             source = inst.host or ""
             self.host_up(s, source, "its")
             old_copy = inst.disk_host if inst.disk_host not in (None, source) else None
-            spec = self.wire_spec(inst)
+            spec = self.spec(inst, inst.epoch)
         if old_copy is not None:  # left by an unshelve elsewhere: drop it before we reuse the
             try:                  # column for this shelving's copy
                 await self.agents.call(old_copy, "disk_drop", {"name": name})
@@ -206,7 +179,7 @@ class Shelve(ShelfSteps):
         if "source" not in ctx.data:
             return
         name, source = ctx.record.target, ctx.data["source"]
-        report = await self.agents.report(source, "create", {"spec": self.spec(ctx)})
+        report = await self.agents.report(source, "create", {"spec": self.recorded_spec(ctx)})
         state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
         self.update(name, report, host=source, state=state.value)
 

@@ -120,7 +120,7 @@ class Unshelve(ShelfSteps):
                 raise Conflict(f"instance '{name}' already has a host reserved ({inst.host})",
                                hint="an earlier unshelve did not finish; see 'corral ops ls'")
             shelf, driver = inst.shelf or "", inst.driver
-            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.wire_spec(inst),
+            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.spec(inst, inst.epoch),
                             was_running=inst.shelved_from == State.RUNNING.value)
         if not shelf or self.store().packs.get_ref("image:" + shelf) is None:
             raise NotFound(f"the shelved disk of '{name}' ({shelf or 'none'}) is not in the "
@@ -160,7 +160,7 @@ class Unshelve(ShelfSteps):
         ctx.data["create_sent"] = True
         ctx.save()
         try:
-            report = await self.agents.report(target, "create", {"spec": self.spec(ctx)})
+            report = await self.agents.report(target, "create", {"spec": self.recorded_spec(ctx)})
         except HostUnavailable as exc:
             _unsent(ctx, exc, "create_sent")
             raise
