@@ -93,6 +93,17 @@ def test_lease_clock_fences_margin_before_the_lease() -> None:
     assert lease.window == pytest.approx(2.0) and not lease.fenced
 
 
+def test_lease_counts_from_when_the_acknowledged_request_was_sent() -> None:
+    clock = Clock()
+    lease = LeaseClock(10.0, 2.0, clock)
+    sent = clock.now
+    clock.now += 3.0  # the answer took 3 s to come back: the server renewed at >= sent
+    lease.acked(sent_at=sent)
+    assert lease.until_due() == pytest.approx(5.0)
+    lease.acked(sent_at=sent - 1)  # an older request's late answer never moves it back
+    assert lease.until_due() == pytest.approx(5.0)
+
+
 def test_a_margin_as_long_as_the_lease_still_fences_before_it() -> None:
     lease = LeaseClock(2.0, 5.0, Clock())
     assert 0 < lease.window < 2.0

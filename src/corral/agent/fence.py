@@ -4,8 +4,9 @@ The server fails a down host's instances over a lease (plus a grace period) afte
 heartbeat it acknowledged. If this host is merely cut off -- not dead -- its workloads would still
 run, holding their virtual IPs, while a standby takes over elsewhere: two copies, one address
 answered by two MACs. So the agent keeps its own clock of the lease: from the moment it *received*
-an acknowledgement (which is after the server renewed the lease, so the agent's deadline always
-falls before the server's), and when ``lease - fence_margin_seconds`` passes without another one
+a request that was acknowledged was *sent* (the server renewed the lease while handling it, so
+no earlier: the agent's deadline always falls at least the margin before the server's, however
+late the answer came back), and when ``lease - fence_margin_seconds`` passes without another one
 it SIGKILLs every alive instance (a fence, not a polite stop), drops their addresses, and marks
 them so they report ``stopped`` rather than ``failed`` when the server hears from it again.
 
@@ -53,11 +54,12 @@ class LeaseClock:
         self.last_ack = self.clock()
         self.fenced = False
 
-    def acked(self, lease_seconds: float | None = None) -> None:
-        """The server acknowledged a join or heartbeat (``lease_seconds`` from a join reply)."""
+    def acked(self, lease_seconds: float | None = None, sent_at: float | None = None) -> None:
+        """The server acknowledged a join or heartbeat sent at ``sent_at`` (this clock; default
+        now), with ``lease_seconds`` from a join reply."""
         if lease_seconds is not None:
             self.lease = lease_seconds
-        self.last_ack = self.clock()
+        self.last_ack = max(self.last_ack, self.clock() if sent_at is None else sent_at)
         if self.fenced:
             log.warning("the server answers again; instances stay stopped until it says "
                         "otherwise")

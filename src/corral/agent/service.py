@@ -108,6 +108,7 @@ class Agent:
         self.heartbeat_s = settings.heartbeat_seconds
         self.sample_s = settings.sample_seconds
         self.seq = 0
+        self.hb_sent = 0.0  # monotonic time the last heartbeat was sent
         self.nc: Any = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.capture = CaptureManager(self.state, self.host)
@@ -156,6 +157,7 @@ class Agent:
         """Ask the server to register this host until it answers (bounded per try, not overall)."""
         delay = 0.2
         while not stop.is_set():
+            sent = time.monotonic()
             try:
                 msg = await self.nc.request(subjects.JOIN, encode(self.join_request()),
                                             timeout=JOIN_TRY_TIMEOUT)
@@ -168,7 +170,7 @@ class Agent:
                 self.heartbeat_s = reply.heartbeat_seconds
                 self.sample_s = reply.sample_seconds
                 self.images.api_url = reply.api_url or self.images.api_url
-                self.lease.acked(reply.lease_seconds)
+                self.lease.acked(reply.lease_seconds, sent_at=sent)
                 log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
                          reply.heartbeat_seconds, reply.lease_seconds)
                 await self.vips.sync(self.state.records)
@@ -180,9 +182,11 @@ class Agent:
         self.seq += 1
         hb = Heartbeat(host=self.host, seq=self.seq, sent_at=time.time(),
                        instances=self.state.reports())
+        self.hb_sent = time.monotonic()
         try:
-            msg = await self.nc.request(subjects.heartbeat(self.host), encode(hb),
-                                        timeout=max(1.0, self.heartbeat_s))
+            # a slow answer still counts (the lease is counted from the send), so wait for it
+            wait = max(1.0, min(2 * self.heartbeat_s, self.lease.window / 2))
+            msg = await self.nc.request(subjects.heartbeat(self.host), encode(hb), timeout=wait)
             reply = unwrap(msg.data, HeartbeatReply)
             self.images.api_url = reply.api_url or self.images.api_url
             return reply
@@ -203,7 +207,7 @@ class Agent:
                 log.warning("the server does not know this host; joining again")
                 await self.join(stop)
             elif reply is not None:
-                self.lease.acked()
+                self.lease.acked(sent_at=self.hb_sent)
                 await self.vips.sync(self.state.records)
 
     async def fence_loop(self, stop: asyncio.Event) -> None:
