@@ -235,3 +235,44 @@ def test_a_verb_waits_for_a_background_refresh(fleet: Fleet) -> None:
     assert stop.returncode == 0, err
     assert f.instance("sb3")["state"] == "stopped"
     f.ok("rm", "sb3")
+
+
+def test_failover_brings_back_the_last_sync(fleet: Fleet) -> None:
+    """host3 dies (agent and workload killed): after its lease the instance runs on its
+    standby's host from the last refresh, the file a clean prefix that then grows; when host3
+    comes back its stale copy is removed. (Last in this module: it kills a host.)"""
+    import os
+    import signal
+
+    from diskkit import kill_agent, revive
+
+    f = fleet
+    marker = start_writer(f, "fo1", "host3")
+    f.ok("standby", "add", "fo1", "--host", "host1", "--every", "1h")
+    synced = clean_prefix(host_dirs(f)["host1"] / "disks" / ".standby" / "fo1" / "data.log")
+    before = f.instance("fo1")
+    kill_agent(f, "host3")
+    for pid, _ in running_copies(marker):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 60
+        while (v := f.instance("fo1"))["host"] != "host1" or v["state"] != "running":
+            assert time.monotonic() < deadline, f"no failover: {v}\n{f.logs(30)}"
+            time.sleep(0.3)
+        assert v["epoch"] > before["epoch"]
+        assert [h for _, h in running_copies(marker)] == ["host1"]
+        log = host_dirs(f)["host1"] / "disks" / "fo1" / "data.log"
+        n = clean_prefix(log)
+        assert n >= synced  # it dropped back to the last sync, then went on
+        time.sleep(0.5)
+        assert clean_prefix(log) > n
+        op = op_of(f, "fo1")
+        assert op["kind"] == "failover" and op["state"] == "succeeded"
+    finally:
+        revive(f, "host3")
+    deadline = time.monotonic() + 30
+    while (host_dirs(f)["host3"] / "disks" / "fo1").exists():
+        assert time.monotonic() < deadline, "the stale copy stayed on host3"
+        time.sleep(0.3)
+    assert [h for _, h in running_copies(marker)] == ["host1"]
+    f.ok("rm", "--force", "fo1")
