@@ -199,3 +199,24 @@ def test_unwrap_accepts_plain_or_wrapped_replies_and_raises_errors() -> None:
         unwrap(encode(refused), JoinReply)
     with pytest.raises(CorralError, match="malformed"):
         unwrap(b'{"what": 1}', JoinReply)
+
+
+async def test_disks_are_adopted_unless_the_instance_is_new(tmp_path: Path) -> None:
+    """A disk already at DISK_ROOT/NAME is the instance's (a migration or a shelf put it
+    there) -- unless the server says the instance is new: then it is set aside, not lost."""
+    from corral.agent.disks import HostDisks
+
+    st, _ = _state(tmp_path)
+    st.disks = HostDisks(tmp_path / "disks", "dir", "tok", tmp_path)
+    moved = st.disks.publish("a", st.disks.new_dir("a"))
+    (moved / "data").write_text("moved here")
+    await _ok(st, "create", spec=_spec())
+    assert (st.disks.path("a") / "data").read_text() == "moved here"
+    await _ok(st, "delete", name="a", keep_disk=True)
+    assert st.disks.exists("a")
+    await _ok(st, "create", spec=_spec(), fresh=True)
+    assert not (st.disks.path("a") / "data").exists()  # a new, empty disk
+    (kept,) = list((tmp_path / "disks" / ".orphaned").iterdir())
+    assert (kept / "data").read_text() == "moved here"
+    await _ok(st, "delete", name="a")
+    assert not st.disks.exists("a") and kept.exists()

@@ -174,6 +174,14 @@ class HostDisks:
         _fsync_dir(dest.parent)
         return dest
 
+    def set_aside(self, name: str) -> Path:
+        """Move a disk out of the way, keeping it (``.orphaned/NAME.<time>``) for a person to
+        look at: nothing is ever deleted on a guess."""
+        dest = self.root / ".orphaned" / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.path(name), dest)
+        return dest
+
     def delete(self, name: str) -> None:
         entry = self._trackers.pop(name, None)
         if entry is not None:

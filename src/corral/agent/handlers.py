@@ -8,6 +8,7 @@ only adds what only it can know: the epoch fence and whether an end was asked fo
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal as signals
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from corral.bus.messages import WireSpec
 from corral.drivers.base import Spec
 from corral.errors import Conflict, DriverError, InvalidRequest
 from corral.rig.rootfs import copy_template
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[AgentState, dict[str, Any]], Awaitable[Any]]
 
@@ -98,7 +101,7 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
             if root is None and st.disks is not None:
                 made_disk = not st.disks.exists(name)
                 root = str(await _disk_root(st, spec, drv.capabilities.needs_rootfs, workdir,
-                                            extra))
+                                            extra, fresh=bool(args.get("fresh"))))
                 extra["disk"] = root
                 # a plain process runs *in* its disk; its tail paths stay host paths
                 extra["cwd_disk"] = not drv.capabilities.needs_rootfs and spec.image is None
@@ -123,14 +126,19 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
 
 
 async def _disk_root(st: AgentState, spec: WireSpec, needs_rootfs: bool, workdir: Path,
-                     extra: dict[str, Any]) -> Path:
+                     extra: dict[str, Any], fresh: bool = False) -> Path:
     """The instance's own disk: the one already here (adopted from a migration, a standby or
     a shelf), else a new one filled elsewhere and renamed into place, so a disk at its final
     path is always complete."""
     disks = st.disks
     assert disks is not None
     if disks.exists(spec.name):
-        return disks.path(spec.name)
+        if not fresh:
+            return disks.path(spec.name)
+        # a new instance never inherits a disk: set an earlier one's aside, never delete it
+        kept = await st.call(disks.set_aside, spec.name)
+        log.warning("a disk named %s was already here (an instance removed while this host "
+                    "was away?); kept it as %s", spec.name, kept)
     fill = await st.call(disks.new_dir, spec.name)
     if spec.image is not None:
         if st.images is None:

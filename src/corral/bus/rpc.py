@@ -22,8 +22,10 @@ class Call:
 CALLS: dict[str, Call] = {
     c.verb: c
     for c in (
-        Call("create", 120.0, ("spec",), "InstanceReport",
-             "prepare an instance from a WireSpec (bundle, rootfs copy); does not start it"),
+        Call("create", 120.0, ("spec", "fresh"), "InstanceReport",
+             "prepare an instance from a WireSpec (bundle, its disk); does not start it; a "
+             "disk already at DISK_ROOT/NAME is used, unless fresh (a new instance): then it "
+             "is set aside"),
         Call("start", 60.0, ("name", "epoch"), "InstanceReport", "start or start again"),
         Call("stop", 90.0, ("name", "timeout"), "InstanceReport",
              "SIGTERM, then SIGKILL after timeout seconds (the call's timeout covers it)"),

@@ -156,7 +156,7 @@ class InstanceService:
             log.info("creating %s on %s", req.name, target)
             try:
                 report = await self.agents.report(target, "create",
-                                                  {"spec": spec.model_dump()})
+                                                  {"spec": spec.model_dump(), "fresh": True})
             except HostUnavailable as exc:
                 self._after(req.name, State.FAILED, None)
                 raise reword(exc, f"instance '{req.name}' may be half-created on {target}",
