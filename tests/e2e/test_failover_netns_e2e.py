@@ -201,10 +201,18 @@ def test_cut_off_agent_fences_its_workload(hafleet: Fleet) -> None:
     try:
         wait_until(lambda: not copies(marker), "the workload fenced", 60, f)
         os.kill(agent3.pid, 0)  # the agent itself lives on: it fenced, it did not die
-        assert f" {vip_ip}/" not in addresses(ns)
+        wait_until(lambda: f" {vip_ip}/" not in addresses(ns), "the VIP removed by the fence",
+                   30, f)
         host3_dir = Path(agent3.argv[agent3.argv.index("--data") + 1])
         rec = json.loads((host3_dir / "instances" / "fenced" / "instance.json").read_text())
         assert rec["stop_requested"] and "fenced_at" in rec["extra"]
+        # it fenced before the server gave up on the host, not after
+        wait_until(lambda: {h["name"]: h["state"] for h in f.json("host", "ls")}["host3"]
+                   == "down", "host3 marked down", 60, f)
+        proc = f.cli("events", "--type", "host.down", "--json")
+        downs = [e for e in map(json.loads, filter(str.strip, proc.stdout.splitlines()))
+                 if e["host"] == "host3"]
+        assert downs and rec["extra"]["fenced_at"] < downs[-1]["ts"]
     finally:
         link(ns, "up")
     view = wait_until(lambda: (v := f.instance("fenced"))["state"] == "stopped" and v,

@@ -173,6 +173,7 @@ class HaManager:
         with self.fleet.sessions() as s:
             found = failover_candidates(s, self.fleet.clock(),
                                         self.settings.failover_grace_seconds)
+        self._handled &= {c.key for c in found}  # outages that ended need no memory
         acted = []
         for c in found:
             if c.key in self._handled:
