@@ -160,7 +160,10 @@ class HaManager:
 
     # -- failover ------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Pass after pass; the first only a lease after start: a server that was away finds
+        every lease expired, and its live hosts need one heartbeat to say they are there."""
         every = max(0.1, min(1.0, self.settings.lease_seconds / 4))
+        await asyncio.sleep(self.settings.lease_seconds)
         while True:
             await asyncio.sleep(every)
             try:
