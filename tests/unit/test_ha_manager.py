@@ -248,3 +248,10 @@ async def test_rejoin_kills_then_deletes_and_never_starts(
     assert all(verb not in ("start", "create") for _, verb, _ in agents.calls)
     assert events.of("instance.stale_copy_removed")[0]["deleted"] is True
     await ha.stop()
+
+
+def test_a_shelved_instance_reported_late_is_deleted_by_its_epoch() -> None:
+    """A shelved instance has no host; a late report of its old copy is cleaned up, guarded by
+    the epoch (the agent then leaves the kept disk alone, see the agent's delete)."""
+    plan = plan_rejoin("h1", [_rep("arch", 6, "stopped")], {"arch": Record("arch", None, 6)})
+    assert [(c.instance, c.kill, c.delete, c.epoch) for c in plan] == [("arch", False, True, 6)]
