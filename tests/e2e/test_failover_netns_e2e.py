@@ -187,16 +187,26 @@ def test_dead_host_fails_over_with_its_vip(hafleet: Fleet) -> None:
 
 
 def test_cut_off_agent_fences_its_workload(hafleet: Fleet) -> None:
+    """host3 is cut off from the bus while it runs two workloads: the one with a standby (the
+    server will start it elsewhere) is fenced before the server gives up on the host, then
+    failed over; the one without keeps running (nobody else will run it). When host3 is back
+    its fenced copy is removed and the other one is still there, untouched."""
     f = hafleet
     marker = "fence-" + uuid.uuid4().hex[:8]
+    kept = "kept-" + uuid.uuid4().hex[:8]
     vip_ip, port = f"10.213.{subnet(f)}.51", 7051
     f.ok("run", "fenced", "--host", "host3", "--vip", f"{vip_ip}/24", "--cpus", "0.1",
          "--memory", "32M", "--", sys.executable, "-c", SERVE.format(port=port, marker=marker))
+    f.ok("run", "kept", "--host", "host3", "--cpus", "0.1", "--memory", "32M", "--",
+         sys.executable, "-c", SERVE.format(port=7052, marker=kept))
     f.wait_state("fenced", {"running"})
+    f.wait_state("kept", {"running"})
+    f.ok("standby", "add", "fenced", "--host", "host1", "--every", "1h")
     agent3 = agent_of(f, "host3")
     ns = str(agent3.netns)
     wait_until(lambda: ask(vip_ip, port), "the VIP answering", 20, f)
-    assert copies(marker)
+    time.sleep(2.5)  # a heartbeat tells the agent which of its instances are guarded
+    assert copies(marker) and copies(kept)
     link(ns, "down")  # the agent lives on, but cannot reach the bus
     try:
         wait_until(lambda: not copies(marker), "the workload fenced", 60, f)
@@ -213,16 +223,21 @@ def test_cut_off_agent_fences_its_workload(hafleet: Fleet) -> None:
         downs = [e for e in map(json.loads, filter(str.strip, proc.stdout.splitlines()))
                  if e["host"] == "host3"]
         assert downs and rec["extra"]["fenced_at"] < downs[-1]["ts"]
+        moved = wait_until(lambda: (v := f.instance("fenced"))["host"] == "host1"
+                           and v["state"] == "running" and v, "failover to host1", 60, f)
+        assert moved["vip"] == f"{vip_ip}/24"
+        assert copies(kept), "an instance without a standby was fenced"
     finally:
         link(ns, "up")
-    view = wait_until(lambda: (v := f.instance("fenced"))["state"] == "stopped" and v,
-                      "the fenced instance reported stopped", 60, f)
-    assert view["host"] == "host3"
-    assert not copies(marker)  # the returning agent started nothing
-    f.ok("start", "fenced")
-    assert wait_until(lambda: ask(vip_ip, port), "the VIP answering after a start", 20,
-                      f) == ns_inode(agent3.pid)
+    assert wait_until(lambda: ask(vip_ip, port), "the VIP answering on host1", 30,
+                      f) == ns_inode(agent_of(f, "host1").pid)
+    wait_until(lambda: not (host3_dir / "instances" / "fenced").exists(),
+               "the fenced copy removed from host3", 60, f)
+    view = wait_until(lambda: (v := f.instance("kept"))["state"] == "running" and v,
+                      "host3 back with its unguarded instance", 60, f)
+    assert view["host"] == "host3" and copies(kept)
     f.ok("rm", "--force", "fenced")
+    f.ok("rm", "--force", "kept")
 
 
 def test_a_bad_vip_is_refused_before_anything_is_placed(hafleet: Fleet) -> None:

@@ -229,3 +229,24 @@ async def test_if_epoch_guards_kill_and_delete_of_a_reported_copy(tmp_path: Path
     assert not reply.ok and "web" in st.records
     await _ok(st, "delete", name="web", if_epoch=3)
     assert "web" not in st.records
+
+
+async def test_fence_spares_what_the_server_would_not_run_elsewhere(
+        tmp_path: Path, iface: FakeIface) -> None:
+    """Only instances with a standby (the server's ``guarded`` list) are fenced: the others
+    are never started elsewhere while their host is away. The list survives a restart."""
+    from corral.agent.fence import Guarded
+
+    st, _ = _state(tmp_path)
+    for name in ("db", "cache"):
+        await _ok(st, "create", spec=_spec(name, None))
+        await _ok(st, "start", name=name, epoch=1)
+    guarded = Guarded(tmp_path / "guarded.json")
+    assert guarded.covers("cache")  # unknown: everything is guarded
+    guarded.update(["db"])
+    assert await fence_all(st, st.vips, "test", guarded) == ["db"]
+    assert (await _ok(st, "status", name="cache"))["state"] == "running"
+    again = Guarded(tmp_path / "guarded.json")
+    assert again.covers("db") and not again.covers("cache")
+    again.update(None)  # an older server says nothing: keep what we knew
+    assert not again.covers("cache")

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.agent.report import is_alive
+from corral.agent.store import write_atomic
 
 if TYPE_CHECKING:
     from corral.agent.state import AgentState
@@ -82,12 +85,40 @@ class LeaseClock:
         return max(0.0, self.deadline - self.clock())
 
 
-async def fence_all(st: AgentState, vips: Vips | None, why: str) -> list[str]:
-    """SIGKILL every alive instance, remove its VIP, mark it fenced; the names fenced."""
+class Guarded:
+    """The instances the server would fail over (they have a standby), as it last said, kept
+    in ``DATA/guarded.json`` so an agent restarted during a partition still knows. Unknown
+    (no file, an older server): every instance is guarded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.names: set[str] | None = None
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.names = {str(n) for n in json.loads(path.read_text())}
+
+    def update(self, names: list[str] | None) -> None:
+        if names is None or set(names) == self.names:
+            return
+        self.names = set(names)
+        write_atomic(self.path, json.dumps(sorted(self.names)).encode())
+
+    def covers(self, name: str) -> bool:
+        return self.names is None or name in self.names
+
+
+async def fence_all(st: AgentState, vips: Vips | None, why: str,
+                    guarded: Guarded | None = None) -> list[str]:
+    """SIGKILL every alive instance the server would fail over (``guarded``; all when unknown),
+    remove its VIP, mark it fenced; the names fenced. An instance with no standby is never
+    started elsewhere while its host is away, so stopping it would only be an outage."""
     fenced: list[str] = []
     for name in list(st.records):
         rec = st.records.get(name)
         if rec is None or not is_alive(rec):
+            continue
+        if guarded is not None and not guarded.covers(name):
+            log.warning("FENCE: %s keeps running: the server would not start it elsewhere",
+                        name)
             continue
         # no lock wait: a command stuck on a dead server must not delay the fence
         try:

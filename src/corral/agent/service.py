@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 import corral
 from corral.agent.capture import CaptureManager
 from corral.agent.disks import HostDisks
-from corral.agent.fence import LeaseClock, fence_all
+from corral.agent.fence import Guarded, LeaseClock, fence_all
 from corral.agent.handlers import HANDLERS
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
@@ -122,6 +122,8 @@ class Agent:
         self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address)
         #: when our lease runs out as far as we can know (armed now; see agent/fence.py)
         self.lease = LeaseClock(settings.lease_seconds, settings.fence_margin_seconds)
+        #: what the server would fail over, as it last said (see agent/fence.py)
+        self.guarded = Guarded(self.data_dir / "guarded.json")
 
     # --- bus -----------------------------------------------------------------------------------
     async def connect(self, stop: asyncio.Event) -> None:
@@ -171,6 +173,7 @@ class Agent:
                 self.sample_s = reply.sample_seconds
                 self.images.api_url = reply.api_url or self.images.api_url
                 self.lease.acked(reply.lease_seconds, sent_at=sent)
+                self.guarded.update(reply.guarded)
                 log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
                          reply.heartbeat_seconds, reply.lease_seconds)
                 await self.vips.sync(self.state.records)
@@ -208,6 +211,7 @@ class Agent:
                 await self.join(stop)
             elif reply is not None:
                 self.lease.acked(sent_at=self.hb_sent)
+                self.guarded.update(reply.guarded)
                 await self.vips.sync(self.state.records)
 
     async def fence_loop(self, stop: asyncio.Event) -> None:
@@ -219,7 +223,8 @@ class Agent:
                 since = time.monotonic() - self.lease.last_ack
                 await fence_all(self.state, self.vips,
                                 f"no acknowledged heartbeat for {since:.1f}s (lease "
-                                f"{self.lease.lease:.1f}s, margin {self.lease.margin:.1f}s)")
+                                f"{self.lease.lease:.1f}s, margin {self.lease.margin:.1f}s)",
+                                self.guarded)
 
     async def sweep(self, names: set[str] | None = None) -> None:
         """Ask the driver about instances believed alive; skip any a command is busy with."""

@@ -48,6 +48,9 @@ class JoinReply(BaseModel):
     sample_seconds: float
     #: the server's HTTP API (image chunks); "" when the server answered before it listened.
     api_url: str = ""
+    #: instances on this host the server would fail over elsewhere (they have a standby): the
+    #: only ones the agent must fence when it loses its lease. None: an older server, fence all.
+    guarded: list[str] | None = None
 
 
 class Heartbeat(BaseModel):
@@ -63,6 +66,8 @@ class HeartbeatReply(BaseModel):
     lease_expires_at: float = 0.0
     #: the server's HTTP API, so an agent that joined before it was known still learns it.
     api_url: str = ""
+    #: see :attr:`JoinReply.guarded`
+    guarded: list[str] | None = None
 
 
 class InstanceSample(BaseModel):

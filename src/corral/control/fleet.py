@@ -33,7 +33,7 @@ from corral.bus.messages import (
     MetricsSample,
 )
 from corral.config import Settings
-from corral.control.db import Host, Instance
+from corral.control.db import Host, Instance, Standby
 from corral.errors import InvalidTransition
 from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
 from corral.scheduling.placement import HostSnapshot
@@ -153,9 +153,10 @@ class Fleet:
             host.lease_expires_at = now + self.settings.lease_seconds
             s.flush()
             self._apply_all(s, req.host, req.instances)
+            guarded = self.guarded(s, req.host)
         return JoinReply(lease_seconds=self.settings.lease_seconds,
                          heartbeat_seconds=self.settings.heartbeat_seconds,
-                         sample_seconds=self.settings.sample_seconds)
+                         sample_seconds=self.settings.sample_seconds, guarded=guarded)
 
     def heartbeat(self, host_name: str, hb: Heartbeat) -> HeartbeatReply:
         now = self.clock()
@@ -171,7 +172,16 @@ class Fleet:
             host.last_heartbeat = now
             host.lease_expires_at = now + self.settings.lease_seconds
             self._apply_all(s, host_name, hb.instances)
-            return HeartbeatReply(known=True, lease_expires_at=host.lease_expires_at)
+            return HeartbeatReply(known=True, lease_expires_at=host.lease_expires_at,
+                                  guarded=self.guarded(s, host_name))
+
+    @staticmethod
+    def guarded(s: Session, host: str) -> list[str]:
+        """Instances on ``host`` that a failover would start elsewhere (they have a standby):
+        the ones its agent must stop when it cannot renew its lease. Others are never started
+        elsewhere without their host, so a cut-off host may keep running them."""
+        return sorted(s.scalars(select(Standby.instance).join(
+            Instance, Instance.name == Standby.instance).where(Instance.host == host)))
 
     def record_metrics(self, sample: MetricsSample) -> None:
         self.metrics[sample.host] = HostMetrics(sample, self.clock(),
