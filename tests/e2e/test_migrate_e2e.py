@@ -275,4 +275,7 @@ def test_failover_brings_back_the_last_sync(fleet: Fleet) -> None:
         assert time.monotonic() < deadline, "the stale copy stayed on host3"
         time.sleep(0.3)
     assert [h for _, h in running_copies(marker)] == ["host1"]
+    # its disk may hold writes after the last sync: kept aside, not deleted
+    (kept,) = list((host_dirs(f)["host3"] / "disks" / ".orphaned").glob("fo1.*"))
+    assert clean_prefix(kept / "data.log") >= synced
     f.ok("rm", "--force", "fo1")

@@ -244,7 +244,7 @@ async def test_rejoin_kills_then_deletes_and_never_starts(
     assert ha.on_report("h1", [_rep("web", 4)]) == []  # already being cleaned up
     await _settle()
     assert agents.calls == [("h1", "kill", {"name": "web", "if_epoch": 4, "signal": 9}),
-                            ("h1", "delete", {"name": "web", "if_epoch": 4})]
+                            ("h1", "delete", {"name": "web", "if_epoch": 4, "set_aside": True})]
     assert all(verb not in ("start", "create") for _, verb, _ in agents.calls)
     assert events.of("instance.stale_copy_removed")[0]["deleted"] is True
     await ha.stop()

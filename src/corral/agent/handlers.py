@@ -262,7 +262,9 @@ async def thaw(st: AgentState, args: dict[str, Any]) -> Any:
 
 
 async def delete(st: AgentState, args: dict[str, Any]) -> Any:
-    """Remove the instance; its disk too unless ``keep_disk`` (a shelf or a standby keeps it)."""
+    """Remove the instance; its disk too unless ``keep_disk`` (a shelf or a standby keeps it);
+    ``set_aside`` keeps the disk out of the way (``.orphaned``) instead of deleting it: a stale
+    copy removed after a failover may hold writes made after the standby's last sync."""
     name = _name(args)
     keep_disk = bool(args.get("keep_disk", False))
     async with st.lock(name):
@@ -285,7 +287,11 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         await st.call(st.store.remove, name)
         del st.records[name]
         if "disk" in rec.extra and st.disks is not None and not keep_disk:
-            await st.call(st.disks.delete, name)
+            if args.get("set_aside") and st.disks.exists(name):
+                kept = await st.call(st.disks.set_aside, name)
+                log.warning("the disk of %s (removed as a stale copy) is kept as %s", name, kept)
+            else:
+                await st.call(st.disks.delete, name)
         if rec.spec.image is not None and st.images is not None:
             await st.images.released(rec.spec.image)
         return None

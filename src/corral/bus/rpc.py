@@ -33,9 +33,9 @@ CALLS: dict[str, Call] = {
              "send a signal to the whole tree (only to the copy at if_epoch, when given)"),
         Call("freeze", 15.0, ("name",), "InstanceReport", "freeze with the cgroup freezer"),
         Call("thaw", 15.0, ("name",), "InstanceReport", "thaw a frozen instance"),
-        Call("delete", 60.0, ("name", "keep_disk", "if_epoch"), "null",
-             "remove an instance that is not alive, and its disk unless keep_disk (only the "
-             "copy at if_epoch, when given)"),
+        Call("delete", 60.0, ("name", "keep_disk", "set_aside", "if_epoch"), "null",
+             "remove an instance that is not alive, and its disk unless keep_disk (set_aside:"
+             " keep it in DISK_ROOT/.orphaned instead); if_epoch: only that copy"),
         Call("status", 10.0, ("name",), "InstanceReport", "what the driver sees now"),
         Call("list", 10.0, (), "list[InstanceReport]", "every instance the agent holds"),
         Call("disk_recv", 60.0, ("name", "slot"), "dict",

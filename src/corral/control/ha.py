@@ -254,8 +254,8 @@ class HaManager:
                         c.reason, "killing and deleting it" if c.delete else "killing it")
             if c.kill:
                 await self.agents.call(host, "kill", {**guard, "signal": 9})
-            if c.delete:
-                await self.agents.call(host, "delete", guard)
+            if c.delete:  # its disk may hold writes after the last sync: set aside, not lost
+                await self.agents.call(host, "delete", {**guard, "set_aside": True})
             self.emit("instance.stale_copy_removed", host=host, instance=c.instance,
                       epoch=c.epoch, deleted=c.delete, reason=c.reason)
         except CorralError as exc:
