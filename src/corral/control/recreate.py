@@ -61,9 +61,7 @@ class Recreate(OpBase):
         """Check the request against the fleet and write down everything an undo will need."""
         name = ctx.record.target
         with self.fleet.sessions() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            inst = self.instance(s, name)
             state = State(inst.state)
             if state not in RECREATABLE:
                 raise Conflict(f"cannot recreate instance '{name}': it is {state.value}",

@@ -29,7 +29,7 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Instance, Standby
 from corral.control.fleet import Fleet
 from corral.control.opbase import OpBase
-from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
+from corral.errors import Conflict, HostUnavailable, InvalidRequest
 from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
 from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step
@@ -109,9 +109,7 @@ class Shelve(ShelfSteps):
     async def _plan(self, ctx: OpContext) -> None:
         name = ctx.record.target
         with self.fleet.sessions() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            inst = self.instance(s, name)
             state = State(inst.state)
             check_verb(name, state, Verb.SHELVE)
             if inst.rootfs:

@@ -87,9 +87,7 @@ class Unshelve(ShelfSteps):
         With ``scores`` None, only the old host is tried; False when it does not fit."""
         name, to = ctx.record.target, ctx.params.get("to")
         with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            inst = self.instance(s, name)
             snap = self.fleet.snapshot(s)
             old = inst.disk_host
             if scores is None:
@@ -112,9 +110,7 @@ class Unshelve(ShelfSteps):
     async def _plan(self, ctx: OpContext) -> None:
         name = ctx.record.target
         with self.fleet.sessions() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
+            inst = self.instance(s, name)
             check_verb(name, State(inst.state), Verb.UNSHELVE)
             if inst.host is not None:
                 raise Conflict(f"instance '{name}' already has a host reserved ({inst.host})",
