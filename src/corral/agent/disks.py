@@ -15,6 +15,7 @@ whose copy was there when the agent died fails its next step and rolls back anyw
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -60,27 +61,28 @@ class SendResult:
 
 
 def _rm(path: Path) -> None:
-    """Remove a file, a directory tree or a btrfs subvolume (with what is under it)."""
+    """Remove a file or a tree. Subvolumes in it (a btrfs disk, received read-only snapshots,
+    which rmtree cannot empty) are deleted as subvolumes."""
     if not os.path.lexists(path):
         return
-    if path.is_dir() and not path.is_symlink():
-        proc = subprocess.run(["btrfs", "subvolume", "delete", str(path)], capture_output=True,
-                              text=True) if shutil.which("btrfs") and _is_subvol(path) else None
-        if proc is not None and proc.returncode == 0:
-            return
-        for child in path.iterdir():  # nested subvolumes (received snapshots) first
-            if child.is_dir() and not child.is_symlink() and _is_subvol(child):
-                _rm(child)
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists() and _is_subvol(path):
-            subprocess.run(["btrfs", "subvolume", "delete", str(path)], capture_output=True)
-    else:
-        path.unlink(missing_ok=True)
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+        return
+    if _is_subvol(path) and subprocess.run(["btrfs", "subvolume", "delete", str(path)],
+                                           capture_output=True).returncode == 0:
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink() and _is_subvol(child):
+            _rm(child)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_subvol(path: Path) -> bool:
+    """A subvolume's root is inode 256 on btrfs (checked first: no subprocess on other
+    filesystems but for the rare directory that happens to be inode 256)."""
     try:
-        return path.stat().st_ino == 256 and is_btrfs(path)
+        return (path.stat().st_ino == 256 and shutil.which("btrfs") is not None
+                and is_btrfs(path))
     except OSError:
         return False
 
@@ -361,16 +363,17 @@ class HostDisks:
         freeze_ms: float | None = None
         thawed = False
         if mode == "live":
-            await _to_thread(b.preflush, name)
-            snap = await _to_thread(b.snapshot, name, tag)
+            await asyncio.to_thread(b.preflush, name)
+            snap = await asyncio.to_thread(b.snapshot, name, tag)
         else:
-            await _to_thread(b.preflush, name)  # the freeze then commits only the last moments
+            # flushed first, so the freeze commits only the last moments
+            await asyncio.to_thread(b.preflush, name)
             t0 = time.monotonic()
             try:
                 if freeze is not None:
                     await freeze()
                     t0 = time.monotonic()
-                snap = await _to_thread(b.snapshot, name, tag)
+                snap = await asyncio.to_thread(b.snapshot, name, tag)
                 if freeze is not None:
                     freeze_ms = (time.monotonic() - t0) * 1000
                 if thaw is not None and not keep_frozen:
@@ -385,7 +388,7 @@ class HostDisks:
         # keep the snapshot just sent (the next parent) and drop older ones
         for old in b.snapshots(name):
             if old != snap:
-                await _to_thread(b.delete_snapshot, old)
+                await asyncio.to_thread(b.delete_snapshot, old)
         return SendResult(res.bytes_sent, 0, res.seconds, freeze_ms, parent is None,
                           snap.name, data_at)
 
@@ -397,12 +400,6 @@ class HostDisks:
         snaps = sorted(d.iterdir(), key=lambda p: p.name) if d.is_dir() else []
         for old in snaps[:-1]:
             self.btrfs.delete_snapshot(old)
-
-
-async def _to_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 def _fsync_dir(path: Path) -> None:
