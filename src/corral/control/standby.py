@@ -48,7 +48,6 @@ class StandbyOps(DiskOps):
                             spec=self.spec(inst, inst.epoch), state=inst.state, bytes=0,
                             was_running=inst.desired_state == State.RUNNING.value
                             or inst.state == State.RUNNING.value)
-            ctx.data.setdefault("recv", {"slot": "standby"})
 
     async def _prepare(self, ctx: OpContext) -> None:
         ctx.data["recv"] = await self.recv(ctx.data["target"], ctx.record.target, "standby")

@@ -95,7 +95,7 @@ class Standbys:
 
     async def discard_for_deleted(self, name: str) -> None:
         """An instance is being deleted: its standby copy goes too (best effort)."""
-        with contextlib.suppress(NotFound, CorralError):
+        with contextlib.suppress(CorralError):  # none, or its host cannot answer now
             await self.remove(name, check_busy=False)
 
     async def loop(self) -> None:
