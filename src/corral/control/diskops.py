@@ -142,12 +142,3 @@ class DiskOps(OpBase):
         self.record(name, host, State.RUNNING, report, desired_state=State.RUNNING.value)
         ctx.data["started_at"] = time.time()
         ctx.save()
-
-    async def stop_on(self, host: str, name: str) -> None:
-        """Undo of a start on ``host`` (nothing when it never ran there)."""
-        try:
-            now = await self.agents.report(host, "status", {"name": name})
-        except NotFound:
-            return
-        if now.state in (State.RUNNING.value, State.FROZEN.value):
-            await self.agents.report(host, "kill", {"name": name, "signal": 9})

@@ -122,7 +122,7 @@ class Migrate(DiskOps):
     async def _unadopt(self, ctx: OpContext) -> None:
         """Nothing of the instance left on the target: its record and its disk go."""
         if "target" in ctx.data:
-            await self.stop_on(ctx.data["target"], ctx.record.target)
+            await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
             await self.agents.call(ctx.data["target"], "delete", {"name": ctx.record.target})
             self.record(ctx.record.target, ctx.data["source"],
                         State(ctx.data["state"]) if not ctx.data["was_running"]
@@ -138,7 +138,7 @@ class Migrate(DiskOps):
             ctx.save()
 
     async def _unstart(self, ctx: OpContext) -> None:
-        await self.stop_on(ctx.data["target"], ctx.record.target)
+        await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
 
     async def _cleanup(self, ctx: OpContext) -> None:
         """The source's copy goes (instance record, workdir and disk)."""

@@ -73,3 +73,18 @@ class OpBase:
             inst = self.instance(s, name)
             inst.epoch += 1
             return int(inst.epoch)
+
+    async def stop_if_alive(self, host: str, name: str, signal: int | None = None
+                            ) -> InstanceReport | None:
+        """The undo of a start on ``host``: stop the copy there if it runs (with ``signal``: kill
+        it, no grace); None when it was never made there or is not alive."""
+        try:
+            now = await self.agents.report(host, "status", {"name": name})
+        except NotFound:
+            return None
+        if now.state not in (State.RUNNING.value, State.FROZEN.value):
+            return None
+        if signal is not None:
+            return await self.agents.report(host, "kill", {"name": name, "signal": signal})
+        return await self.agents.report(host, "stop", {"name": name,
+                                                        "timeout": self.settings.stop_timeout})

@@ -23,7 +23,7 @@ import nats.errors
 
 from corral.control.db import Instance
 from corral.control.opbase import OpBase
-from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
+from corral.errors import Conflict, HostUnavailable, InvalidRequest
 from corral.lifecycle import State
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
@@ -147,12 +147,6 @@ class Recreate(OpBase):
         if not ctx.data.get("was_running"):
             return
         name, target = ctx.record.target, ctx.data["target"]
-        try:
-            now = await self.agents.report(target, "status", {"name": name})
-        except NotFound:
-            return  # never created there
-        if now.state not in (State.RUNNING.value, State.FROZEN.value):
-            return
-        grace = self.settings.stop_timeout
-        report = await self.agents.report(target, "stop", {"name": name, "timeout": grace})
-        self.record(name, target, State.STOPPED, report)
+        report = await self.stop_if_alive(target, name)
+        if report is not None:
+            self.record(name, target, State.STOPPED, report)

@@ -198,7 +198,7 @@ class StandbyOps(DiskOps):
 
     async def _uncreate(self, ctx: OpContext) -> None:
         if "target" in ctx.data:
-            await self.stop_on(ctx.data["target"], ctx.record.target)
+            await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
             await self.agents.call(ctx.data["target"], "delete",
                                    {"name": ctx.record.target, "keep_disk": True})
 
@@ -209,7 +209,7 @@ class StandbyOps(DiskOps):
             ctx.save()
 
     async def _unstart(self, ctx: OpContext) -> None:
-        await self.stop_on(ctx.data["target"], ctx.record.target)
+        await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
 
 
 def due(sessions: sessionmaker[Session], now: float, tried: dict[str, float]) -> list[str]:

@@ -174,14 +174,7 @@ class Unshelve(ShelfSteps):
     async def _unstart(self, ctx: OpContext) -> None:
         if not ctx.data.get("was_running") or "target" not in ctx.data:
             return
-        name, target = ctx.record.target, ctx.data["target"]
-        try:
-            now = await self.agents.report(target, "status", {"name": name})
-        except NotFound:
-            return  # never created there
-        if now.state in (State.RUNNING.value, State.FROZEN.value):
-            await self.agents.report(target, "stop", {
-                "name": name, "timeout": self.settings.stop_timeout})
+        await self.stop_if_alive(ctx.data["target"], ctx.record.target)
 
     async def _finish(self, ctx: OpContext) -> None:
         name, target, old = ctx.record.target, ctx.data["target"], ctx.data["disk_host"]
