@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Header, HTTPException
+from storeserver import served_store
 
-from corral.errors import CorralError
-from corral.images import http as image_http
 from corral.images.fetch import materialize_image
 from corral.images.packstore import CorruptChunk, PackStore
 from corral.images.store import ImageStore
@@ -31,29 +25,8 @@ def need_token(authorization: str = Header(default="")) -> None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[ImageStore, str]]:
-    store = ImageStore(tmp_path / "server-store")
-    app = FastAPI()
-
-    @app.exception_handler(CorralError)
-    async def _err(_: Request, exc: CorralError) -> JSONResponse:  # as the server does
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
-
-    app.include_router(image_http.router(store, [Depends(need_token)]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield store, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        store.close()
+    with served_store(tmp_path / "server-store", [Depends(need_token)]) as pair:
+        yield pair
 
 
 def tree(root: Path, shared: bytes, own: bytes) -> Path:

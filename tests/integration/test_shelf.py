@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import stat
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from storeserver import served_store
 
 from corral.agent import shelf
 from corral.agent.disks import HostDisks
 from corral.agent.handlers import Handler
 from corral.agent.imagecache import ImageCache
 from corral.agent.state import AgentState
-from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
-from corral.images import http as image_http
+from corral.errors import Conflict, InvalidRequest, NotFound
 from corral.images.store import ImageStore
 
 TOKEN = "shelf-token"
@@ -36,29 +30,8 @@ TOKEN = "shelf-token"
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[ImageStore, str]]:
-    store = ImageStore(tmp_path / "server-store")
-    app = FastAPI()
-
-    @app.exception_handler(CorralError)
-    async def _err(_: Request, exc: CorralError) -> JSONResponse:  # as the server does
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
-
-    app.include_router(image_http.router(store))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield store, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        store.close()
+    with served_store(tmp_path / "server-store", ()) as pair:
+        yield pair
 
 
 def agent(root: Path, url: str) -> AgentState:
