@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,18 @@ def revive(f: Fleet, host: str) -> None:
 
 def op_of(f: Fleet, name: str) -> dict[str, Any]:
     return dict(f.json("ops", "ls", "--target", name)[0])
+
+
+def start_writer(f: Fleet, name: str, host: str, records: int = 50) -> str:
+    """Run the writer as ``name`` on ``host`` and wait for ``records`` records in its disk;
+    returns its marker (to find its processes)."""
+    marker = f"{name}-{uuid.uuid4().hex[:8]}"
+    f.ok("run", name, "--host", host, "--cpus", "0.05", "--memory", "32M", "--",
+         *writer_cmd(f.tmp, marker))
+    f.wait_state(name, {"running"})
+    log = host_dirs(f)[host] / "disks" / name / "data.log"
+    deadline = time.monotonic() + 20
+    while not log.exists() or clean_prefix(log) < records:
+        assert time.monotonic() < deadline, "the writer did not write"
+        time.sleep(0.05)
+    return marker

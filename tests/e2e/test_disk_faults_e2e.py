@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from diskkit import (
     leftovers,
     revive,
     running_copies,
+    start_writer,
     wait_host_up,
-    writer_cmd,
 )
 from fleetkit import Fleet, fleet_for
 from test_ops_e2e import restart_server
@@ -62,19 +61,6 @@ def _drills(f: Fleet) -> Path:
     d = Path(f.ctx.data_dir) / "server" / "drills"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _start(f: Fleet, name: str) -> str:
-    marker = f"{name}-{uuid.uuid4().hex[:6]}"
-    f.ok("run", name, "--host", SOURCE, "--cpus", "0.05", "--memory", "16M", "--",
-         *writer_cmd(f.tmp, marker))
-    f.wait_state(name, {"running"})
-    log = host_dirs(f)[SOURCE] / "disks" / name / "data.log"
-    deadline = time.monotonic() + 20
-    while not log.exists() or clean_prefix(log) < 20:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return marker
 
 
 def _wait_finished(f: Fleet, op_id: str, timeout: float = 120) -> dict[str, object]:
@@ -145,7 +131,7 @@ def _check(f: Fleet, name: str, marker: str, standby: str | None = None) -> str:
 def test_kill_during_migration(fleet: Fleet, step: str, victim: str) -> None:
     f = fleet
     name = f"m{MIGRATE_STEPS.index(step)}{victim[:2]}"
-    marker = _start(f, name)
+    marker = start_writer(f, name, SOURCE, records=20)
     op = _inject(f, "migrate", step, victim, f"/v1/instances/{name}/migrate")
     assert op["state"] in ("rolled_back", "succeeded"), op
     home = _check(f, name, marker)
@@ -161,7 +147,7 @@ def test_kill_during_migration(fleet: Fleet, step: str, victim: str) -> None:
 def test_kill_during_standby_refresh(fleet: Fleet, step: str, victim: str) -> None:
     f = fleet
     name = f"s{SYNC_STEPS.index(step)}{victim[:2]}"
-    marker = _start(f, name)
+    marker = start_writer(f, name, SOURCE, records=20)
     f.ok("standby", "add", name, "--host", TARGET, "--every", "1h")
     copy = host_dirs(f)[TARGET] / "disks" / ".standby" / name / "data.log"
     first = clean_prefix(copy)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from diskkit import (
     leftovers,
     op_of,
     running_copies,
-    writer_cmd,
+    start_writer,
 )
 from fleetkit import CLI, Fleet, fleet_for
 
@@ -32,19 +31,6 @@ FAILED_EXIT = 12
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with fleet_for(tmp_path_factory.mktemp("migfleet"), "--hosts", "3") as f:
         yield f
-
-
-def start_writer(f: Fleet, name: str, host: str) -> str:
-    marker = f"{name}-{uuid.uuid4().hex[:8]}"
-    f.ok("run", name, "--host", host, "--cpus", "0.1", "--memory", "32M", "--",
-         *writer_cmd(f.tmp, marker))
-    f.wait_state(name, {"running"})
-    disk = host_dirs(f)[host] / "disks" / name / "data.log"
-    deadline = time.monotonic() + 20
-    while not disk.exists() or clean_prefix(disk) < 50:
-        assert time.monotonic() < deadline, "the writer did not write"
-        time.sleep(0.1)
-    return marker
 
 
 def test_warm_migration_moves_the_disk_and_the_data(fleet: Fleet) -> None:

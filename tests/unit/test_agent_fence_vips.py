@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkit import call as _call
+from agentkit import ok as _ok
 
 from corral.agent import vips as vipmod
 from corral.agent.fence import LeaseClock, fence_all
-from corral.agent.service import dispatch
 from corral.agent.state import AgentState
 from corral.agent.vips import Vips
-from corral.bus.codec import encode
-from corral.bus.messages import Command, Reply
 from corral.drivers.base import Driver
 from corral.drivers.fake import FakeDriver
 
@@ -59,16 +58,6 @@ def _state(tmp_path: Path) -> tuple[AgentState, FakeDriver]:
     st = AgentState(tmp_path, drivers, stop_timeout=1.0)
     st.vips = Vips("eth9", "10.214.9.11")
     return st, drv
-
-
-async def _call(st: AgentState, verb: str, **args: Any) -> Reply:
-    return await dispatch(st, encode(Command(verb=verb, args=args)))
-
-
-async def _ok(st: AgentState, verb: str, **args: Any) -> Any:
-    reply = await _call(st, verb, **args)
-    assert reply.ok, reply.error
-    return reply.result
 
 
 def _spec(name: str, vip: str | None = VIP) -> dict[str, Any]:

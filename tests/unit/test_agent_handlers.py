@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkit import call as _call
+from agentkit import ok as _ok
 
 from corral.agent.handlers import HANDLERS
 from corral.agent.sampler import sample_pass
 from corral.agent.service import dispatch
 from corral.agent.state import AgentState
 from corral.bus.codec import encode
-from corral.bus.messages import Command, Reply
+from corral.bus.messages import Reply
 from corral.drivers.base import Driver
 from corral.drivers.fake import FakeDriver, FakeWorld
 from corral.errors import DriverError
@@ -32,16 +34,6 @@ def _state(tmp_path: Path, world: FakeWorld | None = None) -> tuple[AgentState, 
     drv = FakeDriver("h1", world)
     drivers: dict[str, Driver] = {"fake": drv}
     return AgentState(tmp_path, drivers, stop_timeout=1.0), drv
-
-
-async def _call(st: AgentState, verb: str, **args: Any) -> Reply:
-    return await dispatch(st, encode(Command(verb=verb, args=args)))
-
-
-async def _ok(st: AgentState, verb: str, **args: Any) -> Any:
-    reply = await _call(st, verb, **args)
-    assert reply.ok, reply.error
-    return reply.result
 
 
 def _spec(name: str = "a", epoch: int = 1, **kw: Any) -> dict[str, Any]:
