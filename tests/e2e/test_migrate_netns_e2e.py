@@ -36,18 +36,21 @@ def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def copies(marker: str) -> list[int]:
-    """Pids of the container's shell (its argv carries the marker), zombies left out."""
-    out = []
+    """Pids of the container's shell (its argv carries the marker), zombies left out, and its
+    own forks (``$(...)`` subshells carry the same argv for a moment) counted as the shell."""
+    parents: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if marker.encode() in (d / "cmdline").read_bytes() and \
-                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(int(d.name))
+            if marker.encode() not in (d / "cmdline").read_bytes():
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(d.name)] = int(fields[1])
         except OSError:
             continue
-    return out
+    return sorted(pid for pid, ppid in parents.items() if ppid not in parents)
 
 
 def log_on(f: Fleet, host: str, where: str = "") -> Path:
