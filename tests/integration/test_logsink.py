@@ -144,3 +144,19 @@ def test_restart_cuts_unckeckpointed_tail(tmp_path: Path) -> None:
     again.apply(2, more)
     again.checkpoint()
     assert read_lines(tmp_path, "i") == ["a", "b", "c"]
+
+
+def test_restart_cuts_a_file_written_before_the_first_checkpoint(tmp_path: Path) -> None:
+    """Killed after its files reached the disk but before the checkpoint that names them:
+    the replay must not double them (seen once in a full run under load)."""
+    sink = LogSink(tmp_path, "f")
+    raw = LogBatch(host="h", instance="i", source="stdout", first_seq=1, lines=["a", "b"],
+                   ts=0).model_dump_json().encode()
+    sink.apply(1, raw)
+    sink._files["i/stdout.log"].flush()  # on disk, no checkpoint yet: a crash here
+    sink.close()
+    again = LogSink(tmp_path, "f")
+    assert read_lines(tmp_path, "i") == []
+    again.apply(1, raw)
+    again.checkpoint()
+    assert read_lines(tmp_path, "i") == ["a", "b"]

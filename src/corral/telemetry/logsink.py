@@ -84,10 +84,13 @@ class LogSink:
         self._restore()
 
     def _restore(self) -> None:
-        """Cut every file back to what the checkpoint vouches for."""
-        for rel, length in self.cp.lengths.items():
-            path = self.dir / rel
-            if path.exists() and path.stat().st_size > length:
+        """Cut every file back to what the checkpoint vouches for -- a file it does not list
+        yet (written, then killed before its first checkpoint) to nothing: replaying from the
+        checkpointed sequence writes it again."""
+        for path in self.dir.glob("*/*.log"):
+            rel = path.relative_to(self.dir).as_posix()
+            length = self.cp.lengths.get(rel, 0)
+            if path.stat().st_size > length:
                 with path.open("r+b") as fh:
                     fh.truncate(length)
                     os.fsync(fh.fileno())
