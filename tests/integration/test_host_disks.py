@@ -23,8 +23,10 @@ from corral.drivers.base import Spec
 from corral.drivers.process import ProcessDriver
 
 TOKEN = "t-" + uuid.uuid4().hex
+#: about 100 writes a second, as bench/standby.py's writer: faster, a loaded loop btrfs can hold
+#: the writer in the kernel (D state) through a commit longer than the freezer waits
 WRITER = ("i=0; while :; do i=$((i+1)); echo $i > f$((i % 200)); echo $i >> journal; "
-          "sleep 0.002; done")
+          "sleep 0.01; done")
 
 
 def digest(root: Path) -> dict[str, str]:
