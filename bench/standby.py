@@ -173,7 +173,8 @@ async def main_async(args: argparse.Namespace) -> None:
         for host in hosts:
             await host.stop()
         for m in reversed(mounts):
-            subprocess.run(["umount", str(m)], check=False, capture_output=True)
+            if subprocess.run(["umount", str(m)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(m)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -16,3 +16,10 @@ def loop_btrfs(tmp_path: Path, label: str, size: str = "300M") -> Path:
     subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
     subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
     return mnt
+
+
+def unmount(mnt: Path) -> None:
+    """Unmount, lazily when something still holds it (a process stuck in the kernel): a failed
+    test must not leave its filesystem mounted for the next run."""
+    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loopfs import loop_btrfs
+from loopfs import loop_btrfs, unmount
 
 from corral.disks.btrfs import BtrfsBackend
 from corral.disks.channel import DataServer
@@ -34,7 +33,7 @@ def two_hosts(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         yield mounts[0], mounts[1]
     finally:
         for m in mounts:
-            subprocess.run(["umount", str(m)], check=False, capture_output=True)
+            unmount(m)
 
 
 def digest(root: Path) -> dict[str, str]:

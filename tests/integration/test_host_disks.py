@@ -9,14 +9,13 @@ import asyncio
 import hashlib
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from loopfs import loop_btrfs
+from loopfs import loop_btrfs, unmount
 
 from corral.agent.disks import HostDisks
 from corral.drivers.base import Spec
@@ -63,7 +62,7 @@ async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         for h in hosts:
             await h.stop()
         for m in mounts:
-            subprocess.run(["umount", str(m)], check=False, capture_output=True)
+            unmount(m)
 
 
 def make_disk(h: HostDisks, name: str, files: int = 200) -> Path:
