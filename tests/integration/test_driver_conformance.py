@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.drivers import cgroups
+from corral.drivers import cgroups, procfs, reaping
 from corral.drivers.base import Driver, Handle, Spec, Status
 from corral.drivers.fake import FakeDriver, FakeWorld
 from corral.drivers.process import ProcessDriver
@@ -109,6 +109,13 @@ class Harness:
                 self.driver.delete(h)
             except Exception:  # last resort below; the test itself reports the failure
                 pid = h.data.get("pid")
+                rel = h.data.get("cgroup")
+                if self.hierarchy is not None and rel:  # a frozen task ignores SIGKILL
+                    with contextlib.suppress(Exception):
+                        self.hierarchy.set_frozen(str(rel), False)
+                    for member in self.hierarchy.pids(str(rel)):
+                        with contextlib.suppress(OSError):
+                            os.kill(member, signal.SIGKILL)
                 if self.kind.startswith("process") and pid:
                     with contextlib.suppress(OSError):
                         os.killpg(int(pid), signal.SIGKILL)
@@ -239,6 +246,27 @@ def test_stop_works_on_a_frozen_instance(hz: Harness) -> None:
     assert h.name not in hz.driver.stats([h])
 
 
+def test_a_tree_that_keeps_forking_freezes_and_stops(hz: Harness) -> None:
+    """A shell forking as fast as it can (the case that once left a v1 cgroup FREEZING past
+    the freezer's bound, and the test's process frozen for good) freezes, stays still, and
+    stops."""
+    if not hz.driver.capabilities.can_freeze:
+        pytest.skip("driver cannot freeze")
+    h = hz.start(hz.create("while :; do /bin/true; done"), burn=True)
+    time.sleep(0.3)
+    for _ in range(3):
+        hz.driver.freeze(h)
+        assert hz.driver.status(h).state == "frozen"
+        a = hz.cpu_ns(h)
+        time.sleep(0.3)
+        assert hz.cpu_ns(h) - a < 50_000_000, f"{hz.kind}: a frozen forker kept running"
+        hz.driver.thaw(h)
+        assert hz.driver.status(h).state == "running"
+    hz.driver.freeze(h)
+    st = hz.driver.stop(h, 1.0)
+    assert st.state == "stopped"
+
+
 def test_stop_kills_what_ignores_sigterm(hz: Harness) -> None:
     h = hz.start(hz.create("trap '' TERM; while :; do sleep 0.1; done"), ignore_term=True)
     time.sleep(0.3)  # let the shell install its trap
@@ -324,6 +352,66 @@ def test_delete_refuses_a_live_instance_and_cleans_up(hz: Harness) -> None:
     leftover = [d for d in dirs if d.exists()]
     assert not leftover, f"{hz.kind}: cgroup left after delete: {leftover}"
     del hz.handles[h.name]
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """This process adopts the orphans of instances, as the agent does: the driver must reap
+    them, or they stay zombies (and their pids taken) for good."""
+    assert reaping.set_subreaper(True)
+    yield
+    reaping.set_subreaper(False)
+
+
+def _instance_procs(hz: Harness, h: Handle, at_least: int) -> set[tuple[int, int]]:
+    """(pid, start time) of every process of the instance, once there are ``at_least``."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        found: set[tuple[int, int]] = set()
+        if hz.hierarchy is not None:
+            for pid in hz.hierarchy.pids(str(h.data["cgroup"])):
+                st = procfs.read_stat(pid)
+                if st is not None:
+                    found.add((st.pid, st.starttime))
+        sid = h.data.get("sid")
+        if sid:
+            found |= {(p.pid, p.starttime) for p in procfs.scan() if p.session == sid}
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _left(procs: set[tuple[int, int]]) -> list[procfs.ProcStat]:
+    """Which of ``procs`` still exist in /proc, zombies included."""
+    return [st for pid, start in procs if (st := procfs.identify(pid, start)) is not None]
+
+
+@pytest.mark.usefixtures("subreaper")
+def test_stop_returns_only_when_every_process_is_reaped(hz: Harness) -> None:
+    """A stopped instance has no process left, not even a zombie: a zombie keeps its pid, and
+    a PostgreSQL started from the same disk elsewhere refuses while that pid answers."""
+    if hz.kind == "fake":
+        pytest.skip("the fake driver has no processes")
+    h = hz.start(hz.create("sleep 1000 & sleep 1000 & while :; do sleep 1; done"))
+    procs = _instance_procs(hz, h, 3)
+    assert len(procs) >= 3, f"{hz.kind}: the instance did not fork: {procs}"
+    st = hz.driver.stop(h, 5.0)
+    assert st.state == "stopped"
+    assert not _left(procs), f"{hz.kind}: left after stop: {_left(procs)}"
+
+
+@pytest.mark.usefixtures("subreaper")
+def test_an_instance_ends_with_its_leader(hz: Harness) -> None:
+    """When the leader exits, what it left behind is killed and reaped before the instance
+    reads as exited (a container's processes end with its init; the process driver does the
+    same), so ``exited`` means nothing of it runs."""
+    if hz.kind == "fake":
+        pytest.skip("the fake driver has no processes")
+    h = hz.start(hz.create("sleep 1000 & sleep 1000 & sleep 1; exit 3"))
+    procs = _instance_procs(hz, h, 3)
+    st = hz.wait_state(h, {"exited"})
+    assert (st.state, st.exit_code) == ("exited", 3)
+    assert not _left(procs), f"{hz.kind}: left after the leader exited: {_left(procs)}"
 
 
 def test_verbs_on_a_stopped_instance_are_refused(hz: Harness) -> None:

@@ -25,6 +25,7 @@ from corral.agent.store import InstanceRecord, check_name
 from corral.agent.vips import check_spec_vip
 from corral.bus.messages import WireSpec
 from corral.drivers.base import Spec
+from corral.drivers.common import KILL_WAIT
 from corral.errors import Conflict, DriverError, InvalidRequest
 from corral.rig.rootfs import copy_template
 
@@ -233,10 +234,13 @@ async def kill(st: AgentState, args: dict[str, Any]) -> Any:
         drv = st.driver(rec.driver)
         await st.call(drv.kill, rec.handle, sig)
         report = await st.refresh(rec)
-        # A deadly signal takes a moment to land; wait (bounded) so the reply says how it ended.
-        for _ in range(40 if sig in _ENDING_SIGNALS else 0):
-            if report.state not in ("running", "frozen"):
-                break
+        # A deadly signal takes a moment to land, and the instance has ended only when every
+        # process of it is reaped; wait (bounded) so the reply says how it ended. A SIGKILL
+        # gets as long as a stop does: the caller may be about to start a copy elsewhere.
+        wait = KILL_WAIT if sig == signals.SIGKILL else 2.0 if sig in _ENDING_SIGNALS else 0.0
+        deadline = asyncio.get_running_loop().time() + wait
+        while report.state in ("running", "frozen") and \
+                asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
             report = await st.refresh(rec)
         if st.vips is not None and not is_alive(rec):

@@ -108,6 +108,7 @@ class DiskOps(OpBase):
         """End the source copy at once: it is frozen with its final state already sent, so it
         must not run its shutdown path (writes that would never reach the target)."""
         report = await self.agents.report(host, "kill", {"name": name, "signal": 9})
+        self.ensure_ended(report, host)
         self.record(name, host, State.STOPPED, report)
 
     async def restart_source(self, ctx: OpContext, host: str) -> None:

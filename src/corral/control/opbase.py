@@ -15,7 +15,7 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
-from corral.errors import HostUnavailable, NotFound
+from corral.errors import DriverError, HostUnavailable, NotFound
 from corral.lifecycle import State
 
 
@@ -74,6 +74,17 @@ class OpBase:
             inst.epoch += 1
             return int(inst.epoch)
 
+    @staticmethod
+    def ensure_ended(report: InstanceReport, host: str) -> InstanceReport:
+        """Refuse to go on while any process of the copy on ``host`` is left (the agent
+        reports it alive until every one is reaped): the next step may start a copy
+        elsewhere, and two copies of an instance must never exist at once."""
+        if report.state in (State.RUNNING.value, State.FROZEN.value):
+            raise DriverError(f"instance '{report.name}' on {host} still has processes after "
+                              "SIGKILL", hint="a process stuck in the kernel (D state)? the "
+                              "operation rolls back; retry later", retryable=True)
+        return report
+
     async def stop_if_alive(self, host: str, name: str, signal: int | None = None
                             ) -> InstanceReport | None:
         """The undo of a start on ``host``: stop the copy there if it runs (with ``signal``: kill
@@ -85,6 +96,8 @@ class OpBase:
         if now.state not in (State.RUNNING.value, State.FROZEN.value):
             return None
         if signal is not None:
-            return await self.agents.report(host, "kill", {"name": name, "signal": signal})
-        return await self.agents.report(host, "stop", {"name": name,
-                                                        "timeout": self.settings.stop_timeout})
+            report = await self.agents.report(host, "kill", {"name": name, "signal": signal})
+        else:
+            report = await self.agents.report(host, "stop", {
+                "name": name, "timeout": self.settings.stop_timeout})
+        return self.ensure_ended(report, host)

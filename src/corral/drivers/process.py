@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.drivers import common, procfs
+from corral.drivers import common, procfs, reaping
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, for_process_driver
 from corral.errors import Conflict, DriverError, InvalidRequest
@@ -56,6 +56,8 @@ class ProcessDriver:
         self._lock = threading.Lock()
         self._popens: dict[str, subprocess.Popen[bytes]] = {}
         self._exits: dict[str, tuple[int | None, int | None]] = {}
+        #: generations with no process left (see :meth:`_gone`)
+        self._finished: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------
     def _cg_of(self, handle: Handle) -> tuple[Hierarchy, str] | None:
@@ -64,16 +66,29 @@ class ProcessDriver:
             return self._cg, str(rel)
         return None
 
-    def _members(self, handle: Handle) -> list[int]:
-        """Live processes of the instance: its cgroup, else every process of its session."""
+    def _procs(self, handle: Handle) -> list[procfs.ProcStat]:
+        """Every process of the instance still in /proc, zombies included, after reaping the
+        ones that are this process's to reap: its cgroup's members and its session's.
+
+        A session id is a pid, and the kernel keeps it from being reused while any process of
+        the session exists; once it is free, a new process may take that pid and start a
+        session of its own. So a session whose leader is another process than ours (same pid,
+        other start time) is not ours any more."""
+        self._reap(handle)
+        procs = procfs.scan()
+        if reaping.reap_orphans(procs):
+            procs = procfs.scan()
         cg = self._cg_of(handle)
-        if cg is not None:
-            pids = cg[0].pids(cg[1])
-            return [p for p in pids if (st := procfs.read_stat(p)) is not None and st.alive]
+        in_cg = set(cg[0].pids(cg[1])) if cg is not None else set()
         sid = handle.data.get("sid")
-        if not sid:
-            return []
-        return [st.pid for st in procfs.scan() if st.session == sid and st.alive]
+        start = handle.data.get("starttime")
+        if sid and any(p.pid == sid and p.starttime != start for p in procs):
+            sid = None  # the pid was reused: the old session is over
+        return [p for p in procs if (sid and p.session == sid) or p.pid in in_cg]
+
+    def _members(self, handle: Handle) -> list[int]:
+        """Live processes of the instance (zombies have ended: only their reaping is due)."""
+        return [p.pid for p in self._procs(handle) if p.alive]
 
     def _signal_tree(self, handle: Handle, signum: int) -> None:
         pgid = handle.data.get("pgid")
@@ -121,24 +136,51 @@ class ProcessDriver:
             with self._lock:
                 self._exits[gen] = result
                 self._popens.pop(gen, None)
+            reaping.release(int(handle.data.get("pid") or 0))
             common.record_exit(handle, *result)
         return result
 
-    def _wait_gone(self, handle: Handle, timeout: float) -> bool:
-        return common.wait_until(
-            lambda: self._leader(handle) is None and not self._members(handle), timeout)
+    def _gone(self, handle: Handle) -> bool:
+        """No process of this run is left, not even a zombie: only then may a copy of the
+        instance start anywhere (remembered per generation: a finished run stays finished)."""
+        gen = str(handle.data.get("generation") or "")
+        with self._lock:
+            if gen in self._finished:
+                return True
+        if self._leader(handle) is not None or self._procs(handle):
+            return False
+        with self._lock:
+            self._finished.add(gen)
+        return True
 
-    def _kill_leftovers(self, handle: Handle) -> None:
-        """End processes of a tree whose leader has exited: they are still ours."""
-        if not self._members(handle):
-            return
+    def _wait_gone(self, handle: Handle, timeout: float) -> bool:
+        return common.wait_until(lambda: self._gone(handle), timeout)
+
+    def _kill_tree(self, handle: Handle) -> None:
+        """SIGKILL every process, thawing first: a frozen task, or one in a v1 cgroup left
+        FREEZING by a freeze that did not complete, does not die until it is thawed."""
         cg = self._cg_of(handle)
-        if cg is not None and cg[0].exists(cg[1]) and cg[0].is_frozen(cg[1]):
+        if cg is not None and cg[0].exists(cg[1]) and not cg[0].is_thawed(cg[1]):
             cg[0].thaw(cg[1])
         self._signal_tree(handle, sig.SIGKILL)
         if cg is None:
             self._signal_tree(handle, sig.SIGCONT)
-        self._wait_gone(handle, _KILL_WAIT)
+
+    def _end_leftovers(self, handle: Handle) -> bool:
+        """SIGKILL what is left of a tree whose leader has exited (it ended with its leader,
+        as a container's processes end with its init); True when nothing was left."""
+        if self._gone(handle):
+            return True
+        if self._members(handle):
+            self._kill_tree(handle)
+        return False
+
+    def _kill_leftovers(self, handle: Handle) -> None:
+        if not self._end_leftovers(handle) and not self._wait_gone(handle, _KILL_WAIT):
+            left = ", ".join(f"{p.pid} ({p.comm}, {p.state})" for p in self._procs(handle))
+            raise DriverError(f"instance {handle.name}: processes left after SIGKILL: {left}",
+                              hint="a process stuck in the kernel (D state) or a zombie "
+                              "whose parent does not reap it; retry later", retryable=True)
 
     def _require_alive(self, handle: Handle, verb: str) -> Status:
         st = self.status(handle)
@@ -192,13 +234,15 @@ class ProcessDriver:
         cwd = spec.rootfs or spec.workdir
         env = common.base_env(spec)
         argv = self._argv(spec, cwd, env, cg)
-        with open(wd / "stdout.log", "ab") as out, open(wd / "stderr.log", "ab") as err:
+        with open(wd / "stdout.log", "ab") as out, open(wd / "stderr.log", "ab") as err, \
+                reaping.owned() as own:
             try:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                          cwd=cwd, env=env, start_new_session=True, close_fds=True)
             except OSError as e:
                 raise DriverError(f"cannot start {spec.name}: {e}",
                                   hint="check the command and the working directory") from e
+            own(popen.pid)
         st = procfs.read_stat(popen.pid)
         starttime = st.starttime if st is not None else 0
         gen = f"{popen.pid}-{starttime}"
@@ -230,7 +274,7 @@ class ProcessDriver:
         common.stop_then_kill(
             handle, st.state == "frozen", timeout,
             signal=lambda n: self._signal_tree(handle, n),
-            kill_all=lambda: self._signal_tree(handle, sig.SIGKILL),
+            kill_all=lambda: self._kill_tree(handle),
             gone=lambda t: self._wait_gone(handle, t),
             thaw=lambda: self.thaw(handle), what="instance")
         return self.status(handle)
@@ -270,7 +314,7 @@ class ProcessDriver:
     def thaw(self, handle: Handle) -> None:
         cg = self._cg_of(handle)
         if cg is not None:
-            if cg[0].exists(cg[1]) and cg[0].is_frozen(cg[1]):
+            if cg[0].exists(cg[1]) and not cg[0].is_thawed(cg[1]):
                 cg[0].thaw(cg[1])
             return
         self._signal_tree(handle, sig.SIGCONT)
@@ -288,6 +332,9 @@ class ProcessDriver:
                 frozen = leader.state in ("T", "t") or (
                     leader.state == "D" and common.frozen_marked(handle))
             return Status("frozen" if frozen else "running", pid=leader.pid)
+        if not self._end_leftovers(handle):
+            # the leader is gone, the rest is being killed: not ended until all are reaped
+            return Status("running")
         ended = self._reap(handle) or common.read_exit(handle) or (None, None)
         state = "stopped" if common.stop_requested(handle) else "exited"
         return Status(state, exit_code=ended[0], signal=ended[1])

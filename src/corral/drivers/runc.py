@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.drivers import common, procfs
+from corral.drivers import common, procfs, reaping
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, Mounts, V1Hierarchy, V2Hierarchy, read_mounts
 from corral.drivers.runc_config import cgroups_path, write_bundle
@@ -131,6 +131,7 @@ class RuncDriver:
             with self._lock:
                 if shim.poll() is not None:
                     self._shims.pop(gen, None)
+                    reaping.release(shim.pid)
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -156,8 +157,25 @@ class RuncDriver:
             if self._alive(handle) is not None:
                 raise
 
+    def _gone(self, handle: Handle) -> bool:
+        """The container's init is reaped (not a zombie any more) and its cgroup is empty:
+        only then may a copy of the instance start anywhere. When the init of a pid namespace
+        dies the kernel kills the rest of it, so waiting is all there is to do; the shim reaps
+        the init, and if the shim is gone the agent (a subreaper) does."""
+        if self._alive(handle) is not None:
+            return False
+        if self.hierarchy.pids(str(handle.data["cgroup"])):
+            return False
+        pid, start = handle.data.get("pid"), handle.data.get("starttime")
+        if pid is None:
+            return True
+        if procfs.identify(int(pid), int(start or 0)) is None:
+            return True
+        reaping.reap_orphans()
+        return procfs.identify(int(pid), int(start or 0)) is None
+
     def _wait_dead(self, handle: Handle, timeout: float) -> bool:
-        return common.wait_until(lambda: self._alive(handle) is None, timeout)
+        return common.wait_until(lambda: self._gone(handle), timeout)
 
     # -- the Driver protocol ---------------------------------------------------------------
     def available(self) -> str | None:
@@ -205,14 +223,16 @@ class RuncDriver:
         }
         # the shim gets a bare environment: the agent's (with the fleet token) stays with it
         env = {"PATH": os.environ.get("PATH", common.DEFAULT_PATH)}
-        with open(wd / "shim.log", "ab") as shim_log:
+        with open(wd / "shim.log", "ab") as shim_log, reaping.owned() as own:
             shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), json.dumps(cfg)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=shim_log, start_new_session=True, close_fds=True,
                                     env=env)
+            own(shim.pid)
         line = self._read_line(shim)
         if not line.startswith("created "):
             shim.wait(timeout=10)
+            reaping.release(shim.pid)
             raise DriverError(f"runc create {spec.name} failed: {self._log_tail(wd)}",
                               hint=f"see {wd}/runc.log and {bundle}/config.json")
         pid = int(line.split()[1])
@@ -225,7 +245,8 @@ class RuncDriver:
         except DriverError:
             self._run("delete", spec.name, "--force")
             raise
-        data = dict(handle.data, pid=pid, starttime=st.starttime if st else 0, generation=gen)
+        data = dict(handle.data, pid=pid, starttime=st.starttime if st else 0, generation=gen,
+                    cgroup=self.cgroup_rel(spec.name))  # the bundle was just written with it
         return Handle(self.name, handle.name, data)
 
     @staticmethod
@@ -278,6 +299,8 @@ class RuncDriver:
         if st is not None:
             frozen = self.hierarchy.is_frozen(str(handle.data["cgroup"]))
             return Status("frozen" if frozen else "running", pid=st.pid)
+        if not self._gone(handle):
+            return Status("running")  # its init died; the rest is being killed and reaped
         ended = self._shim_exit(handle) or (None, None)
         state = "stopped" if common.stop_requested(handle) else "exited"
         return Status(state, exit_code=ended[0], signal=ended[1])
@@ -312,6 +335,7 @@ class RuncDriver:
         if shim is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 shim.wait(timeout=2.0)
+                reaping.release(shim.pid)
 
     def recover(self, handle: Handle) -> Status:
         if handle.driver != self.name:
