@@ -116,3 +116,50 @@ def test_remove_scope_keeps_what_is_in_use(tmp_path: Path) -> None:
     left = cgroups.remove_scope("s1", mounts)
     assert left == [tmp_path / "u" / "corral" / "s1"]
     assert not (tmp_path / "a" / "corral" / "s1").exists()
+
+
+class StubbornFreezer(cgroups.V1Hierarchy):
+    """A v1 freezer that stays FREEZING until FROZEN has been written ``needs`` times, as a
+    tree that forks mid-freeze does (each write sweeps the tasks the last one missed)."""
+
+    def __init__(self, needs: int) -> None:
+        super().__init__(cgroups.Mounts(v1={"freezer": Path("/nonexistent")}))
+        self.needs = needs
+        self.writes: list[str] = []
+        self.state = "THAWED"
+
+    def set_frozen(self, rel: str, frozen: bool) -> None:
+        self.writes.append("FROZEN" if frozen else "THAWED")
+        if not frozen:
+            self.state = "THAWED"
+        elif self.writes.count("FROZEN") >= self.needs:
+            self.state = "FROZEN"
+        else:
+            self.state = "FREEZING"
+
+    def _freezer_state(self, rel: str) -> str | None:
+        return self.state
+
+
+def test_a_freeze_that_stays_freezing_is_written_again_until_it_holds() -> None:
+    cg = StubbornFreezer(needs=4)
+    cg.freeze("corral/x/y", timeout=5.0)
+    assert cg.is_frozen("corral/x/y")
+    assert cg.writes.count("FROZEN") == 4
+
+
+def test_a_freeze_that_never_completes_is_undone_with_a_clear_error() -> None:
+    cg = StubbornFreezer(needs=10**9)
+    with pytest.raises(DriverError) as err:
+        cg.freeze("corral/x/y", timeout=0.5)
+    assert "did not freeze" in str(err.value) and "thawed again" in str(err.value)
+    assert err.value.retryable
+    assert cg.writes[-1] == "THAWED"
+    assert cg.is_thawed("corral/x/y") and not cg.is_frozen("corral/x/y")
+
+
+def test_freezing_is_neither_frozen_nor_thawed() -> None:
+    cg = StubbornFreezer(needs=2)
+    cg.set_frozen("r", True)
+    assert cg.state == "FREEZING"
+    assert not cg.is_frozen("r") and not cg.is_thawed("r")

@@ -25,7 +25,12 @@ from corral.errors import DriverError
 MOUNTINFO = Path("/proc/self/mountinfo")
 #: v1 controllers the process driver needs to count, limit and freeze a tree exactly.
 V1_NEEDED = ("cpuacct", "memory", "freezer")
-_FREEZE_TIMEOUT = 5.0
+#: a freeze keeps retrying this long (a forking tree on v1 can take several passes)
+_FREEZE_TIMEOUT = 20.0
+#: each pass waits this long for FROZEN before writing it again
+_FREEZE_POLL = 0.1
+#: every this many passes, thaw a moment so a task stuck mid-fork can finish
+_THAW_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -162,23 +167,49 @@ class Hierarchy(ABC):
                 return [int(x) for x in text.split()]
         return []
 
-    def freeze(self, rel: str) -> None:
-        self.set_frozen(rel, True)
-        self._wait_frozen(rel, True)
+    @abstractmethod
+    def is_thawed(self, rel: str) -> bool:
+        """Neither frozen nor on the way to it (a v1 cgroup may sit in FREEZING, where its
+        frozen tasks ignore even SIGKILL until it is thawed)."""
+
+    def freeze(self, rel: str, timeout: float = _FREEZE_TIMEOUT) -> None:
+        """Freeze, retrying: a tree that forks while it is being frozen can leave a v1 cgroup
+        in FREEZING (a task caught mid-fork is missed), and writing FROZEN again sweeps the
+        tasks the last pass missed; now and then a short thaw lets a stuck fork finish (runc
+        does the same). A freeze that does not complete is undone, never left half-done."""
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            self.set_frozen(rel, True)
+            left = max(0.0, deadline - time.monotonic())
+            if self._wait_state(rel, True, min(_FREEZE_POLL, left)):
+                return
+            attempt += 1
+            if time.monotonic() >= deadline:
+                break
+            if attempt % _THAW_EVERY == 0:
+                self.set_frozen(rel, False)
+                time.sleep(0.01)
+        with contextlib.suppress(DriverError):
+            self.thaw(rel)
+        raise DriverError(f"cgroup {rel} did not freeze within {timeout:.0f} s "
+                          f"({attempt} attempts); it was thawed again",
+                          hint="a task stuck in the kernel (D state) blocks the freezer; "
+                          "retry later", retryable=True)
 
     def thaw(self, rel: str) -> None:
         self.set_frozen(rel, False)
-        self._wait_frozen(rel, False)
+        if not self._wait_state(rel, False, _FREEZE_TIMEOUT):
+            raise DriverError(f"cgroup {rel} did not thaw within {_FREEZE_TIMEOUT:.0f} s",
+                              hint="retry; see the cgroup's freezer state", retryable=True)
 
-    def _wait_frozen(self, rel: str, want: bool) -> None:
-        deadline = time.monotonic() + _FREEZE_TIMEOUT
-        while self.is_frozen(rel) != want:
-            if time.monotonic() > deadline:
-                verb = "freeze" if want else "thaw"
-                raise DriverError(f"cgroup {rel} did not {verb} within {_FREEZE_TIMEOUT:.0f} s",
-                                  hint="a task stuck in the kernel (D state) blocks the freezer; "
-                                  "retry later", retryable=True)
-            time.sleep(0.01)
+    def _wait_state(self, rel: str, frozen: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not (self.is_frozen(rel) if frozen else self.is_thawed(rel)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def remove(self, rel: str, timeout: float = 5.0) -> None:
         """rmdir every directory of the cgroup; it must hold no process (retried while the
@@ -254,10 +285,16 @@ class V1Hierarchy(Hierarchy):
             raise DriverError("no v1 freezer controller is mounted", hint="mount the freezer")
         _write(d / "freezer.state", "FROZEN" if frozen else "THAWED")
 
-    def is_frozen(self, rel: str) -> bool:
+    def _freezer_state(self, rel: str) -> str | None:
         d = self._dir("freezer", rel)
         text = None if d is None else _read(d / "freezer.state")
-        return text is not None and text.strip() == "FROZEN"
+        return None if text is None else text.strip()
+
+    def is_frozen(self, rel: str) -> bool:
+        return self._freezer_state(rel) == "FROZEN"
+
+    def is_thawed(self, rel: str) -> bool:
+        return self._freezer_state(rel) in ("THAWED", None)
 
     def set_limits(self, rel: str, cpus: float, memory_bytes: int) -> None:
         cpu = self._dir("cpu", rel)
@@ -326,6 +363,10 @@ class V2Hierarchy(Hierarchy):
     def is_frozen(self, rel: str) -> bool:
         text = _read(self.root / rel / "cgroup.events") or ""
         return any(line.strip() == "frozen 1" for line in text.splitlines())
+
+    def is_thawed(self, rel: str) -> bool:
+        asked = (_read(self.root / rel / "cgroup.freeze") or "0").strip()
+        return asked == "0" and not self.is_frozen(rel)
 
     def set_limits(self, rel: str, cpus: float, memory_bytes: int) -> None:
         d = self.root / rel
