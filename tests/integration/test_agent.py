@@ -68,8 +68,9 @@ def kill_marked(marker: str) -> None:
 
 
 def remove_scope_cgroups(host: str) -> None:
-    """Drivers leave the agent's parent cgroup ``corral/<host>``; remove it (empty) and below."""
-    for top in Path("/sys/fs/cgroup").glob(f"*/corral/{host}"):
+    """Drivers leave the agent's parent cgroup ``corral/<host>-<id>``; remove it (empty) and
+    below."""
+    for top in Path("/sys/fs/cgroup").glob(f"*/corral/{host}-*"):
         for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
                 d.rmdir()

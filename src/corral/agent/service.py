@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +35,7 @@ from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
 from corral.agent.state import AgentState
+from corral.agent.store import write_atomic
 from corral.agent.vips import Vips
 from corral.bus import subjects
 from corral.bus.codec import decode, encode
@@ -46,6 +49,7 @@ from corral.bus.messages import (
     Reply,
 )
 from corral.config import Settings
+from corral.drivers import reaping
 from corral.errors import (
     ConfigError,
     CorralError,
@@ -58,6 +62,8 @@ from corral.telemetry.accounting import CpuAccountant, HostCpu
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+#: every this many sampling passes, collect stray orphans (see corral.drivers.reaping)
+REAP_EVERY = 5
 
 JOIN_TRY_TIMEOUT = 5.0
 JOIN_BACKOFF_MAX = 10.0
@@ -84,6 +90,22 @@ def capacity(data_dir: Path) -> Capacity:
                     disk_bytes=shutil.disk_usage(data_dir).total)
 
 
+def driver_scope(data_dir: Path, host: str) -> str:
+    """``<host>-<id>``: what names this agent's cgroups (``corral/<scope>/<name>``). The host
+    name alone is not enough: two fleets on one machine both have a ``host1``, and an
+    instance ``db`` in each would share a cgroup (CPU figures mixed, one removal failing with
+    EBUSY). The id is made once and kept in the data dir, so a restarted agent finds its own."""
+    path = data_dir / "agent-id"
+    try:
+        ident = path.read_text().strip()
+    except FileNotFoundError:
+        ident = ""
+    if not re.fullmatch(r"[0-9a-f]{8}", ident):
+        ident = secrets.token_hex(4)
+        write_atomic(path, ident.encode())
+    return f"{host}-{ident}"
+
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         from corral.drivers.registry import make_drivers
@@ -96,7 +118,9 @@ class Agent:
         self.host = host_name(settings)
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        drivers, reasons = make_drivers(settings.drivers.split(","), self.host, self.data_dir)
+        reaping.set_subreaper()  # orphans of instances come to us, to be reaped at once
+        self.scope = driver_scope(self.data_dir, self.host)
+        drivers, reasons = make_drivers(settings.drivers.split(","), self.scope, self.data_dir)
         for name, why in reasons.items():
             log.warning("driver %s is not offered on this host: %s", name, why)
         if not drivers:
@@ -108,6 +132,7 @@ class Agent:
         self.heartbeat_s = settings.heartbeat_seconds
         self.sample_s = settings.sample_seconds
         self.seq = 0
+        self.passes = 0  # sampling passes so far
         self.hb_sent = 0.0  # monotonic time the last heartbeat was sent
         self.nc: Any = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -258,6 +283,10 @@ class Agent:
                 continue
             if res.missing:
                 await self.sweep(set(res.missing))
+            self.passes += 1
+            if self.passes % REAP_EVERY == 0:
+                # orphans an instance left on its way out, that no stop or status waited for
+                await asyncio.to_thread(reaping.reap_orphans)
 
     # --- commands ------------------------------------------------------------------------------
     async def on_command(self, msg: Any) -> None:
