@@ -130,3 +130,23 @@ async def test_dirty_pass_moves_only_changed_paths(channel: Channel, tree: Path)
         assert not (roots / "web" / "a" / "f2").exists()
     finally:
         tracker.stop()
+
+
+async def test_a_same_size_rewrite_in_the_same_second_is_sent(channel: Channel,
+                                                             tree: Path) -> None:
+    """A file rewritten after a pass copied it, keeping its size, with an mtime in the same
+    second (a database page or WAL segment written again right after a standby refresh):
+    the next live pass must send it. rsync compares whole seconds unless told otherwise."""
+    from corral.disks.rsync import Endpoint, run_pass
+
+    ep = Endpoint("127.0.0.1", channel.server.port, channel.token_file,
+                  str(channel.roots / "web"))
+    f = tree / "a" / "f7"
+    second = f.stat().st_mtime_ns // 1_000_000_000 * 1_000_000_000
+    os.utime(f, ns=(second, second + 1_000))
+    await run_pass(tree, ep)
+    f.write_bytes(os.urandom(f.stat().st_size))
+    os.utime(f, ns=(second, second + 2_000))  # the same second, as quick rewrites are
+    result = await run_pass(tree, ep)
+    assert result.files == 1
+    assert digest(channel.roots / "web") == digest(tree)

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from corral.errors import CorralError
 
-BASE_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--stats"]
+#: ``--modify-window=-1``: compare mtimes to the nanosecond (rsync >= 3.1.3). By default rsync
+#: compares whole seconds, so a file rewritten in the second after a standby refresh copied it
+#: (same size: a WAL segment, a database page file) looked unchanged to the next live pass, and
+#: a promotion lost those writes. Seen with PostgreSQL: acknowledged commits gone.
+BASE_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--stats", "--modify-window=-1"]
 
 
 class TransferFailed(CorralError):
