@@ -16,16 +16,43 @@ Downtime is measured on the server's clock, from the moment the frozen pass bega
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
-from corral.control.db import Standby
+from sqlalchemy.orm import Session
+
+from corral.control.db import Instance, Standby
 from corral.control.diskops import DiskOps
-from corral.errors import Conflict, InvalidRequest
+from corral.errors import Conflict, InvalidRequest, NoCapacity
 from corral.lifecycle import State
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
-from corral.scheduling.placement import Request, place
+from corral.scheduling.placement import HostSnapshot, Request, place
 
 KIND = "migrate"
+
+
+def pick_target(name: str, req: Request, standby: str | None,
+                hosts: Sequence[HostSnapshot]) -> str:
+    """Where a migration without ``--to`` goes: never the standby's host (a migration there is
+    refused: switching to the standby is what promotion is for). When no host is left, the
+    error says the standby is why and points at promotion."""
+    if standby is None:
+        return place(req, hosts)
+    avoid = req.avoid | {standby}
+    try:
+        return place(replace(req, avoid=avoid), hosts)
+    except NoCapacity as exc:
+        others = {h: why for h, why in exc.details.get("shortfall", {}).items()
+                  if h not in avoid}
+        summary = "; ".join(f"{h}: {why}" for h, why in others.items()) or "no other hosts"
+        raise NoCapacity(
+            f"no host can take '{name}' but {' and '.join(sorted(req.avoid))} (where it runs) "
+            f"and {standby} (which holds its standby): {summary}",
+            hint=f"switch to the standby with 'corral standby promote {name}', or make room "
+                 "on another host (or add one) and migrate again",
+            details={"shortfall": others, "standby": standby}) from exc
 
 
 class Migrate(DiskOps):
@@ -45,32 +72,45 @@ class Migrate(DiskOps):
                 Step("start", self._start, self._unstart, commit=True),
                 Step("cleanup", self._cleanup)]
 
+    # -- refusals ----------------------------------------------------------------------------
+    def check(self, name: str, params: dict[str, Any]) -> None:
+        """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""
+        with self.fleet.sessions() as s:
+            self._refusals(s, name, params)
+
+    def _refusals(self, s: Session, name: str, params: dict[str, Any]
+                  ) -> tuple[Instance, State, str, str]:
+        """Raise what makes the move impossible; else the instance, its state, and the source
+        and target hosts. Reads only: the check and the plan both run it."""
+        inst = self.instance(s, name)
+        state = self.check_movable(inst, "migrate")
+        source = self.host_up(s, inst.host or "", "its")
+        snapshot = self.fleet.snapshot(s)
+        sb = s.get(Standby, name)
+        to = params.get("to") or pick_target(
+            name, Request(inst.cpus, inst.memory_bytes, inst.driver,
+                          avoid=frozenset({source.name})), sb.host if sb else None, snapshot)
+        if to == source.name:
+            raise InvalidRequest(f"instance '{name}' already runs on {to}",
+                                 hint="name another host with --to")
+        target = self.host_up(s, to, "target")
+        self.check_pair(source, target)
+        if sb is not None and sb.host == to:
+            raise Conflict(f"{to} holds the standby of '{name}'",
+                           hint=f"use 'corral standby promote {name}' to switch to it")
+        if inst.driver not in (target.drivers or {}):
+            raise InvalidRequest(f"host {to} does not offer driver '{inst.driver}'",
+                                 hint="pick a host that lists it in 'corral host ls'")
+        place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to), snapshot)
+        return inst, state, source.name, to
+
     # -- steps -------------------------------------------------------------------------------
     async def _plan(self, ctx: OpContext) -> None:
-        name = ctx.record.target
+        """Check again (the fleet may have changed since the engine's check) and write down
+        everything an undo will need."""
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            state = self.check_movable(inst, "migrate")
-            source = self.host_up(s, inst.host or "", "its")
-            to = ctx.params.get("to")
-            snapshot = self.fleet.snapshot(s)
-            if not to:
-                to = place(Request(inst.cpus, inst.memory_bytes, inst.driver,
-                                   avoid=frozenset({source.name})), snapshot)
-            if to == source.name:
-                raise InvalidRequest(f"instance '{name}' already runs on {to}",
-                                     hint="name another host with --to")
-            target = self.host_up(s, to, "target")
-            self.check_pair(source, target)
-            sb = s.get(Standby, name)
-            if sb is not None and sb.host == to:
-                raise Conflict(f"{to} holds the standby of '{name}'",
-                               hint=f"use 'corral standby promote {name}' to switch to it")
-            if inst.driver not in (target.drivers or {}):
-                raise InvalidRequest(f"host {to} does not offer driver '{inst.driver}'",
-                                     hint="pick a host that lists it in 'corral host ls'")
-            place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to), snapshot)
-            ctx.data.update(source=source.name, target=to,
+            inst, state, source, target = self._refusals(s, ctx.record.target, ctx.params)
+            ctx.data.update(source=source, target=target,
                             was_running=state == State.RUNNING, state=state.value,
                             spec=self.spec(inst, inst.epoch), bytes=0)
 

@@ -4,7 +4,9 @@ hooks directory, the registered operation kinds, and resumption after a crash.
 Kept out of :mod:`corral.control.server` so the server only builds this, includes its router
 and calls :meth:`Operations.start` / :meth:`Operations.stop`. Services reach the engine as
 ``ControlPlane.ops`` (this object) and start operations with :meth:`Operations.begin`, which
-returns as soon as the operation is recorded; the operation runs on in a task of its own.
+returns as soon as the operation is recorded; the operation runs on in a task of its own. A
+request its kind's check refuses is never recorded: :meth:`Operations.begin` raises the refusal
+(the routes answer it as a 4xx) and the instance is left exactly as it was.
 
 An operation's target instance is in :attr:`Fleet.busy` from :meth:`begin` (or from server
 start, for one a crash left unfinished) until the record is finished, so lifecycle verbs and
@@ -32,7 +34,7 @@ from corral.control.migrate import Migrate
 from corral.control.recreate import KIND as RECREATE
 from corral.control.recreate import Recreate
 from corral.control.standby import FAILOVER, PROMOTE, SYNC, StandbyOps
-from corral.errors import Conflict
+from corral.errors import Conflict, CorralError
 from corral.ops.engine import Engine
 from corral.ops.hooks import Hooks
 from corral.ops.store import FINISHED, OperationStore, OpRecord
@@ -55,12 +57,14 @@ class Operations:
         self.hooks_dir = hooks_dir(settings)
         self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed,
                              pause_dir=Path(settings.data_dir) / "drills")
-        self.engine.register(RECREATE, Recreate(fleet, agents, settings).build)
-        self.engine.register(MIGRATE, Migrate(fleet, agents, settings).build)
+        recreate = Recreate(fleet, agents, settings)
+        self.engine.register(RECREATE, recreate.build, check=recreate.check)
+        migrate = Migrate(fleet, agents, settings)
+        self.engine.register(MIGRATE, migrate.build, check=migrate.check)
         standby = StandbyOps(fleet, agents, settings)
-        self.engine.register(SYNC, standby.build_sync)
-        self.engine.register(PROMOTE, standby.build_promote)
-        self.engine.register(FAILOVER, standby.build_failover)
+        self.engine.register(SYNC, standby.build_sync, check=standby.check_sync)
+        self.engine.register(PROMOTE, standby.build_promote, check=standby.check_promote)
+        self.engine.register(FAILOVER, standby.build_failover, check=standby.check_failover)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._first_save: dict[str, asyncio.Future[OpRecord]] = {}
 
@@ -108,8 +112,11 @@ class Operations:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("operation task %s failed: %s", task.get_name(), task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, CorralError):  # a refusal: :meth:`begin` hands it to the caller
+            log.info("operation task %s refused: %s", task.get_name(), exc)
+        elif exc is not None:
+            log.error("operation task %s failed: %s", task.get_name(), exc)
 
     # -- server start and stop ---------------------------------------------------------------
     def start(self, started_at: float) -> None:

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import nats.errors
+from sqlalchemy.orm import Session
 
 from corral.control.db import Instance
 from corral.control.opbase import OpBase
@@ -56,27 +57,40 @@ class Recreate(OpBase):
             epoch = inst.epoch if inst is not None else 1
         return {**ctx.data["spec"], "epoch": epoch}
 
+    # -- refusals ----------------------------------------------------------------------------
+    def check(self, name: str, params: dict[str, Any]) -> None:
+        """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""
+        with self.fleet.sessions() as s:
+            self._refusals(s, name, params)
+
+    def _refusals(self, s: Session, name: str, params: dict[str, Any]
+                  ) -> tuple[Instance, State, str, str]:
+        """Raise what makes the request impossible; else the instance, its state, and the
+        source and target hosts. Reads only: the check and the plan both run it."""
+        inst = self.instance(s, name)
+        state = State(inst.state)
+        if state not in RECREATABLE:
+            raise Conflict(f"cannot recreate instance '{name}': it is {state.value}",
+                           hint="thaw it first" if state == State.FROZEN else
+                           "wait until it is running or stopped")
+        source = inst.host or ""
+        self.host_up(s, source, "its")
+        target = params.get("to") or source
+        if target != source:
+            host = self.host_up(s, target, "target")
+            if inst.driver not in (host.drivers or {}):
+                raise InvalidRequest(f"host {target} does not offer driver '{inst.driver}'",
+                                     hint="pick a host that lists it in 'corral host ls'")
+            place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=target),
+                  self.fleet.snapshot(s))
+        return inst, state, source, target
+
     # -- steps -------------------------------------------------------------------------------
     async def _plan(self, ctx: OpContext) -> None:
-        """Check the request against the fleet and write down everything an undo will need."""
-        name = ctx.record.target
+        """Check again (the fleet may have changed since the engine's check) and write down
+        everything an undo will need."""
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            state = State(inst.state)
-            if state not in RECREATABLE:
-                raise Conflict(f"cannot recreate instance '{name}': it is {state.value}",
-                               hint="thaw it first" if state == State.FROZEN else
-                               "wait until it is running or stopped")
-            source = inst.host or ""
-            self.host_up(s, source, "its")
-            target = ctx.params.get("to") or source
-            if target != source:
-                host = self.host_up(s, target, "target")
-                if inst.driver not in (host.drivers or {}):
-                    raise InvalidRequest(f"host {target} does not offer driver '{inst.driver}'",
-                                         hint="pick a host that lists it in 'corral host ls'")
-                place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=target),
-                      self.fleet.snapshot(s))
+            inst, state, source, target = self._refusals(s, ctx.record.target, ctx.params)
             ctx.data.update(source=source, target=target, was_running=state == State.RUNNING,
                             state=state.value, desired=inst.desired_state,
                             spec=self.spec(inst, inst.epoch))

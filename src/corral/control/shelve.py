@@ -23,10 +23,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.agents import AgentCaller
-from corral.control.db import Instance, Standby
+from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
 from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest
@@ -106,23 +108,40 @@ class Shelve(ShelfSteps):
             Step("offload", self._offload),
         ]
 
+    def check(self, name: str, params: dict[str, Any]) -> None:
+        """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""
+        with self.fleet.sessions() as s:
+            self._refusals(s, name)
+
+    def _refusals(self, s: Session, name: str) -> tuple[Instance, State]:
+        """Raise what makes shelving impossible; else the instance and its state. Reads only:
+        the check and the plan both run it."""
+        inst = self.instance(s, name)
+        state = State(inst.state)
+        check_verb(name, state, Verb.SHELVE)
+        if inst.rootfs:
+            raise InvalidRequest(
+                f"instance '{name}' runs from a host path ({inst.rootfs}), which corral "
+                "does not own", hint="only instances with their own disk (--image, or "
+                "neither --image nor --from) can be shelved")
+        if s.get(Standby, name) is not None:
+            raise Conflict(f"instance '{name}' has a warm standby; a shelved instance "
+                           "runs nowhere, so there is nothing to keep it fresh from",
+                           hint=f"remove the standby first: corral standby rm {name}")
+        source = self.host_up(s, inst.host or "", "its").name
+        old = s.get(Host, inst.disk_host) if inst.disk_host not in (None, source) else None
+        if old is not None and old.state != "up":
+            raise Conflict(f"an old copy of '{name}''s disk on {old.name} is not removed yet "
+                           "and that host is down",
+                           hint="wait for the host to come back, then shelve again",
+                           retryable=True)
+        return inst, state
+
     async def _plan(self, ctx: OpContext) -> None:
         name = ctx.record.target
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            state = State(inst.state)
-            check_verb(name, state, Verb.SHELVE)
-            if inst.rootfs:
-                raise InvalidRequest(
-                    f"instance '{name}' runs from a host path ({inst.rootfs}), which corral "
-                    "does not own", hint="only instances with their own disk (--image, or "
-                    "neither --image nor --from) can be shelved")
-            if s.get(Standby, name) is not None:
-                raise Conflict(f"instance '{name}' has a warm standby; a shelved instance "
-                               "runs nowhere, so there is nothing to keep it fresh from",
-                               hint=f"remove the standby first: corral standby rm {name}")
+            inst, state = self._refusals(s, name)
             source = inst.host or ""
-            self.host_up(s, source, "its")
             old_copy = inst.disk_host if inst.disk_host not in (None, source) else None
             spec = self.spec(inst, inst.epoch)
         if old_copy is not None:  # left by an unshelve elsewhere: drop it before we reuse the

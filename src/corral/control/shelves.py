@@ -43,8 +43,9 @@ class Shelves:
         self.agents = agents
         self.images = images
         self.shelve = Shelve(fleet, agents, settings, images)
-        ops.engine.register(SHELVE, self.shelve.build)
-        ops.engine.register(UNSHELVE, Unshelve(fleet, agents, settings, images).build)
+        ops.engine.register(SHELVE, self.shelve.build, check=self.shelve.check)
+        unshelve = Unshelve(fleet, agents, settings, images)
+        ops.engine.register(UNSHELVE, unshelve.build, check=unshelve.check)
 
     # -- the offload loop --------------------------------------------------------------------
     async def loop(self) -> None:

@@ -15,6 +15,7 @@ primary's host is down (and has fenced itself), so the copy is what there is.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,24 +31,58 @@ SYNC, PROMOTE, FAILOVER = "standby-sync", "standby-promote", "failover"
 
 
 class StandbyOps(DiskOps):
-    # -- shared --------------------------------------------------------------------------------
-    def _standby(self, ctx: OpContext, need_ready: bool) -> None:
-        """Check the instance and its standby; write both hosts and the spec into ``data``."""
-        name = ctx.record.target
+    # -- refusals (the engine's checks; the plans run them again) --------------------------------
+    def _with_standby(self, s: Session, name: str, need_ready: bool
+                      ) -> tuple[Instance, Standby, Host]:
+        """The instance, its standby and the standby's host (up), or the refusal."""
+        inst = self.instance(s, name)
+        sb = s.get(Standby, name)
+        if sb is None:
+            raise NotFound(f"instance '{name}' has no standby",
+                           hint=f"add one with 'corral standby add {name} --host HOST'")
+        if need_ready and sb.data_at is None:
+            raise Conflict(f"the standby of '{name}' on {sb.host} was never synced",
+                           hint=f"run 'corral standby sync {name}' first")
+        return inst, sb, self.host_up(s, sb.host, "standby")
+
+    def _moving(self, s: Session, name: str, what: str, need_ready: bool
+                ) -> tuple[Instance, Host]:
+        """Refusals of a sync or a promotion (both copy from the primary's host); else the
+        instance and the standby's host."""
+        inst, _, target = self._with_standby(s, name, need_ready)
+        self.check_movable(inst, what)
+        self.check_pair(self.host_up(s, inst.host or "", "primary"), target)
+        return inst, target
+
+    def _failing_over(self, s: Session, name: str, params: dict[str, Any]) -> Instance:
+        """Refusals of a failover: there must be a synced standby and a dead primary."""
+        inst, _, _ = self._with_standby(s, name, need_ready=True)
+        dead = str(params.get("from") or "")
+        host = s.get(Host, inst.host or "")
+        if inst.host != dead or (host is not None and host.state == "up"):
+            raise Conflict(f"instance '{name}' is on {inst.host}, which is up: no failover",
+                           hint="use 'corral standby promote' for a planned switch")
+        return inst
+
+    def check_sync(self, name: str, params: dict[str, Any]) -> None:
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            sb = s.get(Standby, name)
-            if sb is None:
-                raise NotFound(f"instance '{name}' has no standby",
-                               hint=f"add one with 'corral standby add {name} --host HOST'")
-            if need_ready and sb.data_at is None:
-                raise Conflict(f"the standby of '{name}' on {sb.host} was never synced",
-                               hint=f"run 'corral standby sync {name}' first")
-            target = self.host_up(s, sb.host, "standby")
-            ctx.data.update(target=target.name, source=inst.host or "",
-                            spec=self.spec(inst, inst.epoch), state=inst.state, bytes=0,
-                            was_running=inst.desired_state == State.RUNNING.value
-                            or inst.state == State.RUNNING.value)
+            self._moving(s, name, "sync", need_ready=False)
+
+    def check_promote(self, name: str, params: dict[str, Any]) -> None:
+        with self.fleet.sessions() as s:
+            self._moving(s, name, "promote", need_ready=True)
+
+    def check_failover(self, name: str, params: dict[str, Any]) -> None:
+        with self.fleet.sessions() as s:
+            self._failing_over(s, name, params)
+
+    # -- shared --------------------------------------------------------------------------------
+    def _note(self, ctx: OpContext, inst: Instance, target: Host) -> None:
+        """Write both hosts and the spec into ``data`` (what every later step and undo reads)."""
+        ctx.data.update(target=target.name, source=inst.host or "",
+                        spec=self.spec(inst, inst.epoch), state=inst.state, bytes=0,
+                        was_running=inst.desired_state == State.RUNNING.value
+                        or inst.state == State.RUNNING.value)
 
     async def _prepare(self, ctx: OpContext) -> None:
         ctx.data["recv"] = await self.recv(ctx.data["target"], ctx.record.target, "standby")
@@ -68,14 +103,8 @@ class StandbyOps(DiskOps):
                 Step("commit", self._commit_sync)]
 
     async def _plan_sync(self, ctx: OpContext) -> None:
-        self._standby(ctx, need_ready=False)
-        name = ctx.record.target
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            self.check_movable(inst, "sync")
-            source = self.host_up(s, inst.host or "", "primary")
-            target = self.host_up(s, ctx.data["target"], "standby")
-            self.check_pair(source, target)
+            self._note(ctx, *self._moving(s, ctx.record.target, "sync", need_ready=False))
 
     async def _frozen_sync(self, ctx: OpContext) -> None:
         res = await self.send(ctx, ctx.data["source"], "frozen")
@@ -112,12 +141,8 @@ class StandbyOps(DiskOps):
                 Step("swap", self._swap)]
 
     async def _plan_promote(self, ctx: OpContext) -> None:
-        self._standby(ctx, need_ready=True)
         with self.fleet.sessions() as s:
-            inst = self.instance(s, ctx.record.target)
-            self.check_movable(inst, "promote")
-            source = self.host_up(s, inst.host or "", "primary")
-            self.check_pair(source, self.host_up(s, ctx.data["target"], "standby"))
+            self._note(ctx, *self._moving(s, ctx.record.target, "promote", need_ready=True))
 
     async def _frozen_promote(self, ctx: OpContext) -> None:
         res = await self.send(ctx, ctx.data["source"], "frozen", keep_frozen=True)
@@ -162,16 +187,10 @@ class StandbyOps(DiskOps):
                 Step("finish", self._finish_failover)]
 
     async def _plan_failover(self, ctx: OpContext) -> None:
-        self._standby(ctx, need_ready=True)
-        name, dead = ctx.record.target, str(ctx.params.get("from") or "")
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            host = s.get(Host, inst.host or "")
-            if inst.host != dead or (host is not None and host.state == "up"):
-                raise Conflict(f"instance '{name}' is on {inst.host}, which is up: no failover",
-                               hint="use 'corral standby promote' for a planned switch")
-            sb = s.get(Standby, name)
-            assert sb is not None
+            inst = self._failing_over(s, ctx.record.target, ctx.params)
+            _, sb, target = self._with_standby(s, inst.name, need_ready=True)
+            self._note(ctx, inst, target)
             ctx.data.update(data_at=sb.data_at, was_running=True)
 
     async def _finish_failover(self, ctx: OpContext) -> None:

@@ -106,8 +106,11 @@ class Standbys:
                     if name in self.fleet.busy:
                         continue
                     self._tried[name] = time.time()
-                    with contextlib.suppress(Conflict):
+                    try:
                         await self.ops.begin(SYNC, name, {})
+                    except CorralError as exc:  # refused: the next interval tries again
+                        if not (isinstance(exc, Conflict) and exc.retryable):  # not just busy
+                            log.warning("refresh of the standby of %s refused: %s", name, exc)
             except Exception:
                 log.exception("standby refresh loop failed; trying again")
 

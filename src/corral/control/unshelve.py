@@ -6,7 +6,7 @@ Steps, each with an undo that leaves the instance shelved as it was:
 
 1. ``plan``: choose the host and reserve its CPU and memory at once (the row gets ``host``
    while still ``shelved``, so concurrent unshelves in a bulk never overfill a host); undo:
-   release the reservation;
+   release the reservation, if it made one (a plan that refused changed nothing);
 2. ``pull``: the agent makes ``DISK_ROOT/NAME`` from the shelved manifest, or finds the kept
    disk there and moves nothing; undo: drop a disk that was built for this (a kept disk stays);
 3. ``create``: the ordinary create, which uses that disk as it is; undo: delete, keeping the
@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 import nats.errors
+from sqlalchemy.orm import Session
 
 from corral.control.db import Instance
 from corral.control.shelve import ShelfSteps
@@ -82,51 +83,79 @@ class Unshelve(ShelfSteps):
             scores[host] = int(got.get("have", 0)) / len(sample)
         return scores
 
-    def _reserve(self, ctx: OpContext, scores: dict[str, float] | None) -> bool:
-        """Pick and reserve a host in one transaction (no await: nothing interleaves).
-        With ``scores`` None, only the old host is tried; False when it does not fit."""
+    def _pick(self, ctx: OpContext, scores: dict[str, float] | None) -> str | None:
+        """The host to reserve; with ``scores`` None only the old host is tried (None when it
+        does not fit)."""
         name, to = ctx.record.target, ctx.params.get("to")
-        with self.fleet.sessions.begin() as s:
+        with self.fleet.sessions() as s:
             inst = self.instance(s, name)
             snap = self.fleet.snapshot(s)
             old = inst.disk_host
-            if scores is None:
-                if old is None or (to is not None and to != old):
-                    return False
-                req = Request(inst.cpus, inst.memory_bytes, inst.driver, host=old)
-                if not any(h.name == old and fits(req, h) for h in snap):
-                    return False
-                target = old
-            else:
-                target = place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to,
-                                       prefer=scores), snap)
+            if scores is not None:
+                return place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to,
+                                     prefer=scores), snap)
+            if old is None or (to is not None and to != old):
+                return None
+            req = Request(inst.cpus, inst.memory_bytes, inst.driver, host=old)
+            return old if any(h.name == old and fits(req, h) for h in snap) else None
+
+    def _reserve(self, ctx: OpContext, scores: dict[str, float] | None) -> bool:
+        """Pick and reserve a host (no await between the two: nothing interleaves); False when
+        only the old host was to be tried and it does not fit."""
+        target = self._pick(ctx, scores)
+        if target is None:
+            return False
+        ctx.data.update(target=target, fast=target == ctx.data["disk_host"],
+                        scores=scores or {})
+        ctx.save()  # before the row changes: the undo releases only what is written down here
+        with self.fleet.sessions.begin() as s:
+            inst = self.instance(s, ctx.record.target)
             inst.host = target
             inst.updated_at = self.fleet.clock()
-        ctx.data.update(target=target, fast=target == old, scores=scores or {})
-        ctx.save()
         return True
 
-    # -- steps -------------------------------------------------------------------------------
-    async def _plan(self, ctx: OpContext) -> None:
-        name = ctx.record.target
+    # -- refusals ----------------------------------------------------------------------------
+    def check(self, name: str, params: dict[str, Any]) -> None:
+        """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""
         with self.fleet.sessions() as s:
-            inst = self.instance(s, name)
-            check_verb(name, State(inst.state), Verb.UNSHELVE)
-            if inst.host is not None:
-                raise Conflict(f"instance '{name}' already has a host reserved ({inst.host})",
-                               hint="an earlier unshelve did not finish; see 'corral ops ls'")
-            shelf, driver = inst.shelf or "", inst.driver
-            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.spec(inst, inst.epoch),
-                            was_running=inst.shelved_from == State.RUNNING.value)
+            self._refusals(s, name, params)
+
+    def _refusals(self, s: Session, name: str, params: dict[str, Any]) -> Instance:
+        """Raise what makes unshelving impossible (not shelved, a host already reserved, the
+        shelf gone from the store, no host with room); else the instance. Reads only: the
+        check and the plan both run it."""
+        inst = self.instance(s, name)
+        check_verb(name, State(inst.state), Verb.UNSHELVE)
+        if inst.host is not None:
+            raise Conflict(f"instance '{name}' already has a host reserved ({inst.host})",
+                           hint="an earlier unshelve did not finish; see 'corral ops ls'")
+        shelf = inst.shelf or ""
         if not shelf or self.store().packs.get_ref("image:" + shelf) is None:
             raise NotFound(f"the shelved disk of '{name}' ({shelf or 'none'}) is not in the "
                            "image store", hint="it cannot be unshelved; 'corral rm' it")
+        place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=params.get("to")),
+              self.fleet.snapshot(s))  # room somewhere; which host is the plan's choice
+        return inst
+
+    # -- steps -------------------------------------------------------------------------------
+    async def _plan(self, ctx: OpContext) -> None:
+        """Check again (the fleet may have changed since the engine's check), then reserve."""
+        name = ctx.record.target
+        with self.fleet.sessions() as s:
+            inst = self._refusals(s, name, ctx.params)
+            shelf, driver = inst.shelf or "", inst.driver
+            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.spec(inst, inst.epoch),
+                            was_running=inst.shelved_from == State.RUNNING.value)
         if not self._reserve(ctx, None):
             self._reserve(ctx, await self._scores(shelf, driver))
         log.info("unshelving %s to %s (%s)", name, ctx.data["target"],
                  "its disk is there" if ctx.data["fast"] else "fetching what it lacks")
 
     async def _unplan(self, ctx: OpContext) -> None:
+        """Shelved on no host again, if the plan reserved one (``target`` is written down
+        before the row changes); a plan that refused changed nothing, so nothing is undone."""
+        if "target" not in ctx.data:
+            return
         with self.fleet.sessions() as s:
             inst = s.get(Instance, ctx.record.target)
             if inst is None:

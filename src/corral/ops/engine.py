@@ -11,6 +11,13 @@ A step may be marked ``commit``: once it is done the operation has passed its po
 undone. On server start :meth:`Engine.resume_all` takes every unfinished record: forward if a
 commit step is done, else back. Steps are rebuilt from ``kind`` + ``params`` by a registered
 builder, so nothing but data needs to survive a crash.
+
+A kind may also register a ``check``: the refusals of its first step ("it is running", "no such
+host", "no room"), as a function that only reads. :meth:`Engine.submit` runs it before anything
+is recorded, so a refused request leaves neither an operation record nor a changed instance, and
+the caller gets the error itself (an HTTP 4xx) instead of a rolled-back operation. The first step
+may check again (the fleet can change between the two), which is why undos still have to be safe
+when their ``do`` refused.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class Step:
 
 
 Builder = Callable[[OpRecord], list[Step]]
+#: ``check(target, params)``: raise the request's refusal, or return; reads only, never awaits
+Check = Callable[[str, dict[str, Any]], None]
 
 
 class OperationFailed(CorralError):
@@ -98,6 +107,7 @@ class Engine:
         self.store = store
         self.hooks = hooks
         self.builders: dict[str, Builder] = {}
+        self.checks: dict[str, Check] = {}
         self.forward_retries = forward_retries
         #: an undo is tried this often (delays growing by ``retry_delay``) before the operation
         #: is left needing attention: an agent killed mid-step is usually back within seconds
@@ -107,13 +117,16 @@ class Engine:
         self.pause_dir = pause_dir
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def register(self, kind: str, builder: Builder) -> None:
+    def register(self, kind: str, builder: Builder, check: Check | None = None) -> None:
         self.builders[kind] = builder
+        if check is not None:
+            self.checks[kind] = check
 
     # -- entry points ------------------------------------------------------------------------
     async def submit(self, kind: str, target: str, params: dict[str, Any]) -> OpRecord:
         """Run a new operation to its end; returns the finished record (never raises for a
-        step failure: the record says how it ended)."""
+        step failure: the record says how it ended). Raises, recording nothing, when the kind
+        is unknown, the target busy, or the kind's check refuses."""
         if kind not in self.builders:
             raise InvalidRequest(f"unknown operation '{kind}'",
                                  hint=f"known: {', '.join(sorted(self.builders))}")
@@ -124,6 +137,9 @@ class Engine:
                 hint=f"wait for it or see 'corral ops show {busy.id}'",
                 retryable=True,
             )
+        check = self.checks.get(kind)
+        if check is not None:
+            check(target, params)  # no await from here to the save: nothing changes in between
         rec = OpRecord(kind=kind, target=target, params=params)
         rec.steps = [StepRecord(s.name) for s in self.builders[kind](rec)]
         self._save(rec)

@@ -62,7 +62,8 @@ class Request:
     driver: str
     #: pin to this host (it must still be up, offer the driver and fit)
     host: str | None = None
-    #: hosts not to use (anti-affinity; e.g. where the primary of a standby runs)
+    #: hosts not to use (anti-affinity: where the primary of a standby runs; for a migration,
+    #: its source and the host holding its standby)
     avoid: frozenset[str] = field(default_factory=frozenset)
     #: host -> preference score (higher first; missing means 0), e.g. share of chunks cached
     prefer: Mapping[str, float] = field(default_factory=dict)
