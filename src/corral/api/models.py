@@ -17,6 +17,26 @@ TAIL_SOURCE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 RESERVED_SOURCES = frozenset({"stdout", "stderr"})
 
 
+def check_tail_path(source: str, path: str) -> None:
+    """A ``tail`` path that cannot name something outside the instance's disk by itself (the
+    agent also never follows one out of the disk when it opens it)."""
+    if not path:
+        raise ValueError(f"tail path of source {source!r} is empty: give a file, e.g. "
+                         "logs/access.log (in the instance's disk)")
+    if "\0" in path:
+        raise ValueError(f"tail path {path!r} of source {source!r} contains a NUL byte")
+    if path.startswith("/"):
+        return
+    parts = path.split("/")
+    if ".." in parts:
+        raise ValueError(f"tail path {path!r} of source {source!r} contains '..': a relative "
+                         "path is read inside the instance's disk and may not leave it; name "
+                         "the file from the disk's top, e.g. logs/access.log")
+    if all(p in ("", ".") for p in parts):
+        raise ValueError(f"tail path {path!r} of source {source!r} names the instance's disk "
+                         "itself: give a file in it, e.g. logs/access.log")
+
+
 class CreateInstance(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and dashes")
     command: list[str] = Field(min_length=1, description="argv of the workload")
@@ -36,9 +56,11 @@ class CreateInstance(BaseModel):
                     "it runs; it moves with failover (the agent must run as root)")
     tail: dict[str, str] = Field(
         default_factory=dict,
-        description="log source name -> absolute path of a file to capture (inside the rootfs "
-                    "when the instance has one, else on the host), e.g. {'access': "
-                    "'/var/log/access.log'}",
+        description="log source name -> file to capture. A relative path is inside the "
+                    "instance's own disk (a process's working directory, a container's root) on "
+                    "whichever host it runs, e.g. {'access': 'logs/access.log'}; it may not "
+                    "contain '..'. An absolute path is inside the rootfs when the instance has "
+                    "one, else on the host, e.g. {'access': '/var/log/access.log'}",
     )
 
     @field_validator("tail")
@@ -48,8 +70,7 @@ class CreateInstance(BaseModel):
             if not re.fullmatch(TAIL_SOURCE_PATTERN, source) or source in RESERVED_SOURCES:
                 raise ValueError(f"tail source {source!r}: use {TAIL_SOURCE_PATTERN} and not "
                                  f"{' or '.join(sorted(RESERVED_SOURCES))}")
-            if not path.startswith("/") or "\0" in path:
-                raise ValueError(f"tail path {path!r} of source {source!r} must be absolute")
+            check_tail_path(source, path)
         return v
 
     @field_validator("command")

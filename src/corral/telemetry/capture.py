@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from corral.bus import subjects
 from corral.bus.messages import LogBatch
@@ -55,19 +55,27 @@ class LogCapture:
             os.fsync(fh.fileno())
         os.replace(tmp, self.state)
 
+    def open(self) -> IO[bytes] | None:
+        """The file to read now, or None while there is none. A subclass may open it its own
+        way: the agent never follows a tailed path out of the instance's disk."""
+        try:
+            return self.path.open("rb")
+        except FileNotFoundError:
+            return None
+
     def read_batch(self) -> tuple[LogBatch | None, int]:
         """The next batch of whole lines and the offset just past them (nothing is saved)."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
+        fh = self.open()
+        if fh is None:
             return None, self.pos.offset
-        if st.st_ino != self.pos.inode or st.st_size < self.pos.offset:
-            if self.pos.inode != 0 or st.st_size < self.pos.offset:
-                self.pos.offset = 0  # rotated or truncated: a new file starts at its beginning
-            self.pos.inode = st.st_ino
-        if st.st_size == self.pos.offset:
-            return None, self.pos.offset
-        with self.path.open("rb") as fh:
+        with fh:
+            st = os.fstat(fh.fileno())  # of the file opened, not of whatever the path is now
+            if st.st_ino != self.pos.inode or st.st_size < self.pos.offset:
+                if self.pos.inode != 0 or st.st_size < self.pos.offset:
+                    self.pos.offset = 0  # rotated or truncated: a new file starts at its start
+                self.pos.inode = st.st_ino
+            if st.st_size == self.pos.offset:
+                return None, self.pos.offset
             fh.seek(self.pos.offset)
             data = fh.read(min(st.st_size - self.pos.offset, self.max_batch * self.max_line))
         lines: list[str] = []
