@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.agent.service import driver_scope
+from corral.agent.scope import driver_scope
 from corral.drivers import cgroups
 from corral.drivers.base import Spec
 from corral.drivers.process import ProcessDriver

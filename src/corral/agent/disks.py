@@ -11,6 +11,11 @@ Copies of other hosts' disks arrive in *slots*: ``.incoming/NAME`` (a migration 
 btrfs receive that is dropped when it did not finish), so no file in a slot is ever truncated.
 At agent start, ``.new``, ``.incoming`` and rsync's temp directories are emptied: a migration
 whose copy was there when the agent died fails its next step and rolls back anyway.
+
+Permissions (:mod:`corral.rig.perms`): the disk root and every disk are 0711, so a workload that
+drops privileges still reaches its own disk (its working directory, or a container's root) while
+no one but root lists the disks; the slots are 0700 (they hold copies of other instances); the
+agent's data directory is private except for the way down to the disk root.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from corral.disks.channel import DataServer
 from corral.disks.dirty import DirtyTracker
 from corral.disks.rsync import Endpoint, PassResult, PreparedPass, TransferFailed, run_pass
 from corral.errors import ConfigError, InvalidRequest, NotFound
+from corral.rig import perms
 
 log = logging.getLogger(__name__)
 
 SLOTS = ("incoming", "standby")
+#: directories of the disk root that are not disks: copies, half-made disks, temp files
+PRIVATE_SUBDIRS = (".new", ".incoming", ".standby", ".tmp", ".orphaned")
 BACKENDS = ("dir", "btrfs")
 
 Freeze = Callable[[], Awaitable[None]]
@@ -95,20 +103,45 @@ class HostDisks:
         if backend not in BACKENDS:
             raise ConfigError(f"disk_backend {backend!r} is not known",
                               hint=f"use one of: {', '.join(BACKENDS)}")
-        self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = perms.make_dirs(Path(root).absolute(), perms.TRAVERSE)
         self.kind = backend
         self.btrfs = BtrfsBackend(self.root) if backend == "btrfs" else None
         if self.btrfs is not None and (why := self.btrfs.available()):
             raise ConfigError(f"disk_backend btrfs: {why}",
                               hint="point disk_root at a btrfs filesystem, or use dir")
-        self.token_file = Path(data_dir) / "data-token"
+        self.data_dir = Path(data_dir).absolute()
+        self.token_file = self.data_dir / "data-token"
         _write_secret(self.token_file, token)
+        self.secure_layout()
         self.channel = DataServer(token, [self.root], host=listen, port=port)
         self._trackers: dict[str, tuple[str, DirtyTracker]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def secure_layout(self) -> None:
+        """Private data directory, traverse-only way to the disks, each disk 0711, the slots
+        0700; repeated at every start, so a data directory an older agent made is fixed too."""
+        private = [self.root / d for d in PRIVATE_SUBDIRS]
+        if self.btrfs is not None:
+            private.append(self.btrfs.snap_dir("-").parent)
+        if os.geteuid() == 0:
+            # the runc driver's state root (drivers/registry.py), made later on first start:
+            # made private now, so no container name is ever listed through it
+            private.append(self.data_dir / "runc")
+        for d in private:
+            perms.make_dirs(d, perms.PRIVATE_DIR)
+        perms.secure_chain(self.data_dir.resolve(), self.root.resolve())
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
+                perms.chmod(entry, perms.TRAVERSE)
+
+    def reachable(self) -> str | None:
+        """Why a workload that dropped privileges cannot reach its disk here, if it cannot."""
+        blocking = perms.blocking_ancestor(self.root)
+        return None if blocking is None else perms.blocked_message(self.root, blocking)
+
     async def start(self) -> None:
+        if os.geteuid() == 0 and (why := self.reachable()):
+            log.warning("%s", why)
         self.cleanup_leftovers()
         await self.channel.start()
         log.info("data channel on %s:%d (disks in %s, %s)", self.channel.host, self.channel.port,
@@ -172,6 +205,7 @@ class HostDisks:
 
     def publish(self, name: str, filled: Path) -> Path:
         dest = self.path(name)
+        perms.chmod(filled, perms.TRAVERSE)  # corral's directory; what is in it is the workload's
         os.rename(filled, dest)
         _fsync_dir(dest.parent)
         return dest

@@ -15,8 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
@@ -34,8 +32,8 @@ from corral.agent.handlers import HANDLERS
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
+from corral.agent.scope import driver_scope
 from corral.agent.state import AgentState
-from corral.agent.store import write_atomic
 from corral.agent.vips import Vips
 from corral.bus import subjects
 from corral.bus.codec import decode, encode
@@ -88,22 +86,6 @@ def memory_total_bytes() -> int:
 def capacity(data_dir: Path) -> Capacity:
     return Capacity(cores=os.cpu_count() or 1, memory_bytes=memory_total_bytes(),
                     disk_bytes=shutil.disk_usage(data_dir).total)
-
-
-def driver_scope(data_dir: Path, host: str) -> str:
-    """``<host>-<id>``: what names this agent's cgroups (``corral/<scope>/<name>``). The host
-    name alone is not enough: two fleets on one machine both have a ``host1``, and an
-    instance ``db`` in each would share a cgroup (CPU figures mixed, one removal failing with
-    EBUSY). The id is made once and kept in the data dir, so a restarted agent finds its own."""
-    path = data_dir / "agent-id"
-    try:
-        ident = path.read_text().strip()
-    except FileNotFoundError:
-        ident = ""
-    if not re.fullmatch(r"[0-9a-f]{8}", ident):
-        ident = secrets.token_hex(4)
-        write_atomic(path, ident.encode())
-    return f"{host}-{ident}"
 
 
 class Agent:

@@ -22,7 +22,7 @@ from corral.api.client import Client
 from corral.bus.embedded import free_port
 from corral.errors import Conflict, CorralError
 from corral.lifecycle import ALIVE
-from corral.rig import netns, procs
+from corral.rig import netns, perms, procs
 from corral.rig.context import (
     FleetContext,
     ProcInfo,
@@ -35,7 +35,14 @@ from corral.rig.context import (
 Say = Callable[[str], None]
 
 
+#: where ``corral up`` run by root keeps its fleet: not under /root, which is 0700, so that
+#: workloads that drop privileges can still reach their disks (see rig/perms.py)
+SYSTEM_FLEET_DIR = Path("/var/lib/corral/fleet")
+
+
 def default_fleet_dir() -> Path:
+    if os.geteuid() == 0:
+        return SYSTEM_FLEET_DIR
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "corral" / "fleet"
 
@@ -93,9 +100,9 @@ def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
                                "subdirectory)")
     data = (opts.data_dir or default_fleet_dir()).expanduser().resolve()
     _refuse_busy_data_dir(data)
-    data.mkdir(parents=True, exist_ok=True)
+    _prepare_data_dir(data, opts, say)
     token = secrets.token_urlsafe(32)
-    _write_secret(data / "token", token)
+    perms.write_private(data / "token", token)
     env = child_env(token)
     net: netns.FleetNetwork | None = None
     started: list[ProcInfo] = []
@@ -160,18 +167,34 @@ def _refuse_busy_data_dir(data: Path) -> None:
         )
 
 
-def _write_secret(path: Path, text: str) -> None:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
+def host_disk_root(i: int, data: Path, opts: UpOptions | None) -> Path:
+    """Where host ``i`` keeps its instance disks (the agent's ``disk_root``)."""
+    if opts is not None and opts.disk_root is not None:
+        return opts.disk_root.expanduser().resolve() / f"host{i}"
+    return data / "hosts" / f"host{i}" / "disks"
+
+
+def _prepare_data_dir(data: Path, opts: UpOptions, say: Say) -> None:
+    """The fleet's directory private (0700), except the way down to the hosts' disks, which
+    is traverse-only (0711): see rig/perms.py. Each agent does the same below its own data
+    directory. As root, a parent that others cannot pass (a home directory) is reported."""
+    roots = [host_disk_root(i, data, opts) for i in range(1, opts.hosts + 1)]
+    for d in (data, data / "hosts"):
+        perms.make_dirs(d, perms.TRAVERSE if perms.leads_to(d, roots) else perms.PRIVATE_DIR)
+    # only what up itself makes in DATA (token, server/, hosts/): a --data pointed at a
+    # directory holding other things must not have them changed; hosts/ is all ours (an
+    # earlier, larger fleet's host dirs included)
+    perms.privatize_children(data / "hosts", keep={p for r in roots for p in (r, *r.parents)})
+    if os.geteuid() == 0:
+        blocking = perms.blocking_ancestor(roots[0])
+        if blocking is not None:
+            say(f"warning: {perms.blocked_message(roots[0].parent, blocking)}")
 
 
 def _start_server(
     data: Path, env: dict[str, str], net: netns.FleetNetwork | None, timeout: float, say: Say
 ) -> tuple[ProcInfo, dict[str, Any]]:
-    sdir = data / "server"
-    sdir.mkdir(parents=True, exist_ok=True)
+    sdir = perms.make_dirs(data / "server", perms.PRIVATE_DIR)
     ready_file = sdir / "server.json"
     ready_file.unlink(missing_ok=True)
     nats_host = net.gateway if net else "127.0.0.1"
@@ -209,7 +232,8 @@ def _start_agent(
 ) -> ProcInfo:
     name = f"host{i}"
     hdir = data / "hosts" / name
-    hdir.mkdir(parents=True, exist_ok=True)
+    disks = host_disk_root(i, data, opts)
+    perms.make_dirs(hdir, perms.TRAVERSE if perms.leads_to(hdir, [disks]) else perms.PRIVATE_DIR)
     address = net.address(i) if net else "127.0.0.1"
     drivers = "process,runc" if net else "process"
     argv = procs.corral_argv(
@@ -217,8 +241,7 @@ def _start_agent(
         "--address", address, "--drivers", drivers,
     )
     if opts is not None and opts.disk_root is not None:
-        root = opts.disk_root.expanduser().resolve() / name
-        argv += ["--set", f"disk_root={root}"]
+        argv += ["--set", f"disk_root={disks}"]
     if opts is not None and opts.disk_backend != "dir":
         argv += ["--set", f"disk_backend={opts.disk_backend}"]
     ns = net.namespace(i) if net else None
@@ -263,7 +286,9 @@ def _died(what: str, proc: ProcInfo) -> CorralError:
 def down(say: Say = _quiet, instance_timeout: float = 10.0) -> FleetContext:
     """Stop every instance through the API, then the agents, then the server; remove the context.
 
-    Instances are stopped first so no workload is orphaned when its agent goes away.
+    Instances are stopped first so no workload is orphaned when its agent goes away; what an
+    agent could not stop (it had died) is ended from its persisted handles once the agents are
+    stopped (:mod:`corral.rig.leftovers`), so nothing ``up`` started outlives ``down``.
     """
     ctx = load_context()
     if ctx is None:
@@ -274,7 +299,7 @@ def down(say: Say = _quiet, instance_timeout: float = 10.0) -> FleetContext:
         )
     if ctx.server and procs.alive(ctx.server):
         stop_instances(ctx, instance_timeout, say)
-    _teardown(ctx, say)
+    _teardown(ctx, say, instance_timeout)
     return ctx
 
 
@@ -298,12 +323,17 @@ def stop_instances(ctx: FleetContext, timeout: float, say: Say) -> None:
         say(f"warning: could not list instances to stop them: {exc}")
 
 
-def _teardown(ctx: FleetContext, say: Say) -> None:
+def _teardown(ctx: FleetContext, say: Say, instance_timeout: float = 10.0) -> None:
+    from corral.rig.leftovers import end_leftovers  # drivers: only when a fleet goes down
+
     live_agents = [a for a in ctx.agents if procs.alive(a)]
+    dead = frozenset(a.name for a in ctx.agents if a not in live_agents)
     if live_agents:
         say(f"stopping {len(live_agents)} agent(s)")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda a: procs.stop(a, timeout=10), live_agents))
+    say("checking for instances left running")
+    end_leftovers(ctx, instance_timeout, say, dead_before=dead)
     if ctx.server and procs.alive(ctx.server):
         say("stopping the server")
         procs.stop(ctx.server, timeout=15)

@@ -59,7 +59,10 @@ def spawn(
 ) -> ProcInfo:
     """Start ``argv`` detached (new session, stdin closed, output appended to ``log``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
+    # 0600: a log may sit in a directory others can traverse (see rig/perms.py)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
