@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from corral.api.models import Event
 from corral.api.timespec import iso, parse_since
-from corral.cli.app import app, client
+from corral.cli.app import client
+
+if TYPE_CHECKING:
+    from corral.api.models import Event
+
+commands = typer.Typer()
 
 COLUMNS = "{:>7}  {:<24}  {:<18}  {:<10}  {:<16}  {}"
 
@@ -38,7 +42,7 @@ def line(ev: Event) -> str:
                           describe(ev))
 
 
-@app.command()
+@commands.command()
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")
                       ] = False,

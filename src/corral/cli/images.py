@@ -3,34 +3,53 @@
 ``image import`` chunks the tree here, next to the files, and uploads only the chunks the
 server lacks (the same path an agent uses to shelve a disk), so importing a second image built
 on the same base sends almost nothing.
+
+The image store's chunking and upload code is imported by ``image import`` alone: it shares
+modules with the server's image routes (FastAPI), which no other command should load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 
 from corral.cli import render
-from corral.cli.app import JSON_HELP, app
-from corral.errors import InvalidRequest
-from corral.images.fetch import push_tree
-from corral.images.packstore import PackStore
-from corral.rig.context import resolve
+from corral.cli.app import JSON_HELP
+from corral.errors import CorralError, InvalidRequest
 
+if TYPE_CHECKING:
+    import httpx
+
+commands = typer.Typer()
 image_app = typer.Typer(help="Images: content-addressed root filesystems.", no_args_is_help=True)
-app.add_typer(image_app, name="image")
+commands.add_typer(image_app, name="image")
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
-def _http() -> httpx.Client:
+@contextlib.contextmanager
+def _http() -> Iterator[httpx.Client]:
+    """A client of the image routes; a server that cannot be reached is a CorralError with the
+    client's hint (not an httpx traceback)."""
+    import httpx
+
+    from corral.rig.context import resolve
+
     url, token = resolve()
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                        timeout=httpx.Timeout(300.0, connect=10.0))
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                          timeout=httpx.Timeout(300.0, connect=10.0)) as c:
+            yield c
+    except httpx.TransportError as exc:
+        from corral.api.client import UNREACHABLE_HINT
+
+        raise CorralError(f"cannot reach the corral server at {url}: {exc}",
+                          hint=UNREACHABLE_HINT, retryable=True) from exc
 
 
 @image_app.command("import")
@@ -43,6 +62,9 @@ def import_(
     path = path.expanduser()
     if not path.exists():
         raise InvalidRequest(f"{path} does not exist", hint="give a directory or a tar archive")
+    from corral.images.fetch import push_tree
+    from corral.images.packstore import PackStore
+
     scratch = tempfile.TemporaryDirectory(prefix="corral-chunks-")  # chunked here, then sent
     cache = PackStore(Path(scratch.name))
     try:
@@ -97,6 +119,8 @@ def rm(names: Annotated[list[str], typer.Argument(help="image name(s)")]) -> Non
 @image_app.command("verify")
 def verify(json_out: JsonOpt = False) -> None:
     """Read back every stored chunk; list damage and the images it breaks (exit 11 if any)."""
+    import httpx
+
     with _http() as c:
         resp = c.post("/v1/images/verify", timeout=httpx.Timeout(3600.0, connect=10.0))
         _check(resp)

@@ -11,17 +11,17 @@ from typing import Annotated
 
 import typer
 
-from corral.api.models import CreateInstance
 from corral.cli import render
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
 from corral.cli.parse import parse_cpus, parse_env, parse_memory, parse_signal, parse_tail
 from corral.errors import InvalidRequest
 
+commands = typer.Typer()
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 Names = Annotated[list[str], typer.Argument(help="instance name(s)")]
 
 
-@app.command()
+@commands.command()
 def run(
     name: Annotated[str, typer.Argument(help="instance name: lowercase letters, digits, dashes")],
     command: Annotated[list[str], typer.Argument(help="the workload's argv, after --")],
@@ -50,6 +50,8 @@ def run(
     if not command:
         raise InvalidRequest("no command given", hint="put the workload after --, e.g. "
                              "corral run web -- python3 -m http.server")
+    from corral.api.models import CreateInstance
+
     spec = CreateInstance(
         name=name,
         command=command,
@@ -74,7 +76,7 @@ def run(
                        f"{render.fmt_bytes(view.memory_bytes)})")
 
 
-@app.command("ls")
+@commands.command("ls")
 def ls(json_out: JsonOpt = False) -> None:
     """List instances with their CPU (% of a core, % of the host) and memory."""
     with client() as c:
@@ -88,7 +90,7 @@ def ls(json_out: JsonOpt = False) -> None:
     render.out().print(render.instances_table(items))
 
 
-@app.command()
+@commands.command()
 def show(name: str, json_out: JsonOpt = False) -> None:
     """Everything about one instance, including what you can do with it next."""
     with client() as c:
@@ -113,13 +115,13 @@ def _verb(verb: str, names: list[str], *, timeout: float | None = None,
         render.print_json(views if len(views) != 1 else views[0])
 
 
-@app.command()
+@commands.command()
 def start(names: Names, json_out: JsonOpt = False) -> None:
     """Start stopped, exited or failed instances."""
     _verb("start", names, json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def stop(
     names: Names,
     timeout: Annotated[float | None, typer.Option(help="seconds before SIGKILL")] = None,
@@ -129,25 +131,25 @@ def stop(
     _verb("stop", names, timeout=timeout, json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def restart(names: Names, json_out: JsonOpt = False) -> None:
     """Stop (if running) and start again."""
     _verb("restart", names, json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def freeze(names: Names, json_out: JsonOpt = False) -> None:
     """Pause every process of the instance (cgroup freezer)."""
     _verb("freeze", names, json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def thaw(names: Names, json_out: JsonOpt = False) -> None:
     """Resume a frozen instance."""
     _verb("thaw", names, json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def kill(
     names: Names,
     signal: Annotated[str, typer.Option("--signal", "-s", help="name or number")] = "KILL",
@@ -157,7 +159,7 @@ def kill(
     _verb("kill", names, sig=parse_signal(signal), json_out=json_out)
 
 
-@app.command()
+@commands.command()
 def rm(
     names: Names,
     force: Annotated[bool, typer.Option("--force", "-f", help="stop it first if alive")] = False,

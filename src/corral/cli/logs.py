@@ -8,9 +8,7 @@ SIGTERM. Run two, with two directories (and names), for two places.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,12 +17,13 @@ from typing import Annotated
 import typer
 
 from corral.api.timespec import iso, parse_since
-from corral.cli.app import app, client
+from corral.cli.app import client
 from corral.errors import InvalidRequest
-from corral.rig.context import resolve
+
+commands = typer.Typer()
 
 
-@app.command()
+@commands.command()
 def logs(
     name: Annotated[str, typer.Argument(help="instance name")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")
@@ -48,7 +47,7 @@ def logs(
             return
 
 
-@app.command()
+@commands.command()
 def logsink(
     directory: Annotated[Path, typer.Option("--dir", help="where the per-instance files go")],
     name: Annotated[str | None, typer.Option(
@@ -59,6 +58,10 @@ def logsink(
 
     A sink killed and started again resumes at its checkpoint: no line lost, none written twice;
     gaps in a source's numbering are recorded in DIR/gaps.jsonl. Run two for two places."""
+    import asyncio
+    import logging
+
+    from corral.rig.context import resolve
     from corral.telemetry.logsink import serve
 
     directory = directory.expanduser().resolve()

@@ -10,21 +10,25 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from corral.api.client import Client
-from corral.api.models import OperationView
 from corral.api.timespec import iso
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
 from corral.cli.render import err, out, print_json
 from corral.errors import CorralError
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from corral.api.client import Client
+    from corral.api.models import OperationView
+
+commands = typer.Typer()
 ops_app = typer.Typer(help="Operations: durable multi-step actions and their steps.",
                       no_args_is_help=True)
-app.add_typer(ops_app, name="ops")
+commands.add_typer(ops_app, name="ops")
 
 
 class OperationNotSucceeded(CorralError):
@@ -42,6 +46,8 @@ def _took(start: float | None, end: float | None) -> str:
 
 
 def ops_table(items: Sequence[OperationView]) -> Table:
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False)
     for col in ("ID", "KIND", "TARGET", "STATE", "STEP", "CREATED", "ERROR"):
         t.add_column(col)
@@ -55,6 +61,8 @@ def ops_table(items: Sequence[OperationView]) -> Table:
 
 
 def steps_table(o: OperationView) -> Table:
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False, title=f"{o.kind} {o.target} ({o.id}): {o.state}",
               title_justify="left")
     for col in ("STEP", "STATE", "TOOK", "ERROR"):
@@ -148,7 +156,7 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
     return o
 
 
-@app.command()
+@commands.command()
 def recreate(
     name: str,
     to: Annotated[str | None, typer.Option("--to", help="create it on this host instead")

@@ -3,6 +3,9 @@
 Every listing has a ``--json`` twin built from the same API models, so scripts never parse
 tables. :func:`report_error` is the only place a :class:`CorralError` becomes text and an exit
 code (a test pins its shape).
+
+Rich is imported inside the functions that draw, not here: ``--json`` output and commands that
+print nothing should not pay for it at start (see :mod:`corral.cli.app`).
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from corral.api.models import FleetStatus, HostView, InstanceView
 from corral.errors import CorralError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from corral.api.models import FleetStatus, HostView, InstanceView
 
 STATE_STYLE = {
     "running": "green",
@@ -38,13 +42,15 @@ STATE_STYLE = {
 def out() -> Console:
     """Standard output; piped or captured, tables get room instead of Rich's 80-column default
     (a log or a pager should see whole names, not 'hos…')."""
-    import sys
+    from rich.console import Console
 
     width = None if sys.stdout.isatty() else 160
     return Console(soft_wrap=False, width=width)
 
 
 def err() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -55,7 +61,9 @@ def print_json(data: Any) -> None:
 
 
 def _plain(data: Any) -> Any:
-    if isinstance(data, BaseModel):
+    # a model can exist only if pydantic was imported, so plain data never imports it
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(data, pydantic.BaseModel):
         return data.model_dump(mode="json")
     if isinstance(data, dict):
         return {k: _plain(v) for k, v in data.items()}
@@ -66,6 +74,8 @@ def _plain(data: Any) -> Any:
 
 def report_error(exc: CorralError, console: Console | None = None) -> int:
     """``error: message`` and ``hint: ...`` on stderr (red on a terminal); returns the exit code."""
+    from rich.text import Text
+
     console = console or err()
     console.print(Text("error: ", style="bold red") + Text(exc.message, style="red"))
     shortfall = exc.details.get("shortfall") if exc.details else None
@@ -106,10 +116,14 @@ def fmt_cpus(c: float) -> str:
 
 
 def state_text(state: str) -> Text:
+    from rich.text import Text
+
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
 def instances_table(items: Sequence[InstanceView], title: str | None = None) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for col in ("NAME", "HOST", "DRIVER", "STATE"):
         table.add_column(col, no_wrap=True)
@@ -126,6 +140,8 @@ def instances_table(items: Sequence[InstanceView], title: str | None = None) -> 
 
 
 def hosts_table(hosts: Iterable[HostView]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("NAME", "ADDRESS", "STATE"):
         table.add_column(col, no_wrap=True)
@@ -155,6 +171,8 @@ def status_lines(status: FleetStatus, url: str) -> list[str]:
 
 
 def instance_details(i: InstanceView) -> Table:
+    from rich.table import Table
+
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()

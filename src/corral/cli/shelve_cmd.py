@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from corral.api.client import Client
-from corral.api.models import OperationView
 from corral.api.timespec import iso
 from corral.cli import render
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
 from corral.cli.ops_cmd import OperationNotSucceeded, run_op
 from corral.cli.parse import parse_duration
 from corral.errors import CorralError, InvalidRequest
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from corral.api.client import Client
+    from corral.api.models import OperationView
+
+commands = typer.Typer()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 POLL = 0.3
@@ -47,7 +52,7 @@ def _shelved_line(o: OperationView) -> str:
             f"uploaded); CPU and memory released; disk {kept}")
 
 
-@app.command()
+@commands.command()
 def shelve(
     name: str,
     offload_after: Annotated[str | None, typer.Option(
@@ -112,6 +117,8 @@ def unshelve_many(c: Client, names: list[str], to: str | None, parallel: int, wa
 
 
 def _results_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False)
     for col in ("NAME", "RESULT", "HOST", "DISK", "OP", "ERROR"):
         t.add_column(col)
@@ -124,7 +131,7 @@ def _results_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-@app.command()
+@commands.command()
 def unshelve(
     names: Annotated[list[str] | None, typer.Argument(help="instance name(s)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every shelved instance")] = False,
@@ -138,6 +145,14 @@ def unshelve(
     if all_ == bool(names):
         raise InvalidRequest("name instances or pass --all (not both)",
                              hint="corral unshelve web db, or corral unshelve --all")
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     with client() as c:
         wanted = names or [s.name for s in c.shelves()]
         if not wanted:
@@ -158,7 +173,7 @@ def unshelve(
             hint="failed ones are shelved as before; see 'corral ops show OP'")
 
 
-@app.command()
+@commands.command()
 def shelved(json_out: JsonOpt = False) -> None:
     """Shelved instances: where their disk is kept and until when, and what they store."""
     with client() as c:
@@ -169,6 +184,8 @@ def shelved(json_out: JsonOpt = False) -> None:
     if not rows:
         render.out().print("nothing is shelved")
         return
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False)
     for col in ("NAME", "FROM", "SHELVED", "DISK ON", "UNTIL", "SIZE", "UNIQUE", "CPUS", "MEM"):
         t.add_column(col)

@@ -7,21 +7,23 @@ for a refresh.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from corral.api.models import OperationView
 from corral.api.timespec import iso
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
 from corral.cli.ops_cmd import run_op
 from corral.cli.parse import parse_duration
 from corral.cli.render import fmt_bytes, out, print_json
 
+if TYPE_CHECKING:
+    from corral.api.models import OperationView
+
+commands = typer.Typer()
 standby_app = typer.Typer(help="Warm standbys: copies of an instance's disk on another host.",
                           no_args_is_help=True)
-app.add_typer(standby_app, name="standby")
+commands.add_typer(standby_app, name="standby")
 
 WAIT_HELP = "seconds to follow the operation"
 
@@ -37,7 +39,7 @@ def moved(o: OperationView) -> str:
     return ", ".join(parts)
 
 
-@app.command()
+@commands.command()
 def migrate(
     name: str,
     to: Annotated[str | None, typer.Option("--to", help="target host (default: the "
@@ -108,6 +110,8 @@ def standby_ls(
     if json_out:
         print_json(items)
         return
+    from rich.table import Table
+
     t = Table(box=None, pad_edge=False)
     for col in ("INSTANCE", "HOST", "STATE", "EVERY", "LAST SYNC", "DATA AGE", "FREEZE",
                 "LAST BYTES", "TOTAL", "SYNCS", "ERROR"):

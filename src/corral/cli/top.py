@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
-from corral.api.client import Client
-from corral.api.models import HostView, InstanceView
 from corral.cli import render
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from corral.api.client import Client
+    from corral.api.models import HostView, InstanceView
+
+commands = typer.Typer()
 
 
 class SortKey(StrEnum):
@@ -44,6 +46,10 @@ def host_summary(h: HostView) -> str:
 
 
 def frame(hosts: Sequence[HostView], items: Sequence[InstanceView], key: SortKey) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=None, header_style="bold", pad_edge=False, expand=False)
     for col in ("NAME", "HOST", "STATE"):
         table.add_column(col, no_wrap=True)
@@ -67,7 +73,7 @@ def to_json(hosts: Sequence[HostView], items: Sequence[InstanceView], key: SortK
     return {"hosts": list(hosts), "instances": sort_instances(items, key)}
 
 
-@app.command()
+@commands.command()
 def top(
     sort: Annotated[SortKey, typer.Option(help="cpu, mem or name")] = SortKey.cpu,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
@@ -83,6 +89,8 @@ def top(
             else:
                 render.out().print(frame(hosts, items, sort))
             return
+        from rich.live import Live
+
         console = render.out()
         with Live(frame(*snapshot(c), sort), console=console, auto_refresh=False,
                   screen=False) as live:

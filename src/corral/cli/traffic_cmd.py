@@ -4,18 +4,22 @@ second."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
-from corral.api.models import TrafficView
 from corral.api.timespec import iso
 from corral.cli import render
-from corral.cli.app import JSON_HELP, app, client
+from corral.cli.app import JSON_HELP, client
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from corral.api.models import TrafficView
+
+commands = typer.Typer()
 
 
 def _rate(x: float) -> str:
@@ -23,6 +27,10 @@ def _rate(x: float) -> str:
 
 
 def frame(v: TrafficView) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     head = Text(f"{v.instance}  {time.strftime('%H:%M:%S', time.localtime(v.at))}  "
                 f"online {v.online} (last {v.online_window_s / 60:g} min)  lines {v.lines}  "
                 f"requests {v.hits}  bad lines {v.bad_lines}")
@@ -54,7 +62,7 @@ def frame(v: TrafficView) -> Group:
     return Group(*parts)
 
 
-@app.command()
+@commands.command()
 def traffic(
     name: Annotated[str, typer.Argument(help="the instance")],
     url: Annotated[str | None, typer.Option(help="list this URL's clients, latest first")
@@ -75,6 +83,8 @@ def traffic(
         if once:
             render.out().print(frame(view))
             return
+        from rich.live import Live
+
         with Live(frame(view), console=render.out(), auto_refresh=False, screen=False) as live:
             try:
                 while True:
