@@ -19,9 +19,10 @@ from storeserver import served_store
 
 from corral.agent import shelf
 from corral.agent.disks import HostDisks
-from corral.agent.handlers import Handler
+from corral.agent.handlers import HANDLERS
 from corral.agent.imagecache import ImageCache
-from corral.agent.state import AgentState
+from corral.agent.state import AgentState, Handler
+from corral.bus.rpc import CALLS
 from corral.errors import Conflict, InvalidRequest, NotFound
 from corral.images.store import ImageStore
 
@@ -71,7 +72,11 @@ def described(root: Path) -> dict[str, tuple[int, bytes, int]]:
 
 
 def call(fn: Handler, st: AgentState, **args: object) -> dict[str, object]:
-    return dict(asyncio.run(fn(st, dict(args))))
+    """A handler called as the dispatcher calls it: its call's argument model in, the
+    result as it goes on the wire out."""
+    verb = next(v for v, h in HANDLERS.items() if h is fn)
+    result = asyncio.run(fn(st, CALLS[verb].args.model_validate(args)))
+    return dict(CALLS[verb].dump(result))
 
 
 def test_push_then_pull_elsewhere_moves_each_chunk_once(served: tuple[ImageStore, str],

@@ -46,6 +46,36 @@ def test_handlers_cover_every_call() -> None:
     assert sorted(HANDLERS) == sorted(CALLS)
 
 
+def test_each_handler_takes_its_calls_argument_model() -> None:
+    """The table and the handlers agree on types too: a handler annotated with another
+    call's model would read fields the dispatcher never validated."""
+    import typing
+
+    import corral.agent.disk_handlers
+    import corral.agent.handlers
+    import corral.agent.shelf
+    from corral.bus import rpc
+
+    for verb, handler in HANDLERS.items():
+        mod = vars(corral.agent.handlers) | vars(corral.agent.disk_handlers) | vars(
+            corral.agent.shelf)
+        hints = typing.get_type_hints(handler, globalns=mod)
+        assert hints["args"] is rpc.CALLS[verb].args, f"{verb}: {hints['args']}"
+
+
+async def test_bad_arguments_are_refused_before_the_handler(tmp_path: Path) -> None:
+    st, _ = _state(tmp_path)
+    for verb, args in [("kill", {"name": "a", "signal": "nine"}),
+                       ("stop", {"name": "a", "timeout": -1}),
+                       ("status", {"name": "../etc"}),
+                       ("delete", {"name": "a", "purge": True}),
+                       ("chunks_cached", {"ids": ["zz"]})]:
+        reply = await _call(st, verb, **args)
+        assert not reply.ok and reply.error is not None
+        assert reply.error["code"] == "invalid_request", (verb, reply.error)
+        assert f"bad arguments for '{verb}'" in reply.error["message"]
+
+
 async def test_lifecycle_through_dispatch(tmp_path: Path) -> None:
     st, _ = _state(tmp_path)
     assert (await _ok(st, "create", spec=_spec()))["state"] == "created"

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby, open_db
@@ -63,8 +65,8 @@ class FakeAgents:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    async def call(self, host: str, verb: str, args: dict[str, Any]) -> Any:
-        self.calls.append((host, verb, args))
+    async def call(self, host: str, call: rpc.Call[Any, Any], args: BaseModel) -> Any:
+        self.calls.append((host, call.verb, args.model_dump(exclude_unset=True)))
         return None
 
 

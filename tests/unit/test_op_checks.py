@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.bus import rpc
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby, open_db
 from corral.control.fleet import Fleet
@@ -41,12 +43,9 @@ class RecordingAgents:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    async def call(self, host: str, verb: str, args: dict[str, Any]) -> Any:
-        self.calls.append((host, verb, args))
-        raise AssertionError(f"a refused operation called {verb} on {host}")
-
-    async def report(self, host: str, verb: str, args: dict[str, Any]) -> Any:
-        return await self.call(host, verb, args)
+    async def call(self, host: str, call: rpc.Call[Any, Any], args: BaseModel) -> Any:
+        self.calls.append((host, call.verb, args.model_dump()))
+        raise AssertionError(f"a refused operation called {call.verb} on {host}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from corral.agent.disks import HostDisks
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord
 from corral.api.models import CreateInstance
+from corral.bus import rpc
 from corral.bus.messages import LogBatch, WireSpec
 from corral.drivers.base import Handle
 from corral.drivers.fake import FakeDriver
@@ -167,7 +168,7 @@ async def test_the_agent_captures_a_relative_path_in_the_instances_disk(
     st.disks = HostDisks(tmp_path / "disks", "dir", "tok", tmp_path / "agent")
     tail = {"access": "logs/access.log", "evil": "logs/evil.log"}
     spec = WireSpec(name="web", driver="fake", command=["true"], tail=tail, epoch=1)
-    await handlers.create(st, {"spec": spec.model_dump()})
+    await handlers.create(st, rpc.CreateArgs(spec=spec))
     disk = st.disks.path("web")
     (disk / "logs").mkdir()
     (disk / "logs/access.log").write_text("GET /a\nGET /b\n")

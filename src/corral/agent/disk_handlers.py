@@ -8,12 +8,11 @@ it away (``disk_discard``). Bytes go host to host over the data channel, never v
 
 from __future__ import annotations
 
-from typing import Any
-
 from corral.agent.disks import HostDisks
 from corral.agent.report import is_alive
-from corral.agent.state import AgentState
+from corral.agent.state import AgentState, Handler
 from corral.agent.store import check_name
+from corral.bus import rpc
 from corral.errors import Conflict, InvalidRequest
 
 
@@ -23,30 +22,21 @@ def _disks(st: AgentState) -> HostDisks:
     return st.disks
 
 
-def _name(args: dict[str, Any]) -> str:
-    name = args.get("name")
-    if not isinstance(name, str):
-        raise InvalidRequest("the call needs a 'name' (string)", hint="this is a server bug")
-    return check_name(name)
+def _name(args: rpc.NameArgs) -> str:
+    return check_name(args.name)
 
 
-def _slot(args: dict[str, Any]) -> str:
-    return str(args.get("slot") or "incoming")
-
-
-async def disk_recv(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_recv(st: AgentState, args: rpc.SlotArgs) -> rpc.SlotTarget:
     disks, name = _disks(st), _name(args)
-    out = await st.call(disks.recv_prepare, name, _slot(args))
-    return {**out, "address": disks.channel.host, "port": disks.port}
+    out = await st.call(disks.recv_prepare, name, args.slot)
+    return rpc.SlotTarget.model_validate(
+        {**out, "address": disks.channel.host, "port": disks.port})
 
 
-async def disk_send(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_send(st: AgentState, args: rpc.SendArgs) -> rpc.SendResult:
     disks, name = _disks(st), _name(args)
-    target = args.get("target")
-    if not isinstance(target, dict):
-        raise InvalidRequest("disk_send needs a 'target' (what disk_recv answered)")
-    mode = str(args.get("mode") or "live")
-    keep_frozen = bool(args.get("keep_frozen", False))
+    target = args.target.model_dump()
+    mode, keep_frozen = args.mode, args.keep_frozen
     async with st.lock(name):
         rec = st.records.get(name)
         freeze = thaw = None
@@ -65,42 +55,39 @@ async def disk_send(st: AgentState, args: dict[str, Any]) -> Any:
                 async def thaw() -> None:
                     await st.call(drv.thaw, handle)
 
-        res = await disks.send(name, target, mode, str(args.get("gen") or ""), freeze, thaw,
-                               keep_frozen)
+        res = await disks.send(name, target, mode, args.gen, freeze, thaw, keep_frozen)
         if rec is not None:
             await st.refresh(rec)
-        return res.to_dict()
+        return rpc.SendResult.model_validate(res.to_dict())
 
 
-async def disk_discard(st: AgentState, args: dict[str, Any]) -> Any:
-    await st.call(_disks(st).discard, _name(args), _slot(args))
-    return None
+async def disk_discard(st: AgentState, args: rpc.SlotArgs) -> None:
+    await st.call(_disks(st).discard, _name(args), args.slot)
 
 
-async def disk_commit(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_commit(st: AgentState, args: rpc.SlotArgs) -> None:
     """A pass into the slot completed: keep only what the next incremental pass needs."""
-    await st.call(_disks(st).prune_received, _name(args), _slot(args))
-    return None
+    await st.call(_disks(st).prune_received, _name(args), args.slot)
 
 
-async def disk_adopt(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_adopt(st: AgentState, args: rpc.SlotArgs) -> rpc.DiskPath:
     disks, name = _disks(st), _name(args)
     async with st.lock(name):
-        path = await st.call(disks.adopt, name, _slot(args))
-    return {"path": str(path)}
+        path = await st.call(disks.adopt, name, args.slot)
+    return rpc.DiskPath(path=str(path))
 
 
-async def disk_demote(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_demote(st: AgentState, args: rpc.NameArgs) -> rpc.DiskPath:
     disks, name = _disks(st), _name(args)
     async with st.lock(name):
         if name in st.records:
             raise Conflict(f"instance '{name}' still exists on this host",
                            hint="delete it (keeping its disk) before demoting the disk")
         path = await st.call(disks.demote, name)
-    return {"path": str(path)}
+    return rpc.DiskPath(path=str(path))
 
 
-HANDLERS = {
+HANDLERS: dict[str, Handler] = {
     "disk_recv": disk_recv,
     "disk_send": disk_send,
     "disk_discard": disk_discard,

@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal as signals
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from corral.agent import imagecache, rootfs
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
 from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
-from corral.agent.state import AgentState
+from corral.agent.state import AgentState, Handler
 from corral.agent.store import InstanceRecord, check_name
 from corral.agent.vips import check_spec_vip
-from corral.bus.messages import WireSpec
+from corral.bus import rpc
+from corral.bus.messages import InstanceReport, WireSpec
 from corral.drivers.base import Spec
 from corral.drivers.common import KILL_WAIT
 from corral.errors import Conflict, DriverError, InvalidRequest
@@ -31,17 +29,13 @@ from corral.rig.rootfs import copy_template
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[AgentState, dict[str, Any]], Awaitable[Any]]
 
 #: signals that end a workload on purpose: what follows reads as "stopped", not "failed".
 _ENDING_SIGNALS = frozenset({signals.SIGTERM, signals.SIGKILL, signals.SIGINT, signals.SIGQUIT})
 
 
-def _name(args: dict[str, Any]) -> str:
-    name = args.get("name")
-    if not isinstance(name, str):
-        raise InvalidRequest("the call needs a 'name' (string)", hint="this is a server bug")
-    return check_name(name)
+def _name(args: rpc.NameArgs) -> str:
+    return check_name(args.name)
 
 
 def _check_epoch(st: AgentState, name: str, epoch: Any) -> int | None:
@@ -61,22 +55,19 @@ def _check_epoch(st: AgentState, name: str, epoch: Any) -> int | None:
     return epoch
 
 
-def _check_if_epoch(rec: InstanceRecord, args: dict[str, Any]) -> None:
+def _check_if_epoch(rec: InstanceRecord, args: rpc.KillArgs | rpc.DeleteArgs) -> None:
     """``if_epoch``: act only on the copy the caller saw. Reconciling kills and deletes a stale
     copy by the epoch it reported; if this host has since moved on to another epoch (the
     instance came back here), the call is about a copy that no longer exists."""
-    want = args.get("if_epoch")
+    want = args.if_epoch
     if want is not None and rec.epoch != want:
         raise Conflict(f"instance '{rec.name}' here is at epoch {rec.epoch}, not {want}; "
                        "left alone", hint="the caller's view is stale; look again",
                        details={"epoch": rec.epoch, "if_epoch": want})
 
 
-async def create(st: AgentState, args: dict[str, Any]) -> Any:
-    try:
-        spec = WireSpec.model_validate(args.get("spec"))
-    except ValidationError as exc:
-        raise InvalidRequest(f"bad spec for create: {exc}") from exc
+async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
+    spec = args.spec
     name = check_name(spec.name)
     drv = st.driver(spec.driver)
     check_spec_vip(spec.vip)
@@ -89,7 +80,7 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
                 raise Conflict(f"instance '{name}' already exists here with another spec",
                                hint="delete it first or pick another name")
             _check_epoch(st, name, spec.epoch)
-            return to_report(existing).model_dump()
+            return to_report(existing)
         _check_epoch(st, name, spec.epoch)
         workdir = st.store.dir_for(name)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +93,7 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
             if root is None and st.disks is not None:
                 made_disk = not st.disks.exists(name)
                 root = str(await _disk_root(st, spec, drv.capabilities.needs_rootfs, workdir,
-                                            extra, fresh=bool(args.get("fresh"))))
+                                            extra, fresh=args.fresh))
                 extra["disk"] = root
                 # a plain process runs *in* its disk; its tail paths stay host paths
                 extra["cwd_disk"] = not drv.capabilities.needs_rootfs and spec.image is None
@@ -123,7 +114,7 @@ async def create(st: AgentState, args: dict[str, Any]) -> Any:
                              extra=extra)
         st.save(rec)
         st.records[name] = rec
-        return to_report(rec).model_dump()
+        return to_report(rec)
 
 
 async def _disk_root(st: AgentState, spec: WireSpec, needs_rootfs: bool, workdir: Path,
@@ -165,11 +156,11 @@ async def _image_root(st: AgentState, spec: WireSpec, workdir: Path) -> tuple[st
     return str(dest), info
 
 
-async def start(st: AgentState, args: dict[str, Any]) -> Any:
+async def start(st: AgentState, args: rpc.StartArgs) -> InstanceReport:
     name = _name(args)
     async with st.lock(name):
         rec = st.record(name)
-        epoch = _check_epoch(st, name, args.get("epoch"))
+        epoch = _check_epoch(st, name, args.epoch)
         drv = st.driver(rec.driver)
         if epoch is not None:
             rec.epoch = epoch
@@ -180,7 +171,7 @@ async def start(st: AgentState, args: dict[str, Any]) -> Any:
         report = await st.refresh(rec)
         if rec.spec.vip and st.vips is not None and is_alive(rec):
             await _vip_up(st, rec)
-        return report.model_dump()
+        return report
 
 
 async def _vip_up(st: AgentState, rec: InstanceRecord) -> None:
@@ -205,10 +196,9 @@ async def _vip_up(st: AgentState, rec: InstanceRecord) -> None:
                                "free on the segment") from exc
 
 
-async def stop(st: AgentState, args: dict[str, Any]) -> Any:
+async def stop(st: AgentState, args: rpc.StopArgs) -> InstanceReport:
     name = _name(args)
-    raw = args.get("timeout")
-    timeout = st.stop_timeout if raw is None else float(raw)
+    timeout = st.stop_timeout if args.timeout is None else args.timeout
     async with st.lock(name):
         rec = st.record(name)
         rec.stop_requested = True
@@ -218,13 +208,12 @@ async def stop(st: AgentState, args: dict[str, Any]) -> Any:
         st.save(rec)
         if st.vips is not None and not is_alive(rec):
             await st.vips.down(rec, st.records)
-        return to_report(rec).model_dump()
+        return to_report(rec)
 
 
-async def kill(st: AgentState, args: dict[str, Any]) -> Any:
+async def kill(st: AgentState, args: rpc.KillArgs) -> InstanceReport:
     name = _name(args)
-    raw = args.get("signal")
-    sig = int(signals.SIGKILL if raw is None else raw)
+    sig = args.signal
     async with st.lock(name):
         rec = st.record(name)
         _check_if_epoch(rec, args)
@@ -245,37 +234,37 @@ async def kill(st: AgentState, args: dict[str, Any]) -> Any:
             report = await st.refresh(rec)
         if st.vips is not None and not is_alive(rec):
             await st.vips.down(rec, st.records)
-        return report.model_dump()
+        return report
 
 
-async def _driver_verb(st: AgentState, args: dict[str, Any], verb: str) -> Any:
+async def _driver_verb(st: AgentState, args: rpc.NameArgs, verb: str) -> InstanceReport:
     """A verb that is one driver call on the instance, answered with what it looks like after."""
     name = _name(args)
     async with st.lock(name):
         rec = st.record(name)
         await st.call(getattr(st.driver(rec.driver), verb), rec.handle)
-        return (await st.refresh(rec)).model_dump()
+        return await st.refresh(rec)
 
 
-async def freeze(st: AgentState, args: dict[str, Any]) -> Any:
+async def freeze(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
     return await _driver_verb(st, args, "freeze")
 
 
-async def thaw(st: AgentState, args: dict[str, Any]) -> Any:
+async def thaw(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
     return await _driver_verb(st, args, "thaw")
 
 
-async def delete(st: AgentState, args: dict[str, Any]) -> Any:
+async def delete(st: AgentState, args: rpc.DeleteArgs) -> None:
     """Remove the instance; its disk too unless ``keep_disk`` (a shelf or a standby keeps it);
     ``set_aside`` keeps the disk out of the way (``.orphaned``) instead of deleting it: a stale
     copy removed after a failover may hold writes made after the standby's last sync."""
     name = _name(args)
-    keep_disk = bool(args.get("keep_disk", False))
+    keep_disk = args.keep_disk
     async with st.lock(name):
         rec = st.records.get(name)
         if rec is None:
             # a guarded delete was about a copy that is gone; a disk here now is someone else's
-            if not keep_disk and st.disks is not None and args.get("if_epoch") is None:
+            if not keep_disk and st.disks is not None and args.if_epoch is None:
                 await st.call(st.disks.delete, name)
             return None  # already gone: delete is idempotent
         _check_if_epoch(rec, args)
@@ -291,7 +280,7 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         await st.call(st.store.remove, name)
         del st.records[name]
         if "disk" in rec.extra and st.disks is not None and not keep_disk:
-            if args.get("set_aside") and st.disks.exists(name):
+            if args.set_aside and st.disks.exists(name):
                 kept = await st.call(st.disks.set_aside, name)
                 log.warning("the disk of %s (removed as a stale copy) is kept as %s", name, kept)
             else:
@@ -301,19 +290,19 @@ async def delete(st: AgentState, args: dict[str, Any]) -> Any:
         return None
 
 
-async def status(st: AgentState, args: dict[str, Any]) -> Any:
+async def status(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
     name = _name(args)
     async with st.lock(name):
-        return (await st.refresh(st.record(name))).model_dump()
+        return await st.refresh(st.record(name))
 
 
-async def list_(st: AgentState, args: dict[str, Any]) -> Any:
+async def list_(st: AgentState, args: rpc.NoArgs) -> list[InstanceReport]:
     out = []
     for name in list(st.records):
         async with st.lock(name):
             rec = st.records.get(name)
             if rec is not None:
-                out.append((await st.refresh(rec)).model_dump())
+                out.append(await st.refresh(rec))
     return out
 
 

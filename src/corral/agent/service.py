@@ -46,6 +46,7 @@ from corral.bus.messages import (
     JoinRequest,
     Reply,
 )
+from corral.bus.rpc import CALLS
 from corral.config import Settings
 from corral.drivers import reaping
 from corral.errors import (
@@ -340,11 +341,18 @@ async def dispatch(state: AgentState, data: bytes) -> Reply:
             cmd = decode(data, Command)
         except ValidationError as exc:
             raise InvalidRequest(f"malformed command: {exc}") from exc
-        handler = HANDLERS.get(cmd.verb)
-        if handler is None:
+        handler, call = HANDLERS.get(cmd.verb), CALLS.get(cmd.verb)
+        if handler is None or call is None:
             raise InvalidRequest(f"unknown verb '{cmd.verb}'",
                                  hint=f"known: {', '.join(sorted(HANDLERS))}")
-        return Reply(ok=True, result=await handler(state, cmd.args))
+        try:
+            args = call.args.model_validate(cmd.args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise InvalidRequest(f"bad arguments for '{cmd.verb}': {where}: {first.get('msg')}",
+                                 hint="the server and agent versions may differ") from exc
+        return Reply(ok=True, result=call.dump(await handler(state, args)))
     except CorralError as exc:
         return Reply(ok=False, error=exc.to_dict())
     except Exception as exc:

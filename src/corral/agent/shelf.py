@@ -28,8 +28,9 @@ import httpx
 from corral.agent.disks import HostDisks
 from corral.agent.imagecache import HTTP_TIMEOUT, ImageCache
 from corral.agent.report import is_alive
-from corral.agent.state import AgentState
+from corral.agent.state import AgentState, Handler
 from corral.agent.store import check_name
+from corral.bus import rpc
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
 from corral.images.fetch import _raise, fetch_missing, push_tree
 from corral.images.tree import Manifest, materialize
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 #: one fetch at a time per agent process (see the module doc); materialising runs in parallel
 _FETCH = threading.Lock()
-MAX_SAMPLE = 4096
 
 
 def _disks(st: AgentState) -> HostDisks:
@@ -56,13 +56,6 @@ def _cache(st: AgentState) -> ImageCache:
                               hint="it learns it with the next heartbeat; try again",
                               retryable=True)
     return cache
-
-
-def _arg(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"the call needs '{key}' (string)", hint="this is a server bug")
-    return value
 
 
 def _http(cache: ImageCache) -> httpx.Client:
@@ -91,9 +84,9 @@ def _pull(cache: ImageCache, image: str, dest: Path) -> dict[str, Any]:
             "existing": False}
 
 
-async def disk_push(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_push(st: AgentState, args: rpc.PushArgs) -> rpc.PushResult:
     """Snapshot the (stopped) instance's disk into the store under ``image``."""
-    name, image = check_name(_arg(args, "name")), _arg(args, "image")
+    name, image = check_name(args.name), args.image
     disks, cache = _disks(st), _cache(st)
     async with st.lock(name):
         rec = st.records.get(name)
@@ -113,14 +106,13 @@ async def disk_push(st: AgentState, args: dict[str, Any]) -> Any:
                                   retryable=True) from exc
     log.info("disk of %s shelved as %s: %d chunks (%d bytes) uploaded", name, image,
              out["uploaded_chunks"], out["uploaded_bytes"])
-    return out
+    return rpc.PushResult.model_validate(out)
 
 
-async def disk_pull(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_pull(st: AgentState, args: rpc.PullArgs) -> rpc.PullResult:
     """Make ``DISK_ROOT/NAME`` from the shelved manifest ``image``. A disk already there is
     kept (fast respawn) unless ``replace``: then it is an old copy and is built again."""
-    name, image = check_name(_arg(args, "name")), _arg(args, "image")
-    replace = bool(args.get("replace", False))
+    name, image, replace = check_name(args.name), args.image, args.replace
     disks = _disks(st)
     async with st.lock(name):
         if name in st.records:
@@ -128,7 +120,8 @@ async def disk_pull(st: AgentState, args: dict[str, Any]) -> Any:
                            hint="remove it first; its disk is in use")
         if disks.exists(name):
             if not replace:
-                return {"chunks": 0, "fetched_chunks": 0, "fetched_bytes": 0, "existing": True}
+                return rpc.PullResult(chunks=0, fetched_chunks=0, fetched_bytes=0,
+                                      existing=True)
             await st.call(disks.delete, name)
         cache = _cache(st)
         fill = await st.call(disks.new_dir, name)
@@ -141,12 +134,12 @@ async def disk_pull(st: AgentState, args: dict[str, Any]) -> Any:
         await st.call(disks.publish, name, fill)
     log.info("disk of %s built from %s: %d chunks, %d fetched (%d bytes)", name, image,
              out["chunks"], out["fetched_chunks"], out["fetched_bytes"])
-    return out
+    return rpc.PullResult.model_validate(out)
 
 
-async def disk_drop(st: AgentState, args: dict[str, Any]) -> Any:
+async def disk_drop(st: AgentState, args: rpc.NameArgs) -> rpc.DropResult:
     """Remove a kept disk (idempotent); refused while an instance here uses it."""
-    name = check_name(_arg(args, "name"))
+    name = check_name(args.name)
     disks = _disks(st)
     async with st.lock(name):
         if name in st.records:
@@ -157,26 +150,21 @@ async def disk_drop(st: AgentState, args: dict[str, Any]) -> Any:
             await st.call(disks.delete, name)
     if existed:
         log.info("kept disk of %s dropped", name)
-    return {"dropped": existed}
+    return rpc.DropResult(dropped=existed)
 
 
-async def chunks_cached(st: AgentState, args: dict[str, Any]) -> Any:
+async def chunks_cached(st: AgentState, args: rpc.ChunksArgs) -> rpc.ChunksCached:
     """How many of ``ids`` (hex) this host's chunk cache holds."""
-    raw = args.get("ids")
-    if not isinstance(raw, list) or len(raw) > MAX_SAMPLE:
-        raise InvalidRequest(f"chunks_cached needs 'ids', a list of at most {MAX_SAMPLE}",
-                             hint="this is a server bug")
-    if st.images is None or not raw:
-        return {"have": 0, "of": len(raw)}
+    if st.images is None or not args.ids:
+        return rpc.ChunksCached(have=0, of=len(args.ids))
     try:
-        ids = [bytes.fromhex(str(i)) for i in raw]
+        ids = [bytes.fromhex(i) for i in args.ids]
     except ValueError as exc:
         raise InvalidRequest(f"bad chunk id: {exc}", hint="this is a server bug") from exc
     have = await asyncio.to_thread(st.images.packs.has_many, ids)
-    return {"have": sum(have), "of": len(ids)}
+    return rpc.ChunksCached(have=sum(have), of=len(ids))
 
-
-HANDLERS = {
+HANDLERS: dict[str, Handler] = {
     "disk_push": disk_push,
     "disk_pull": disk_pull,
     "disk_drop": disk_drop,

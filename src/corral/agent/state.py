@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral.agent.report import apply_status, to_report
 from corral.agent.store import InstanceRecord, Store
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: a handler of one agent call: takes that call's argument model (bus/rpc.py), returns its
+#: result; a test pins each handler's annotation to the table
+Handler = Callable[["AgentState", Any], Awaitable[Any]]
 
 
 class AgentState:

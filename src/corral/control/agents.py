@@ -1,4 +1,4 @@
-"""Calling an agent: one verb of :data:`corral.bus.rpc.CALLS`, with that verb's timeout.
+"""Calling an agent: one :class:`corral.bus.rpc.Call`, typed both ways, with its timeout.
 
 The server never invents a verb or a timeout at the call site; both come from the table, so the
 agent's handler list and the server's calls cannot drift apart unnoticed.
@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from corral.bus import subjects
 from corral.bus.connect import request
-from corral.bus.messages import Command, InstanceReport, Reply
-from corral.bus.rpc import CALLS, call_timeout
+from corral.bus.messages import Command, Reply
+from corral.bus.rpc import CALLS, A, Call, R, call_timeout
 from corral.errors import CorralError, HostUnavailable
 
 #: calls allowed longer than this are watched: see :meth:`AgentCaller.call`
@@ -33,17 +33,29 @@ class AgentCaller:
         #: set by the server once it has a fleet; lets a long call notice its agent is gone
         self.liveness = liveness
 
-    async def call(self, host: str, verb: str, args: dict[str, Any]) -> Any:
-        """The ``result`` of ``verb`` on ``host``; the agent's own error when it fails.
+    async def call(self, host: str, call: Call[A, R], args: A) -> R:
+        """The result of ``call`` on ``host``, validated; the agent's own error when it fails.
 
         A long call (a disk pass may take hours) is not left waiting for its full timeout when
         the agent that took it died: if the host goes down or its agent joins again (a new
         process, which knows nothing of the call) the call fails at once, so the operation
         rolls back now instead of hours later."""
-        if verb not in CALLS:  # a bug on the server side, never an operator's mistake
-            raise CorralError(f"internal: '{verb}' is not an agent call")
-        timeout = call_timeout(verb, args)
-        pending = request(self.nc, subjects.command(host), Command(verb=verb, args=args),
+        if CALLS.get(call.verb) is not call:  # a bug on the server side, never the operator's
+            raise CorralError(f"internal: '{call.verb}' is not an agent call")
+        raw = await self._send(host, call, args)
+        try:
+            return call.parse(raw)
+        except ValidationError as exc:
+            raise CorralError(
+                f"agent on {host} answered '{call.verb}' with something unexpected: "
+                f"{exc.errors()[0].get('msg')}",
+                hint="the agent and server versions may differ; upgrade both",
+            ) from exc
+
+    async def _send(self, host: str, call: Call[Any, Any], args: BaseModel) -> Any:
+        timeout = call_timeout(call, args)
+        pending = request(self.nc, subjects.command(host),
+                          Command(verb=call.verb, args=args.model_dump(mode="json")),
                           Reply, timeout)
         if self.liveness is None or timeout <= WATCH_AFTER:
             return (await pending).result
@@ -58,21 +70,9 @@ class AgentCaller:
                 if now != seen:
                     why = "went down" if now[1] != "up" else "restarted"
                     raise HostUnavailable(
-                        f"the agent on {host} {why} during '{verb}'",
+                        f"the agent on {host} {why} during '{call.verb}'",
                         hint="the operation rolls back; check the host's agent log",
                         retryable=True)
         finally:
             if not task.done():
                 task.cancel()
-
-    async def report(self, host: str, verb: str, args: dict[str, Any]) -> InstanceReport:
-        """A call whose result is an :class:`InstanceReport`."""
-        result = await self.call(host, verb, args)
-        try:
-            return InstanceReport.model_validate(result)
-        except ValidationError as exc:
-            raise CorralError(
-                f"agent on {host} answered '{verb}' with something that is not an instance "
-                f"report: {exc.errors()[0].get('msg')}",
-                hint="the agent and server versions may differ; upgrade both",
-            ) from exc

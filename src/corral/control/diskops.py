@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
+from corral.bus import rpc
+from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
 from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
@@ -64,18 +66,18 @@ class DiskOps(OpBase):
                     setattr(sb, k, v)
 
     # -- the moves -------------------------------------------------------------------------------
-    async def recv(self, host: str, name: str, slot: str) -> dict[str, Any]:
-        out: dict[str, Any] = await self.agents.call(host, "disk_recv",
-                                                     {"name": name, "slot": slot})
-        return out
+    async def recv(self, host: str, name: str, slot: rpc.Slot) -> dict[str, Any]:
+        """Where the sender writes (kept in ``ctx.data['recv']``, which outlives a crash)."""
+        out = await self.agents.call(host, rpc.DISK_RECV, rpc.SlotArgs(name=name, slot=slot))
+        return out.model_dump()
 
-    async def send(self, ctx: OpContext, host: str, mode: str, keep_frozen: bool = False
-                   ) -> dict[str, Any]:
+    async def send(self, ctx: OpContext, host: str, mode: Literal["live", "frozen"],
+                   keep_frozen: bool = False) -> dict[str, Any]:
         """A pass from ``host`` into ``ctx.data['recv']``; the frozen one runs the
         ``pre-freeze`` hook before (a refusal aborts) and ``post-thaw`` after."""
         name = ctx.record.target
-        args = {"name": name, "target": ctx.data["recv"], "mode": mode,
-                "gen": ctx.data.get("gen", ""), "keep_frozen": keep_frozen}
+        args = rpc.SendArgs(name=name, target=rpc.SlotTarget.model_validate(ctx.data["recv"]),
+                            mode=mode, gen=ctx.data.get("gen", ""), keep_frozen=keep_frozen)
         if mode == "frozen":
             pre = await ctx.hook("pre-freeze", {"instance": name, "host": host})
             if not pre.ok:
@@ -83,7 +85,7 @@ class DiskOps(OpBase):
                                   f"{pre.output.strip()[-300:]}",
                                   hint="fix what the hook checks, then run it again")
         try:
-            res: dict[str, Any] = await self.agents.call(host, "disk_send", args)
+            res = (await self.agents.call(host, rpc.DISK_SEND, args)).model_dump()
         finally:
             if mode == "frozen" and not keep_frozen:
                 await ctx.hook("post-thaw", {"instance": name, "host": host})
@@ -98,16 +100,16 @@ class DiskOps(OpBase):
 
     async def thaw_if_frozen(self, host: str, name: str) -> None:
         try:
-            now = await self.agents.report(host, "status", {"name": name})
+            now = await self.agents.call(host, rpc.STATUS, rpc.NameArgs(name=name))
         except NotFound:
             return
         if now.state == State.FROZEN.value:
-            await self.agents.report(host, "thaw", {"name": name})
+            await self.agents.call(host, rpc.THAW, rpc.NameArgs(name=name))
 
     async def kill_source(self, host: str, name: str) -> None:
         """End the source copy at once: it is frozen with its final state already sent, so it
         must not run its shutdown path (writes that would never reach the target)."""
-        report = await self.agents.report(host, "kill", {"name": name, "signal": 9})
+        report = await self.agents.call(host, rpc.KILL, rpc.KillArgs(name=name, signal=9))
         self.ensure_ended(report, host)
         self.record(name, host, State.STOPPED, report)
 
@@ -115,14 +117,14 @@ class DiskOps(OpBase):
         """Undo of stopping the source: running there again, with a new epoch."""
         name = ctx.record.target
         try:
-            now = await self.agents.report(host, "status", {"name": name})
+            now = await self.agents.call(host, rpc.STATUS, rpc.NameArgs(name=name))
         except NotFound:
             return
         if now.state == State.FROZEN.value:
-            now = await self.agents.report(host, "thaw", {"name": name})
+            now = await self.agents.call(host, rpc.THAW, rpc.NameArgs(name=name))
         if now.state != State.RUNNING.value:
             epoch = self.new_epoch(name)
-            now = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+            now = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         self.record(name, host, State.RUNNING, now, desired_state=State.RUNNING.value)
 
     async def create_on(self, ctx: OpContext, host: str) -> None:
@@ -130,8 +132,8 @@ class DiskOps(OpBase):
         epoch = self.new_epoch(name)
         ctx.data["epoch"] = epoch
         ctx.save()
-        spec = {**ctx.data["spec"], "epoch": epoch}
-        await self.agents.report(host, "create", {"spec": spec})
+        spec = WireSpec.model_validate({**ctx.data["spec"], "epoch": epoch})
+        await self.agents.call(host, rpc.CREATE, rpc.CreateArgs(spec=spec))
 
     async def start_on(self, ctx: OpContext, host: str) -> None:
         name = ctx.record.target
@@ -139,7 +141,7 @@ class DiskOps(OpBase):
             self.record(name, host, State.CREATED, None)
             return
         epoch = self.new_epoch(name)
-        report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        report = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         self.record(name, host, State.RUNNING, report, desired_state=State.RUNNING.value)
         ctx.data["started_at"] = time.time()
         ctx.save()

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby
@@ -61,7 +62,7 @@ class OpsLike(Protocol):
 
 
 class CallerLike(Protocol):
-    async def call(self, host: str, verb: str, args: dict[str, Any]) -> Any: ...
+    async def call(self, host: str, call: rpc.Call[rpc.A, rpc.R], args: rpc.A) -> rpc.R: ...
 
 
 Emit = Callable[..., None]
@@ -248,14 +249,16 @@ class HaManager:
         if c.instance in self.fleet.busy:  # an operation took it since the report: not ours
             self._cleaning.discard((host, c.instance))
             return
-        guard = {"name": c.instance, "if_epoch": c.epoch}  # only the copy that was reported
+        # only the copy that was reported (if_epoch)
         try:
             log.warning("stale copy of %s (epoch %d) on %s: %s; %s", c.instance, c.epoch, host,
                         c.reason, "killing and deleting it" if c.delete else "killing it")
             if c.kill:
-                await self.agents.call(host, "kill", {**guard, "signal": 9})
+                await self.agents.call(host, rpc.KILL, rpc.KillArgs(
+                    name=c.instance, if_epoch=c.epoch, signal=9))
             if c.delete:  # its disk may hold writes after the last sync: set aside, not lost
-                await self.agents.call(host, "delete", {**guard, "set_aside": True})
+                await self.agents.call(host, rpc.DELETE, rpc.DeleteArgs(
+                    name=c.instance, if_epoch=c.epoch, set_aside=True))
             self.emit("instance.stale_copy_removed", host=host, instance=c.instance,
                       epoch=c.epoch, deleted=c.delete, reason=c.reason)
         except CorralError as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.control.db import Instance, Standby
 from corral.control.diskops import DiskOps
 from corral.errors import Conflict, InvalidRequest, NoCapacity
@@ -119,8 +120,8 @@ class Migrate(DiskOps):
 
     async def _unprepare(self, ctx: OpContext) -> None:
         if "target" in ctx.data:
-            await self.agents.call(ctx.data["target"], "disk_discard",
-                                   {"name": ctx.record.target, "slot": "incoming"})
+            await self.agents.call(ctx.data["target"], rpc.DISK_DISCARD,
+                                   rpc.SlotArgs(name=ctx.record.target, slot="incoming"))
 
     async def _copy_live(self, ctx: OpContext) -> None:
         if ctx.data["was_running"]:
@@ -156,14 +157,15 @@ class Migrate(DiskOps):
             await self.restart_source(ctx, ctx.data["source"])
 
     async def _adopt(self, ctx: OpContext) -> None:
-        await self.agents.call(ctx.data["target"], "disk_adopt",
-                               {"name": ctx.record.target, "slot": "incoming"})
+        await self.agents.call(ctx.data["target"], rpc.DISK_ADOPT,
+                               rpc.SlotArgs(name=ctx.record.target, slot="incoming"))
 
     async def _unadopt(self, ctx: OpContext) -> None:
         """Nothing of the instance left on the target: its record and its disk go."""
         if "target" in ctx.data:
             await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
-            await self.agents.call(ctx.data["target"], "delete", {"name": ctx.record.target})
+            await self.agents.call(ctx.data["target"], rpc.DELETE,
+                                   rpc.DeleteArgs(name=ctx.record.target))
             self.record(ctx.record.target, ctx.data["source"],
                         State(ctx.data["state"]) if not ctx.data["was_running"]
                         else State.STOPPED, None)
@@ -182,4 +184,5 @@ class Migrate(DiskOps):
 
     async def _cleanup(self, ctx: OpContext) -> None:
         """The source's copy goes (instance record, workdir and disk)."""
-        await self.agents.call(ctx.data["source"], "delete", {"name": ctx.record.target})
+        await self.agents.call(ctx.data["source"], rpc.DELETE,
+                               rpc.DeleteArgs(name=ctx.record.target))

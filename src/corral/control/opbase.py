@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.bus.messages import InstanceReport, WireSpec
 from corral.config import Settings
 from corral.control.agents import AgentCaller
@@ -17,6 +18,7 @@ from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.errors import DriverError, HostUnavailable, NotFound
 from corral.lifecycle import State
+from corral.ops.engine import OpContext
 
 
 class OpBase:
@@ -51,6 +53,14 @@ class OpBase:
                         rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
                         cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=epoch,
                         tail=dict(inst.tail or {}), vip=inst.vip).model_dump(mode="json")
+
+    def recorded_spec(self, ctx: OpContext) -> WireSpec:
+        """The spec the operation wrote down when it planned, with the row's current epoch
+        (every start since has made a new one)."""
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, ctx.record.target)
+            epoch = inst.epoch if inst is not None else 1
+        return WireSpec.model_validate({**ctx.data["spec"], "epoch": epoch})
 
     # -- writing the fleet -----------------------------------------------------------------------
     def record(self, name: str, host: str, state: State, report: InstanceReport | None,
@@ -90,14 +100,15 @@ class OpBase:
         """The undo of a start on ``host``: stop the copy there if it runs (with ``signal``: kill
         it, no grace); None when it was never made there or is not alive."""
         try:
-            now = await self.agents.report(host, "status", {"name": name})
+            now = await self.agents.call(host, rpc.STATUS, rpc.NameArgs(name=name))
         except NotFound:
             return None
         if now.state not in (State.RUNNING.value, State.FROZEN.value):
             return None
         if signal is not None:
-            report = await self.agents.report(host, "kill", {"name": name, "signal": signal})
+            report = await self.agents.call(host, rpc.KILL, rpc.KillArgs(name=name, signal=signal))
         else:
-            report = await self.agents.report(host, "stop", {
-                "name": name, "timeout": self.settings.stop_timeout})
+            report = await self.agents.call(host, rpc.STOP,
+                                            rpc.StopArgs(name=name,
+                                                         timeout=self.settings.stop_timeout))
         return self.ensure_ended(report, host)

@@ -22,6 +22,7 @@ from typing import Any
 import nats.errors
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.control.db import Instance
 from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest
@@ -51,12 +52,6 @@ class Recreate(OpBase):
         ]
 
     # -- helpers -----------------------------------------------------------------------------
-    def _spec(self, ctx: OpContext) -> dict[str, Any]:
-        with self.fleet.sessions() as s:
-            inst = s.get(Instance, ctx.record.target)
-            epoch = inst.epoch if inst is not None else 1
-        return {**ctx.data["spec"], "epoch": epoch}
-
     # -- refusals ----------------------------------------------------------------------------
     def check(self, name: str, params: dict[str, Any]) -> None:
         """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""
@@ -100,7 +95,7 @@ class Recreate(OpBase):
             return
         name, source = ctx.record.target, ctx.data["source"]
         grace = self.settings.stop_timeout
-        report = await self.agents.report(source, "stop", {"name": name, "timeout": grace})
+        report = await self.agents.call(source, rpc.STOP, rpc.StopArgs(name=name, timeout=grace))
         self.record(name, source, State.STOPPED, report, desired_state=State.STOPPED.value)
 
     async def _unstop(self, ctx: OpContext) -> None:
@@ -108,21 +103,23 @@ class Recreate(OpBase):
         if not ctx.data.get("was_running"):
             return
         name, source = ctx.record.target, ctx.data["source"]
-        now = await self.agents.report(source, "status", {"name": name})
+        now = await self.agents.call(source, rpc.STATUS, rpc.NameArgs(name=name))
         if now.state != State.RUNNING.value:
             epoch = self.new_epoch(name)
-            now = await self.agents.report(source, "start", {"name": name, "epoch": epoch})
+            now = await self.agents.call(source, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         self.record(name, source, State.RUNNING, now, desired_state=State.RUNNING.value)
 
     async def _delete(self, ctx: OpContext) -> None:
-        await self.agents.call(ctx.data["source"], "delete", {"name": ctx.record.target})
+        await self.agents.call(ctx.data["source"], rpc.DELETE,
+                               rpc.DeleteArgs(name=ctx.record.target))
 
     async def _undelete(self, ctx: OpContext) -> None:
         """Back on the source host (the agent's create returns what it still has, if any)."""
         if "source" not in ctx.data:
             return
         name, source = ctx.record.target, ctx.data["source"]
-        report = await self.agents.report(source, "create", {"spec": self._spec(ctx)})
+        report = await self.agents.call(source, rpc.CREATE,
+                                        rpc.CreateArgs(spec=self.recorded_spec(ctx)))
         state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
         self.record(name, source, state, report)
 
@@ -132,7 +129,8 @@ class Recreate(OpBase):
         ctx.save()  # before the call: after a crash, the undo must look on the target
         self.record(name, target, State.PENDING, None)
         try:
-            report = await self.agents.report(target, "create", {"spec": self._spec(ctx)})
+            report = await self.agents.call(target, rpc.CREATE,
+                                            rpc.CreateArgs(spec=self.recorded_spec(ctx)))
         except HostUnavailable as exc:
             if isinstance(exc.__cause__, nats.errors.NoRespondersError):
                 ctx.data["create_sent"] = False  # nobody received it: nothing to undo there
@@ -146,7 +144,7 @@ class Recreate(OpBase):
             return
         name, source, target = ctx.record.target, ctx.data["source"], ctx.data["target"]
         if target != source and ctx.data.get("create_sent"):
-            await self.agents.call(target, "delete", {"name": name})
+            await self.agents.call(target, rpc.DELETE, rpc.DeleteArgs(name=name))
         self.record(name, source, State.STOPPED, None)
 
     async def _start(self, ctx: OpContext) -> None:
@@ -154,7 +152,7 @@ class Recreate(OpBase):
         if not ctx.data["was_running"]:
             return
         epoch = self.new_epoch(name)
-        report = await self.agents.report(target, "start", {"name": name, "epoch": epoch})
+        report = await self.agents.call(target, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         self.record(name, target, State.RUNNING, report, desired_state=State.RUNNING.value)
 
     async def _unstart(self, ctx: OpContext) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.api.models import ActionRequest, CreateInstance
+from corral.bus import rpc
 from corral.bus.messages import InstanceReport, WireSpec
 from corral.config import Settings
 from corral.control.agents import AgentCaller
@@ -155,8 +156,8 @@ class InstanceService:
                             vip=req.vip)
             log.info("creating %s on %s", req.name, target)
             try:
-                report = await self.agents.report(target, "create",
-                                                  {"spec": spec.model_dump(), "fresh": True})
+                report = await self.agents.call(target, rpc.CREATE,
+                                                rpc.CreateArgs(spec=spec, fresh=True))
             except HostUnavailable as exc:
                 self._after(req.name, State.FAILED, None)
                 raise reword(exc, f"instance '{req.name}' may be half-created on {target}",
@@ -191,7 +192,7 @@ class InstanceService:
                 inst.epoch += 1
             epoch = inst.epoch
         try:
-            report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+            report = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         except CorralError as exc:
             if not after_create:
                 raise
@@ -223,16 +224,17 @@ class InstanceService:
                 await self._stop(name, host, body.timeout)
             elif verb is Verb.KILL:
                 sig = body.signal or 9
-                report = await self.agents.report(host, "kill", {"name": name, "signal": sig})
+                report = await self.agents.call(host, rpc.KILL, rpc.KillArgs(name=name, signal=sig))
                 self._after(name, target, report)
             else:
-                report = await self.agents.report(host, verb.value, {"name": name})
+                call = rpc.FREEZE if verb is Verb.FREEZE else rpc.THAW
+                report = await self.agents.call(host, call, rpc.NameArgs(name=name))
                 self._after(name, target, report)
         return self.get(name)
 
     async def _stop(self, name: str, host: str, timeout: float | None) -> None:
         grace = timeout if timeout is not None else self.settings.stop_timeout
-        report = await self.agents.report(host, "stop", {"name": name, "timeout": grace})
+        report = await self.agents.call(host, rpc.STOP, rpc.StopArgs(name=name, timeout=grace))
         self._after(name, State.STOPPED, report)
 
     # --- delete -----------------------------------------------------------------------------
@@ -269,7 +271,7 @@ class InstanceService:
                 if alive:
                     await self._stop(name, host, None)
                 try:
-                    await self.agents.call(host, "delete", {"name": name})
+                    await self.agents.call(host, rpc.DELETE, rpc.DeleteArgs(name=name))
                 except NotFound:
                     log.info("agent on %s did not know %s; removing the record", host, name)
             self._forget(name)

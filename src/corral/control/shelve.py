@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.agents import AgentCaller
@@ -81,16 +82,9 @@ class ShelfSteps(OpBase):
             if report is not None:
                 self.fleet.apply_report(inst, report, from_verb=True)
 
-    def recorded_spec(self, ctx: OpContext) -> dict[str, Any]:
-        """The spec written down by the plan, with the row's current epoch."""
-        with self.fleet.sessions() as s:
-            inst = s.get(Instance, ctx.record.target)
-            epoch = inst.epoch if inst is not None else 1
-        return {**ctx.data["spec"], "epoch": epoch}
-
     async def start_on(self, name: str, host: str) -> None:
         epoch = self.new_epoch(name)
-        report = await self.agents.report(host, "start", {"name": name, "epoch": epoch})
+        report = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
         self.update(name, report, host=host, state=State.RUNNING.value,
                     desired_state=State.RUNNING.value)
 
@@ -146,7 +140,7 @@ class Shelve(ShelfSteps):
             spec = self.spec(inst, inst.epoch)
         if old_copy is not None:  # left by an unshelve elsewhere: drop it before we reuse the
             try:                  # column for this shelving's copy
-                await self.agents.call(old_copy, "disk_drop", {"name": name})
+                await self.agents.call(old_copy, rpc.DISK_DROP, rpc.NameArgs(name=name))
             except HostUnavailable as exc:
                 raise Conflict(f"an old copy of '{name}''s disk on {old_copy} is not removed "
                                "yet and that host does not answer",
@@ -163,8 +157,8 @@ class Shelve(ShelfSteps):
         if not ctx.data["was_running"]:
             return
         name, source = ctx.record.target, ctx.data["source"]
-        report = await self.agents.report(source, "stop", {
-            "name": name, "timeout": self.settings.stop_timeout})
+        report = await self.agents.call(source, rpc.STOP,
+                                        rpc.StopArgs(name=name, timeout=self.settings.stop_timeout))
         self.update(name, report, state=State.STOPPED.value,
                     desired_state=State.STOPPED.value)
 
@@ -172,14 +166,14 @@ class Shelve(ShelfSteps):
         if not ctx.data.get("was_running"):
             return
         name, source = ctx.record.target, ctx.data["source"]
-        now = await self.agents.report(source, "status", {"name": name})
+        now = await self.agents.call(source, rpc.STATUS, rpc.NameArgs(name=name))
         if now.state != State.RUNNING.value:
             await self.start_on(name, source)
 
     async def _push(self, ctx: OpContext) -> None:
         name, source, shelf = ctx.record.target, ctx.data["source"], ctx.data["shelf"]
         self.drop_shelf(shelf)  # a push retried after a crash names it anew, not "replace"
-        out = await self.agents.call(source, "disk_push", {"name": name, "image": shelf})
+        out = await self.agents.call(source, rpc.DISK_PUSH, rpc.PushArgs(name=name, image=shelf))
         info = self.store().shelf_info(shelf)
         ctx.data["push"] = {**dict(out), "size": info.size, "stored_size": info.stored_size,
                             "unique_size": info.unique_size, "files": info.files}
@@ -188,15 +182,16 @@ class Shelve(ShelfSteps):
         self.drop_shelf(ctx.data.get("shelf"))
 
     async def _delete(self, ctx: OpContext) -> None:
-        await self.agents.call(ctx.data["source"], "delete",
-                               {"name": ctx.record.target, "keep_disk": True})
+        await self.agents.call(ctx.data["source"], rpc.DELETE,
+                               rpc.DeleteArgs(name=ctx.record.target, keep_disk=True))
 
     async def _undelete(self, ctx: OpContext) -> None:
         """Back on its host, on its own disk (create finds the disk and uses it)."""
         if "source" not in ctx.data:
             return
         name, source = ctx.record.target, ctx.data["source"]
-        report = await self.agents.report(source, "create", {"spec": self.recorded_spec(ctx)})
+        report = await self.agents.call(source, rpc.CREATE,
+                                        rpc.CreateArgs(spec=self.recorded_spec(ctx)))
         state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
         self.update(name, report, host=source, state=state.value)
 
@@ -214,7 +209,7 @@ class Shelve(ShelfSteps):
             return
         name, source = ctx.record.target, ctx.data["source"]
         try:
-            await self.agents.call(source, "disk_drop", {"name": name})
+            await self.agents.call(source, rpc.DISK_DROP, rpc.NameArgs(name=name))
         except Exception as exc:  # the offload loop tries again; the shelve itself succeeded
             log.warning("could not drop the shelved disk of %s on %s now (%s); the offload "
                         "loop will", name, source, exc)

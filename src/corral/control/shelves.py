@@ -17,6 +17,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from corral.api.models import ShelfView
+from corral.bus import rpc
 from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
@@ -75,7 +76,7 @@ class Shelves:
                 continue
             self.fleet.busy.add(name)
             try:
-                await self.agents.call(host, "disk_drop", {"name": name})
+                await self.agents.call(host, rpc.DISK_DROP, rpc.NameArgs(name=name))
             except CorralError as exc:
                 log.warning("could not remove the kept disk of %s on %s: %s", name, host, exc)
                 continue
@@ -100,7 +101,7 @@ class Shelves:
             disk_host, shelf, host = inst.disk_host, inst.shelf, inst.host
         if disk_host is not None and disk_host != host:
             try:
-                await self.agents.call(disk_host, "disk_drop", {"name": name})
+                await self.agents.call(disk_host, rpc.DISK_DROP, rpc.NameArgs(name=name))
             except CorralError as exc:
                 log.warning("the kept disk of %s stays on %s: %s", name, disk_host, exc)
         self.shelve.drop_shelf(shelf)

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.bus import rpc
 from corral.control.db import Host, Instance, Standby
 from corral.control.diskops import DiskOps
 from corral.errors import Conflict, NotFound
@@ -113,8 +114,8 @@ class StandbyOps(DiskOps):
 
     async def _commit_sync(self, ctx: OpContext) -> None:
         name = ctx.record.target
-        await self.agents.call(ctx.data["target"], "disk_commit",
-                               {"name": name, "slot": "standby"})
+        await self.agents.call(ctx.data["target"], rpc.DISK_COMMIT,
+                               rpc.SlotArgs(name=name, slot="standby"))
         with self.fleet.sessions.begin() as s:
             sb = s.get(Standby, name)
             if sb is None:
@@ -166,14 +167,14 @@ class StandbyOps(DiskOps):
         """The old primary's disk becomes the standby (on btrfs it is dropped and the next
         refresh sends everything: a demoted disk is no received snapshot to build on)."""
         name, old = ctx.record.target, ctx.data["source"]
-        await self.agents.call(old, "delete", {"name": name, "keep_disk": True})
+        await self.agents.call(old, rpc.DELETE, rpc.DeleteArgs(name=name, keep_disk=True))
         with self.fleet.sessions() as s:
             host = s.get(Host, old)
             btrfs = host is not None and host.disk_backend == "btrfs"
         if btrfs:
-            await self.agents.call(old, "delete", {"name": name})
+            await self.agents.call(old, rpc.DELETE, rpc.DeleteArgs(name=name))
         else:
-            await self.agents.call(old, "disk_demote", {"name": name})
+            await self.agents.call(old, rpc.DISK_DEMOTE, rpc.NameArgs(name=name))
         self.standby_update(name, host=old, state="new" if btrfs else "ready",
                             data_at=None if btrfs else ctx.data.get("data_at"),
                             last_sync_at=time.time(), last_error="")
@@ -203,14 +204,14 @@ class StandbyOps(DiskOps):
 
     # -- adopting the standby copy (promote and failover) ------------------------------------------
     async def _adopt(self, ctx: OpContext) -> None:
-        await self.agents.call(ctx.data["target"], "disk_adopt",
-                               {"name": ctx.record.target, "slot": "standby"})
+        await self.agents.call(ctx.data["target"], rpc.DISK_ADOPT,
+                               rpc.SlotArgs(name=ctx.record.target, slot="standby"))
 
     async def _unadopt(self, ctx: OpContext) -> None:
         """The copy goes back to being the standby (never deleted: it may be all there is)."""
         if "target" in ctx.data:
-            await self.agents.call(ctx.data["target"], "disk_demote",
-                                   {"name": ctx.record.target})
+            await self.agents.call(ctx.data["target"], rpc.DISK_DEMOTE,
+                                   rpc.NameArgs(name=ctx.record.target))
 
     async def _create(self, ctx: OpContext) -> None:
         await self.create_on(ctx, ctx.data["target"])
@@ -218,8 +219,8 @@ class StandbyOps(DiskOps):
     async def _uncreate(self, ctx: OpContext) -> None:
         if "target" in ctx.data:
             await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
-            await self.agents.call(ctx.data["target"], "delete",
-                                   {"name": ctx.record.target, "keep_disk": True})
+            await self.agents.call(ctx.data["target"], rpc.DELETE,
+                                   rpc.DeleteArgs(name=ctx.record.target, keep_disk=True))
 
     async def _start(self, ctx: OpContext) -> None:
         await self.start_on(ctx, ctx.data["target"])

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from corral.bus import rpc
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Standby
 from corral.control.diskops import DiskOps
@@ -88,7 +89,7 @@ class Standbys:
             where = sb.host
             s.delete(sb)
         if up:
-            await self.agents.call(where, "disk_discard", {"name": name, "slot": "standby"})
+            await self.agents.call(where, rpc.DISK_DISCARD, rpc.SlotArgs(name=name, slot="standby"))
         else:
             log.warning("standby of %s removed while %s is down; its copy stays there", name,
                         where)

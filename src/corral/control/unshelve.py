@@ -29,6 +29,7 @@ from typing import Any
 import nats.errors
 from sqlalchemy.orm import Session
 
+from corral.bus import rpc
 from corral.control.db import Instance
 from corral.control.shelve import ShelfSteps
 from corral.errors import Conflict, HostUnavailable, NotFound
@@ -73,7 +74,7 @@ class Unshelve(ShelfSteps):
         with self.fleet.sessions() as s:
             hosts = [h.name for h in self.fleet.snapshot(s) if h.up and driver in h.drivers]
         answers = await asyncio.gather(
-            *(self.agents.call(h, "chunks_cached", {"ids": sample}) for h in hosts),
+            *(self.agents.call(h, rpc.CHUNKS_CACHED, rpc.ChunksArgs(ids=sample)) for h in hosts),
             return_exceptions=True)
         scores: dict[str, float] = {}
         for host, got in zip(hosts, answers, strict=True):
@@ -168,8 +169,9 @@ class Unshelve(ShelfSteps):
         ctx.data["pull_sent"] = True
         ctx.save()  # before the call: after a crash, the undo must look on the target
         try:
-            ctx.data["pull"] = await self.agents.call(target, "disk_pull", {
-                "name": name, "image": ctx.data["shelf"], "replace": not ctx.data["fast"]})
+            pulled = await self.agents.call(target, rpc.DISK_PULL, rpc.PullArgs(
+                name=name, image=ctx.data["shelf"], replace=not ctx.data["fast"]))
+            ctx.data["pull"] = pulled.model_dump()
         except HostUnavailable as exc:
             _unsent(ctx, exc, "pull_sent")
             raise
@@ -177,15 +179,16 @@ class Unshelve(ShelfSteps):
     async def _unpull(self, ctx: OpContext) -> None:
         """A disk built for this unshelve goes; the kept disk of a fast one stays."""
         if ctx.data.get("pull_sent") and not ctx.data.get("fast"):
-            await self.agents.call(ctx.data["target"], "disk_drop",
-                                   {"name": ctx.record.target})
+            await self.agents.call(ctx.data["target"], rpc.DISK_DROP,
+                                   rpc.NameArgs(name=ctx.record.target))
 
     async def _create(self, ctx: OpContext) -> None:
         name, target = ctx.record.target, ctx.data["target"]
         ctx.data["create_sent"] = True
         ctx.save()
         try:
-            report = await self.agents.report(target, "create", {"spec": self.recorded_spec(ctx)})
+            report = await self.agents.call(target, rpc.CREATE,
+                                            rpc.CreateArgs(spec=self.recorded_spec(ctx)))
         except HostUnavailable as exc:
             _unsent(ctx, exc, "create_sent")
             raise
@@ -193,8 +196,8 @@ class Unshelve(ShelfSteps):
 
     async def _uncreate(self, ctx: OpContext) -> None:
         if ctx.data.get("create_sent"):
-            await self.agents.call(ctx.data["target"], "delete",
-                                   {"name": ctx.record.target, "keep_disk": True})
+            await self.agents.call(ctx.data["target"], rpc.DELETE,
+                                   rpc.DeleteArgs(name=ctx.record.target, keep_disk=True))
 
     async def _start(self, ctx: OpContext) -> None:
         if ctx.data["was_running"]:
