@@ -82,6 +82,23 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+#: states in which nothing of the instance runs: an operation may put it on a host in any of
+#: them (a copy made elsewhere starts ``pending``/``created``; an undo puts back what was)
+AT_REST: frozenset[State] = frozenset(
+    {State.PENDING, State.CREATED, State.STOPPED, State.EXITED, State.FAILED})
+
+#: states an operation may move an instance (and its disk) from: alive but not frozen by an
+#: operator, or at rest on a host
+MOVABLE: frozenset[State] = frozenset({State.RUNNING}) | (AT_REST - {State.PENDING})
+
+#: moves only the server's own operations make, beyond :data:`TRANSITIONS` (which is also what
+#: an agent's report may do): they re-create an instance, or undo that
+OPERATION_MOVES: dict[State, frozenset[State]] = {
+    **{s: AT_REST - {s} for s in AT_REST},
+    State.LOST: frozenset({State.CREATED, State.STOPPED}),
+}
+
+
 def allowed_verbs(state: State) -> list[Verb]:
     """Verbs an operator may use on an instance in ``state``, in table order."""
     return [verb for verb, (sources, _) in VERBS.items() if state in sources]
@@ -105,11 +122,14 @@ def check_verb(name: str, state: State, verb: Verb) -> State:
     return target
 
 
-def transition(name: str, current: State, new: State) -> State:
-    """Move an observed state; refuse moves the table does not list."""
-    if new == current and current in ALIVE | {State.STOPPED}:
+def transition(name: str, current: State, new: State, *, operation: bool = False) -> State:
+    """Move an observed state; refuse moves the table does not list (with ``operation``, the
+    server's own moves of :data:`OPERATION_MOVES` too)."""
+    if new == current and (operation or current in ALIVE | {State.STOPPED}):
         return new
-    if new not in TRANSITIONS[current]:
+    allowed = TRANSITIONS[current] | (OPERATION_MOVES.get(current, frozenset()) if operation
+                                      else frozenset())
+    if new not in allowed:
         raise InvalidTransition(
             f"instance '{name}' cannot go from {current.value} to {new.value}",
             hint="this is a bug in corral or a confused agent; run 'corral show' and report it",

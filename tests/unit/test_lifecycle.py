@@ -140,3 +140,24 @@ def test_server_reading_of_agent_reports(state: str, exit_code: int | None, sign
     report = InstanceReport(name="x", driver="process", state=state, exit_code=exit_code,
                             signal=signal)
     assert observed(report, desired) is expected
+
+
+def test_operation_moves_are_the_servers_alone() -> None:
+    """An operation re-creating an instance moves it between states at rest (stopped ->
+    pending -> created); an agent's report may not: it would hide a real state change."""
+    from corral.lifecycle import OPERATION_MOVES
+
+    assert transition("a", State.STOPPED, State.PENDING, operation=True) == State.PENDING
+    assert transition("a", State.LOST, State.CREATED, operation=True) == State.CREATED
+    assert transition("a", State.SHELVED, State.SHELVED, operation=True) == State.SHELVED
+    with pytest.raises(InvalidTransition):
+        transition("a", State.STOPPED, State.PENDING)
+    with pytest.raises(InvalidTransition):
+        transition("a", State.SHELVED, State.SHELVED)
+    # an operation still cannot bring back a deleted instance or invent a running one
+    with pytest.raises(InvalidTransition):
+        transition("a", State.DELETED, State.CREATED, operation=True)
+    with pytest.raises(InvalidTransition):
+        transition("a", State.SHELVED, State.FROZEN, operation=True)
+    for src, dests in OPERATION_MOVES.items():
+        assert State.RUNNING not in dests and State.FROZEN not in dests, src

@@ -54,8 +54,8 @@ class AgentCaller:
 
     async def _send(self, host: str, call: Call[Any, Any], args: BaseModel) -> Any:
         timeout = call_timeout(call, args)
-        pending = request(self.nc, subjects.command(host),
-                          Command(verb=call.verb, args=args.model_dump(mode="json")),
+        wire = args.model_dump(mode="json", exclude_none=True)  # None is every field's default
+        pending = request(self.nc, subjects.command(host), Command(verb=call.verb, args=wire),
                           Reply, timeout)
         if self.liveness is None or timeout <= WATCH_AFTER:
             return (await pending).result

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from corral.bus.messages import WireSpec
 from corral.config import Settings
 from corral.errors import ConfigError
 
@@ -98,6 +99,14 @@ class Instance(Base):
     shelved_from: Mapped[str | None] = mapped_column(String(16), nullable=True)
     shelved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     offload_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def wire_spec(self, epoch: int | None = None) -> WireSpec:
+        """What an agent is asked to create (the one place a row becomes a spec)."""
+        return WireSpec(name=self.name, driver=self.driver, command=list(self.command),
+                        rootfs=self.rootfs, image=self.image, env=dict(self.env or {}),
+                        cpus=self.cpus, memory_bytes=self.memory_bytes,
+                        epoch=self.epoch if epoch is None else epoch,
+                        tail=dict(self.tail or {}), vip=self.vip)
 
 
 class Standby(Base):

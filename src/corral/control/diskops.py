@@ -17,13 +17,10 @@ from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
 from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
-from corral.lifecycle import State
+from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext
 
 log = logging.getLogger(__name__)
-
-#: states a disk may be moved from (frozen by an operator must be thawed first)
-MOVABLE = frozenset({State.RUNNING, State.STOPPED, State.CREATED, State.EXITED, State.FAILED})
 
 
 class HookRefused(Conflict):

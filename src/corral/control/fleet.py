@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +40,11 @@ from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
 from corral.scheduling.placement import HostSnapshot
 
 log = logging.getLogger(__name__)
+
+
+#: what :meth:`Fleet.move` may set besides the state (the spec is fixed at create)
+MOVABLE_FIELDS = frozenset({"host", "desired_state", "epoch", "pid", "exit_code", "disk_host",
+                            "shelf", "shelved_from", "shelved_at", "offload_at"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,42 @@ class Fleet:
         inst.exit_code = exit_code
         inst.updated_at = self.clock()
         return True
+
+    # --- the one writer of an instance's row ---------------------------------------------------
+
+    def move(self, name: str, state: State | None = None, *,
+             report: InstanceReport | None = None, **fields: Any) -> bool:
+        """Move instance ``name`` (its own transaction); see :meth:`move_in`. False when it
+        is gone (removed meanwhile: nothing to record)."""
+        with self.sessions.begin() as s:
+            inst = s.get(Instance, name)
+            if inst is None:
+                return False
+            self.move_in(inst, state, report=report, **fields)
+            return True
+
+    def move_in(self, inst: Instance, state: State | None = None, *,
+                report: InstanceReport | None = None, **fields: Any) -> None:
+        """Every change the server makes to an instance's row goes through here (verbs,
+        operations, shelving): set ``fields`` (host, desired_state, shelving columns...),
+        move the observed ``state`` through the lifecycle table (a move it does not list is
+        a bug and raises), then apply the agent's ``report`` on top. Heartbeats use
+        :meth:`apply_report`, which skips what the table refuses instead (an agent may be
+        confused; the server's own moves may not)."""
+        for key, value in fields.items():
+            if key not in MOVABLE_FIELDS:
+                raise ValueError(f"internal: '{key}' is not a field an instance moves")
+            setattr(inst, key, value)
+        if state is not None:
+            new = transition(inst.name, State(inst.state), state, operation=True)
+            if new != State(inst.state):
+                log.info("instance %s: %s -> %s", inst.name, inst.state, new.value)
+            inst.state = new.value
+            if new not in ALIVE:
+                inst.pid = None
+        inst.updated_at = self.clock()
+        if report is not None:
+            self.apply_report(inst, report, from_verb=True)
 
     def _apply_all(self, s: Session, host: str, reports: Iterable[InstanceReport]) -> None:
         reports = list(reports)

@@ -113,7 +113,7 @@ class Migrate(DiskOps):
             inst, state, source, target = self._refusals(s, ctx.record.target, ctx.params)
             ctx.data.update(source=source, target=target,
                             was_running=state == State.RUNNING, state=state.value,
-                            spec=self.spec(inst, inst.epoch), bytes=0)
+                            spec=self.spec(inst), bytes=0)
 
     async def _prepare(self, ctx: OpContext) -> None:
         ctx.data["recv"] = await self.recv(ctx.data["target"], ctx.record.target, "incoming")

@@ -17,7 +17,7 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.errors import DriverError, HostUnavailable, NotFound
-from corral.lifecycle import State
+from corral.lifecycle import ALIVE, State
 from corral.ops.engine import OpContext
 
 
@@ -48,11 +48,10 @@ class OpBase:
             raise NotFound(f"no instance named '{name}'", hint="see 'corral ls'")
         return inst
 
-    def spec(self, inst: Instance, epoch: int) -> dict[str, Any]:
-        return WireSpec(name=inst.name, driver=inst.driver, command=list(inst.command),
-                        rootfs=inst.rootfs, image=inst.image, env=dict(inst.env),
-                        cpus=inst.cpus, memory_bytes=inst.memory_bytes, epoch=epoch,
-                        tail=dict(inst.tail or {}), vip=inst.vip).model_dump(mode="json")
+    @staticmethod
+    def spec(inst: Instance) -> dict[str, Any]:
+        """The spec as the operation writes it down (``ctx.data['spec']``, JSON)."""
+        return inst.wire_spec().model_dump(mode="json")
 
     def recorded_spec(self, ctx: OpContext) -> WireSpec:
         """The spec the operation wrote down when it planned, with the row's current epoch
@@ -66,22 +65,12 @@ class OpBase:
     def record(self, name: str, host: str, state: State, report: InstanceReport | None,
                **fields: Any) -> None:
         """The instance now lives on ``host`` in ``state`` (refined by the agent's report)."""
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                return
-            inst.host = host
-            inst.state = state.value
-            for k, v in fields.items():
-                setattr(inst, k, v)
-            inst.updated_at = self.fleet.clock()
-            if report is not None:
-                self.fleet.apply_report(inst, report, from_verb=True)
+        self.fleet.move(name, state, report=report, host=host, **fields)
 
     def new_epoch(self, name: str) -> int:
         with self.fleet.sessions.begin() as s:
             inst = self.instance(s, name)
-            inst.epoch += 1
+            self.fleet.move_in(inst, epoch=inst.epoch + 1)
             return int(inst.epoch)
 
     @staticmethod
@@ -89,7 +78,7 @@ class OpBase:
         """Refuse to go on while any process of the copy on ``host`` is left (the agent
         reports it alive until every one is reaped): the next step may start a copy
         elsewhere, and two copies of an instance must never exist at once."""
-        if report.state in (State.RUNNING.value, State.FROZEN.value):
+        if State(report.state) in ALIVE:
             raise DriverError(f"instance '{report.name}' on {host} still has processes after "
                               "SIGKILL", hint="a process stuck in the kernel (D state)? the "
                               "operation rolls back; retry later", retryable=True)
@@ -103,7 +92,7 @@ class OpBase:
             now = await self.agents.call(host, rpc.STATUS, rpc.NameArgs(name=name))
         except NotFound:
             return None
-        if now.state not in (State.RUNNING.value, State.FROZEN.value):
+        if State(now.state) not in ALIVE:
             return None
         if signal is not None:
             report = await self.agents.call(host, rpc.KILL, rpc.KillArgs(name=name, signal=signal))

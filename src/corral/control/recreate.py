@@ -26,7 +26,7 @@ from corral.bus import rpc
 from corral.control.db import Instance
 from corral.control.opbase import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest
-from corral.lifecycle import State
+from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
 from corral.scheduling.placement import Request, place
@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 
 KIND = "recreate"
 #: states an instance may be recreated from (frozen must be thawed first; pending/lost wait)
-RECREATABLE = frozenset({State.RUNNING, State.STOPPED, State.CREATED, State.EXITED,
-                         State.FAILED})
+RECREATABLE = MOVABLE
 
 
 class Recreate(OpBase):
@@ -88,7 +87,7 @@ class Recreate(OpBase):
             inst, state, source, target = self._refusals(s, ctx.record.target, ctx.params)
             ctx.data.update(source=source, target=target, was_running=state == State.RUNNING,
                             state=state.value, desired=inst.desired_state,
-                            spec=self.spec(inst, inst.epoch))
+                            spec=self.spec(inst))
 
     async def _stop(self, ctx: OpContext) -> None:
         if not ctx.data["was_running"]:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from corral.api.models import ActionRequest, CreateInstance
 from corral.bus import rpc
-from corral.bus.messages import InstanceReport, WireSpec
+from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
@@ -110,14 +110,7 @@ class InstanceService:
 
     def _after(self, name: str, target: State, report: InstanceReport | None) -> None:
         """Record a verb's outcome: its target state, then whatever the agent observed."""
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                return
-            inst.state = target.value
-            inst.updated_at = self.fleet.clock()
-            if report is not None:
-                self.fleet.apply_report(inst, report, from_verb=True)
+        self.fleet.move(name, target, report=report)
 
     def _host_up(self, s: Session, inst: Instance) -> str:
         host = s.get(Host, inst.host) if inst.host else None
@@ -141,19 +134,16 @@ class InstanceService:
                     self._check_image(req.image)
                 target = place(Request(req.cpus, req.memory_bytes, req.driver, host=req.host),
                                self.fleet.snapshot(s))
-                s.add(Instance(
+                inst = Instance(
                     name=req.name, host=target, driver=req.driver, command=list(req.command),
                     rootfs=req.rootfs, image=req.image, env=dict(req.env), tail=dict(req.tail),
                     cpus=req.cpus, vip=req.vip,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,
-                ))
-            spec = WireSpec(name=req.name, driver=req.driver, command=list(req.command),
-                            rootfs=req.rootfs, image=req.image, env=dict(req.env),
-                            cpus=req.cpus,
-                            memory_bytes=req.memory_bytes, epoch=1, tail=dict(req.tail),
-                            vip=req.vip)
+                )
+                s.add(inst)
+                spec = inst.wire_spec()
             log.info("creating %s on %s", req.name, target)
             try:
                 report = await self.agents.call(target, rpc.CREATE,
@@ -189,7 +179,7 @@ class InstanceService:
         with self.fleet.sessions.begin() as s:
             inst = self._get(s, name)
             if not after_create:
-                inst.epoch += 1
+                self.fleet.move_in(inst, epoch=inst.epoch + 1)
             epoch = inst.epoch
         try:
             report = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
@@ -213,8 +203,7 @@ class InstanceService:
                 current = State(inst.state)
                 target = check_verb(name, current, verb)
                 host = self._host_up(s, inst)
-                inst.desired_state = DESIRED[verb].value
-                inst.updated_at = self.fleet.clock()
+                self.fleet.move_in(inst, desired_state=DESIRED[verb].value)
             if verb is Verb.START or (verb is Verb.RESTART and current not in ALIVE):
                 await self._start(name, host)
             elif verb is Verb.RESTART:
@@ -256,7 +245,7 @@ class InstanceService:
                 host_row = s.get(Host, inst.host) if inst.host else None
                 host = inst.host or ""
                 up = host_row is not None and host_row.state == "up"
-                inst.desired_state = State.DELETED.value
+                self.fleet.move_in(inst, desired_state=State.DELETED.value)
             if not up and state != State.SHELVED:  # a shelved one has no host to ask
                 if not force:
                     raise HostUnavailable(

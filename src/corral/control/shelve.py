@@ -26,7 +26,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from corral.bus import rpc
-from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance, Standby
@@ -70,23 +69,11 @@ class ShelfSteps(OpBase):
         if shelf:
             self.store().packs.del_ref(PREFIX + shelf)
 
-    def update(self, name: str, report: InstanceReport | None = None, **fields: Any) -> None:
-        """Set ``fields`` on the row, then apply the agent's report (if any)."""
-        with self.fleet.sessions.begin() as s:
-            inst = s.get(Instance, name)
-            if inst is None:
-                return
-            for key, value in fields.items():
-                setattr(inst, key, value)
-            inst.updated_at = self.fleet.clock()
-            if report is not None:
-                self.fleet.apply_report(inst, report, from_verb=True)
-
     async def start_on(self, name: str, host: str) -> None:
         epoch = self.new_epoch(name)
         report = await self.agents.call(host, rpc.START, rpc.StartArgs(name=name, epoch=epoch))
-        self.update(name, report, host=host, state=State.RUNNING.value,
-                    desired_state=State.RUNNING.value)
+        self.fleet.move(name, State.RUNNING, report=report, host=host,
+                        desired_state=State.RUNNING.value)
 
 
 class Shelve(ShelfSteps):
@@ -137,7 +124,7 @@ class Shelve(ShelfSteps):
             inst, state = self._refusals(s, name)
             source = inst.host or ""
             old_copy = inst.disk_host if inst.disk_host not in (None, source) else None
-            spec = self.spec(inst, inst.epoch)
+            spec = self.spec(inst)
         if old_copy is not None:  # left by an unshelve elsewhere: drop it before we reuse the
             try:                  # column for this shelving's copy
                 await self.agents.call(old_copy, rpc.DISK_DROP, rpc.NameArgs(name=name))
@@ -146,7 +133,7 @@ class Shelve(ShelfSteps):
                                "yet and that host does not answer",
                                hint="wait for the host to come back, then shelve again",
                                retryable=True) from exc
-            self.update(name, disk_host=None, offload_at=None)
+            self.fleet.move(name, disk_host=None, offload_at=None)
         raw = ctx.params.get("offload_after")
         delay = self.settings.shelved_offload_seconds if raw is None else float(raw)
         ctx.data.update(source=source, was_running=state == State.RUNNING,
@@ -159,8 +146,7 @@ class Shelve(ShelfSteps):
         name, source = ctx.record.target, ctx.data["source"]
         report = await self.agents.call(source, rpc.STOP,
                                         rpc.StopArgs(name=name, timeout=self.settings.stop_timeout))
-        self.update(name, report, state=State.STOPPED.value,
-                    desired_state=State.STOPPED.value)
+        self.fleet.move(name, State.STOPPED, report=report, desired_state=State.STOPPED.value)
 
     async def _unstop(self, ctx: OpContext) -> None:
         if not ctx.data.get("was_running"):
@@ -193,16 +179,16 @@ class Shelve(ShelfSteps):
         report = await self.agents.call(source, rpc.CREATE,
                                         rpc.CreateArgs(spec=self.recorded_spec(ctx)))
         state = State.CREATED if report.state == State.CREATED.value else State.STOPPED
-        self.update(name, report, host=source, state=state.value)
+        self.fleet.move(name, state, report=report, host=source)
 
     async def _record(self, ctx: OpContext) -> None:
         now = self.fleet.clock()
         delay = ctx.data["offload_after"]
-        self.update(ctx.record.target, host=None, state=State.SHELVED.value,
-                    desired_state=State.SHELVED.value, pid=None, exit_code=None,
-                    disk_host=ctx.data["source"], shelf=ctx.data["shelf"],
-                    shelved_from=ctx.data["state"], shelved_at=now,
-                    offload_at=None if delay is None else now + delay)
+        self.fleet.move(ctx.record.target, State.SHELVED, host=None,
+                        desired_state=State.SHELVED.value, exit_code=None,
+                        disk_host=ctx.data["source"], shelf=ctx.data["shelf"],
+                        shelved_from=ctx.data["state"], shelved_at=now,
+                        offload_at=None if delay is None else now + delay)
 
     async def _offload(self, ctx: OpContext) -> None:
         if ctx.data["offload_after"] != 0:
@@ -214,4 +200,4 @@ class Shelve(ShelfSteps):
             log.warning("could not drop the shelved disk of %s on %s now (%s); the offload "
                         "loop will", name, source, exc)
             return
-        self.update(name, disk_host=None, offload_at=None)
+        self.fleet.move(name, disk_host=None, offload_at=None)

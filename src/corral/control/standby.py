@@ -24,7 +24,7 @@ from corral.bus import rpc
 from corral.control.db import Host, Instance, Standby
 from corral.control.diskops import DiskOps
 from corral.errors import Conflict, NotFound
-from corral.lifecycle import State
+from corral.lifecycle import ALIVE, State
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
 
@@ -81,7 +81,7 @@ class StandbyOps(DiskOps):
     def _note(self, ctx: OpContext, inst: Instance, target: Host) -> None:
         """Write both hosts and the spec into ``data`` (what every later step and undo reads)."""
         ctx.data.update(target=target.name, source=inst.host or "",
-                        spec=self.spec(inst, inst.epoch), state=inst.state, bytes=0,
+                        spec=self.spec(inst), state=inst.state, bytes=0,
                         was_running=inst.desired_state == State.RUNNING.value
                         or inst.state == State.RUNNING.value)
 
@@ -94,7 +94,7 @@ class StandbyOps(DiskOps):
         self.standby_update(ctx.record.target, state="stale", last_error=str(why)[:2000])
 
     async def _live(self, ctx: OpContext) -> None:
-        if State(ctx.data["state"]) in (State.RUNNING, State.FROZEN):
+        if State(ctx.data["state"]) in ALIVE:
             await self.send(ctx, ctx.data["source"], "live")
 
     # -- standby-sync ------------------------------------------------------------------------------
@@ -156,11 +156,11 @@ class StandbyOps(DiskOps):
             await self.thaw_if_frozen(ctx.data["source"], ctx.record.target)
 
     async def _stop_primary(self, ctx: OpContext) -> None:
-        if State(ctx.data["state"]) in (State.RUNNING, State.FROZEN):
+        if State(ctx.data["state"]) in ALIVE:
             await self.kill_source(ctx.data["source"], ctx.record.target)
 
     async def _unstop(self, ctx: OpContext) -> None:
-        if State(ctx.data.get("state", "stopped")) in (State.RUNNING, State.FROZEN):
+        if State(ctx.data.get("state", "stopped")) in ALIVE:
             await self.restart_source(ctx, ctx.data["source"])
 
     async def _swap(self, ctx: OpContext) -> None:

@@ -110,9 +110,7 @@ class Unshelve(ShelfSteps):
                         scores=scores or {})
         ctx.save()  # before the row changes: the undo releases only what is written down here
         with self.fleet.sessions.begin() as s:
-            inst = self.instance(s, ctx.record.target)
-            inst.host = target
-            inst.updated_at = self.fleet.clock()
+            self.fleet.move_in(self.instance(s, ctx.record.target), host=target)
         return True
 
     # -- refusals ----------------------------------------------------------------------------
@@ -145,7 +143,7 @@ class Unshelve(ShelfSteps):
         with self.fleet.sessions() as s:
             inst = self._refusals(s, name, ctx.params)
             shelf, driver = inst.shelf or "", inst.driver
-            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.spec(inst, inst.epoch),
+            ctx.data.update(shelf=shelf, disk_host=inst.disk_host, spec=self.spec(inst),
                             was_running=inst.shelved_from == State.RUNNING.value)
         if not self._reserve(ctx, None):
             self._reserve(ctx, await self._scores(shelf, driver))
@@ -161,8 +159,8 @@ class Unshelve(ShelfSteps):
             inst = s.get(Instance, ctx.record.target)
             if inst is None:
                 return
-        self.update(ctx.record.target, host=None, state=State.SHELVED.value, pid=None,
-                    desired_state=State.SHELVED.value)
+        self.fleet.move(ctx.record.target, State.SHELVED, host=None,
+                        desired_state=State.SHELVED.value)
 
     async def _pull(self, ctx: OpContext) -> None:
         name, target = ctx.record.target, ctx.data["target"]
@@ -192,7 +190,7 @@ class Unshelve(ShelfSteps):
         except HostUnavailable as exc:
             _unsent(ctx, exc, "create_sent")
             raise
-        self.update(name, report, state=State.CREATED.value)
+        self.fleet.move(name, State.CREATED, report=report)
 
     async def _uncreate(self, ctx: OpContext) -> None:
         if ctx.data.get("create_sent"):
@@ -217,5 +215,5 @@ class Unshelve(ShelfSteps):
             fields.update(disk_host=None, offload_at=None)
         else:  # an old copy stays on the old host: the offload loop removes it at once
             fields.update(offload_at=self.fleet.clock())
-        self.update(name, None, **fields)
+        self.fleet.move(name, **fields)
         self.drop_shelf(ctx.data["shelf"])
