@@ -1,16 +1,20 @@
-"""This host's instance disks: where they live, how they are made, sent, received and adopted.
+"""This host's instance disks: the layout of the disk root, around one disk backend.
 
 Every instance whose spec names no host path (``--from``) gets a disk of its own at
-``DISK_ROOT/NAME``, made by the host's backend (a plain directory, or a btrfs subvolume). A disk
+``DISK_ROOT/NAME``, of the kind the host's backend makes (:mod:`corral.disks.registry`). A disk
 is always filled somewhere else first (``.new/NAME``) and renamed into place, so a disk at its
 final path is complete by construction: a create repeated after a crash, or one that finds a disk
 a migration or a promotion put there, uses it as it is.
 
 Copies of other hosts' disks arrive in *slots*: ``.incoming/NAME`` (a migration in flight) and
-``.standby/NAME`` (a warm standby). Files land there through rsync's temp-file-and-rename (or a
-btrfs receive that is dropped when it did not finish), so no file in a slot is ever truncated.
-At agent start, ``.new``, ``.incoming`` and rsync's temp directories are emptied: a migration
+``.standby/NAME`` (a warm standby); rsync keeps its temp files in ``.tmp/NAME.SLOT``. Every
+backend lands a pass so that no file in a slot is ever truncated (see
+:class:`corral.disks.base.DiskBackend`). At agent start, ``.new``, ``.incoming`` and ``.tmp``
+are emptied and the backend drops what an interrupted pass left in standby slots: a migration
 whose copy was there when the agent died fails its next step and rolls back anyway.
+
+This module holds what is the same for every backend: the paths, the checks that refuse a call,
+permissions and the data channel; what a disk is and how a pass moves it is the backend's.
 
 Permissions (:mod:`corral.rig.perms`): the disk root and every disk are 0711, so a workload that
 drops privileges still reaches its own disk (its working directory, or a container's root) while
@@ -20,109 +24,51 @@ agent's data directory is private except for the way down to the disk root.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import shutil
-import subprocess
 import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.disks.btrfs import BtrfsBackend, drop_partial_receives, is_btrfs
+from corral.disks.base import Hold, Hook, SendResult, Target
 from corral.disks.channel import DataServer
-from corral.disks.dirty import DirtyTracker
-from corral.disks.rsync import Endpoint, PassResult, PreparedPass, TransferFailed, run_pass
-from corral.errors import ConfigError, InvalidRequest, NotFound
+from corral.disks.registry import make_backend
+from corral.disks.rsync import Endpoint
+from corral.errors import InvalidRequest, NotFound
 from corral.rig import perms
+
+__all__ = ["PRIVATE_SUBDIRS", "SLOTS", "HostDisks", "SendResult"]
 
 log = logging.getLogger(__name__)
 
 SLOTS = ("incoming", "standby")
 #: directories of the disk root that are not disks: copies, half-made disks, temp files
 PRIVATE_SUBDIRS = (".new", ".incoming", ".standby", ".tmp", ".orphaned")
-BACKENDS = ("dir", "btrfs")
+#: emptied at every start: nothing in them outlives the agent that was filling them
+SCRATCH_SUBDIRS = (".new", ".incoming", ".tmp")
 
-Freeze = Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """One pass from this host to another; ``gen`` ties a frozen pass to its live pass."""
-
-    bytes_sent: int
-    files: int
-    seconds: float
-    freeze_ms: float | None
-    full: bool
-    gen: str
-    #: when the copy's content was taken (the snapshot, or the end of the frozen pass)
-    data_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bytes": self.bytes_sent, "files": self.files, "seconds": self.seconds,
-                "freeze_ms": self.freeze_ms, "full": self.full, "gen": self.gen,
-                "data_at": self.data_at}
-
-
-def _rm(path: Path) -> None:
-    """Remove a file or a tree. Subvolumes in it (a btrfs disk, received read-only snapshots,
-    which rmtree cannot empty) are deleted as subvolumes."""
-    if not os.path.lexists(path):
-        return
-    if not path.is_dir() or path.is_symlink():
-        path.unlink()
-        return
-    if _is_subvol(path) and subprocess.run(["btrfs", "subvolume", "delete", str(path)],
-                                           capture_output=True).returncode == 0:
-        return
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink() and _is_subvol(child):
-            _rm(child)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_subvol(path: Path) -> bool:
-    """A subvolume's root is inode 256 on btrfs (checked first: no subprocess on other
-    filesystems but for the rare directory that happens to be inode 256)."""
-    try:
-        return (path.stat().st_ino == 256 and shutil.which("btrfs") is not None
-                and is_btrfs(path))
-    except OSError:
-        return False
+Freeze = Hook
 
 
 class HostDisks:
-    """The backend, the data channel and the dirty trackers of one agent."""
+    """The disk backend, the slot layout and the data channel of one agent."""
 
     def __init__(self, root: Path, backend: str, token: str, data_dir: Path,
                  listen: str = "127.0.0.1", port: int = 0) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"disk_backend {backend!r} is not known",
-                              hint=f"use one of: {', '.join(BACKENDS)}")
         self.root = perms.make_dirs(Path(root).absolute(), perms.TRAVERSE)
-        self.kind = backend
-        self.btrfs = BtrfsBackend(self.root) if backend == "btrfs" else None
-        if self.btrfs is not None and (why := self.btrfs.available()):
-            raise ConfigError(f"disk_backend btrfs: {why}",
-                              hint="point disk_root at a btrfs filesystem, or use dir")
+        self.backend = make_backend(backend, self.root)
+        self.kind = self.backend.name
         self.data_dir = Path(data_dir).absolute()
         self.token_file = self.data_dir / "data-token"
         _write_secret(self.token_file, token)
         self.secure_layout()
         self.channel = DataServer(token, [self.root], host=listen, port=port)
-        self._trackers: dict[str, tuple[str, DirtyTracker]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def secure_layout(self) -> None:
         """Private data directory, traverse-only way to the disks, each disk 0711, the slots
         0700; repeated at every start, so a data directory an older agent made is fixed too."""
-        private = [self.root / d for d in PRIVATE_SUBDIRS]
-        if self.btrfs is not None:
-            private.append(self.btrfs.snap_dir("-").parent)
+        private = [self.root / d for d in (*PRIVATE_SUBDIRS, *self.backend.private_dirs)]
         if os.geteuid() == 0:
             # the runc driver's state root (drivers/registry.py), made later on first start:
             # made private now, so no container name is ever listed through it
@@ -149,9 +95,7 @@ class HostDisks:
 
     async def stop(self) -> None:
         await self.channel.stop()
-        for _, tracker in self._trackers.values():
-            tracker.stop()
-        self._trackers.clear()
+        self.backend.close()
 
     @property
     def port(self) -> int:
@@ -159,18 +103,18 @@ class HostDisks:
 
     def cleanup_leftovers(self) -> list[str]:
         """Remove what a crash left half-made: unfinished creates, migrations' copies, rsync
-        temp files, half-received snapshots. Standby copies stay (they are whole files)."""
+        temp files, what an interrupted pass left in a standby. Standby copies stay."""
         removed: list[str] = []
-        for sub in (".new", ".incoming", ".tmp"):
+        for sub in SCRATCH_SUBDIRS:
             d = self.root / sub
             if d.is_dir():
                 for entry in d.iterdir():
-                    _rm(entry)
+                    self.backend.remove(entry)
                     removed.append(f"{sub}/{entry.name}")
         standby = self.root / ".standby"
-        if self.btrfs is not None and standby.is_dir():
+        if standby.is_dir():
             for d in standby.iterdir():
-                removed += [f".standby/{d.name}/{n}" for n in drop_partial_receives(d)]
+                removed += [f".standby/{d.name}/{n}" for n in self.backend.clean(d)]
         if removed:
             log.warning("removed leftovers of interrupted disk work: %s", ", ".join(removed))
         return removed
@@ -190,23 +134,23 @@ class HostDisks:
     def exists(self, name: str) -> bool:
         return self.path(name).is_dir()
 
+    def copy_path(self, name: str, slot: str) -> Path | None:
+        """Where the files of the slot's complete copy of ``name`` can be read, if any."""
+        return self.backend.copy_path(self.slot(name, slot))
+
     # -- making and removing -------------------------------------------------------------------
     def new_dir(self, name: str) -> Path:
         """An empty place to fill a new disk in (renamed into place by :meth:`publish`)."""
         tmp = self.root / ".new" / name
-        _rm(tmp)
+        self.backend.remove(tmp)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        if self.btrfs is not None:
-            subprocess.run(["btrfs", "subvolume", "create", str(tmp)], check=True,
-                           capture_output=True)
-        else:
-            tmp.mkdir()
+        self.backend.make(tmp)
         return tmp
 
     def publish(self, name: str, filled: Path) -> Path:
         dest = self.path(name)
         perms.chmod(filled, perms.TRAVERSE)  # corral's directory; what is in it is the workload's
-        os.rename(filled, dest)
+        self.backend.rename(filled, dest)
         _fsync_dir(dest.parent)
         return dest
 
@@ -215,40 +159,31 @@ class HostDisks:
         look at: nothing is ever deleted on a guess."""
         dest = self.root / ".orphaned" / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.path(name), dest)
+        self.backend.rename(self.path(name), dest)
         return dest
 
     def delete(self, name: str) -> None:
-        entry = self._trackers.pop(name, None)
-        if entry is not None:
-            entry[1].stop()
-        _rm(self.path(name))
-        if self.btrfs is not None:
-            _rm(self.btrfs.snap_dir(name))
+        self.backend.delete(name)
 
     # -- receiving side ------------------------------------------------------------------------
     def recv_prepare(self, name: str, slot: str) -> dict[str, Any]:
-        """Make the slot ready for a pass; returns where the sender writes and, on btrfs, the
-        snapshots already here (the sender's candidates for an incremental parent)."""
+        """Make the slot ready for a pass; returns where the sender writes and what the slot
+        already holds (the sender's candidates for an incremental parent)."""
         dest = self.slot(name, slot)
         dest.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_dir(name, slot)
-        _rm(tmp)
+        self.backend.remove(tmp)
         tmp.mkdir(parents=True)
-        have: list[str] = []
-        if self.btrfs is not None:
-            drop_partial_receives(dest)
-            have = sorted(p.name for p in dest.iterdir())
+        have = self.backend.prepare(dest)
         return {"path": str(dest), "temp_dir": str(tmp), "have": have, "backend": self.kind}
 
     def discard(self, name: str, slot: str) -> None:
-        _rm(self.slot(name, slot))
-        _rm(self._temp_dir(name, slot))
+        self.backend.remove(self.slot(name, slot))
+        self.backend.remove(self._temp_dir(name, slot))
 
-    def _newest_received(self, name: str, slot: str) -> Path | None:
-        d = self.slot(name, slot)
-        snaps = sorted(d.iterdir(), key=lambda p: p.name) if d.is_dir() else []
-        return snaps[-1] if snaps else None
+    def prune_received(self, name: str, slot: str) -> None:
+        """A pass into the slot completed: keep only what the next pass builds on."""
+        self.backend.commit(self.slot(name, slot))
 
     def adopt(self, name: str, slot: str) -> Path:
         """The slot's copy becomes this host's live disk of ``name`` (idempotent)."""
@@ -262,21 +197,13 @@ class HostDisks:
         if dest.exists():
             raise InvalidRequest(f"this host already has a disk for '{name}'",
                                  hint="remove the stale instance on this host first")
-        if self.btrfs is None:
-            self.publish(name, src)
-        else:
-            snap = self._newest_received(name, slot)
-            if snap is None:
-                raise NotFound(f"the {slot} copy of '{name}' holds no complete snapshot",
-                               hint="sync it again")
-            tmp = self.root / ".new" / name
-            _rm(tmp)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["btrfs", "subvolume", "snapshot", str(snap), str(tmp)], check=True,
-                           capture_output=True)
-            self.publish(name, tmp)
-            _rm(src)
-        _rm(self._temp_dir(name, slot))
+        disk = self.backend.adopt(src, self.root / ".new" / name)
+        if disk is None:
+            raise NotFound(f"the {slot} copy of '{name}' holds no complete snapshot",
+                           hint="sync it again")
+        self.publish(name, disk)
+        self.backend.remove(src)  # what is left of the slot (nothing when the copy moved)
+        self.backend.remove(self._temp_dir(name, slot))
         return dest
 
     def demote(self, name: str) -> Path:
@@ -287,14 +214,9 @@ class HostDisks:
             if dest.exists():
                 return dest
             raise NotFound(f"no disk for '{name}' on this host")
-        _rm(dest)
+        self.backend.remove(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.btrfs is None:
-            os.rename(src, dest)
-        else:
-            dest.mkdir()
-            self.btrfs.snapshot(name, f"{time.time():.6f}-demoted")
-            self.delete(name)
+        self.backend.demote(name, dest)
         _fsync_dir(dest.parent)
         return dest
 
@@ -318,122 +240,11 @@ class HostDisks:
             raise InvalidRequest(
                 f"this host keeps disks in {self.kind} but the target uses "
                 f"{target.get('backend')}", hint="use hosts with the same disk_backend")
-        ep = self.endpoint(target)
-        if self.btrfs is not None:
-            return await self._send_btrfs(name, ep, target, mode, gen, freeze, thaw, keep_frozen)
-        return await self._send_dir(name, ep, target, mode, gen, freeze, thaw, keep_frozen)
-
-    def _tracker(self, name: str) -> tuple[str, DirtyTracker]:
-        entry = self._trackers.get(name)
-        if entry is None:
-            tracker = DirtyTracker(self.path(name))
-            tracker.start()
-            entry = self._trackers[name] = (uuid.uuid4().hex[:12], tracker)
-        return entry
-
-    async def _send_dir(self, name: str, ep: Endpoint, target: dict[str, Any], mode: str,
-                        gen: str, freeze: Freeze | None, thaw: Freeze | None,
-                        keep_frozen: bool) -> SendResult:
-        src = self.path(name)
-        extra = [f"--temp-dir={target['temp_dir']}"] if target.get("temp_dir") else []
-        if mode == "live":
-            tgen, tracker = self._tracker(name)
-            tracker.take()  # what changes from here on goes into the frozen pass
-            res = await run_pass(src, ep, extra=extra)
-            return SendResult(res.bytes_sent, res.files, res.seconds, None, True, tgen,
-                              time.time())
-        entry = self._trackers.get(name)
-        known = entry is not None and entry[0] == gen  # else the list may miss changes
-        prepared: PreparedPass | None = None
-        if known and freeze is not None:
-            try:
-                prepared = await PreparedPass.start(src, ep, extra=extra)
-            except TransferFailed as exc:
-                log.warning("could not prepare the frozen pass of %s (%s); it will connect "
-                            "while frozen", name, exc)
-        frozen_at = time.monotonic()
-        thawed = False
-        try:
-            if freeze is not None:
-                await freeze()
-                frozen_at = time.monotonic()
-            full = True
-            if known and entry is not None:
-                dirty = entry[1].take()
-                full = dirty.overflowed
-                if full:
-                    log.info("frozen pass of %s is a full pass: %s", name, dirty.reason)
-            if full:
-                if prepared is not None:
-                    await prepared.abort()
-                res = await run_pass(src, ep, extra=extra)
-            elif prepared is not None:
-                res = await prepared.finish(dirty.paths)
-            else:
-                res = await run_pass(src, ep, dirty.paths, extra=extra)
-            data_at = time.time()
-            freeze_ms = (time.monotonic() - frozen_at) * 1000 if freeze is not None else None
-            if thaw is not None and not keep_frozen:
-                thawed = True
-                await thaw()
-        except BaseException:
-            if prepared is not None:
-                await prepared.abort()
-            if thaw is not None and not thawed:
-                await thaw()  # never leave an instance frozen because a pass failed
-            raise
-        return SendResult(res.bytes_sent, res.files, res.seconds, freeze_ms, full, gen, data_at)
-
-    async def _send_btrfs(self, name: str, ep: Endpoint, target: dict[str, Any], mode: str,
-                          gen: str, freeze: Freeze | None, thaw: Freeze | None,
-                          keep_frozen: bool) -> SendResult:
-        assert self.btrfs is not None
-        b = self.btrfs
-        have = set(target.get("have") or [])
-        if gen:  # a frozen pass follows its live pass: that snapshot just arrived there
-            have.add(gen)
-        parent = next((s for s in reversed(b.snapshots(name)) if s.name in have), None)
-        tag = f"{time.time():.6f}"
-        freeze_ms: float | None = None
-        thawed = False
-        if mode == "live":
-            await asyncio.to_thread(b.preflush, name)
-            snap = await asyncio.to_thread(b.snapshot, name, tag)
-        else:
-            # flushed first, so the freeze commits only the last moments
-            await asyncio.to_thread(b.preflush, name)
-            t0 = time.monotonic()
-            try:
-                if freeze is not None:
-                    await freeze()
-                    t0 = time.monotonic()
-                snap = await asyncio.to_thread(b.snapshot, name, tag)
-                if freeze is not None:
-                    freeze_ms = (time.monotonic() - t0) * 1000
-                if thaw is not None and not keep_frozen:
-                    thawed = True
-                    await thaw()
-            except BaseException:
-                if thaw is not None and not thawed:
-                    await thaw()
-                raise
-        data_at = time.time()
-        res: PassResult = await b.send(snap, ep, parent)
-        # keep the snapshot just sent (the next parent) and drop older ones
-        for old in b.snapshots(name):
-            if old != snap:
-                await asyncio.to_thread(b.delete_snapshot, old)
-        return SendResult(res.bytes_sent, 0, res.seconds, freeze_ms, parent is None,
-                          snap.name, data_at)
-
-    def prune_received(self, name: str, slot: str) -> None:
-        """Keep only the newest received snapshot in a btrfs slot (the next parent)."""
-        if self.btrfs is None:
-            return
-        d = self.slot(name, slot)
-        snaps = sorted(d.iterdir(), key=lambda p: p.name) if d.is_dir() else []
-        for old in snaps[:-1]:
-            self.btrfs.delete_snapshot(old)
+        temp_dir = target.get("temp_dir")
+        to = Target(self.endpoint(target), frozenset(str(h) for h in target.get("have") or []),
+                    str(temp_dir) if temp_dir else None)
+        return await self.backend.send(name, to, "live" if mode == "live" else "frozen", gen,
+                                       Hold(freeze, thaw, keep_frozen))
 
 
 def _fsync_dir(path: Path) -> None:
