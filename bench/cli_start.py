@@ -10,7 +10,13 @@ The run: ``corral up`` a one-host local fleet in a temp dir (its own ``CORRAL_CO
 default fleet is touched), ``corral run`` a few ``sleep`` instances, then ``--rounds`` rounds of
 ``python -c pass``, ``corral ls --json`` and ``corral ls`` (the table), interleaved so that each
 sees the same machine. Every ``ls --json`` answer must parse and list exactly the instances the
-bench created. The fleet is torn down at the end, also on failure or Ctrl-C.
+bench created. The fleet is torn down at the end, also on failure or Ctrl-C. The load average
+before and after is printed: other work on the machine shows in every figure.
+
+An installed corral starts from compiled bytecode (pip writes it). A checkout run with
+``PYTHONDONTWRITEBYTECODE`` set compiles corral's own modules at every start instead; the bench
+then gives the commands a bytecode cache of their own (``PYTHONPYCACHEPREFIX`` in its temp dir,
+filled by the first run), unless ``--compile-each-run`` asks to measure that case.
 
     .venv/bin/python bench/cli_start.py               # 20 rounds, under a minute
     .venv/bin/python bench/cli_start.py --rounds 50
@@ -101,11 +107,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="runs of each command")
     ap.add_argument("--instances", type=int, default=3, help="instances ls lists")
+    ap.add_argument("--compile-each-run", action="store_true",
+                    help="keep PYTHONDONTWRITEBYTECODE if set: corral compiled at every start")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-cli-") as tmp, \
             fleet(Path(tmp)) as f:
+        compiled = "bytecode as written by its first run"
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            if args.compile_each_run:
+                compiled = "compiled at every start (PYTHONDONTWRITEBYTECODE)"
+            else:
+                f.env.pop("PYTHONDONTWRITEBYTECODE")
+                f.env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         names = {f"bench-{i}" for i in range(args.instances)}
         for name in sorted(names):
             f.cli("run", name, "--cpus", "0.01", "--memory", "8M", "--", "sleep", "3600")
@@ -116,7 +132,8 @@ def main() -> None:
         }
         wall: dict[str, list[float]] = {k: [] for k in cases}
         cpu: dict[str, list[float]] = {k: [] for k in cases}
-        timed(cases["corral ls --json"], f.env)  # warm the page cache and .pyc files
+        for cmd in cases.values():  # warm the page cache and the bytecode cache
+            timed(cmd, f.env)
         for _ in range(args.rounds):
             for key, cmd in cases.items():
                 w, c, out = timed(cmd, f.env)
@@ -125,8 +142,10 @@ def main() -> None:
                 if key == "corral ls --json":
                     check_listing(out, names)
 
+    load_after = os.getloadavg()
     print(f"{args.rounds} rounds, {args.instances} instances listed, one-host local fleet, "
-          f"{os.cpu_count()} cores:")
+          f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after; corral {compiled}:")
     for key in cases:
         print(f"  {key:26} wall {summary(wall[key])}   "
               f"cpu median {statistics.median(cpu[key]):.3f} s")

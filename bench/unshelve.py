@@ -35,12 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from corral.api.client import Client
 from corral.api.models import CreateInstance, OperationView
-from corral.images.fetch import materialize_image
 from corral.images.packstore import PackStore
+from corral.images.transfer import materialize_image
 from corral.rig.context import load_context
 
 CLI = [sys.executable, "-m", "corral.cli"]
@@ -95,8 +93,7 @@ def baseline(url: str, token: str, shelves: list[str], scratch: Path, parallel: 
         i, name = i_name
         with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
                 PackStore(Path(tmp) / "cache") as cache, \
-                httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                             timeout=600) as http:
+                Client(url, token, timeout=600) as http:
             stats = materialize_image(http, cache, name, Path(tmp) / f"disk{i}")
             return stats.bytes
 

@@ -11,9 +11,10 @@ import pytest
 from fastapi import Depends, Header, HTTPException
 from storeserver import served_store
 
-from corral.images.fetch import materialize_image
+from corral.api.client import Client
 from corral.images.packstore import CorruptChunk, PackStore
 from corral.images.store import ImageStore
+from corral.images.transfer import materialize_image
 
 TOKEN = "img-token"
 
@@ -50,7 +51,7 @@ def test_second_image_moves_only_its_own_chunks(served: tuple[ImageStore, str],
     store.import_tree("b", b)
     cache = PackStore(tmp_path / "agent-cache")
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        with Client(url, TOKEN) as c:
             first = materialize_image(c, cache, "a", tmp_path / "out-a")
             second = materialize_image(c, cache, "b", tmp_path / "out-b")
             again = materialize_image(c, cache, "a", tmp_path / "out-a2")
@@ -83,8 +84,7 @@ def test_a_corrupt_chunk_from_the_server_is_refused(served: tuple[ImageStore, st
     pack.write_bytes(bytes(raw))
     cache = PackStore(tmp_path / "cache")
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c, \
-                pytest.raises(CorruptChunk):
+        with Client(url, TOKEN) as c, pytest.raises(CorruptChunk):
             materialize_image(c, cache, "img", tmp_path / "out")
         assert cache.locate(cid) is None  # nothing unverified was kept
     finally:
@@ -93,7 +93,7 @@ def test_a_corrupt_chunk_from_the_server_is_refused(served: tuple[ImageStore, st
 
 def test_push_uploads_only_what_the_server_lacks(served: tuple[ImageStore, str],
                                                  tmp_path: Path) -> None:
-    from corral.images.fetch import push_tree
+    from corral.images.transfer import push_tree
 
     store, url = served
     shared = os.urandom(2_000_000)
@@ -102,7 +102,7 @@ def test_push_uploads_only_what_the_server_lacks(served: tuple[ImageStore, str],
     disk = tree(tmp_path / "disk", shared, os.urandom(150_000))  # an instance built on base
     cache = PackStore(tmp_path / "agent")
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        with Client(url, TOKEN) as c:
             up = push_tree(c, cache, disk, "shelf-web")
             assert 0 < up.bytes < 500_000  # its own data, not the 2 MB base
             again = push_tree(c, cache, disk, "shelf-web", replace=True)
@@ -118,3 +118,22 @@ def test_push_uploads_only_what_the_server_lacks(served: tuple[ImageStore, str],
             assert "not stored" in bad.json()["error"]["message"]
     finally:
         cache.close()
+
+
+def test_image_route_refusals_are_the_servers_errors(served: tuple[ImageStore, str]) -> None:
+    """The image routes go through the client's one error translator, like every route."""
+    from corral.errors import InvalidRequest, NotFound, Unauthorized
+
+    _, url = served
+    holes = (b'{"version": 1, "entries": [{"path": "x", "kind": "f", "mode": 420, "uid": 0,'
+             b' "gid": 0, "mtime_ns": 0, "size": 3, "extents": [[0, ["' + b"ab" * 32
+             + b'"]]]}]}')
+    with Client(url, TOKEN) as c:
+        with pytest.raises(NotFound, match="no image named 'nope'") as info:
+            c.manifest("nope")
+        assert info.value.hint == "see 'corral image ls'"
+        with pytest.raises(InvalidRequest, match="not stored"):
+            c.put_manifest("holes", holes)
+        assert c.missing_chunks([b"\x01" * 32]) == [b"\x01" * 32]
+    with Client(url, "wrong") as c, pytest.raises(Unauthorized):
+        c.images_data()

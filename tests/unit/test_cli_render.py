@@ -93,15 +93,44 @@ def _inst(name: str, cpu: float | None, mem: int | None) -> InstanceView:
 
 def test_top_sorting_and_summary() -> None:
     items = [_inst("b", 5.0, 10), _inst("a", None, None), _inst("c", 99.0, 5)]
-    assert [i.name for i in sort_instances(items, SortKey.cpu)] == ["c", "b", "a"]
-    assert [i.name for i in sort_instances(items, SortKey.mem)] == ["b", "c", "a"]
-    assert [i.name for i in sort_instances(items, SortKey.name)] == ["a", "b", "c"]
+    assert [i["name"] for i in sort_instances(items, SortKey.cpu)] == ["c", "b", "a"]
+    assert [i["name"] for i in sort_instances(items, SortKey.mem)] == ["b", "c", "a"]
+    assert [i["name"] for i in sort_instances(items, SortKey.name)] == ["a", "b", "c"]
+    raw = [i.model_dump(mode="json") for i in items]  # what `corral top` gets from the server
+    assert sort_instances(raw, SortKey.cpu) == sort_instances(items, SortKey.cpu)
     host = HostView(name="host1", address="127.0.0.1", state="up", cores=2, memory_bytes=1,
                     disk_bytes=1, drivers={"process": {}}, reserved=Resources(cpus=1,
                     memory_bytes=1), free=Resources(cpus=1, memory_bytes=0), instances=3,
                     usage=Usage(cpu_core_pct=104.0, cpu_host_pct=52.0), rest_host_pct=8.0)
     assert host_summary(host) == ("host1 (up, 2 cores): instances 52.0%  rest 8.0%  "
                                   "idle 40.0%  3 inst")
+    assert host_summary(host.model_dump(mode="json")) == host_summary(host)
+
+
+def _drawn(table: object) -> str:
+    console, buf = _console()
+    console.print(table)
+    return buf.getvalue()
+
+
+def test_tables_from_the_servers_json_match_those_from_models() -> None:
+    """The CLI draws from the JSON it received; the tour (and scripts) from wire models."""
+    items = [_inst("b", 5.0, 10), _inst("a", None, None)]
+    raw = [i.model_dump(mode="json") for i in items]
+    assert _drawn(render.instances_table(raw)) == _drawn(render.instances_table(items))
+    assert _drawn(render.instance_details(raw[0])) == _drawn(render.instance_details(items[0]))
+    assert "5.0" in _drawn(render.instances_table(raw))
+
+
+def test_errors_on_a_pipe_are_written_as_rich_would(capsys: pytest.CaptureFixture[str]
+                                                    ) -> None:
+    """Without a terminal, errors are plain text (no Rich to import), the same text."""
+    exc = NoCapacity("no host\tcan take 8 cpus", hint="free some", details={
+        "shortfall": {"host1": {"cpus": 6.0}}})
+    console, buf = _console()
+    assert render.report_error(exc, console) == 6
+    assert render.report_error(exc) == 6
+    assert capsys.readouterr().err == buf.getvalue()
 
 
 def test_json_is_plain(capsys: pytest.CaptureFixture[str]) -> None:

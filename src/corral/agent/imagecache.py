@@ -28,12 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from corral.agent.store import write_atomic
+from corral.api.client import Client, TransportError
 from corral.errors import CorralError, HostUnavailable
-from corral.images.fetch import _raise, fetch_missing
 from corral.images.packstore import PackStore
+from corral.images.transfer import fetch_missing
 from corral.images.tree import Manifest, materialize
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,11 @@ class ImageCache:
             self.totals["fetched_chunks"] += chunks
             self.totals["fetched_bytes"] += nbytes
 
+    def client(self) -> Client:
+        """The server's image routes, through the one API client; a new one per call, as
+        each call runs in its own worker thread."""
+        return Client(self.api_url, self.token, timeout=HTTP_TIMEOUT)
+
     # --- creates ----------------------------------------------------------------------------
     def materialize(self, image: str, dest: Path, chunk_file: Path,
                     into_empty: bool = False) -> dict[str, Any]:
@@ -119,17 +123,14 @@ class ImageCache:
                 retryable=True)
         with self._using():
             try:
-                with httpx.Client(base_url=self.api_url, timeout=HTTP_TIMEOUT,
-                                  headers={"Authorization": f"Bearer {self.token}"}) as client:
-                    resp = client.get(f"/v1/images/{image}/manifest")
-                    _raise(resp)
-                    manifest_id = resp.headers.get("X-Manifest-Id", "")
-                    manifest = Manifest.from_json(resp.content)
+                with self.client() as client:
+                    raw, manifest_id = client.manifest(image)
+                    manifest = Manifest.from_json(raw)
                     ids = sorted(manifest.chunk_ids())
                     stats = fetch_missing(client, self.packs, [bytes.fromhex(i) for i in ids])
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 raise HostUnavailable(
-                    f"cannot fetch image '{image}' from {self.api_url}: {exc}",
+                    f"cannot fetch image '{image}' from {self.api_url}: {exc.reason}",
                     hint="check that this host reaches the server's API", retryable=True
                 ) from exc
             if dest.exists() and not into_empty:

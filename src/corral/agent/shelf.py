@@ -23,16 +23,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from corral.agent.disks import HostDisks
-from corral.agent.imagecache import HTTP_TIMEOUT, ImageCache
+from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.state import AgentState, Handler
 from corral.agent.store import check_name
+from corral.api.client import TransportError
 from corral.bus import rpc
 from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
-from corral.images.fetch import _raise, fetch_missing, push_tree
+from corral.images.transfer import fetch_missing, push_tree
 from corral.images.tree import Manifest, materialize
 
 log = logging.getLogger(__name__)
@@ -58,23 +57,17 @@ def _cache(st: AgentState) -> ImageCache:
     return cache
 
 
-def _http(cache: ImageCache) -> httpx.Client:
-    return httpx.Client(base_url=cache.api_url, timeout=HTTP_TIMEOUT,
-                        headers={"Authorization": f"Bearer {cache.token}"})
-
-
 def _push(cache: ImageCache, root: Path, image: str) -> dict[str, Any]:
-    with cache.in_use(), _http(cache) as client:
+    with cache.in_use(), cache.client() as client:
         stats = push_tree(client, cache.packs, root, image)
     return {"uploaded_chunks": stats.chunks, "uploaded_bytes": stats.bytes}
 
 
 def _pull(cache: ImageCache, image: str, dest: Path) -> dict[str, Any]:
     with cache.in_use():
-        with _http(cache) as client:
-            resp = client.get(f"/v1/images/{image}/manifest")
-            _raise(resp)
-            manifest = Manifest.from_json(resp.content)
+        with cache.client() as client:
+            raw, _ = client.manifest(image)
+            manifest = Manifest.from_json(raw)
             ids = sorted(bytes.fromhex(c) for c in manifest.chunk_ids())
             with _FETCH:
                 stats = fetch_missing(client, cache.packs, ids)
@@ -100,8 +93,9 @@ async def disk_push(st: AgentState, args: rpc.PushArgs) -> rpc.PushResult:
                            hint="an instance run from a host path (--from) cannot be shelved")
         try:
             out = await asyncio.to_thread(_push, cache, disks.path(name), image)
-        except httpx.HTTPError as exc:
-            raise HostUnavailable(f"cannot reach the image store at {cache.api_url}: {exc}",
+        except TransportError as exc:
+            raise HostUnavailable(f"cannot reach the image store at {cache.api_url}: "
+                                  f"{exc.reason}",
                                   hint="check that this host reaches the server's API",
                                   retryable=True) from exc
     log.info("disk of %s shelved as %s: %d chunks (%d bytes) uploaded", name, image,
@@ -127,8 +121,8 @@ async def disk_pull(st: AgentState, args: rpc.PullArgs) -> rpc.PullResult:
         fill = await st.call(disks.new_dir, name)
         try:
             out = await asyncio.to_thread(_pull, cache, image, fill)
-        except httpx.HTTPError as exc:
-            raise HostUnavailable(f"cannot fetch '{image}' from {cache.api_url}: {exc}",
+        except TransportError as exc:
+            raise HostUnavailable(f"cannot fetch '{image}' from {cache.api_url}: {exc.reason}",
                                   hint="check that this host reaches the server's API",
                                   retryable=True) from exc
         await st.call(disks.publish, name, fill)

@@ -1,62 +1,66 @@
-"""The one HTTP client every caller of the API uses (CLI, tour, tests).
+"""The one HTTP client every caller of the API uses: the CLI, ``corral up``'s tour, agents (the
+image routes), benches and tests.
 
 It turns the server's JSON error bodies back into the :mod:`corral.errors` exception the server
 raised, so the CLI formats an agent's or scheduler's own words (with its hint and exit code)
 instead of an HTTP status. Routes are spelled out only here.
+
+Each resource has a ``*_data`` method that returns the server's JSON as it came, and (where
+programs want one) a typed method that builds the wire model from it. The wire models
+(pydantic) are imported by the typed methods only: ``corral ls --json`` prints what the server
+sent and never pays for building them.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
-import urllib.request
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from pydantic import BaseModel, TypeAdapter
-
-from corral import errors
-from corral.api.models import (
-    CreateInstance,
-    Event,
-    FleetStatus,
-    HostView,
-    InstanceView,
-    MigrateRequest,
-    OperationView,
-    RecreateRequest,
-    ShelfView,
-    ShelveRequest,
-    StandbyRequest,
-    StandbyView,
-    TrafficView,
-    UnshelveRequest,
+from corral.api.transport import (
+    UNREACHABLE_HINT,
+    Params,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    error_from_response,
 )
 
-M = TypeVar("M", bound=BaseModel)
+if TYPE_CHECKING:
+    from corral.api.models import (
+        CreateInstance,
+        Event,
+        FleetStatus,
+        HostView,
+        InstanceView,
+        OperationView,
+        ShelfView,
+        StandbyView,
+        TrafficView,
+    )
+    from corral.images.records import Record
 
-UNREACHABLE_HINT = "is the fleet up? run 'corral up' or set CORRAL_URL"
+__all__ = ["UNREACHABLE_HINT", "Client", "TransportError", "TransportTimeout",
+           "error_from_response"]
 
-_HOSTS = TypeAdapter(list[HostView])
-_INSTANCES = TypeAdapter(list[InstanceView])
-_OPS = TypeAdapter(list[OperationView])
-_STANDBYS = TypeAdapter(list[StandbyView])
-_SHELVES = TypeAdapter(list[ShelfView])
+JSON = "application/json"
+OCTETS = "application/octet-stream"
 
 
 class Client:
-    """Typed methods over the ``/v1`` API; every failure is a :class:`corral.errors.CorralError`."""
+    """Typed methods over the ``/v1`` API; every failure is a :class:`corral.errors.CorralError`
+    (:class:`TransportError` when no answer came at all). One connection, kept open between
+    requests; use a client from one thread at a time."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30) -> None:
+    def __init__(self, base_url: str, token: str, timeout: float = 30,
+                 ca_file: str | None = None) -> None:
+        """``ca_file``: trust this CA bundle for https instead of the system's store (which
+        also honours ``SSL_CERT_FILE``)."""
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-            verify=_tls_context(self.base_url),
-        )
+        self.timeout = timeout
+        self._http = Transport(self.base_url, {"Authorization": f"Bearer {token}"}, timeout,
+                               ca_file)
 
     def close(self) -> None:
         self._http.close()
@@ -67,34 +71,56 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- resources -------------------------------------------------------------------------
+    # -- fleet, hosts, instances -----------------------------------------------------------
+
+    def status_data(self) -> dict[str, Any]:
+        return dict(self._json("GET", "/v1/status"))
 
     def status(self) -> FleetStatus:
-        return FleetStatus.model_validate(self._json("GET", "/v1/status"))
+        from corral.api.models import FleetStatus
+
+        return FleetStatus.model_validate(self.status_data())
+
+    def hosts_data(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/hosts"))
 
     def hosts(self) -> list[HostView]:
-        return _HOSTS.validate_python(self._json("GET", "/v1/hosts"))
+        from corral.api.models import HostView
+
+        return [HostView.model_validate(h) for h in self.hosts_data()]
+
+    def host_data(self, name: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/v1/hosts/{name}"))
 
     def host(self, name: str) -> HostView:
-        return HostView.model_validate(self._json("GET", f"/v1/hosts/{name}"))
+        from corral.api.models import HostView
+
+        return HostView.model_validate(self.host_data(name))
+
+    def instances_data(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/instances"))
 
     def instances(self) -> list[InstanceView]:
-        return _INSTANCES.validate_python(self._json("GET", "/v1/instances"))
+        from corral.api.models import InstanceView
+
+        return [InstanceView.model_validate(i) for i in self.instances_data()]
+
+    def instance_data(self, name: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/v1/instances/{name}"))
 
     def instance(self, name: str) -> InstanceView:
-        return InstanceView.model_validate(self._json("GET", f"/v1/instances/{name}"))
+        from corral.api.models import InstanceView
+
+        return InstanceView.model_validate(self.instance_data(name))
 
     def create(self, spec: CreateInstance) -> InstanceView:
-        body = spec.model_dump(mode="json")
-        return InstanceView.model_validate(self._json("POST", "/v1/instances", json=body))
+        from corral.api.models import InstanceView
 
-    def action(
-        self,
-        name: str,
-        verb: str,
-        timeout: float | None = None,
-        signal: int | None = None,
-    ) -> InstanceView:
+        raw = self._json("POST", "/v1/instances", json_body=spec.model_dump(mode="json"))
+        return InstanceView.model_validate(raw)
+
+    def action_data(self, name: str, verb: str, timeout: float | None = None,
+                    signal: int | None = None) -> dict[str, Any]:
         """One lifecycle verb (start, stop, kill, restart, freeze, thaw) on an instance."""
         body: dict[str, Any] = {}
         if timeout is not None:
@@ -102,13 +128,32 @@ class Client:
         if signal is not None:
             body["signal"] = signal
         # a stop waits for its grace period on the agent: let the HTTP call wait as long.
-        wait = None if timeout is None else max(self._http.timeout.read or 30.0, timeout + 30.0)
-        raw = self._json("POST", f"/v1/instances/{name}/{verb}", json=body, read_timeout=wait)
-        return InstanceView.model_validate(raw)
+        wait = None if timeout is None else max(self.timeout, timeout + 30.0)
+        return dict(self._json("POST", f"/v1/instances/{name}/{verb}", json_body=body,
+                               read_timeout=wait))
+
+    def action(self, name: str, verb: str, timeout: float | None = None,
+               signal: int | None = None) -> InstanceView:
+        from corral.api.models import InstanceView
+
+        return InstanceView.model_validate(self.action_data(name, verb, timeout, signal))
 
     def delete(self, name: str, force: bool = False) -> None:
         params = {"force": "true"} if force else None
-        self._request("DELETE", f"/v1/instances/{name}", params=params)
+        self._http.request("DELETE", f"/v1/instances/{name}", params=params)
+
+    def metrics_text(self) -> str:
+        return self._http.request("GET", "/metrics").text
+
+    def health(self) -> bool:
+        """True when the server answers its unauthenticated health route."""
+        try:
+            return self._http.request("GET", "/healthz", read_timeout=2.0,
+                                      check=False).status == 200
+        except TransportError:
+            return False
+
+    # -- streams ---------------------------------------------------------------------------
 
     def logs(self, name: str, since: str | None = None, follow: bool = False,
              source: str | None = None) -> Iterator[dict[str, Any]]:
@@ -124,191 +169,184 @@ class Client:
         for line in self._ndjson(f"/v1/instances/{name}/logs", params, follow, "logs"):
             yield json.loads(line)
 
-    def metrics_text(self) -> str:
-        return self._request("GET", "/metrics").text
-
-    def events(self, since: str | None = None, after: int | None = None, follow: bool = False,
-               types: list[str] | None = None, instance: str | None = None
-               ) -> Iterator[Event]:
-        """Events in index order; with ``follow`` the iterator waits for new ones until the
-        caller stops it."""
-        params: list[tuple[str, str | int | float | bool | None]] = [
-            ("type", t) for t in types or []]
+    def event_lines(self, since: str | None = None, after: int | None = None,
+                    follow: bool = False, types: list[str] | None = None,
+                    instance: str | None = None) -> Iterator[str]:
+        """Events in index order, each the server's JSON line (without its newline); with
+        ``follow`` the iterator waits for new ones until the caller stops it."""
+        params: list[tuple[str, str]] = [("type", t) for t in types or []]
         for key, value in (("since", since), ("after", after), ("instance", instance)):
             if value is not None:
                 params.append((key, str(value)))
         if follow:
             params.append(("follow", "true"))
         for line in self._ndjson("/v1/events", params, follow, "events"):
+            yield line.decode().rstrip("\r\n")
+
+    def events(self, since: str | None = None, after: int | None = None, follow: bool = False,
+               types: list[str] | None = None, instance: str | None = None
+               ) -> Iterator[Event]:
+        from corral.api.models import Event
+
+        for line in self.event_lines(since, after, follow, types, instance):
             yield Event.model_validate_json(line)
 
-    def traffic(self, name: str, url: str | None = None, limit: int = 30) -> TrafficView:
+    def traffic_data(self, name: str, url: str | None = None, limit: int = 30
+                     ) -> dict[str, Any]:
         """The live traffic view of one instance (and ``url``'s latest clients)."""
         params = {"limit": str(limit), **({"url": url} if url is not None else {})}
-        raw = self._json("GET", f"/v1/instances/{name}/traffic", params=params)
-        return TrafficView.model_validate(raw)
+        return dict(self._json("GET", f"/v1/instances/{name}/traffic", params=params))
 
-    def ops(self, target: str | None = None, limit: int = 50) -> list[OperationView]:
+    def traffic(self, name: str, url: str | None = None, limit: int = 30) -> TrafficView:
+        from corral.api.models import TrafficView
+
+        return TrafficView.model_validate(self.traffic_data(name, url, limit))
+
+    # -- operations, standbys, shelves -----------------------------------------------------
+
+    def ops_data(self, target: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Operations, newest first (only ``target``'s when given)."""
         params = {"limit": str(limit), **({"target": target} if target else {})}
-        return _OPS.validate_python(self._json("GET", "/v1/ops", params=params))
+        return list(self._json("GET", "/v1/ops", params=params))
+
+    def ops(self, target: str | None = None, limit: int = 50) -> list[OperationView]:
+        return [_op(o) for o in self.ops_data(target, limit)]
+
+    def op_data(self, op_id: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/v1/ops/{op_id}"))
 
     def op(self, op_id: str) -> OperationView:
-        return OperationView.model_validate(self._json("GET", f"/v1/ops/{op_id}"))
+        return _op(self.op_data(op_id))
 
     def recreate(self, name: str, to: str | None = None) -> OperationView:
         """Start ``recreate`` on ``name``; returns the operation as first recorded (follow it
         with :meth:`op`)."""
+        from corral.api.models import RecreateRequest
+
         body = RecreateRequest(to=to).model_dump(mode="json")
-        raw = self._json("POST", f"/v1/instances/{name}/recreate", json=body)
-        return OperationView.model_validate(raw)
+        return _op(self._json("POST", f"/v1/instances/{name}/recreate", json_body=body))
 
     def migrate(self, name: str, to: str | None = None, cold: bool = False) -> OperationView:
         """Start ``migrate``; returns the operation as first recorded (follow it with
         :meth:`op`)."""
+        from corral.api.models import MigrateRequest
+
         body = MigrateRequest(to=to, cold=cold).model_dump(mode="json")
-        return OperationView.model_validate(
-            self._json("POST", f"/v1/instances/{name}/migrate", json=body))
+        return _op(self._json("POST", f"/v1/instances/{name}/migrate", json_body=body))
+
+    def standbys_data(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/standbys"))
 
     def standbys(self) -> list[StandbyView]:
-        return _STANDBYS.validate_python(self._json("GET", "/v1/standbys"))
+        from corral.api.models import StandbyView
+
+        return [StandbyView.model_validate(s) for s in self.standbys_data()]
 
     def standby_add(self, name: str, host: str | None, every: float) -> OperationView:
         """Record a standby and start its first refresh (the returned operation)."""
+        from corral.api.models import StandbyRequest
+
         body = StandbyRequest(host=host, every_seconds=every).model_dump(mode="json")
-        return OperationView.model_validate(
-            self._json("POST", f"/v1/instances/{name}/standby", json=body))
+        return _op(self._json("POST", f"/v1/instances/{name}/standby", json_body=body))
 
     def standby_op(self, name: str, verb: str) -> OperationView:
         """``sync`` or ``promote``: start that operation on ``name``'s standby."""
-        return OperationView.model_validate(
-            self._json("POST", f"/v1/instances/{name}/standby/{verb}"))
+        return _op(self._json("POST", f"/v1/instances/{name}/standby/{verb}"))
 
     def standby_rm(self, name: str) -> None:
-        self._request("DELETE", f"/v1/instances/{name}/standby")
+        self._http.request("DELETE", f"/v1/instances/{name}/standby")
 
     def shelve(self, name: str, offload_after: float | None = None) -> OperationView:
         """Start ``shelve`` on ``name`` (``offload_after`` seconds; negative: never; None:
         the server's default); returns the operation as first recorded."""
+        from corral.api.models import ShelveRequest
+
         body = ShelveRequest(offload_after=offload_after).model_dump(mode="json")
-        raw = self._json("POST", f"/v1/instances/{name}/shelve", json=body)
-        return OperationView.model_validate(raw)
+        return _op(self._json("POST", f"/v1/instances/{name}/shelve", json_body=body))
 
     def unshelve(self, name: str, to: str | None = None) -> OperationView:
+        from corral.api.models import UnshelveRequest
+
         body = UnshelveRequest(to=to).model_dump(mode="json")
-        raw = self._json("POST", f"/v1/instances/{name}/unshelve", json=body)
-        return OperationView.model_validate(raw)
+        return _op(self._json("POST", f"/v1/instances/{name}/unshelve", json_body=body))
+
+    def shelves_data(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/shelves"))
 
     def shelves(self) -> list[ShelfView]:
-        return _SHELVES.validate_python(self._json("GET", "/v1/shelves"))
+        from corral.api.models import ShelfView
 
-    def health(self) -> bool:
-        """True when the server answers its unauthenticated health route."""
-        try:
-            return self._http.get("/healthz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return [ShelfView.model_validate(s) for s in self.shelves_data()]
+
+    # -- the image store -------------------------------------------------------------------
+    # What ``corral image ...``, ``corral.images.transfer`` (image import, an agent's chunk
+    # cache, shelving) speak; batches are at most ``corral.images.records.MAX_BATCH`` ids.
+
+    def images_data(self) -> list[dict[str, Any]]:
+        """Images (shelved disks hidden) with their size, unique size and dedup ratio."""
+        return list(self._json("GET", "/v1/images"))
+
+    def image_remove(self, name: str) -> None:
+        self._http.request("DELETE", f"/v1/images/{name}")
+
+    def image_verify(self, timeout: float = 3600.0) -> dict[str, Any]:
+        """Read back every stored chunk: ``{"damaged": [...]}`` (a whole store takes long)."""
+        return dict(self._json("POST", "/v1/images/verify", read_timeout=timeout))
+
+    def image_gc(self) -> dict[str, Any]:
+        return dict(self._json("POST", "/v1/images/gc"))
+
+    def manifest(self, name: str) -> tuple[bytes, str]:
+        """(manifest JSON, manifest id) of the image or shelved disk ``name``."""
+        resp = self._http.request("GET", f"/v1/images/{name}/manifest")
+        return resp.body, resp.headers.get("X-Manifest-Id", "")
+
+    def put_manifest(self, name: str, manifest: bytes, replace: bool = False
+                     ) -> dict[str, Any]:
+        """Name a manifest whose chunks are all stored already (else refused)."""
+        resp = self._http.request("PUT", f"/v1/images/{name}", body=manifest,
+                                  params={"replace": str(replace).lower()},
+                                  headers={"Content-Type": JSON})
+        return dict(resp.json())
+
+    def missing_chunks(self, ids: Sequence[bytes]) -> list[bytes]:
+        """Which of ``ids`` the store lacks."""
+        raw = self._json("POST", "/v1/chunks/missing", json_body={"ids": [i.hex() for i in ids]},
+                         retry=True)
+        return [bytes.fromhex(h) for h in raw["missing"]]
+
+    def fetch_chunks(self, ids: Sequence[bytes]) -> tuple[list[Record], int]:
+        """The stored records of ``ids`` (unverified: the receiving store checks each one),
+        and the bytes they took on the wire."""
+        from corral.images.records import parse_records
+
+        resp = self._http.request("POST", "/v1/chunks/fetch", retry=True,
+                                  json_body={"ids": [i.hex() for i in ids]})
+        return parse_records(resp.body), len(resp.body)
+
+    def upload_chunks(self, records: Sequence[Record]) -> int:
+        """Send chunk records to the store (which verifies each); returns the bytes sent."""
+        from corral.images.records import encode_records
+
+        body = encode_records(list(records))
+        self._http.request("POST", "/v1/chunks/upload", body=body, retry=True,
+                           headers={"Content-Type": OCTETS})
+        return len(body)
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _ndjson(self, path: str, params: Any, follow: bool, what: str) -> Iterator[str]:
-        """Lines of a streamed NDJSON answer; ``follow`` waits for more without a read timeout."""
-        timeout = httpx.Timeout(None if follow else 60.0, connect=10.0)
-        try:
-            with self._http.stream("GET", path, params=params, timeout=timeout) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise error_from_response(resp)
-                for line in resp.iter_lines():
-                    if line.strip():
-                        yield line
-        except httpx.TransportError as exc:
-            raise errors.CorralError(f"reading {what} from {self.base_url} failed: {exc}",
-                                     hint=UNREACHABLE_HINT, retryable=True) from exc
+    def _json(self, method: str, path: str, *, params: Params = None, json_body: Any = None,
+              read_timeout: float | None = None, retry: bool | None = None) -> Any:
+        return self._http.request(method, path, params=params, json_body=json_body,
+                                  read_timeout=read_timeout, retry=retry).json()
 
-    def _json(self, method: str, path: str, **kw: Any) -> Any:
-        return self._request(method, path, **kw).json()
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: dict[str, str] | None = None,
-        read_timeout: float | None = None,
-    ) -> httpx.Response:
-        extra: dict[str, Any] = {}
-        if read_timeout is not None:
-            extra["timeout"] = httpx.Timeout(read_timeout, connect=10.0)
-        try:
-            resp = self._http.request(method, path, json=json, params=params, **extra)
-        except httpx.ConnectError as exc:
-            raise errors.CorralError(
-                f"cannot reach the corral server at {self.base_url}: {exc}",
-                hint=UNREACHABLE_HINT,
-                retryable=True,
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise errors.HostUnavailable(
-                f"the corral server at {self.base_url} did not answer {method} {path} in time",
-                hint="the server may be overloaded or an agent slow; try again, or check "
-                "'corral status'",
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise errors.CorralError(
-                f"talking to {self.base_url} failed: {exc}", hint=UNREACHABLE_HINT
-            ) from exc
-        if resp.status_code >= 400:
-            raise error_from_response(resp)
-        return resp
+    def _ndjson(self, path: str, params: Params, follow: bool, what: str) -> Iterator[bytes]:
+        """Lines of a streamed NDJSON answer; ``follow`` waits for more without a read
+        timeout."""
+        return self._http.lines(path, params, None if follow else 60.0, what)
 
 
-def _tls_context(base_url: str) -> ssl.SSLContext | bool:
-    """httpx's default verification (certifi's CA bundle) wherever TLS can happen. A plain-HTTP
-    fleet reached without a proxy never makes a TLS connection, yet loading that bundle costs
-    ~40-70 ms of every CLI command; there a context that trusts nothing is free to build, and
-    it would refuse any TLS connection rather than skip a check."""
-    if not base_url.lower().startswith("http://") or urllib.request.getproxies():
-        return True
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+def _op(raw: Any) -> OperationView:
+    from corral.api.models import OperationView
 
-
-def error_from_response(resp: httpx.Response) -> errors.CorralError:
-    """The exception a failed response stands for: the server's own error when it sent one."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return errors.from_dict(body["error"])
-    if isinstance(body, dict) and "detail" in body:
-        return _from_detail(resp.status_code, body["detail"])
-    text = resp.text.strip()[:200] or resp.reason_phrase
-    if resp.status_code == 401:
-        return errors.Unauthorized(
-            f"the server refused the token: {text}",
-            hint="check CORRAL_TOKEN or the context file written by 'corral up'",
-        )
-    if resp.status_code == 404:
-        return errors.NotFound(f"not found: {resp.request.url.path}")
-    return errors.CorralError(f"HTTP {resp.status_code} from the server: {text}")
-
-
-def _from_detail(status: int, detail: Any) -> errors.CorralError:
-    """FastAPI's own error shape (``{"detail": ...}``), e.g. a validation error not wrapped."""
-    if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
-                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg")))
-        message = "invalid request: " + "; ".join(parts)
-        return errors.InvalidRequest(message, hint="fix the fields named above")
-    cls: type[errors.CorralError] = {
-        401: errors.Unauthorized,
-        404: errors.NotFound,
-        409: errors.Conflict,
-        422: errors.InvalidRequest,
-    }.get(status, errors.CorralError)
-    return cls(str(detail))
+    return OperationView.model_validate(raw)

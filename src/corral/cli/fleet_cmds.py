@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from corral.cli import render
-from corral.cli.app import JSON_HELP, client
+from corral.cli.app import client
 from corral.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,17 +22,6 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from corral import config
-
-commands = typer.Typer()
-host_app = typer.Typer(help="Hosts of the fleet.", no_args_is_help=True)
-commands.add_typer(host_app, name="host")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="any setting as key=value (see docs/configuration.md)"),
-]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file")]
 
 
 def _settings(flags: dict[str, Any], extra: list[str] | None, cfg: Path | None
@@ -52,9 +39,6 @@ def _settings(flags: dict[str, Any], extra: list[str] | None, cfg: Path | None
     settings = config.load(flags, config_file=cfg)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # one line per HTTP request (image chunks) drowns the log; corral logs what matters itself
-    if settings.log_level.lower() != "debug":
-        logging.getLogger("httpx").setLevel(logging.WARNING)
     return settings
 
 
@@ -69,21 +53,10 @@ def _process_module(*names: str) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@commands.command()
-def server(
-    data: Annotated[Path | None, typer.Option("--data", help="data directory")] = None,
-    api_host: Annotated[str | None, typer.Option(help="address of the HTTP API")] = None,
-    api_port: Annotated[int | None, typer.Option(help="port of the HTTP API; 0 = free")] = None,
-    nats: Annotated[str | None, typer.Option("--nats", help="external NATS URL")] = None,
-    nats_host: Annotated[str | None, typer.Option(help="embedded NATS address")] = None,
-    nats_port: Annotated[int | None, typer.Option(help="embedded NATS port; 0 = free")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL")] = None,
-    token: Annotated[str | None, typer.Option(help="fleet token (or CORRAL_TOKEN)")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
-    set_: SetOpt = None,
-    cfg: ConfigOpt = None,
-) -> None:
-    """Run the control plane (HTTP API, scheduler, embedded NATS unless --nats)."""
+def server(data: Path | None, api_host: str | None, api_port: int | None, nats: str | None,
+           nats_host: str | None, nats_port: int | None, db: str | None, token: str | None,
+           log_level: str | None, set_: list[str] | None, cfg: Path | None) -> None:
+    """The control plane, imported only now: no other command loads the server's packages."""
     settings = _settings(
         {"data_dir": data, "api_host": api_host, "api_port": api_port, "nats_url": nats,
          "nats_host": nats_host, "nats_port": nats_port, "db_url": db, "token": token,
@@ -93,19 +66,10 @@ def server(
     _process_module("corral.control.server").serve(settings)
 
 
-@commands.command()
-def agent(
-    name: Annotated[str | None, typer.Option("--name", help="host name")] = None,
-    nats: Annotated[str | None, typer.Option("--nats", help="NATS URL of the fleet")] = None,
-    token: Annotated[str | None, typer.Option(help="fleet token (or CORRAL_TOKEN)")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="data directory")] = None,
-    address: Annotated[str | None, typer.Option(help="address other hosts reach")] = None,
-    drivers: Annotated[str | None, typer.Option(help="comma-separated drivers")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
-    set_: SetOpt = None,
-    cfg: ConfigOpt = None,
-) -> None:
-    """Run one host's agent: joins the fleet over NATS and runs its instances."""
+def agent(name: str | None, nats: str | None, token: str | None, data: Path | None,
+          address: str | None, drivers: str | None, log_level: str | None,
+          set_: list[str] | None, cfg: Path | None) -> None:
+    """One host's agent, imported only now (see :func:`server`)."""
     settings = _settings(
         {"host_name": name, "nats_url": nats, "token": token, "data_dir": data,
          "host_address": address, "drivers": drivers, "log_level": log_level},
@@ -126,23 +90,9 @@ def _say(console: Console, spinner: Status) -> Callable[[str], None]:
     return say
 
 
-@commands.command()
-def up(
-    hosts: Annotated[int, typer.Option(help="number of hosts (agents)")] = 3,
-    use_netns: Annotated[bool, typer.Option(
-        "--netns", help="root: each host in its own network namespace, with runc")] = False,
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="fleet directory (default ~/.local/share/corral/fleet; as root "
-        "/var/lib/corral/fleet)")] = None,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for each step")] = 60.0,
-    tour: Annotated[bool, typer.Option("--tour", help="then show a short guided tour")] = False,
-    disk_backend: Annotated[str, typer.Option(
-        "--disk-backend", help="instance disks: dir (rsync) or btrfs (send/receive)")] = "dir",
-    disk_root: Annotated[Path | None, typer.Option(
-        "--disk-root", help="host i keeps disks in DIR/host<i> (btrfs: on a btrfs "
-        "filesystem)")] = None,
-) -> None:
-    """Start a whole fleet on this machine: server, NATS and N agents."""
+def up(hosts: int, use_netns: bool, data: Path | None, timeout: float, tour: bool,
+       disk_backend: str, disk_root: Path | None) -> None:
+    """Progress shows on a spinner; the fleet's hosts are listed once it is up."""
     from corral.rig import fleet
 
     console = render.out()
@@ -163,11 +113,8 @@ def up(
                       "[bold]corral top[/bold]; [bold]corral down[/bold] when done")
 
 
-@commands.command()
-def down(
-    timeout: Annotated[float, typer.Option(help="grace seconds for each instance")] = 10.0,
-) -> None:
-    """Stop every instance, then the agents and the server; remove the fleet's network."""
+def down(timeout: float) -> None:
+    """The fleet's processes and network are those the context file records."""
     from corral.rig import fleet
 
     console = render.out()
@@ -176,15 +123,13 @@ def down(
     console.print(f"[green]fleet down[/green] (data kept in {ctx.data_dir})")
 
 
-@commands.command()
-def status(json_out: JsonOpt = False) -> None:
-    """The fleet at a glance: server, bus, database, hosts, instance counts."""
+def status(json_out: bool) -> None:
     from corral.rig.context import resolve
 
     url, _ = resolve()
     with client() as c:
-        st = c.status()
-        hosts = c.hosts()
+        st = c.status_data()
+        hosts = c.hosts_data()
     if json_out:
         render.print_json({"url": url, "status": st, "hosts": hosts})
         return
@@ -194,11 +139,9 @@ def status(json_out: JsonOpt = False) -> None:
     console.print(render.hosts_table(hosts))
 
 
-@host_app.command("ls")
-def host_ls(json_out: JsonOpt = False) -> None:
-    """Hosts with their capacity, reservations and CPU use."""
+def host_ls(json_out: bool) -> None:
     with client() as c:
-        hosts = sorted(c.hosts(), key=lambda h: h.name)
+        hosts = sorted(c.hosts_data(), key=lambda h: str(h["name"]))
     if json_out:
         render.print_json(hosts)
     else:

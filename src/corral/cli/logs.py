@@ -12,30 +12,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from corral.api.timespec import iso, parse_since
 from corral.cli.app import client
 from corral.errors import InvalidRequest
 
-commands = typer.Typer()
 
-
-@commands.command()
-def logs(
-    name: Annotated[str, typer.Argument(help="instance name")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")
-                      ] = False,
-    since: Annotated[str | None, typer.Option(
-        help="only lines from this far back (30s, 10m, 2h) or since a time (ISO 8601)")] = None,
-    source: Annotated[str | None, typer.Option(
-        help="stdout, stderr, or a source given with 'corral run --tail'")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="one JSON object per line: ts, host, source, seq, line")] = False,
-) -> None:
-    """Print an instance's captured output (stdout, stderr and tailed files), oldest first."""
+def logs(name: str, follow: bool, since: str | None, source: str | None, json_out: bool
+         ) -> None:
+    """Each line is flushed as it arrives, so ``-f`` output can be piped and watched."""
     wire_since = None if since is None else iso(parse_since(since, time.time()))
     out = sys.stdout
     with client(timeout=60) as c:
@@ -47,17 +32,8 @@ def logs(
             return
 
 
-@commands.command()
-def logsink(
-    directory: Annotated[Path, typer.Option("--dir", help="where the per-instance files go")],
-    name: Annotated[str | None, typer.Option(
-        help="this sink's name (its durable consumer and checkpoint); default: the dir's name")
-    ] = None,
-) -> None:
-    """Write every instance's lines to DIR/<instance>/<source>.log, exactly once, until stopped.
-
-    A sink killed and started again resumes at its checkpoint: no line lost, none written twice;
-    gaps in a source's numbering are recorded in DIR/gaps.jsonl. Run two for two places."""
+def logsink(directory: Path, name: str | None) -> None:
+    """The sink reads the bus itself (JetStream), so it asks the server only where that is."""
     import asyncio
     import logging
 
@@ -71,7 +47,7 @@ def logsink(
                              hint="give one with --name")
     _, token = resolve()
     with client() as c:
-        nats_url = c.status().nats_url
+        nats_url = str(c.status_data()["nats_url"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     print(f"logsink {sink_name}: {nats_url} -> {directory}", file=sys.stderr, flush=True)
     asyncio.run(serve(nats_url, token, directory, sink_name))

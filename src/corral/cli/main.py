@@ -1,23 +1,21 @@
-"""Entry point of the ``corral`` command: runs the Typer app under the one error formatter.
+"""Entry point of the ``corral`` command: runs one command under the one error formatter.
 
-Typer's own exception display is off; every :class:`CorralError` (from the API, the context
-file, argument parsing or ``corral up``) ends here and becomes ``error:``/``hint:`` lines on
-stderr with the error's own exit code. Nothing here imports a command module, Rich or
-pydantic: starting ``corral`` costs Typer and what the one command run needs (see
+Every :class:`CorralError` (from the API, the context file, argument parsing or ``corral up``)
+ends here and becomes ``error:``/``hint:`` lines on stderr with the error's own exit code; a
+refused command line (exit 2) is preceded by the command's usage line. Nothing here imports a
+command module, Rich or pydantic: starting ``corral`` costs what the one command run needs (see
 :mod:`corral.cli.app`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeGuard
 
-import typer
-from typer.exceptions import TyperException
-
-from corral.cli.app import app
-from corral.cli.render import err, report_error
+from corral.cli.app import UsageError, run
+from corral.cli.render import report_error
 from corral.errors import CorralError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -38,28 +36,24 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code instead of exiting (tests call this)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="corral", standalone_mode=False)
+        return run(args)
+    except UsageError as exc:
+        sys.stderr.write(exc.usage)
+        return report_error(exc)
     except CorralError as exc:
         return report_error(exc)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except TyperException as exc:  # Typer's own Click: usage errors, bad parameters
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show(file=sys.stderr)
-        else:
-            err().print(f"error: {exc}")
-        return int(getattr(exc, "exit_code", 2))
-    except (typer.Abort, KeyboardInterrupt):
-        err().print("aborted")
+    except SystemExit as exc:  # --help, and commands that end with their own exit code
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except KeyboardInterrupt:
+        sys.stderr.write("aborted\n")
         return 130
     except BrokenPipeError:
+        _drop_stdout()
         return 0
     except Exception as exc:
         if _is_validation_error(exc):
             return report_error(validation_error(exc))
         raise
-    return 0
 
 
 def _is_validation_error(exc: Exception) -> TypeGuard[ValidationError]:
@@ -69,12 +63,18 @@ def _is_validation_error(exc: Exception) -> TypeGuard[ValidationError]:
     return core is not None and isinstance(exc, core.ValidationError)
 
 
+def _drop_stdout() -> None:
+    """A reader that went away (``corral ls | head -1``) is not an error; what is still
+    buffered for it goes nowhere instead of failing again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
-    # httpx imports its own command line when click and rich are installed (they are: Rich
-    # for us, click for it): pygments, rich.syntax, rich.progress, ~50 ms of every command
-    # that talks to the server, for a program corral never runs. A None entry makes that
-    # one import fail, which httpx expects (without its "cli" extra) and turns into a stub.
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     sys.exit(run_cli())
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated
-
-import typer
+from typing import TYPE_CHECKING
 
 from corral.api.timespec import iso
-from corral.cli.app import JSON_HELP, client
+from corral.cli.app import client
 from corral.cli.render import err, out, print_json
 from corral.errors import CorralError
 
@@ -24,11 +22,6 @@ if TYPE_CHECKING:
 
     from corral.api.client import Client
     from corral.api.models import OperationView
-
-commands = typer.Typer()
-ops_app = typer.Typer(help="Operations: durable multi-step actions and their steps.",
-                      no_args_is_help=True)
-commands.add_typer(ops_app, name="ops")
 
 
 class OperationNotSucceeded(CorralError):
@@ -83,33 +76,26 @@ def show_op(o: OperationView) -> None:
                       + (" (timed out)" if h.get("timed_out") else ""))
 
 
-@ops_app.command("ls")
-def ops_ls(
-    target: Annotated[str | None, typer.Option("--target", help="only this instance's")] = None,
-    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Operations, newest first."""
+def ops_ls(target: str | None, limit: int, json_out: bool) -> None:
     with client() as c:
-        items = c.ops(target=target, limit=limit)
+        items = c.ops_data(target=target, limit=limit)
     if json_out:
         print_json(items)
-    else:
-        out().print(ops_table(items))
+        return
+    from corral.api.models import OperationView
+
+    out().print(ops_table([OperationView.model_validate(o) for o in items]))
 
 
-@ops_app.command("show")
-def ops_show(
-    op_id: Annotated[str, typer.Argument(metavar="ID")],
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """One operation: its steps with states and timings, its error and the hooks that ran."""
+def ops_show(op_id: str, json_out: bool) -> None:
     with client() as c:
-        o = c.op(op_id)
+        o = c.op_data(op_id)
     if json_out:
         print_json(o)
-    else:
-        show_op(o)
+        return
+    from corral.api.models import OperationView
+
+    show_op(OperationView.model_validate(o))
 
 
 def _doing(o: OperationView) -> str:
@@ -156,14 +142,5 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
     return o
 
 
-@commands.command()
-def recreate(
-    name: str,
-    to: Annotated[str | None, typer.Option("--to", help="create it on this host instead")
-                  ] = None,
-    wait: Annotated[float, typer.Option(help="seconds to follow the operation")] = 600.0,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Stop, delete and create an instance again (on its host or --to another), starting it
-    again if it was running; any failure puts it back where it was."""
+def recreate(name: str, to: str | None, wait: float, json_out: bool) -> None:
     run_op(lambda c: c.recreate(name, to), f"recreate of '{name}'", wait, json_out)

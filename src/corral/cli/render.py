@@ -1,18 +1,21 @@
 """How the CLI shows things: Rich tables for people, plain JSON for programs, one error format.
 
-Every listing has a ``--json`` twin built from the same API models, so scripts never parse
+Every listing has a ``--json`` twin carrying what the API answered, so scripts never parse
 tables. :func:`report_error` is the only place a :class:`CorralError` becomes text and an exit
 code (a test pins its shape).
 
-Rich is imported inside the functions that draw, not here: ``--json`` output and commands that
-print nothing should not pay for it at start (see :mod:`corral.cli.app`).
+Rich is imported inside the functions that draw, not here: ``--json`` output, one-line answers
+and errors written to a pipe do not pay for it at start (see :mod:`corral.cli.app`); on a
+terminal, Rich draws them as before. The tables take the server's JSON (or a wire model, which
+is turned into it), so a table command need not build pydantic models either.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError
@@ -23,6 +26,12 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from corral.api.models import FleetStatus, HostView, InstanceView
+
+    InstanceLike = InstanceView | Mapping[str, Any]
+    HostLike = HostView | Mapping[str, Any]
+    #: wire models (the tour's) or the server's JSON (the CLI's)
+    Instances = Iterable[InstanceView] | Iterable[Mapping[str, Any]]
+    Hosts = Iterable[HostView] | Iterable[Mapping[str, Any]]
 
 STATE_STYLE = {
     "running": "green",
@@ -54,6 +63,34 @@ def err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def styled(stream: Any) -> bool:
+    """Whether Rich would style what goes to ``stream`` (a terminal, or FORCE_COLOR): only
+    then is it worth importing Rich for plain lines."""
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def say(text: str, stderr: bool = False) -> None:
+    """One plain line (no markup) on stdout or stderr: drawn by Rich on a terminal, written
+    as it is anywhere else."""
+    stream = sys.stderr if stderr else sys.stdout
+    if styled(stream):
+        (err() if stderr else out()).print(text, markup=False)
+        return
+    stream.write(_as_rich_prints(text) + "\n")
+    stream.flush()
+
+
+#: what Rich leaves out of printed text (bell, backspace, vertical tab, form feed, CR)
+_CONTROL = dict.fromkeys((7, 8, 11, 12, 13))
+
+
+def _as_rich_prints(text: str) -> str:
+    return text.translate(_CONTROL).expandtabs(8)
+
+
 def print_json(data: Any) -> None:
     """Plain JSON on stdout (no colour, no wrapping), from models or plain data."""
     sys.stdout.write(json.dumps(_plain(data), indent=2, sort_keys=False) + "\n")
@@ -74,19 +111,25 @@ def _plain(data: Any) -> Any:
 
 def report_error(exc: CorralError, console: Console | None = None) -> int:
     """``error: message`` and ``hint: ...`` on stderr (red on a terminal); returns the exit code."""
+    # (label, label style, text, text style) per line
+    lines: list[tuple[str, str, str, str]] = [("error: ", "bold red", exc.message, "red")]
+    shortfall = exc.details.get("shortfall") if exc.details else None
+    if isinstance(shortfall, dict):
+        lines += [("", "", f"  {host}: {_short(lack)}", "") for host, lack in shortfall.items()]
+    elif isinstance(shortfall, list):
+        lines += [("", "", f"  {_short(lack)}", "") for lack in shortfall]
+    if exc.hint:
+        lines.append(("hint: ", "bold", exc.hint, ""))
+    if console is None and not styled(sys.stderr):
+        sys.stderr.write("".join(_as_rich_prints(label + text) + "\n"
+                                 for label, _, text, _ in lines))
+        sys.stderr.flush()
+        return exc.exit_code
     from rich.text import Text
 
     console = console or err()
-    console.print(Text("error: ", style="bold red") + Text(exc.message, style="red"))
-    shortfall = exc.details.get("shortfall") if exc.details else None
-    if isinstance(shortfall, dict):
-        for host, lack in shortfall.items():
-            console.print(Text(f"  {host}: {_short(lack)}"))
-    elif isinstance(shortfall, list):
-        for lack in shortfall:
-            console.print(Text(f"  {_short(lack)}"))
-    if exc.hint:
-        console.print(Text("hint: ", style="bold") + Text(exc.hint))
+    for label, label_style, text, style in lines:
+        console.print(Text(label, style=label_style) + Text(text, style=style))
     return exc.exit_code
 
 
@@ -121,7 +164,15 @@ def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
-def instances_table(items: Sequence[InstanceView], title: str | None = None) -> Table:
+def plain(item: Any) -> dict[str, Any]:
+    """A wire model's JSON (what the server sent for it), or the JSON itself."""
+    data = _plain(item)
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an API object, got {type(item).__name__}")
+    return data
+
+
+def instances_table(items: Instances, title: str | None = None) -> Table:
     from rich.table import Table
 
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
@@ -130,16 +181,18 @@ def instances_table(items: Sequence[InstanceView], title: str | None = None) -> 
     for col in ("CPUS", "CPU%core", "CPU%host", "MEM", "MEM RES"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("COMMAND", overflow="ellipsis", max_width=40)
-    for i in items:
+    for i in map(plain, items):
+        usage = i.get("usage") or {}
         table.add_row(
-            i.name, i.host or "-", i.driver, state_text(i.state), fmt_cpus(i.cpus),
-            fmt_pct(i.usage.cpu_core_pct), fmt_pct(i.usage.cpu_host_pct),
-            fmt_bytes(i.usage.memory_bytes), fmt_bytes(i.memory_bytes), " ".join(i.command),
+            i["name"], i.get("host") or "-", i["driver"], state_text(i["state"]),
+            fmt_cpus(i["cpus"]), fmt_pct(usage.get("cpu_core_pct")),
+            fmt_pct(usage.get("cpu_host_pct")), fmt_bytes(usage.get("memory_bytes")),
+            fmt_bytes(i["memory_bytes"]), " ".join(i["command"]),
         )
     return table
 
 
-def hosts_table(hosts: Iterable[HostView]) -> Table:
+def hosts_table(hosts: Hosts) -> Table:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -148,47 +201,52 @@ def hosts_table(hosts: Iterable[HostView]) -> Table:
     for col in ("CORES", "CPU res/free", "MEM res/free", "INST", "CPU%host", "REST%"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("DRIVERS", no_wrap=True)
-    for h in hosts:
+    for h in map(plain, hosts):
+        reserved, free = h["reserved"], h["free"]
         table.add_row(
-            h.name, h.address, state_text(h.state), str(h.cores),
-            f"{fmt_cpus(h.reserved.cpus)}/{fmt_cpus(h.free.cpus)}",
-            f"{fmt_bytes(h.reserved.memory_bytes)}/{fmt_bytes(h.free.memory_bytes)}",
-            str(h.instances), fmt_pct(h.usage.cpu_host_pct), fmt_pct(h.rest_host_pct),
-            ",".join(sorted(h.drivers)),
+            h["name"], h["address"], state_text(h["state"]), str(h["cores"]),
+            f"{fmt_cpus(reserved['cpus'])}/{fmt_cpus(free['cpus'])}",
+            f"{fmt_bytes(reserved['memory_bytes'])}/{fmt_bytes(free['memory_bytes'])}",
+            str(h["instances"]), fmt_pct((h.get("usage") or {}).get("cpu_host_pct")),
+            fmt_pct(h.get("rest_host_pct")), ",".join(sorted(h["drivers"])),
         )
     return table
 
 
-def status_lines(status: FleetStatus, url: str) -> list[str]:
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(status.instances.items())) or "none"
+def status_lines(status: FleetStatus | Mapping[str, Any], url: str) -> list[str]:
+    st = plain(status)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(st["instances"].items())) or "none"
     return [
-        f"server   {url} (corral {status.version})",
-        f"nats     {status.nats_url}",
-        f"db       {status.db}",
-        f"hosts    {status.hosts_up} up, {status.hosts_down} down",
+        f"server   {url} (corral {st['version']})",
+        f"nats     {st['nats_url']}",
+        f"db       {st['db']}",
+        f"hosts    {st['hosts_up']} up, {st['hosts_down']} down",
         f"instances {counts}",
     ]
 
 
-def instance_details(i: InstanceView) -> Table:
+def instance_details(item: InstanceLike) -> Table:
     from rich.table import Table
 
+    i = plain(item)
+    usage = i.get("usage") or {}
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
+    exit_code = i.get("exit_code")
     rows: list[tuple[str, Any]] = [
-        ("name", i.name), ("host", i.host or "-"), ("driver", i.driver),
-        ("state", state_text(i.state)), ("desired", i.desired_state),
-        ("command", " ".join(i.command)), ("rootfs", i.rootfs or "-"),
-        ("image", i.image or "-"), ("vip", i.vip or "-"),
-        ("cpus", fmt_cpus(i.cpus)), ("memory", fmt_bytes(i.memory_bytes)),
-        ("pid", str(i.pid) if i.pid else "-"),
-        ("exit code", "-" if i.exit_code is None else str(i.exit_code)),
-        ("epoch", str(i.epoch)),
-        ("cpu", f"{fmt_pct(i.usage.cpu_core_pct)}% of a core, "
-                f"{fmt_pct(i.usage.cpu_host_pct)}% of its host"),
-        ("mem used", fmt_bytes(i.usage.memory_bytes)),
-        ("next", ", ".join(i.allowed) or "-"),
+        ("name", i["name"]), ("host", i.get("host") or "-"), ("driver", i["driver"]),
+        ("state", state_text(i["state"])), ("desired", i["desired_state"]),
+        ("command", " ".join(i["command"])), ("rootfs", i.get("rootfs") or "-"),
+        ("image", i.get("image") or "-"), ("vip", i.get("vip") or "-"),
+        ("cpus", fmt_cpus(i["cpus"])), ("memory", fmt_bytes(i["memory_bytes"])),
+        ("pid", str(i["pid"]) if i.get("pid") else "-"),
+        ("exit code", "-" if exit_code is None else str(exit_code)),
+        ("epoch", str(i.get("epoch", 0))),
+        ("cpu", f"{fmt_pct(usage.get('cpu_core_pct'))}% of a core, "
+                f"{fmt_pct(usage.get('cpu_host_pct'))}% of its host"),
+        ("mem used", fmt_bytes(usage.get("memory_bytes"))),
+        ("next", ", ".join(i.get("allowed") or []) or "-"),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from corral.api.timespec import iso
 from corral.cli import render
-from corral.cli.app import JSON_HELP, client
+from corral.cli.app import client
 from corral.cli.ops_cmd import OperationNotSucceeded, run_op
 from corral.cli.parse import parse_duration
 from corral.errors import CorralError, InvalidRequest
@@ -28,9 +26,6 @@ if TYPE_CHECKING:
     from corral.api.client import Client
     from corral.api.models import OperationView
 
-commands = typer.Typer()
-
-JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 POLL = 0.3
 #: a busy instance (the offload loop is removing its disk) is asked again this many times
 BUSY_RETRIES = 20
@@ -52,17 +47,7 @@ def _shelved_line(o: OperationView) -> str:
             f"uploaded); CPU and memory released; disk {kept}")
 
 
-@commands.command()
-def shelve(
-    name: str,
-    offload_after: Annotated[str | None, typer.Option(
-        "--offload-after", help="keep the disk on its host this long (1h, 30m, 0 = remove at "
-        "once, never); default: the server's shelved_offload_seconds")] = None,
-    wait: Annotated[float, typer.Option(help="seconds to follow the operation")] = 600.0,
-    json_out: JsonOpt = False,
-) -> None:
-    """Snapshot an instance's disk into the image store and release its CPU and memory; its
-    disk stays on the host until the offload delay, for a fast unshelve there."""
+def shelve(name: str, offload_after: str | None, wait: float, json_out: bool) -> None:
     after = parse_offload(offload_after) if offload_after is not None else None
     run_op(lambda c: c.shelve(name, after), f"shelve of '{name}'", wait, json_out,
            _shelved_line)
@@ -131,17 +116,9 @@ def _results_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-@commands.command()
-def unshelve(
-    names: Annotated[list[str] | None, typer.Argument(help="instance name(s)")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every shelved instance")] = False,
-    to: Annotated[str | None, typer.Option("--to", help="unshelve on this host")] = None,
-    parallel: Annotated[int, typer.Option(min=1, max=64, help="operations in flight")] = 8,
-    wait: Annotated[float, typer.Option(help="seconds to wait for all of them")] = 1800.0,
-    json_out: JsonOpt = False,
-) -> None:
-    """Bring shelved instances back: on the old host when the disk is there and it fits, else
-    where the scheduler says (fetching only the chunks that host lacks)."""
+def unshelve(names: list[str], all_: bool, to: str | None, parallel: int, wait: float,
+             json_out: bool) -> None:
+    """One operation per instance, ``--parallel`` in flight (see the module doc)."""
     if all_ == bool(names):
         raise InvalidRequest("name instances or pass --all (not both)",
                              hint="corral unshelve web db, or corral unshelve --all")
@@ -154,9 +131,9 @@ def unshelve(
     )
 
     with client() as c:
-        wanted = names or [s.name for s in c.shelves()]
+        wanted = names or [str(s["name"]) for s in c.shelves_data()]
         if not wanted:
-            render.out().print("nothing is shelved")
+            render.say("nothing is shelved")
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=render.err(), transient=json_out) as bar:
@@ -173,19 +150,20 @@ def unshelve(
             hint="failed ones are shelved as before; see 'corral ops show OP'")
 
 
-@commands.command()
-def shelved(json_out: JsonOpt = False) -> None:
-    """Shelved instances: where their disk is kept and until when, and what they store."""
+def shelved(json_out: bool) -> None:
     with client() as c:
-        rows = c.shelves()
+        raw = c.shelves_data()
     if json_out:
-        render.print_json(rows)
+        render.print_json(raw)
         return
-    if not rows:
-        render.out().print("nothing is shelved")
+    if not raw:
+        render.say("nothing is shelved")
         return
     from rich.table import Table
 
+    from corral.api.models import ShelfView
+
+    rows = [ShelfView.model_validate(s) for s in raw]
     t = Table(box=None, pad_edge=False)
     for col in ("NAME", "FROM", "SHELVED", "DISK ON", "UNTIL", "SIZE", "UNIQUE", "CPUS", "MEM"):
         t.add_column(col)

@@ -7,25 +7,16 @@ for a refresh.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
-
-import typer
+from typing import TYPE_CHECKING
 
 from corral.api.timespec import iso
-from corral.cli.app import JSON_HELP, client
+from corral.cli.app import client
 from corral.cli.ops_cmd import run_op
 from corral.cli.parse import parse_duration
-from corral.cli.render import fmt_bytes, out, print_json
+from corral.cli.render import fmt_bytes, out, print_json, say
 
 if TYPE_CHECKING:
     from corral.api.models import OperationView
-
-commands = typer.Typer()
-standby_app = typer.Typer(help="Warm standbys: copies of an instance's disk on another host.",
-                          no_args_is_help=True)
-commands.add_typer(standby_app, name="standby")
-
-WAIT_HELP = "seconds to follow the operation"
 
 
 def moved(o: OperationView) -> str:
@@ -39,79 +30,44 @@ def moved(o: OperationView) -> str:
     return ", ".join(parts)
 
 
-@commands.command()
-def migrate(
-    name: str,
-    to: Annotated[str | None, typer.Option("--to", help="target host (default: the "
-                                            "scheduler's pick)")] = None,
-    cold: Annotated[bool, typer.Option("--cold", help="stop first, then copy")] = False,
-    wait: Annotated[float, typer.Option(help=WAIT_HELP)] = 3600.0,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Move an instance and its disk to another host (warm: copy while it runs, then a short
-    freeze); any failure leaves it running where it was and the target clean."""
+def migrate(name: str, to: str | None, cold: bool, wait: float, json_out: bool) -> None:
     run_op(lambda c: c.migrate(name, to, cold), f"migration of '{name}'", wait, json_out,
            moved)
 
 
-@standby_app.command("add")
-def standby_add(
-    name: str,
-    host: Annotated[str | None, typer.Option("--host", help="standby host (default: the "
-                                              "scheduler's pick, never its own)")] = None,
-    every: Annotated[str, typer.Option("--every", help="refresh interval, e.g. 60s, 5m")
-                     ] = "60s",
-    wait: Annotated[float, typer.Option(help=WAIT_HELP)] = 3600.0,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Keep a warm copy of NAME's disk on another host, refreshed every --every."""
+def standby_add(name: str, host: str | None, every: str, wait: float, json_out: bool
+                ) -> None:
     interval = parse_duration(every)
     run_op(lambda c: c.standby_add(name, host, interval), f"first refresh of '{name}'", wait,
            json_out, moved)
 
 
-@standby_app.command("sync")
-def standby_sync(
-    name: str,
-    wait: Annotated[float, typer.Option(help=WAIT_HELP)] = 3600.0,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Refresh NAME's standby now."""
+def standby_sync(name: str, wait: float, json_out: bool) -> None:
     run_op(lambda c: c.standby_op(name, "sync"), f"refresh of '{name}'", wait, json_out, moved)
 
 
-@standby_app.command("promote")
-def standby_promote(
-    name: str,
-    wait: Annotated[float, typer.Option(help=WAIT_HELP)] = 3600.0,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Planned switch: last refresh, stop the primary, start the standby; the old primary's
-    disk becomes the new standby."""
+def standby_promote(name: str, wait: float, json_out: bool) -> None:
     run_op(lambda c: c.standby_op(name, "promote"), f"promotion of '{name}'", wait, json_out,
            moved)
 
 
-@standby_app.command("rm")
 def standby_rm(name: str) -> None:
-    """Stop keeping a standby of NAME and remove its copy."""
     with client() as c:
         c.standby_rm(name)
-    out().print(f"standby of {name} removed")
+    say(f"standby of {name} removed")
 
 
-@standby_app.command("ls")
-def standby_ls(
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Every standby: where, state, last sync, data age, last freeze and bytes moved."""
+def standby_ls(json_out: bool) -> None:
     with client() as c:
-        items = c.standbys()
+        raw = c.standbys_data()
     if json_out:
-        print_json(items)
+        print_json(raw)
         return
     from rich.table import Table
 
+    from corral.api.models import StandbyView
+
+    items = [StandbyView.model_validate(s) for s in raw]
     t = Table(box=None, pad_edge=False)
     for col in ("INSTANCE", "HOST", "STATE", "EVERY", "LAST SYNC", "DATA AGE", "FREEZE",
                 "LAST BYTES", "TOTAL", "SYNCS", "ERROR"):

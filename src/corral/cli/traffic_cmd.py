@@ -4,13 +4,11 @@ second."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated
-
-import typer
+from typing import TYPE_CHECKING
 
 from corral.api.timespec import iso
 from corral.cli import render
-from corral.cli.app import JSON_HELP, client
+from corral.cli.app import client
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -18,8 +16,6 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from corral.api.models import TrafficView
-
-commands = typer.Typer()
 
 
 def _rate(x: float) -> str:
@@ -62,24 +58,17 @@ def frame(v: TrafficView) -> Group:
     return Group(*parts)
 
 
-@commands.command()
-def traffic(
-    name: Annotated[str, typer.Argument(help="the instance")],
-    url: Annotated[str | None, typer.Option(help="list this URL's clients, latest first")
-                   ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="at most this many clients")
-                     ] = 30,
-    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
-    once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-) -> None:
-    """Requests/s, status-code rates and who's online, from the instance's access log
-    (captured with 'corral run --tail access=PATH'); Ctrl-C quits."""
+def traffic(name: str, url: str | None, limit: int, interval: float, once: bool,
+            json_out: bool) -> None:
+    """``--json`` prints the view as the server sent it; frames are drawn from its model."""
     with client(timeout=10) as c:
-        view = c.traffic(name, url, limit)
+        raw = c.traffic_data(name, url, limit)
         if json_out:
-            render.print_json(view)
+            render.print_json(raw)
             return
+        from corral.api.models import TrafficView
+
+        view = TrafficView.model_validate(raw)
         if once:
             render.out().print(frame(view))
             return

@@ -1,14 +1,14 @@
 """The image store over HTTP: the server's side of "fetch only the chunks you lack".
 
 Chunks travel as they are stored (zstd), in batches: one request names up to ``MAX_BATCH`` ids
-and the answer is a stream of records ``id(32) | raw_len(u32) | comp_len(u32) | bytes``. The
-receiver verifies every chunk against its id before keeping it (``PackStore.put_compressed``),
-so a damaged server store can never poison an agent's cache.
+and the answer is a stream of records ``id(32) | raw_len(u32) | comp_len(u32) | bytes``
+(:mod:`corral.images.records`, shared with clients). The receiver verifies every chunk against
+its id before keeping it (``PackStore.put_compressed``), so a damaged server store can never
+poison an agent's cache.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import APIRouter, Request, Response
@@ -17,10 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from corral.errors import InvalidRequest, NotFound
+from corral.images.records import MAX_BATCH, RECORD, parse_records
 from corral.images.store import ImageStore
-
-RECORD = struct.Struct(">32sII")
-MAX_BATCH = 1024
 
 
 class ChunkIds(BaseModel):
@@ -152,22 +150,3 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = (),
                         dedup_ratio=round(i.dedup_ratio, 3))
 
     return r
-
-
-def encode_records(records: list[tuple[bytes, int, bytes]]) -> bytes:
-    return b"".join(RECORD.pack(cid, raw_len, len(comp)) + comp for cid, raw_len, comp in records)
-
-
-def parse_records(data: bytes) -> list[tuple[bytes, int, bytes]]:
-    out: list[tuple[bytes, int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        if len(data) - pos < RECORD.size:
-            raise InvalidRequest("truncated chunk stream", hint="retry the fetch")
-        cid, raw_len, comp_len = RECORD.unpack_from(data, pos)
-        pos += RECORD.size
-        if len(data) - pos < comp_len:
-            raise InvalidRequest("truncated chunk stream", hint="retry the fetch")
-        out.append((cid, raw_len, data[pos:pos + comp_len]))
-        pos += comp_len
-    return out

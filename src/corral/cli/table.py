@@ -1,0 +1,318 @@
+"""Every command of ``corral``, its options and their help, as data.
+
+Operators type ``corral ls`` all day, so starting the CLI must cost only what the one command
+run needs. This table is what lets :mod:`corral.cli.app` list every command (``corral --help``)
+and parse any one of them without importing a command module: each entry names the module and
+function that runs it, and the module is imported for that command alone.
+
+Each :class:`Arg` becomes one ``argparse`` argument whose ``dest`` is a parameter of the
+command's function (a test holds the table and the functions' signatures to each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+JSON_HELP = "print plain JSON instead of a table"
+WAIT_HELP = "seconds to follow the operation"
+
+
+class Arg:
+    """One argument. ``kind``: ``value`` (an option taking a value, or a positional),
+    ``flag`` (present or not), ``toggle`` (``--x``/``--no-x``), ``append`` (a repeatable
+    option, None when absent), ``rest`` (the last positional: any number of words, [] when
+    none; what follows ``--`` goes there too), ``some`` (like ``rest``, at least one).
+    (Plain classes, not NamedTuples or dataclasses: building those classes would cost more
+    than parsing the command line.)"""
+
+    __slots__ = ("choices", "default", "dest", "flags", "help", "kind", "metavar", "required",
+                 "type")
+
+    def __init__(self, flags: tuple[str, ...], help: str = "", kind: str = "value",
+                 type: Callable[[str], Any] | None = None, default: Any = None,
+                 dest: str | None = None, metavar: str | None = None,
+                 choices: tuple[str, ...] | None = None, required: bool = False) -> None:
+        self.flags = flags
+        self.help = help
+        self.kind = kind
+        self.type = type
+        self.default = default
+        self.dest = dest
+        self.metavar = metavar
+        self.choices = choices
+        self.required = required
+
+
+class Command:
+    """A command: ``corral.cli.<module>.<func>`` runs it with the parsed arguments."""
+
+    __slots__ = ("args", "func", "help", "module")
+
+    def __init__(self, module: str, func: str, help: str, args: tuple[Arg, ...] = ()) -> None:
+        self.module = module
+        self.func = func
+        self.help = help
+        self.args = args
+
+
+class Group:
+    """``corral NAME SUB ...``: a word that only groups commands."""
+
+    __slots__ = ("commands", "help")
+
+    def __init__(self, help: str, commands: dict[str, Command]) -> None:
+        self.help = help
+        self.commands = commands
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in the range {low}<=x<={high}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+def opt(*flags: str, help: str = "", type: Callable[[str], Any] | None = None,
+        default: Any = None, dest: str | None = None, **kw: Any) -> Arg:
+    return Arg(flags, help, "value", type, default, dest, **kw)
+
+
+def flag(*flags: str, help: str, dest: str | None = None) -> Arg:
+    return Arg(flags, help, "flag", default=False, dest=dest)
+
+
+def pos(name: str, help: str = "", kind: str = "value", type: Callable[[str], Any] | None = None,
+        metavar: str | None = None, dest: str | None = None) -> Arg:
+    return Arg((name,), help, kind, type, metavar=metavar, dest=dest)
+
+
+JSON = flag("--json", help=JSON_HELP, dest="json_out")
+NAMES = pos("names", "instance name(s)", kind="some")
+NAME = pos("name")
+SET = Arg(("--set",), "any setting as key=value (see docs/configuration.md)", "append",
+          dest="set_")
+CONFIG = opt("--config", help="TOML settings file", type=Path, dest="cfg")
+LOG_LEVEL = opt("--log-level", help="debug, info, warning, error")
+TOKEN = opt("--token", help="fleet token (or CORRAL_TOKEN)")
+
+
+def wait(default: float, help: str = WAIT_HELP) -> Arg:
+    return opt("--wait", help=help, type=float, default=default)
+
+
+def _verb(module: str, func: str, help: str, *extra: Arg) -> Command:
+    return Command(module, func, help, (NAMES, *extra, JSON))
+
+
+#: command (or group) name -> what runs it, in the order ``corral --help`` lists them
+COMMANDS: dict[str, Command | Group] = {
+    "events": Command("events_cmd", "events", (
+        "Every committed change of the fleet (instances, hosts, errors), oldest first.\n\n"
+        "Without --since all kept events are shown; -f alone starts with the next new event."), (
+        flag("--follow", "-f", help="keep printing new events"),
+        opt("--since", help="10m, 2h, 1d, an ISO time or unix seconds"),
+        opt("--after", help="only events after this index", type=int),
+        Arg(("--type",), "event type or prefix, e.g. instance.state or host (repeatable)",
+            "append", dest="type_"),
+        opt("--instance", help="only this instance's events"),
+        flag("--json", help="one JSON event per line", dest="json_out"),
+    )),
+    "server": Command("fleet_cmds", "server",
+                      "Run the control plane (HTTP API, scheduler, embedded NATS unless --nats).", (
+        opt("--data", help="data directory", type=Path),
+        opt("--api-host", help="address of the HTTP API"),
+        opt("--api-port", help="port of the HTTP API; 0 = free", type=int),
+        opt("--nats", help="external NATS URL"),
+        opt("--nats-host", help="embedded NATS address"),
+        opt("--nats-port", help="embedded NATS port; 0 = free", type=int),
+        opt("--db", help="SQLAlchemy URL"),
+        TOKEN, LOG_LEVEL, SET, CONFIG,
+    )),
+    "agent": Command("fleet_cmds", "agent",
+                     "Run one host's agent: joins the fleet over NATS and runs its instances.", (
+        opt("--name", help="host name"),
+        opt("--nats", help="NATS URL of the fleet"),
+        TOKEN,
+        opt("--data", help="data directory", type=Path),
+        opt("--address", help="address other hosts reach"),
+        opt("--drivers", help="comma-separated drivers"),
+        LOG_LEVEL, SET, CONFIG,
+    )),
+    "up": Command("fleet_cmds", "up",
+                  "Start a whole fleet on this machine: server, NATS and N agents.", (
+        opt("--hosts", help="number of hosts (agents)", type=int, default=3),
+        flag("--netns", help="root: each host in its own network namespace, with runc",
+             dest="use_netns"),
+        opt("--data", help="fleet directory (default ~/.local/share/corral/fleet; as root "
+            "/var/lib/corral/fleet)", type=Path),
+        opt("--timeout", help="seconds to wait for each step", type=float, default=60.0),
+        flag("--tour", help="then show a short guided tour"),
+        opt("--disk-backend", help="instance disks: dir (rsync) or btrfs (send/receive)",
+            default="dir"),
+        opt("--disk-root", help="host i keeps disks in DIR/host<i> (btrfs: on a btrfs "
+            "filesystem)", type=Path),
+    )),
+    "down": Command("fleet_cmds", "down", "Stop every instance, then the agents and the "
+                    "server; remove the fleet's network.", (
+        opt("--timeout", help="grace seconds for each instance", type=float, default=10.0),
+    )),
+    "status": Command("fleet_cmds", "status", "The fleet at a glance: server, bus, database, "
+                      "hosts, instance counts.", (JSON,)),
+    "run": Command("instances", "run",
+                   "Create an instance and start it: corral run NAME OPTIONS -- CMD ARGS...", (
+        pos("name", "instance name: lowercase letters, digits, dashes"),
+        pos("command", "the workload's argv, after --", kind="rest"),
+        opt("--cpus", help="CPU reservation, in cores", type=float, default=0.1),
+        opt("--memory", help="memory reservation: 64M, 1G, 512Ki...", default="64M"),
+        opt("--host", help="pin to this host"),
+        opt("--driver", help="process or runc (default: runc with --from or --image, else "
+            "process)"),
+        opt("--from", help="root filesystem directory (on the host)", type=Path,
+            dest="rootfs"),
+        opt("--image", help="image to run from (see 'corral image ls'); not with --from"),
+        Arg(("--env", "-e"), "KEY=VALUE, repeatable", "append"),
+        flag("--no-start", help="create without starting"),
+        Arg(("--tail",), "capture a file too: SOURCE=PATH (inside the rootfs), repeatable",
+            "append"),
+        opt("--vip", help="virtual IP ADDR/PREFIX held while it runs; moves with failover"),
+        JSON,
+    )),
+    "ls": Command("instances", "ls",
+                  "List instances with their CPU (% of a core, % of the host) and memory.",
+                  (JSON,)),
+    "show": Command("instances", "show",
+                    "Everything about one instance, including what you can do with it next.",
+                    (NAME, JSON)),
+    "start": _verb("instances", "start", "Start stopped, exited or failed instances."),
+    "stop": _verb("instances", "stop", "SIGTERM, then SIGKILL after the timeout.",
+                  opt("--timeout", help="seconds before SIGKILL", type=float)),
+    "restart": _verb("instances", "restart", "Stop (if running) and start again."),
+    "freeze": _verb("instances", "freeze",
+                    "Pause every process of the instance (cgroup freezer)."),
+    "thaw": _verb("instances", "thaw", "Resume a frozen instance."),
+    "kill": _verb("instances", "kill", "Send a signal to the whole instance.",
+                  opt("--signal", "-s", help="name or number", default="KILL")),
+    "rm": Command("instances", "rm", "Delete instances (they must be stopped, unless --force).",
+                  (NAMES, flag("--force", "-f", help="stop it first if alive"))),
+    "logs": Command("logs", "logs", "Print an instance's captured output (stdout, stderr and "
+                    "tailed files), oldest first.", (
+        pos("name", "instance name"),
+        flag("--follow", "-f", help="keep printing new lines"),
+        opt("--since", help="only lines from this far back (30s, 10m, 2h) or since a time "
+            "(ISO 8601)"),
+        opt("--source", help="stdout, stderr, or a source given with 'corral run --tail'"),
+        flag("--json", help="one JSON object per line: ts, host, source, seq, line",
+             dest="json_out"),
+    )),
+    "logsink": Command("logs", "logsink", (
+        "Write every instance's lines to DIR/<instance>/<source>.log, exactly once, until "
+        "stopped.\n\nA sink killed and started again resumes at its checkpoint: no line lost, "
+        "none written twice; gaps in a source's numbering are recorded in DIR/gaps.jsonl. Run "
+        "two for two places."), (
+        Arg(("--dir",), "where the per-instance files go", type=Path, dest="directory",
+            required=True),
+        opt("--name", help="this sink's name (its durable consumer and checkpoint); default: "
+            "the dir's name"),
+    )),
+    "recreate": Command("ops_cmd", "recreate", (
+        "Stop, delete and create an instance again (on its host or --to another), starting it "
+        "again if it was running; any failure puts it back where it was."), (
+        NAME, opt("--to", help="create it on this host instead"), wait(600.0), JSON)),
+    "shelve": Command("shelve_cmd", "shelve", (
+        "Snapshot an instance's disk into the image store and release its CPU and memory; its "
+        "disk stays on the host until the offload delay, for a fast unshelve there."), (
+        NAME,
+        opt("--offload-after", help="keep the disk on its host this long (1h, 30m, 0 = remove "
+            "at once, never); default: the server's shelved_offload_seconds"),
+        wait(600.0), JSON)),
+    "unshelve": Command("shelve_cmd", "unshelve", (
+        "Bring shelved instances back: on the old host when the disk is there and it fits, "
+        "else where the scheduler says (fetching only the chunks that host lacks)."), (
+        pos("names", "instance name(s)", kind="rest"),
+        flag("--all", help="every shelved instance", dest="all_"),
+        opt("--to", help="unshelve on this host"),
+        opt("--parallel", help="operations in flight", type=int_range(1, 64), default=8),
+        wait(1800.0, "seconds to wait for all of them"),
+        JSON)),
+    "shelved": Command("shelve_cmd", "shelved", "Shelved instances: where their disk is kept "
+                       "and until when, and what they store.", (JSON,)),
+    "migrate": Command("standby_cmd", "migrate", (
+        "Move an instance and its disk to another host (warm: copy while it runs, then a short "
+        "freeze); any failure leaves it running where it was and the target clean."), (
+        NAME,
+        opt("--to", help="target host (default: the scheduler's pick)"),
+        flag("--cold", help="stop first, then copy"),
+        wait(3600.0), JSON)),
+    "top": Command("top", "top", "Live CPU and memory of every instance, with each host's sum "
+                   "and rest (Ctrl-C quits).", (
+        opt("--sort", help="cpu, mem or name", default="cpu", choices=("cpu", "mem", "name")),
+        flag("--once", help="print one frame and exit"),
+        opt("--interval", help="seconds between refreshes", type=float, default=1.0),
+        JSON)),
+    "traffic": Command("traffic_cmd", "traffic", (
+        "Requests/s, status-code rates and who's online, from the instance's access log "
+        "(captured with 'corral run --tail access=PATH'); Ctrl-C quits."), (
+        pos("name", "the instance"),
+        opt("--url", help="list this URL's clients, latest first"),
+        opt("--limit", help="at most this many clients", type=int_range(1, 10_000),
+            default=30),
+        opt("--interval", help="seconds between refreshes", type=float, default=1.0),
+        flag("--once", help="print one frame and exit"),
+        JSON)),
+    "host": Group("Hosts of the fleet.", {
+        "ls": Command("fleet_cmds", "host_ls",
+                      "Hosts with their capacity, reservations and CPU use.", (JSON,)),
+    }),
+    "image": Group("Images: content-addressed root filesystems.", {
+        "import": Command("images", "import_", "Import a directory or tarball as an image "
+                          "(uploads only the chunks the store lacks).", (
+            pos("name", "image name"),
+            pos("path", "a root directory or a tar archive", type=Path),
+            Arg(("--replace",), "replace an image of that name", "toggle", default=False),
+        )),
+        "ls": Command("images", "ls", "Images with their size, unique size and dedup ratio.",
+                      (JSON,)),
+        "rm": Command("images", "rm", "Remove images (their chunks are freed by 'corral image "
+                      "gc').", (pos("names", "image name(s)", kind="some"),)),
+        "verify": Command("images", "verify", "Read back every stored chunk; list damage and "
+                          "the images it breaks (exit 11 if any).", (JSON,)),
+        "gc": Command("images", "gc", "Free the chunks no image uses any more.", (JSON,)),
+    }),
+    "ops": Group("Operations: durable multi-step actions and their steps.", {
+        "ls": Command("ops_cmd", "ops_ls", "Operations, newest first.", (
+            opt("--target", help="only this instance's"),
+            opt("--limit", help="at most this many", type=int, default=50),
+            JSON)),
+        "show": Command("ops_cmd", "ops_show", "One operation: its steps with states and "
+                        "timings, its error and the hooks that ran.", (
+            pos("op_id", metavar="ID"), JSON)),
+    }),
+    "standby": Group("Warm standbys: copies of an instance's disk on another host.", {
+        "add": Command("standby_cmd", "standby_add", "Keep a warm copy of NAME's disk on "
+                       "another host, refreshed every --every.", (
+            NAME,
+            opt("--host", help="standby host (default: the scheduler's pick, never its own)"),
+            opt("--every", help="refresh interval, e.g. 60s, 5m", default="60s"),
+            wait(3600.0), JSON)),
+        "sync": Command("standby_cmd", "standby_sync", "Refresh NAME's standby now.",
+                        (NAME, wait(3600.0), JSON)),
+        "promote": Command("standby_cmd", "standby_promote", (
+            "Planned switch: last refresh, stop the primary, start the standby; the old "
+            "primary's disk becomes the new standby."), (NAME, wait(3600.0), JSON)),
+        "rm": Command("standby_cmd", "standby_rm",
+                      "Stop keeping a standby of NAME and remove its copy.", (NAME,)),
+        "ls": Command("standby_cmd", "standby_ls", "Every standby: where, state, last sync, "
+                      "data age, last freeze and bytes moved.", (JSON,)),
+    }),
+}
