@@ -123,6 +123,53 @@ class ConfigError(CorralError):
     exit_code = 10
 
 
+class Busy(Conflict):
+    """Another verb or operation holds the instance (or host); it names the holder."""
+
+    code = "busy"
+    default_retryable = True
+
+
+class HookRefused(Conflict):
+    """A ``pre-`` hook of an operation said no."""
+
+    code = "hook_refused"
+
+
+class MissingChunk(NotFound):
+    code = "missing_chunk"
+
+
+class CorruptChunk(CorralError):
+    code = "corrupt_chunk"
+    http_status = 500
+    exit_code = 11
+
+
+class OperationFailed(CorralError):
+    """An operation ended without succeeding (rolled back, or needs attention)."""
+
+    code = "operation_failed"
+    http_status = 409
+    exit_code = 12
+
+
+class TransferFailed(CorralError):
+    """A disk pass between hosts failed (rsync, btrfs send/receive, the data channel)."""
+
+    code = "transfer_failed"
+    http_status = 502
+    exit_code = 13
+    default_retryable = True
+
+
+class HTTPError(CorralError):
+    """A routing-level refusal from the web framework (405 and the like)."""
+
+    code = "http_error"
+    exit_code = 14
+
+
 _BY_CODE: dict[str, type[CorralError]] = {}
 
 

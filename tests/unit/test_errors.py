@@ -28,10 +28,35 @@ def test_codes_are_unique_and_stable() -> None:
 
 
 def test_exit_codes_differ_between_kinds() -> None:
-    base = [c for c in _all() if c.__module__ == "corral.errors"
-            and c is not errors.InvalidTransition]
-    exit_codes = [c.exit_code for c in base]
+    """Each kind (a direct subclass of the base) has its own exit code; a refinement of a
+    kind (Busy is a Conflict) shares its kind's."""
+    kinds = [c for c in CorralError.__subclasses__() if c.__module__ == "corral.errors"]
+    exit_codes = [c.exit_code for c in kinds]
     assert len(exit_codes) == len(set(exit_codes))
+    for c in _all():
+        if c is not CorralError and c not in kinds:
+            assert c.exit_code == next(k for k in kinds if issubclass(c, k)).exit_code, c
+
+
+def test_every_error_of_every_module_lives_in_errors_py() -> None:
+    """An error class defined elsewhere is unknown to a process that never imports its
+    module: the server turned an agent's ``transfer_failed`` into a 500 ``internal``. So every
+    module is imported and every subclass found must be defined in (and registered by)
+    corral.errors."""
+    import importlib
+    import pkgutil
+
+    import corral
+
+    for mod in pkgutil.walk_packages(corral.__path__, "corral."):
+        if mod.name.endswith("__main__") or ".migrations" in mod.name:
+            continue
+        importlib.import_module(mod.name)
+    outside = [f"{c.__module__}.{c.__qualname__}" for c in _all()
+               if c.__module__ != "corral.errors"]
+    assert not outside, f"define these in corral/errors.py: {outside}"
+    for c in _all():
+        assert errors._BY_CODE[c.code] is c
 
 
 @pytest.mark.parametrize("cls", [c for c in _all() if c.__module__ == "corral.errors"])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from corral.api.timespec import iso
 from corral.cli.app import client
 from corral.cli.render import err, out, print_json
-from corral.errors import CorralError
+from corral.errors import CorralError, OperationFailed
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -24,12 +24,6 @@ if TYPE_CHECKING:
     from corral.api.models import OperationView
 
 
-class OperationNotSucceeded(CorralError):
-    """The operation finished, but not as asked (rolled back or needing attention)."""
-
-    code = "operation_failed"
-    http_status = 409
-    exit_code = 12
 
 
 def _took(start: float | None, end: float | None) -> str:
@@ -111,7 +105,7 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
            json_out: bool, summary: Callable[[OperationView], str] | None = None
            ) -> OperationView:
     """Start an operation, follow it until it finishes (at most ``wait`` seconds), print it,
-    and raise :class:`OperationNotSucceeded` (exit 12) unless it succeeded."""
+    and raise :class:`OperationFailed` (exit 12) unless it succeeded."""
     console = err()
     with client() as c:
         o = start(c)
@@ -137,7 +131,7 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
         message = (o.error or {}).get("message", "no error recorded")
         if json_out:
             err().print(f"operation {o.id} {o.state}")
-        raise OperationNotSucceeded(f"{what} {o.state}: {message}",
+        raise OperationFailed(f"{what} {o.state}: {message}",
                                     hint=f"see 'corral ops show {o.id}'")
     return o
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from corral.api.timespec import iso
 from corral.cli import render
 from corral.cli.app import client
-from corral.cli.ops_cmd import OperationNotSucceeded, run_op
+from corral.cli.ops_cmd import run_op
 from corral.cli.parse import parse_duration
-from corral.errors import CorralError, InvalidRequest
+from corral.errors import CorralError, InvalidRequest, OperationFailed
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -144,7 +144,7 @@ def unshelve(names: list[str], all_: bool, to: str | None, parallel: int, wait: 
         render.out().print(_results_table(rows))
     failed = [r for r in rows if r["result"] != "succeeded"]
     if failed:
-        raise OperationNotSucceeded(
+        raise OperationFailed(
             f"{len(failed)} of {len(rows)} unshelves did not succeed: "
             + ", ".join(f"{r['name']} ({r['result']})" for r in failed[:10]),
             hint="failed ones are shelved as before; see 'corral ops show OP'")

@@ -33,7 +33,7 @@ from corral.api.models import (
 from corral.control import prom, views
 from corral.control.fleet import Fleet
 from corral.control.service import InstanceService
-from corral.errors import CorralError, InvalidRequest, NotFound, Unauthorized
+from corral.errors import CorralError, HTTPError, InvalidRequest, NotFound, Unauthorized
 from corral.lifecycle import Verb
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (401, 404, 409, 422, 500, 502, 503)
 }
 VerbName = Literal["start", "stop", "kill", "restart", "freeze", "thaw"]
-
-class HTTPError(CorralError):
-    """A routing-level refusal from the framework (405 and the like)."""
-
-    code = "http_error"
 
 
 bearer = HTTPBearer(auto_error=False, description="the fleet token (DATA/token)")

@@ -16,15 +16,11 @@ from corral.bus import rpc
 from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
 from corral.control.opbase import OpBase
-from corral.errors import Conflict, HostUnavailable, InvalidRequest, NotFound
+from corral.errors import Conflict, HookRefused, HostUnavailable, InvalidRequest, NotFound
 from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext
 
 log = logging.getLogger(__name__)
-
-
-class HookRefused(Conflict):
-    code = "hook_refused"
 
 
 class DiskOps(OpBase):

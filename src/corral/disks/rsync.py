@@ -17,20 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import CorralError
+from corral.errors import TransferFailed as TransferFailed  # lives in errors.py with the rest
 
 #: ``--modify-window=-1``: compare mtimes to the nanosecond (rsync >= 3.1.3). By default rsync
 #: compares whole seconds, so a file rewritten in the second after a standby refresh copied it
 #: (same size: a WAL segment, a database page file) looked unchanged to the next live pass, and
 #: a promotion lost those writes. Seen with PostgreSQL: acknowledged commits gone.
 BASE_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--stats", "--modify-window=-1"]
-
-
-class TransferFailed(CorralError):
-    code = "transfer_failed"
-    http_status = 502
-    exit_code = 13
-    default_retryable = True
 
 
 @dataclass(frozen=True)

@@ -26,24 +26,17 @@ import blake3
 import lmdb
 import zstandard
 
-from corral.errors import CorralError
+from corral.errors import (
+    CorruptChunk as CorruptChunk,  # lives in errors.py with the rest
+)
+from corral.errors import (
+    MissingChunk as MissingChunk,  # lives in errors.py with the rest
+)
 
 MAGIC = b"CRC1"
 HEADER = struct.Struct(">4s32sII")
 LOC = struct.Struct(">IQII")  # pack number, offset, comp_len, raw_len
 PACK_LIMIT = 512 * 1024**2
-
-
-class CorruptChunk(CorralError):
-    code = "corrupt_chunk"
-    http_status = 500
-    exit_code = 11
-
-
-class MissingChunk(CorralError):
-    code = "missing_chunk"
-    http_status = 404
-    exit_code = 4
 
 
 def chunk_id(data: bytes) -> bytes:

@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, CorralError, InvalidRequest
+from corral.errors import (
+    OperationFailed as OperationFailed,  # lives in errors.py with the rest
+)
 from corral.ops.hooks import HookResult, Hooks
 from corral.ops.store import (
     FINISHED,
@@ -84,12 +87,6 @@ class Step:
 Builder = Callable[[OpRecord], list[Step]]
 #: ``check(target, params)``: raise the request's refusal, or return; reads only, never awaits
 Check = Callable[[str, dict[str, Any]], None]
-
-
-class OperationFailed(CorralError):
-    code = "operation_failed"
-    http_status = 409
-    exit_code = 12
 
 
 class Engine:
