@@ -106,4 +106,4 @@ async def test_unfinished_operation_is_rolled_back_after_a_restart(tmp_path: Pat
         op = await finished(h, rec.id)
         assert op["state"] == OpState.ROLLED_BACK.value
         assert "interrupted" in op["error"]["message"] and op["error"]["step"] == "stop"
-        assert h.plane.fleet is not None and "gone" not in h.plane.fleet.busy
+        assert h.plane.fleet is not None and "gone" not in h.plane.fleet.locks.instances

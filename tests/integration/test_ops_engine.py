@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
 
-from corral.ops.engine import Engine, OpContext, Step
+from corral.ops.engine import Engine, Kind, OpContext, Step
 from corral.ops.hooks import Hooks
 from corral.ops.store import OperationStore, OpRecord, OpState, StepState
 
@@ -36,6 +37,12 @@ HARNESS = textwrap.dedent(
     """
 )
 
+
+
+class AnyParams(BaseModel):
+    """The demo kind takes whatever the test passes."""
+
+    model_config = ConfigDict(extra="allow")
 
 def build_engine(work: Path, die_at: str = "", phase: str = "") -> Engine:
     """Each step creates a marker (its side effect); undo removes it. ``die_at`` kills the
@@ -62,7 +69,7 @@ def build_engine(work: Path, die_at: str = "", phase: str = "") -> Engine:
 
         return Step(name, do, undo, commit=name == "switch")
 
-    engine.register("demo", lambda rec: [make(n) for n in STEPS])
+    engine.register(Kind("demo", lambda rec: [make(n) for n in STEPS], AnyParams))
     return engine
 
 
@@ -156,8 +163,13 @@ def test_failure_past_commit_is_retried_forward(tmp_path: Path) -> None:
 
 
 def test_one_operation_per_target(tmp_path: Path) -> None:
+    """A crash left an operation on 'web' unfinished: a restarted engine holds it again
+    before anything else may start (the server does so at start), so a new one is refused
+    as busy, naming the holder."""
     assert run_harness(tmp_path, "copy", "after", "submit") == -signal.SIGKILL
-    from corral.errors import Conflict
+    from corral.errors import Busy
 
-    with pytest.raises(Conflict, match="busy"):
-        asyncio.run(build_engine(tmp_path).submit("demo", "web", {}))
+    engine = build_engine(tmp_path)
+    (held,) = engine.hold_unfinished()
+    with pytest.raises(Busy, match=f"busy with operation {held.id}"):
+        asyncio.run(engine.submit("demo", "web", {}))

@@ -10,6 +10,7 @@ undos leave the instance and standby records exactly as they were).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from corral.control.migrate import Migrate, pick_target
 from corral.control.operations import Operations
 from corral.control.shelves import Shelves
 from corral.errors import Conflict, CorralError, InvalidRequest, NoCapacity
-from corral.ops.engine import Engine, OpContext, Step
+from corral.ops.engine import Check, Engine, Kind, OpContext, Step
 from corral.ops.hooks import Hooks
 from corral.ops.store import OperationStore, OpRecord, OpState, StepState
 from corral.scheduling.placement import HostSnapshot, Request
@@ -54,6 +55,17 @@ class Server:
     fleet: Fleet
     ops: Operations
     agents: RecordingAgents
+
+
+
+class Refusable(BaseModel):
+    refuse: bool = False
+
+
+def check_of(server: Server, kind: str) -> Check:
+    check = server.ops.engine.kinds[kind].check
+    assert check is not None
+    return check
 
 
 @pytest.fixture
@@ -135,7 +147,7 @@ async def test_refused_request_records_nothing_and_changes_nothing(
     assert rows(server, name) == before
     assert server.ops.store.list(target=name) == []  # no operation record at all
     assert server.agents.calls == []
-    assert name not in server.fleet.busy  # and the instance is free for the next request
+    assert name not in server.fleet.locks.instances  # free for the next request
 
 
 @pytest.mark.parametrize(("kind", "name", "params", "setup", "says"), REFUSALS, ids=IDS)
@@ -147,8 +159,8 @@ async def test_plan_refusing_after_a_passed_check_rolls_back_without_a_trace(
     add(server, name, **setup)
     before = rows(server, name)
     unchecked = Engine(server.ops.store, Hooks(server.ops.hooks_dir), retry_delay=0.01)
-    for known, builder in server.ops.engine.builders.items():
-        unchecked.register(known, builder)
+    for known in server.ops.engine.kinds.values():
+        unchecked.register(dataclasses.replace(known, check=None))
     rec = await unchecked.submit(kind, name, params)
     assert rec.state == OpState.ROLLED_BACK, rec.error
     assert rec.error is not None and rec.error["step"] == "plan" and says in rec.error["message"]
@@ -158,8 +170,9 @@ async def test_plan_refusing_after_a_passed_check_rolls_back_without_a_trace(
 
 
 def test_every_kind_has_a_check(server: Server) -> None:
-    engine = server.ops.engine
-    assert set(engine.checks) == set(engine.builders) == set(IDS)
+    kinds = server.ops.engine.kinds
+    assert all(k.check is not None for k in kinds.values())
+    assert set(IDS) <= set(kinds)
 
 
 async def test_a_check_runs_before_anything_is_recorded(tmp_path: Path) -> None:
@@ -174,7 +187,7 @@ async def test_a_check_runs_before_anything_is_recorded(tmp_path: Path) -> None:
         if params.get("refuse"):
             raise Conflict(f"'{target}' says no", hint="ask again nicely")
 
-    engine.register("demo", lambda rec: [Step("only", do)], check=check)
+    engine.register(Kind("demo", lambda rec: [Step("only", do)], Refusable, check=check))
     with pytest.raises(Conflict, match="'web' says no"):
         await engine.submit("demo", "web", {"refuse": True})
     assert store.list() == [] and ran == []
@@ -239,6 +252,6 @@ async def test_migrate_without_room_but_the_standby_host_is_refused_with_promote
 def test_an_explicit_to_the_standby_host_is_still_refused(server: Server) -> None:
     add(server, "mv", "running", standby="h2")
     with pytest.raises(Conflict, match="h2 holds the standby of 'mv'"):
-        server.ops.engine.checks[MIGRATE]("mv", {"to": "h2"})
+        check_of(server, MIGRATE)("mv", {"to": "h2"})
     with pytest.raises(InvalidRequest, match="already runs on h1"):
-        server.ops.engine.checks[MIGRATE]("mv", {"to": "h1"})
+        check_of(server, MIGRATE)("mv", {"to": "h1"})

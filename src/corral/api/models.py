@@ -266,6 +266,8 @@ class OperationView(BaseModel):
     error: dict[str, Any] | None = None
     hooks: list[dict[str, Any]] = Field(default_factory=list)
     steps: list[StepView] = Field(default_factory=list)
+    #: the kind's typed result once it has ended (see api/operations.py): read this, not data
+    result: dict[str, Any] | None = None
     created_at: float
     updated_at: float
 
@@ -322,6 +324,16 @@ class ShelveRequest(BaseModel):
         description="seconds the disk stays on its host after shelving (a fast unshelve "
                     "there); 0 removes it at once, negative keeps it until unshelve or rm; "
                     "empty means the server's shelved_offload_seconds")
+
+
+class UnshelveGroupRequest(BaseModel):
+    """``POST /v1/unshelve``: many shelved instances back as one operation group."""
+
+    names: list[str] = Field(default_factory=list, max_length=10_000,
+                             description="instances to unshelve (empty with all: every one)")
+    all: bool = Field(default=False, description="every shelved instance")
+    to: str | None = Field(default=None, description="one host for all of them")
+    parallel: int = Field(default=8, ge=1, le=256, description="unshelves in flight at once")
 
 
 class UnshelveRequest(BaseModel):

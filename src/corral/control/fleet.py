@@ -6,8 +6,8 @@ state the table does not allow. Two guards keep old news from overwriting new fa
 
 * the **epoch**: every start gets a new one; a report carrying an older epoch is about a previous
   run and is ignored;
-* the **busy set**: while the server is in the middle of a verb on an instance, heartbeats about
-  it are ignored; the verb's own reply is the authority.
+* the **locks**: while a verb or an operation holds an instance (``Fleet.locks``), heartbeats
+  about it are ignored; the verb's own reply is the authority.
 
 All methods are synchronous and short (one transaction each); they run on the server's event
 loop, which therefore serialises every write to the database.
@@ -15,6 +15,7 @@ loop, which therefore serialises every write to the database.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -37,11 +38,14 @@ from corral.config import Settings
 from corral.control.db import Host, Instance, Standby
 from corral.errors import InvalidTransition
 from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
+from corral.ops.locks import LockManager
 from corral.scheduling.placement import HostSnapshot
 
 log = logging.getLogger(__name__)
 
 
+#: how long an operator's request waits for an operation on its instance to end
+BUSY_WAIT = 15.0
 #: what :meth:`Fleet.move` may set besides the state (the spec is fixed at create)
 MOVABLE_FIELDS = frozenset({"host", "desired_state", "epoch", "pid", "exit_code", "disk_host",
                             "shelf", "shelved_from", "shelved_at", "offload_at"})
@@ -74,8 +78,8 @@ class Fleet:
         self.settings = settings
         self.clock = clock
         self.metrics: dict[str, HostMetrics] = {}
-        #: instances with a verb in flight (see module doc)
-        self.busy: set[str] = set()
+        #: what verbs, operations and loops hold (instances, hosts): see ops/locks.py
+        self.locks = LockManager()
         #: joins per host since this server started: a new value means a new agent process
         self.joins: dict[str, int] = {}
         #: hosts marked down by :meth:`expire_leases` since (up again with a heartbeat/join)
@@ -90,7 +94,7 @@ class Fleet:
             log.debug("ignoring stale report on %s (epoch %s < %s)", inst.name, report.epoch,
                       inst.epoch)
             return False
-        if inst.name in self.busy and not from_verb:
+        if inst.name in self.locks.instances and not from_verb:
             return False
         current = State(inst.state)
         new = observed(report, inst.desired_state)
@@ -110,6 +114,15 @@ class Fleet:
         inst.exit_code = exit_code
         inst.updated_at = self.clock()
         return True
+
+    async def wait_free(self, name: str, seconds: float = BUSY_WAIT) -> None:
+        """Give a short operation in flight on ``name`` (a standby refresh every minute, say)
+        a moment to end, so an operator's request does not fail just because a background
+        refresh ran; the caller then takes the lock (and hears who holds it if still busy)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while name in self.locks.instances and loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
     # --- the one writer of an instance's row ---------------------------------------------------
 

@@ -238,7 +238,7 @@ class HaManager:
             rows = s.scalars(select(Instance).where(
                 Instance.name.in_([r.name for r in reports]))).all()
             records = {i.name: Record(i.name, i.host, i.epoch) for i in rows}
-        todo = [c for c in plan_rejoin(host, reports, records, self.fleet.busy)
+        todo = [c for c in plan_rejoin(host, reports, records, self.fleet.locks.instances)
                 if (host, c.instance) not in self._cleaning]
         for c in todo:
             self._cleaning.add((host, c.instance))
@@ -246,7 +246,7 @@ class HaManager:
         return todo
 
     async def _cleanup(self, host: str, c: Cleanup) -> None:
-        if c.instance in self.fleet.busy:  # an operation took it since the report: not ours
+        if c.instance in self.fleet.locks.instances:  # taken since the report: not ours
             self._cleaning.discard((host, c.instance))
             return
         # only the copy that was reported (if_epoch)

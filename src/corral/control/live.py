@@ -38,7 +38,7 @@ class Live:
         pub = self.publisher = events.EventPublisher(self.js)
         pub.listeners.append(self._on_event)
         pub.start()
-        events.watch(fleet.sessions, pub, fleet.busy)
+        events.watch(fleet.sessions, pub, fleet.locks.instances)
         service.on_error = pub.verb_error
         self._sub = await traffic_api.subscribe(nc, self.traffic)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance, Standby
 from corral.control.diskops import DiskOps
@@ -104,6 +105,17 @@ class Migrate(DiskOps):
                                  hint="pick a host that lists it in 'corral host ls'")
         place(Request(inst.cpus, inst.memory_bytes, inst.driver, host=to), snapshot)
         return inst, state, source.name, to
+
+    @staticmethod
+    def result(rec: OpRecord) -> wire.MoveResult:
+        """Also a promotion's: both are moves, with the same blackboard."""
+        d = rec.data
+        frozen = [p.get("freeze_ms") for p in d.get("passes", [])
+                  if p.get("freeze_ms") is not None]
+        return wire.MoveResult(source=d.get("source"), target=d.get("target"),
+                               bytes=int(d.get("bytes") or 0), passes=len(d.get("passes", [])),
+                               freeze_ms=frozen[-1] if frozen else None,
+                               downtime_ms=d.get("downtime_ms"), data_at=d.get("data_at"))
 
     # -- steps -------------------------------------------------------------------------------
     async def _plan(self, ctx: OpContext) -> None:

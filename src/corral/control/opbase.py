@@ -14,11 +14,13 @@ from corral.bus import rpc
 from corral.bus.messages import InstanceReport, WireSpec
 from corral.config import Settings
 from corral.control.agents import AgentCaller
-from corral.control.db import Host, Instance
+from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
 from corral.errors import DriverError, HostUnavailable, NotFound
 from corral.lifecycle import ALIVE, State
+from corral.ops import locks
 from corral.ops.engine import OpContext
+from corral.ops.locks import LockSet
 
 
 class OpBase:
@@ -52,6 +54,19 @@ class OpBase:
     def spec(inst: Instance) -> dict[str, Any]:
         """The spec as the operation writes it down (``ctx.data['spec']``, JSON)."""
         return inst.wire_spec().model_dump(mode="json")
+
+    def held(self, name: str, params: dict[str, Any]) -> LockSet:
+        """What an operation on ``name`` holds while it runs: the instance itself, and shared
+        holds on every host it may touch (its host, the one keeping its disk, its standby's,
+        the one asked for), so a host can be emptied or forgotten only when none is in use."""
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, name)
+            sb = s.get(Standby, name)
+            hosts = {params.get("to"), sb.host if sb is not None else None}
+            if inst is not None:
+                hosts |= {inst.host, inst.disk_host}
+        return LockSet.of([locks.instance(name)],
+                          [locks.host(h) for h in hosts if isinstance(h, str) and h])
 
     def recorded_spec(self, ctx: OpContext) -> WireSpec:
         """The spec the operation wrote down when it planned, with the row's current epoch

@@ -8,9 +8,10 @@ returns as soon as the operation is recorded; the operation runs on in a task of
 request its kind's check refuses is never recorded: :meth:`Operations.begin` raises the refusal
 (the routes answer it as a 4xx) and the instance is left exactly as it was.
 
-An operation's target instance is in :attr:`Fleet.busy` from :meth:`begin` (or from server
-start, for one a crash left unfinished) until the record is finished, so lifecycle verbs and
-heartbeats keep off it while its steps run.
+An operation holds what its kind declares (its instance, shared holds on the hosts it touches)
+in the fleet's lock manager from :meth:`begin` (or from server start, for one a crash left
+unfinished) until the record is finished, so lifecycle verbs, loops and heartbeats keep off it
+while its steps run.
 """
 
 from __future__ import annotations
@@ -25,17 +26,26 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine as DbEngine
 
+from corral.api import operations as wire
 from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host
 from corral.control.fleet import Fleet
+from corral.control.group import KIND as UNSHELVE_GROUP
+from corral.control.group import UnshelveGroup
 from corral.control.migrate import KIND as MIGRATE
 from corral.control.migrate import Migrate
+from corral.control.opbase import OpBase
 from corral.control.recreate import KIND as RECREATE
 from corral.control.recreate import Recreate
+from corral.control.shelve import KIND as SHELVE
+from corral.control.shelve import Shelve
 from corral.control.standby import FAILOVER, PROMOTE, SYNC, StandbyOps
-from corral.errors import Conflict, CorralError
-from corral.ops.engine import Engine
+from corral.control.unshelve import KIND as UNSHELVE
+from corral.control.unshelve import Unshelve
+from corral.errors import Busy, CorralError
+from corral.images.store import ImageStore
+from corral.ops.engine import Engine, Kind
 from corral.ops.hooks import Hooks
 from corral.ops.store import FINISHED, OperationStore, OpRecord
 
@@ -47,26 +57,49 @@ def hooks_dir(settings: Settings) -> Path:
     return Path(settings.hooks_dir) if settings.hooks_dir else Path(settings.data_dir) / "hooks"
 
 
+def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
+          images: Callable[[], ImageStore | None], ops: Operations) -> list[Kind]:
+    """Every operation kind, in one table: its builder, params, check, locks and result."""
+    recreate = Recreate(fleet, agents, settings)
+    migrate = Migrate(fleet, agents, settings)
+    standby = StandbyOps(fleet, agents, settings)
+    shelve = Shelve(fleet, agents, settings, images)
+    unshelve = Unshelve(fleet, agents, settings, images)
+    group = UnshelveGroup(fleet, agents, settings, ops)
+    held = OpBase(fleet, agents, settings).held
+    return [
+        Kind(RECREATE, recreate.build, wire.ToParams, recreate.check, held, recreate.result),
+        Kind(MIGRATE, migrate.build, wire.MigrateParams, migrate.check, held, migrate.result),
+        Kind(SYNC, standby.build_sync, wire.NoParams, standby.check_sync, held,
+             standby.sync_result),
+        Kind(PROMOTE, standby.build_promote, wire.NoParams, standby.check_promote, held,
+             migrate.result),
+        Kind(FAILOVER, standby.build_failover, wire.FailoverParams, standby.check_failover,
+             held, standby.failover_result),
+        Kind(SHELVE, shelve.build, wire.ShelveParams, shelve.check, held, shelve.result),
+        Kind(UNSHELVE, unshelve.build, wire.ToParams, unshelve.check, held, unshelve.result),
+        Kind(UNSHELVE_GROUP, group.build, wire.UnshelveGroupParams, group.check, group.held,
+             group.result),
+    ]
+
+
 class Operations:
     def __init__(self, db: DbEngine, fleet: Fleet, agents: AgentCaller, settings: Settings,
-                 publish: Callable[[OpRecord], None] | None = None) -> None:
+                 publish: Callable[[OpRecord], None] | None = None,
+                 images: Callable[[], ImageStore | None] = lambda: None) -> None:
         self.fleet = fleet
         self.settings = settings
         self.publish = publish
         self.store = OperationStore(db)  # the table comes from migration 0003, never create_all
         self.hooks_dir = hooks_dir(settings)
         self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed,
-                             pause_dir=Path(settings.data_dir) / "drills")
-        recreate = Recreate(fleet, agents, settings)
-        self.engine.register(RECREATE, recreate.build, check=recreate.check)
-        migrate = Migrate(fleet, agents, settings)
-        self.engine.register(MIGRATE, migrate.build, check=migrate.check)
-        standby = StandbyOps(fleet, agents, settings)
-        self.engine.register(SYNC, standby.build_sync, check=standby.check_sync)
-        self.engine.register(PROMOTE, standby.build_promote, check=standby.check_promote)
-        self.engine.register(FAILOVER, standby.build_failover, check=standby.check_failover)
+                             pause_dir=Path(settings.data_dir) / "drills", locks=fleet.locks)
+        for kind in kinds(fleet, agents, settings, images, self):
+            self.engine.register(kind)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._first_save: dict[str, asyncio.Future[OpRecord]] = {}
+        #: operations ended since they were waited for (see :meth:`wait`)
+        self._ended: dict[str, asyncio.Future[OpRecord]] = {}
 
     def _changed(self, rec: OpRecord) -> None:
         if self.publish is not None:
@@ -78,16 +111,27 @@ class Operations:
         if waiter is not None and not waiter.done():
             waiter.set_result(rec)
         if rec.state in FINISHED:
-            self.fleet.busy.discard(rec.target)
+            ended = self._ended.pop(rec.id, None)
+            if ended is not None and not ended.done():
+                ended.set_result(rec)
+
+    async def wait(self, op_id: str) -> OpRecord:
+        """The operation's record once it has ended (an operation group waits for its
+        members this way)."""
+        rec = self.store.get(op_id)
+        if rec is None:
+            raise CorralError(f"internal: no operation {op_id}")
+        if rec.state in FINISHED:
+            return rec
+        fut = self._ended.setdefault(op_id, asyncio.get_running_loop().create_future())
+        return await asyncio.shield(fut)
 
     # -- running operations ------------------------------------------------------------------
     async def begin(self, kind: str, target: str, params: dict[str, Any]) -> OpRecord:
         """Start an operation; returns its first recorded state (it runs on in a task)."""
-        if target in self.fleet.busy or target in self._first_save:
-            raise Conflict(f"'{target}' is busy with another request",
-                           hint="wait for it to finish (see 'corral ops ls'), then try again",
-                           retryable=True)
-        self.fleet.busy.add(target)
+        if target in self._first_save:  # another begin on it has not saved yet
+            raise Busy(f"'{target}' is busy with another request",
+                       hint="wait for it to finish (see 'corral ops ls'), then try again")
         first: asyncio.Future[OpRecord] = asyncio.get_running_loop().create_future()
         self._first_save[target] = first
         task = self._spawn(self.engine.submit(kind, target, params), f"op-{kind}-{target}")
@@ -97,7 +141,6 @@ class Operations:
             self._first_save.pop(target, None)
         if first.done():
             return first.result()
-        self.fleet.busy.discard(target)
         exc = task.exception()  # refused before anything was recorded (unknown kind, conflict)
         if exc is not None:
             raise exc
@@ -124,9 +167,7 @@ class Operations:
         the hosts that were up have heartbeated to this server (or lost their lease)."""
         with contextlib.suppress(OSError):
             self.hooks_dir.mkdir(parents=True, exist_ok=True)
-        unfinished = self.store.unfinished()
-        for rec in unfinished:
-            self.fleet.busy.add(rec.target)
+        unfinished = self.engine.hold_unfinished()
         if unfinished:
             self._spawn(self._resume(started_at), "ops-resume")
 

@@ -24,7 +24,8 @@ def view(rec: OpRecord) -> OperationView:
     return OperationView(
         id=rec.id, kind=rec.kind, target=rec.target, state=rec.state.value,
         finished=rec.state in FINISHED, params=rec.params, data=rec.data, error=rec.error,
-        hooks=rec.hooks, created_at=rec.created_at, updated_at=rec.updated_at,
+        hooks=rec.hooks, result=rec.result, created_at=rec.created_at,
+        updated_at=rec.updated_at,
         steps=[StepView(name=s.name, state=s.state.value, started_at=s.started_at,
                         ended_at=s.ended_at, error=s.error) for s in rec.steps],
     )

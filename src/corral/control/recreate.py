@@ -22,6 +22,7 @@ from typing import Any
 import nats.errors
 from sqlalchemy.orm import Session
 
+from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance
 from corral.control.opbase import OpBase
@@ -51,6 +52,10 @@ class Recreate(OpBase):
         ]
 
     # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def result(rec: OpRecord) -> wire.RecreateResult:
+        return wire.RecreateResult(host=rec.data.get("target"))
+
     # -- refusals ----------------------------------------------------------------------------
     def check(self, name: str, params: dict[str, Any]) -> None:
         """The engine's check: refuse before anything is recorded (see :meth:`_refusals`)."""

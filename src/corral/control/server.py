@@ -126,8 +126,8 @@ class ControlPlane:
         fleet = self.fleet = Fleet(sessions, s)
         service = InstanceService(fleet, AgentCaller(self.nc, fleet.liveness), s)
         await self.live.start(self.nc, fleet, service)  # events from the first join on
-        ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed)
-        # registers shelve/unshelve before ops.start can resume one a crash left unfinished
+        ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed,
+                                    lambda: self.images)
         shelves = Shelves(fleet, service.agents, s, ops, lambda: self.images)
         bus_ready_at = fleet.clock()
         await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))

@@ -12,9 +12,9 @@ so the instance is kept as ``failed`` and the error says so.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
 from sqlalchemy import select
@@ -29,12 +29,11 @@ from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.errors import Conflict, CorralError, HostUnavailable, NotFound
 from corral.lifecycle import ALIVE, State, Verb, check_verb
+from corral.ops import locks
+from corral.ops.locks import LockSet
 from corral.scheduling.placement import Request, place
 
 log = logging.getLogger(__name__)
-
-#: how long a verb waits for an operation on its instance to end before it is refused
-BUSY_WAIT = 15.0
 
 DESIRED: dict[Verb, State] = {
     Verb.START: State.RUNNING,
@@ -67,27 +66,17 @@ class InstanceService:
 
     @contextlib.contextmanager
     def _busy(self, name: str, verb: str = "") -> Iterator[None]:
-        if name in self.fleet.busy:
-            raise Conflict(f"instance '{name}' is busy with another request",
-                           hint="wait for that request to finish, then try again",
-                           retryable=True)
-        self.fleet.busy.add(name)
+        """Hold the instance for the verb (a second verb or an operation meanwhile is told
+        who holds it); a verb that fails is reported to ``on_error``."""
         try:
-            yield
+            with self.fleet.locks.holding(f"verb:{verb}:{uuid.uuid4().hex[:8]}",
+                                          LockSet.of([locks.instance(name)]),
+                                          f"'corral {verb or 'a verb'}'"):
+                yield
         except CorralError as exc:
             if self.on_error is not None:
                 self.on_error(name, verb, exc)
             raise
-        finally:
-            self.fleet.busy.discard(name)
-
-    async def _wait_free(self, name: str) -> None:
-        """Give a short operation in flight (a standby refresh every minute, say) a moment to
-        end, so an operator's verb does not fail just because a background refresh ran."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BUSY_WAIT
-        while name in self.fleet.busy and loop.time() < deadline:
-            await asyncio.sleep(0.1)
 
     @staticmethod
     def _get(s: Session, name: str) -> Instance:
@@ -196,7 +185,7 @@ class InstanceService:
 
     async def act(self, name: str, verb: Verb, body: ActionRequest | None = None) -> Instance:
         body = body or ActionRequest()
-        await self._wait_free(name)
+        await self.fleet.wait_free(name)
         with self._busy(name, verb.value):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)
@@ -229,7 +218,7 @@ class InstanceService:
     # --- delete -----------------------------------------------------------------------------
 
     async def delete(self, name: str, force: bool = False) -> None:
-        await self._wait_free(name)
+        await self.fleet.wait_free(name)
         with self._busy(name, "delete"):
             with self.fleet.sessions.begin() as s:
                 inst = self._get(s, name)

@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.api import operations as wire
 from corral.bus import rpc
 from corral.config import Settings
 from corral.control.agents import AgentCaller
@@ -78,6 +79,15 @@ class ShelfSteps(OpBase):
 
 class Shelve(ShelfSteps):
     """Builds the steps of a ``shelve`` record (see the module doc)."""
+
+    @staticmethod
+    def result(rec: OpRecord) -> wire.ShelveResult:
+        d, push = rec.data, rec.data.get("push") or {}
+        return wire.ShelveResult(
+            host=d.get("source"), shelf=d.get("shelf"), files=push.get("files"),
+            size=push.get("size"), stored_size=push.get("stored_size"),
+            uploaded_chunks=push.get("uploaded_chunks"),
+            uploaded_bytes=push.get("uploaded_bytes"), offload_after=d.get("offload_after"))
 
     def build(self, rec: OpRecord) -> list[Step]:
         return [

@@ -1,24 +1,34 @@
 """Shelving over HTTP: ``POST /v1/instances/{name}/shelve`` and ``.../unshelve`` (202 + the
 operation, followed with ``GET /v1/ops/{id}`` like every operation) and ``GET /v1/shelves``.
 
-Bulk unshelve is many single unshelves: the client keeps a bounded number in flight (``corral
-unshelve --all``), so every instance has its own operation, its own rollback and its own line in
-the result, and a slow host holds up only what goes to it.
+Bulk unshelve (``POST /v1/unshelve``) is one server-side operation group (control/group.py)
+whose members are single unshelves, a bounded number in flight: every instance still has its own
+operation, its own rollback and its own line in the group's result, a slow host holds up only
+what goes to it, and the batch goes on if the client goes away.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import APIRouter
 
-from corral.api.models import OperationView, ShelfView, ShelveRequest, UnshelveRequest
+from corral.api.models import (
+    OperationView,
+    ShelfView,
+    ShelveRequest,
+    UnshelveGroupRequest,
+    UnshelveRequest,
+)
+from corral.control.group import KIND as UNSHELVE_GROUP
 from corral.control.operations import Operations
 from corral.control.ops_api import view
 from corral.control.service import InstanceService
 from corral.control.shelve import KIND as SHELVE
 from corral.control.shelves import Shelves
 from corral.control.unshelve import KIND as UNSHELVE
+from corral.errors import InvalidRequest
 
 
 def router(ops: Operations, service: InstanceService, shelves: Shelves,
@@ -39,6 +49,18 @@ def router(ops: Operations, service: InstanceService, shelves: Shelves,
         says (preferring hosts that cache more of its chunks)."""
         service.get(name)
         return view(await ops.begin(UNSHELVE, name, {"to": body.to if body else None}))
+
+    @r.post("/v1/unshelve", dependencies=auth, status_code=202)
+    async def unshelve_group(body: UnshelveGroupRequest) -> OperationView:
+        """Many shelved instances back, as one operation group (its result lists each)."""
+        names = list(body.names)
+        if body.all:
+            names += [v.name for v in shelves.views() if v.name not in names]
+        if not names:
+            raise InvalidRequest("nothing to unshelve", hint="name instances, or use all"
+                                 if not body.all else "no instance is shelved")
+        return view(await ops.begin(UNSHELVE_GROUP, f"unshelve-{uuid.uuid4().hex[:8]}", {
+            "names": names, "to": body.to, "parallel": body.parallel}))
 
     @r.get("/v1/shelves", dependencies=auth)
     async def list_shelves() -> list[ShelfView]:

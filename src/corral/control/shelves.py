@@ -23,13 +23,12 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.control.operations import Operations
-from corral.control.shelve import KIND as SHELVE
 from corral.control.shelve import Shelve
-from corral.control.unshelve import KIND as UNSHELVE
-from corral.control.unshelve import Unshelve
-from corral.errors import CorralError
+from corral.errors import Busy, CorralError
 from corral.images.store import ImageStore
 from corral.lifecycle import State
+from corral.ops import locks
+from corral.ops.locks import LockSet
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,6 @@ class Shelves:
         self.agents = agents
         self.images = images
         self.shelve = Shelve(fleet, agents, settings, images)
-        ops.engine.register(SHELVE, self.shelve.build, check=self.shelve.check)
-        unshelve = Unshelve(fleet, agents, settings, images)
-        ops.engine.register(UNSHELVE, unshelve.build, check=unshelve.check)
 
     # -- the offload loop --------------------------------------------------------------------
     async def loop(self) -> None:
@@ -66,26 +62,25 @@ class Shelves:
                 Instance.offload_at <= now))
             return [(i.name, i.disk_host) for i in rows
                     if i.disk_host in up and i.disk_host != i.host
-                    and i.name not in self.fleet.busy]
+                    and i.name not in self.fleet.locks.instances]
 
     async def offload_due(self) -> list[str]:
         """Remove every kept disk whose delay passed (on hosts that are up); their names."""
         done = []
         for name, host in self._due():
-            if name in self.fleet.busy:
-                continue
-            self.fleet.busy.add(name)
             try:
-                await self.agents.call(host, rpc.DISK_DROP, rpc.NameArgs(name=name))
+                with self.fleet.locks.holding(f"offload:{name}", LockSet.of(
+                        [locks.instance(name)], [locks.host(host)]), "an offload of its disk"):
+                    await self.agents.call(host, rpc.DISK_DROP, rpc.NameArgs(name=name))
+            except Busy:
+                continue  # an operation or a verb took it meanwhile: the next pass looks again
             except CorralError as exc:
                 log.warning("could not remove the kept disk of %s on %s: %s", name, host, exc)
                 continue
-            finally:
-                self.fleet.busy.discard(name)
             with self.fleet.sessions.begin() as s:
                 inst = s.get(Instance, name)
                 if inst is not None and inst.disk_host == host:
-                    inst.disk_host, inst.offload_at = None, None
+                    self.fleet.move_in(inst, disk_host=None, offload_at=None)
             log.info("kept disk of %s removed from %s (offload delay passed)", name, host)
             done.append(name)
         return done

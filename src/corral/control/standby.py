@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Host, Instance, Standby
 from corral.control.diskops import DiskOps
@@ -76,6 +77,19 @@ class StandbyOps(DiskOps):
     def check_failover(self, name: str, params: dict[str, Any]) -> None:
         with self.fleet.sessions() as s:
             self._failing_over(s, name, params)
+
+    # -- results ---------------------------------------------------------------------------------
+    @staticmethod
+    def sync_result(rec: OpRecord) -> wire.SyncResult:
+        d = rec.data
+        return wire.SyncResult(host=d.get("target"), bytes=int(d.get("bytes") or 0),
+                               freeze_ms=d.get("freeze_ms"), data_at=d.get("data_at"))
+
+    @staticmethod
+    def failover_result(rec: OpRecord) -> wire.FailoverResult:
+        d = rec.data
+        return wire.FailoverResult(source=d.get("source"), target=d.get("target"),
+                                   data_at=d.get("data_at"))
 
     # -- shared --------------------------------------------------------------------------------
     def _note(self, ctx: OpContext, inst: Instance, target: Host) -> None:

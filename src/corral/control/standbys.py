@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 from sqlalchemy import select
@@ -23,6 +24,8 @@ from corral.control.fleet import Fleet
 from corral.control.operations import Operations
 from corral.control.standby import SYNC, due
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
+from corral.ops import locks
+from corral.ops.locks import LockSet
 from corral.ops.store import OpRecord
 from corral.scheduling.placement import Request, place
 
@@ -76,10 +79,19 @@ class Standbys:
         return await self.ops.begin(SYNC, name, {})
 
     async def remove(self, name: str, check_busy: bool = True) -> None:
-        if check_busy and name in self.fleet.busy:
-            raise Conflict(f"'{name}' is busy with an operation",
-                           hint="wait for it (see 'corral ops ls'), then try again",
-                           retryable=True)
+        """Forget the standby and drop its copy; a refresh in flight is waited for (a while),
+        and none starts meanwhile. ``check_busy`` False: the instance's own removal, which
+        already holds it."""
+        if not check_busy:
+            await self._remove(name)
+            return
+        await self.fleet.wait_free(name)
+        with self.fleet.locks.holding(f"standby-rm:{name}:{uuid.uuid4().hex[:8]}",
+                                      LockSet.of([locks.instance(name)]),
+                                      "'corral standby rm'"):
+            await self._remove(name)
+
+    async def _remove(self, name: str) -> None:
         with self.fleet.sessions.begin() as s:
             sb = s.get(Standby, name)
             if sb is None:
@@ -104,7 +116,7 @@ class Standbys:
             await asyncio.sleep(TICK)
             try:
                 for name in due(self.fleet.sessions, time.time(), self._tried):
-                    if name in self.fleet.busy:
+                    if name in self.fleet.locks.instances:
                         continue
                     self._tried[name] = time.time()
                     try:

@@ -29,6 +29,7 @@ from typing import Any
 import nats.errors
 from sqlalchemy.orm import Session
 
+from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance
 from corral.control.shelve import ShelfSteps
@@ -54,6 +55,14 @@ def _unsent(ctx: OpContext, exc: HostUnavailable, flag: str) -> None:
 
 class Unshelve(ShelfSteps):
     """Builds the steps of an ``unshelve`` record (see the module doc)."""
+
+    @staticmethod
+    def result(rec: OpRecord) -> wire.UnshelveResult:
+        d, pull = rec.data, rec.data.get("pull") or {}
+        return wire.UnshelveResult(
+            host=d.get("target"), disk_was_there=pull.get("existing") if pull else None,
+            chunks=pull.get("chunks"), fetched_chunks=pull.get("fetched_chunks"),
+            fetched_bytes=pull.get("fetched_bytes"))
 
     def build(self, rec: OpRecord) -> list[Step]:
         return [

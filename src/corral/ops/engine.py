@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, CorralError, InvalidRequest
+from pydantic import BaseModel, ValidationError
+
+from corral.errors import CorralError, InvalidRequest
 from corral.errors import (
     OperationFailed as OperationFailed,  # lives in errors.py with the rest
 )
 from corral.ops.hooks import HookResult, Hooks
+from corral.ops.locks import LockManager, LockSet, instance
 from corral.ops.store import (
     FINISHED,
     OperationStore,
@@ -87,6 +90,33 @@ class Step:
 Builder = Callable[[OpRecord], list[Step]]
 #: ``check(target, params)``: raise the request's refusal, or return; reads only, never awaits
 Check = Callable[[str, dict[str, Any]], None]
+#: ``locks(target, params)``: what an operation holds from submit until its record is finished
+Locks = Callable[[str, dict[str, Any]], LockSet]
+
+
+def owner(rec: OpRecord) -> str:
+    """The lock owner of an operation."""
+    return f"op:{rec.id}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of operation, whole: how to build its steps from a record, what it takes
+    (``params``, validated before anything is recorded), what it refuses (``check``), what it
+    holds while it runs (``locks``; default: its target instance) and what it gives back
+    (``result_of``, computed from what the steps learned when it ends)."""
+
+    name: str
+    build: Builder
+    params: type[BaseModel]
+    check: Check | None = None
+    locks: Locks | None = None
+    result_of: Callable[[OpRecord], BaseModel] | None = None
+
+    def held(self, target: str, params: dict[str, Any]) -> LockSet:
+        if self.locks is not None:
+            return self.locks(target, params)
+        return LockSet.of([instance(target)])
 
 
 class Engine:
@@ -100,11 +130,13 @@ class Engine:
         retry_delay: float = 1.0,
         on_change: Callable[[OpRecord], None] | None = None,
         pause_dir: Path | None = None,
+        locks: LockManager | None = None,
     ) -> None:
         self.store = store
         self.hooks = hooks
-        self.builders: dict[str, Builder] = {}
-        self.checks: dict[str, Check] = {}
+        self.kinds: dict[str, Kind] = {}
+        #: shared with the fleet: verbs and loops take the same locks (see ops/locks.py)
+        self.locks = locks or LockManager()
         self.forward_retries = forward_retries
         #: an undo is tried this often (delays growing by ``retry_delay``) before the operation
         #: is left needing attention: an agent killed mid-step is usually back within seconds
@@ -112,35 +144,50 @@ class Engine:
         self.retry_delay = retry_delay
         self.on_change = on_change
         self.pause_dir = pause_dir
-        self._locks: dict[str, asyncio.Lock] = {}
 
-    def register(self, kind: str, builder: Builder, check: Check | None = None) -> None:
-        self.builders[kind] = builder
-        if check is not None:
-            self.checks[kind] = check
+    def register(self, kind: Kind) -> None:
+        self.kinds[kind.name] = kind
 
     # -- entry points ------------------------------------------------------------------------
     async def submit(self, kind: str, target: str, params: dict[str, Any]) -> OpRecord:
         """Run a new operation to its end; returns the finished record (never raises for a
-        step failure: the record says how it ended). Raises, recording nothing, when the kind
-        is unknown, the target busy, or the kind's check refuses."""
-        if kind not in self.builders:
+        step failure: the record says how it ended). Raises, recording nothing and holding
+        nothing, when the kind is unknown, the params are not its kind's, what it must hold
+        is busy, or the kind's check refuses."""
+        k = self.kinds.get(kind)
+        if k is None:
             raise InvalidRequest(f"unknown operation '{kind}'",
-                                 hint=f"known: {', '.join(sorted(self.builders))}")
-        busy = self.store.active_for(target)
-        if busy is not None:
-            raise Conflict(
-                f"'{target}' is busy with operation {busy.id} ({busy.kind}, {busy.state.value})",
-                hint=f"wait for it or see 'corral ops show {busy.id}'",
-                retryable=True,
-            )
-        check = self.checks.get(kind)
-        if check is not None:
-            check(target, params)  # no await from here to the save: nothing changes in between
+                                 hint=f"known: {', '.join(sorted(self.kinds))}")
+        try:
+            params = k.params.model_validate(params).model_dump(mode="json", by_alias=True)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise InvalidRequest(f"bad parameters for {kind}: {where}: {first.get('msg')}",
+                                 details={"params": params}) from exc
         rec = OpRecord(kind=kind, target=target, params=params)
-        rec.steps = [StepRecord(s.name) for s in self.builders[kind](rec)]
-        self._save(rec)
+        # no await from here to the save: nothing changes between the check and the record
+        self.locks.take(owner(rec), k.held(target, params), f"operation {rec.id} ({kind})")
+        try:
+            if k.check is not None:
+                k.check(target, params)
+            rec.steps = [StepRecord(s.name) for s in k.build(rec)]
+            self._save(rec)
+        except BaseException:
+            self.locks.release(owner(rec))
+            raise
         return await self._drive(rec, fresh=True)
+
+    def hold_unfinished(self) -> list[OpRecord]:
+        """At server start, before anything else may take them: every unfinished operation
+        holds again what it held (they are driven later by :meth:`resume_all`)."""
+        out = self.store.unfinished()
+        for rec in out:
+            k = self.kinds.get(rec.kind)
+            if k is not None:
+                self.locks.take(owner(rec), k.held(rec.target, rec.params),
+                                f"operation {rec.id} ({rec.kind}, resuming)")
+        return out
 
     async def resume_all(self) -> list[OpRecord]:
         """Finish or roll back every operation a crash left unfinished."""
@@ -153,40 +200,39 @@ class Engine:
 
     # -- the machine -------------------------------------------------------------------------
     async def _drive(self, rec: OpRecord, fresh: bool) -> OpRecord:
-        lock = self._locks.setdefault(rec.target, asyncio.Lock())
-        async with lock:
-            steps = self.builders[rec.kind](rec)
-            if [s.name for s in steps] != [s.name for s in rec.steps]:
-                raise CorralError(f"operation {rec.id}: steps changed since it was recorded",
-                                  hint="finish it with the corral version that started it")
-            ctx = OpContext(self, rec)
-            if fresh:
-                pre = await self.run_hook(rec, f"pre-{rec.kind}")
-                if not pre.ok:
-                    why = f"pre-{rec.kind} hook refused (exit {pre.exit_code}): {pre.output[-500:]}"
-                    rec.error = {"message": why.strip(), "step": None}
-                    rec.state = OpState.ROLLED_BACK
-                    self._save(rec)
-                    await self.run_hook(rec, f"{rec.kind}-failed")
-                    return rec
-            if rec.state == OpState.RUNNING:
-                committed = any(
-                    st.commit and sr.state == StepState.DONE for st, sr in zip(steps, rec.steps,
-                                                                                strict=True)
-                )
-                if not fresh and not committed:
-                    rec.state = OpState.ROLLING_BACK
-                    rec.error = rec.error or {"message": "interrupted (server or agent crash)",
-                                              "step": self._in_flight(rec)}
-                    self._save(rec)
-                else:
-                    await self._forward(rec, steps, ctx)
-            if rec.state == OpState.ROLLING_BACK:
-                await self._backward(rec, steps, ctx)
+        # its locks are held since submit (or server start: see hold_unfinished)
+        steps = self.kinds[rec.kind].build(rec)
+        if [s.name for s in steps] != [s.name for s in rec.steps]:
+            raise CorralError(f"operation {rec.id}: steps changed since it was recorded",
+                              hint="finish it with the corral version that started it")
+        ctx = OpContext(self, rec)
+        if fresh:
+            pre = await self.run_hook(rec, f"pre-{rec.kind}")
+            if not pre.ok:
+                why = f"pre-{rec.kind} hook refused (exit {pre.exit_code}): {pre.output[-500:]}"
+                rec.error = {"message": why.strip(), "step": None}
+                rec.state = OpState.ROLLED_BACK
+                self._save(rec)
                 await self.run_hook(rec, f"{rec.kind}-failed")
-            elif rec.state == OpState.SUCCEEDED:
-                await self.run_hook(rec, f"post-{rec.kind}")
-            return rec
+                return rec
+        if rec.state == OpState.RUNNING:
+            committed = any(
+                st.commit and sr.state == StepState.DONE for st, sr in zip(steps, rec.steps,
+                                                                            strict=True)
+            )
+            if not fresh and not committed:
+                rec.state = OpState.ROLLING_BACK
+                rec.error = rec.error or {"message": "interrupted (server or agent crash)",
+                                          "step": self._in_flight(rec)}
+                self._save(rec)
+            else:
+                await self._forward(rec, steps, ctx)
+        if rec.state == OpState.ROLLING_BACK:
+            await self._backward(rec, steps, ctx)
+            await self.run_hook(rec, f"{rec.kind}-failed")
+        elif rec.state == OpState.SUCCEEDED:
+            await self.run_hook(rec, f"post-{rec.kind}")
+        return rec
 
     def _in_flight(self, rec: OpRecord) -> str | None:
         for sr in rec.steps:
@@ -285,7 +331,16 @@ class Engine:
         return result
 
     def _save(self, rec: OpRecord) -> None:
+        if rec.state in FINISHED and rec.result is None:
+            k = self.kinds.get(rec.kind)
+            if k is not None and k.result_of is not None:
+                try:
+                    rec.result = k.result_of(rec).model_dump(mode="json")
+                except Exception:  # a result is a report: it never changes how it ended
+                    log.exception("operation %s: its result could not be built", rec.id)
         self.store.save(rec)
+        if rec.state in FINISHED:
+            self.locks.release(owner(rec))
         if self.on_change is not None:
             self.on_change(rec)
 

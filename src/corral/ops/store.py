@@ -62,6 +62,8 @@ class OpRecord:
     data: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     hooks: list[dict[str, Any]] = field(default_factory=list)
+    #: the kind's typed result, once the operation has ended (see ``Kind.result_of``)
+    result: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -69,7 +71,8 @@ class OpRecord:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "params": self.params,
             "state": self.state.value, "data": self.data, "error": self.error,
-            "hooks": self.hooks, "created_at": self.created_at, "updated_at": self.updated_at,
+            "hooks": self.hooks, "result": self.result,
+            "created_at": self.created_at, "updated_at": self.updated_at,
             "steps": [
                 {"name": s.name, "state": s.state.value, "started_at": s.started_at,
                  "ended_at": s.ended_at, "error": s.error}
@@ -97,6 +100,7 @@ def _from_body(body: str) -> OpRecord:
     rec = OpRecord(kind=raw["kind"], target=raw["target"], params=raw["params"], id=raw["id"])
     rec.state = OpState(raw["state"])
     rec.data, rec.error, rec.hooks = raw["data"], raw["error"], raw["hooks"]
+    rec.result = raw.get("result")
     rec.created_at, rec.updated_at = raw["created_at"], raw["updated_at"]
     rec.steps = [
         StepRecord(s["name"], StepState(s["state"]), s["started_at"], s["ended_at"], s["error"])
@@ -147,13 +151,3 @@ class OperationStore:
         ).order_by(operations.c.created_at)
         with self.engine.connect() as conn:
             return [_from_body(r[0]) for r in conn.execute(q)]
-
-    def active_for(self, target: str) -> OpRecord | None:
-        """The unfinished operation on ``target``, if any (one at a time per instance)."""
-        q = sa.select(operations.c.body).where(
-            operations.c.target == target,
-            operations.c.state.in_([OpState.RUNNING.value, OpState.ROLLING_BACK.value]),
-        )
-        with self.engine.connect() as conn:
-            row = conn.execute(q).first()
-        return _from_body(row[0]) if row else None

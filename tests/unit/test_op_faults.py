@@ -1,0 +1,190 @@
+"""Every operation kind, with one agent call failing at each point in turn, before or after it
+did its work: the operation ends succeeded or rolled back, never with two live copies, and a
+rolled-back one leaves the fleet (the server's rows and every host) as it found it.
+
+The e2e fault tests do this with real agents killed -9 at every step; this does it for every
+call of every kind in seconds, without root, against the server's own builders and engine
+(the hosts are :mod:`fakefleet`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fakefleet import Copy, FakeAgents, FakeHost, Inject
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.config import Settings
+from corral.control.db import Host, Instance, Standby, open_db
+from corral.control.fleet import Fleet
+from corral.control.operations import Operations
+from corral.images.store import ImageStore
+from corral.images.tree import Manifest
+from corral.ops.store import OpRecord, OpState
+
+GiB = 1024**3
+HOSTS = ("h1", "h2", "h3")
+
+
+@dataclass
+class Case:
+    kind: str
+    params: dict[str, Any]
+    state: str = "running"
+    standby: str | None = None
+    #: where it ends up when the operation succeeds
+    lands: str | None = None
+    down: str | None = None
+    shelved: bool = False
+
+
+CASES = {
+    "migrate-warm": Case("migrate", {"to": "h2"}, lands="h2"),
+    "migrate-cold": Case("migrate", {"to": "h2", "cold": True}, lands="h2"),
+    "migrate-stopped": Case("migrate", {"to": "h2"}, state="stopped", lands="h2"),
+    "recreate": Case("recreate", {"to": "h3"}, lands="h3"),
+    "standby-sync": Case("standby-sync", {}, standby="h2", lands="h1"),
+    "standby-promote": Case("standby-promote", {}, standby="h2", lands="h2"),
+    "failover": Case("failover", {"from": "h1"}, state="lost", standby="h2", lands="h2",
+                     down="h1"),
+    "shelve": Case("shelve", {"offload_after": -1}, lands=None),
+    "unshelve": Case("unshelve", {"to": None}, state="shelved", shelved=True, lands="h1"),
+}
+
+
+@dataclass
+class Rig:
+    sessions: sessionmaker[Session]
+    fleet: Fleet
+    ops: Operations
+    agents: FakeAgents
+    store: ImageStore
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    settings = Settings(data_dir=tmp_path)
+    db, sessions = open_db(settings)
+    fleet = Fleet(sessions, settings)
+    store = ImageStore(tmp_path / "images")
+    agents = FakeAgents({h: FakeHost() for h in HOSTS}, store)
+    ops = Operations(db, fleet, agents, settings, images=lambda: store)  # type: ignore[arg-type]
+    ops.engine.retry_delay = 0.001
+    yield Rig(sessions, fleet, ops, agents, store)
+    store.close()
+    db.dispose()
+
+
+def setup(rig: Rig, case: Case) -> None:
+    """The instance ``m`` as the case says, on a clean fleet and clean hosts."""
+    with rig.sessions.begin() as s:
+        for table in (Standby, Instance, Host):
+            s.execute(sa.delete(table))
+        s.execute(sa.text("DELETE FROM operations"))
+        for name in HOSTS:
+            s.add(Host(name=name, address="127.0.0.1", cores=2, memory_bytes=4 * GiB,
+                       disk_bytes=10 * GiB, drivers={"process": {}},
+                       state="down" if name == case.down else "up", data_port=7000,
+                       disk_backend="dir", lease_expires_at=2e9))
+        s.flush()
+        s.add(Instance(
+            name="m", host=None if case.shelved else "h1", driver="process",
+            command=["sleep", "60"], cpus=0.5, memory_bytes=64 * 2**20,
+            desired_state="shelved" if case.shelved else "running", state=case.state,
+            epoch=3, created_at=1.0, updated_at=2.0,
+            disk_host="h1" if case.shelved else None,
+            shelf="@shelf-m-1" if case.shelved else None,
+            shelved_from="running" if case.shelved else None))
+        s.flush()
+        if case.standby:
+            s.add(Standby(instance="m", host=case.standby, every_seconds=60.0, state="ready",
+                          data_at=150.0, last_sync_at=150.0, created_at=1.0, total_bytes=0,
+                          syncs=1, last_error=""))
+    for h in rig.agents.hosts.values():
+        h.instances.clear()
+        h.disks.clear()
+        h.slots.clear()
+    h1 = rig.agents.hosts["h1"]
+    h1.disks.add("m")
+    if not case.shelved:
+        # a down host fenced itself: its copy stopped before its lease ran out
+        h1.instances["m"] = Copy("running" if case.state == "running" else "stopped", 3)
+    rig.agents.down = {case.down} if case.down else set()
+    if case.standby:
+        rig.agents.hosts[case.standby].slots.add(("m", "standby"))
+    if case.shelved:
+        rig.store.put_manifest("@shelf-m-1", Manifest([]), replace=True)
+    rig.agents.calls.clear()
+    rig.agents.inject = None
+    rig.agents.failed = None
+
+
+def row(rig: Rig) -> dict[str, Any] | None:
+    with rig.sessions() as s:
+        inst = s.get(Instance, "m")
+        return None if inst is None else {
+            k: getattr(inst, k) for k in ("host", "state", "desired_state", "disk_host",
+                                          "shelf")}
+
+
+def alive(rig: Rig) -> list[str]:
+    return [h for h, st in rig.agents.hosts.items()
+            if (c := st.instances.get("m")) is not None and c.state in ("running", "frozen")]
+
+
+async def run(rig: Rig, case: Case) -> OpRecord:
+    first = await rig.ops.begin(case.kind, "m", dict(case.params))
+    return await rig.ops.wait(first.id)
+
+
+def check_consistent(rig: Rig, case: Case, rec: OpRecord) -> None:
+    assert len(alive(rig)) <= 1, f"two live copies: {alive(rig)}"
+    r = row(rig)
+    assert r is not None
+    if r["state"] in ("running", "frozen"):
+        assert alive(rig) == [r["host"]], (r, alive(rig))
+    for name, h in rig.agents.hosts.items():
+        assert ("m", "incoming") not in h.slots, f"a migration's copy left on {name}"
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+async def test_one_failure_anywhere_finishes_or_leaves_no_trace(rig: Rig, case_id: str) -> None:
+    case = CASES[case_id]
+    setup(rig, case)
+    clean = await run(rig, case)
+    assert clean.state == OpState.SUCCEEDED, clean.error
+    assert clean.result is not None  # every kind says what it did
+    check_consistent(rig, case, clean)
+    landed = row(rig)
+    assert landed is not None and landed["host"] == case.lands
+    calls = len(rig.agents.calls)
+    assert calls > 0
+    ended: set[OpState] = set()
+    for at in range(1, calls + 1):
+        for when in ("before", "after"):
+            setup(rig, case)
+            before_row, before_hosts = row(rig), copy.deepcopy(rig.agents.hosts)
+            rig.agents.inject = Inject(at, when)
+            rec = await run(rig, case)
+            ended.add(rec.state)
+            where = f"{case_id}: call {at} ({rig.agents.failed}) failing {when}"
+            assert rec.state in (OpState.SUCCEEDED, OpState.ROLLED_BACK), \
+                f"{where}: {rec.state.value} {rec.error} {[s.state for s in rec.steps]}"
+            check_consistent(rig, case, rec)
+            assert "m" not in rig.fleet.locks.instances, f"{where}: still held"
+            if rec.state == OpState.ROLLED_BACK:
+                assert row(rig) == before_row, where
+                assert alive(rig) == [h for h, st in before_hosts.items()
+                                      if "m" in st.instances
+                                      and st.instances["m"].state == "running"], where
+                for h, st in rig.agents.hosts.items():
+                    assert st.slots <= before_hosts[h].slots | {("m", "standby")}, (where, h)
+            else:
+                assert row(rig) == landed, where
+    assert OpState.ROLLED_BACK in ended  # the failures did land somewhere that matters
