@@ -86,6 +86,8 @@ class Settings:
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+#: durations whose 0 and -1 mean something (the docs define them): what -1 means
+SPECIAL_VALUES = {"shelved_offload_seconds": "never"}
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:
@@ -99,7 +101,10 @@ def _parse(name: str, raw: Any, source: str) -> Any:
             return int(raw)
         if kind == "float":
             value = float(raw)
-            if value <= 0:
+            if name in SPECIAL_VALUES:
+                if value < 0 and value != -1:
+                    raise ValueError(f"must be 0 or more, or -1 ({SPECIAL_VALUES[name]})")
+            elif value <= 0:
                 raise ValueError("must be positive")
             return value
         if kind == "Path":
@@ -165,8 +170,13 @@ def ensure_token(settings: Settings) -> str:
 
     path = Path(settings.data_dir) / "token"
     if path.exists():
-        settings.token = path.read_text().strip()
-        return settings.token
+        token = path.read_text().strip()
+        if not token:  # never "no auth": an empty secret would let anyone in
+            raise ConfigError(f"the token file {path} is empty",
+                              hint="remove it to have a new token made, or write the fleet's "
+                                   "token into it")
+        settings.token = token
+        return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

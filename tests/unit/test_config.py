@@ -86,3 +86,22 @@ def test_every_setting_is_documented() -> None:
         section = text.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
         assert f"CORRAL_{name.upper()}" in section, f"{name}: no environment variable shown"
         assert "Default:" in section, f"{name}: no default shown"
+
+
+def test_the_offload_delay_takes_the_values_its_docs_define() -> None:
+    """0 means at once and -1 never (docs/configuration.md); other negatives are refused."""
+    from corral.config import from_mapping
+
+    assert from_mapping({"shelved_offload_seconds": 0}, "test") == {"shelved_offload_seconds": 0}
+    assert from_mapping({"shelved_offload_seconds": "-1"}, "t")["shelved_offload_seconds"] == -1
+    with pytest.raises(ConfigError, match="or -1"):
+        from_mapping({"shelved_offload_seconds": -5}, "test")
+    with pytest.raises(ConfigError, match="must be positive"):
+        from_mapping({"lease_seconds": 0}, "test")
+
+
+def test_an_empty_token_file_refuses_to_start(tmp_path: Path) -> None:
+    """An empty token file must never mean "no auth"."""
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        ensure_token(Settings(data_dir=tmp_path))
