@@ -145,6 +145,22 @@ def test_failing_pre_hook_aborts_before_any_step(tmp_path: Path) -> None:
     assert rec.error is not None and "database not flushed" in rec.error["message"]
 
 
+def test_a_pre_hook_that_cannot_run_rolls_back_and_frees_the_target(tmp_path: Path) -> None:
+    """A hook without a '#!' line used to raise out of the engine, leaving the operation
+    running and its instance busy until the server restarted."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "pre-demo").write_text("echo forgot the shebang\n")
+    (hooks / "pre-demo").chmod(0o755)
+    engine = build_engine(tmp_path)
+    rec = asyncio.run(engine.submit("demo", "web", {}))
+    assert rec.state == OpState.ROLLED_BACK and markers(tmp_path) == set()
+    assert rec.error is not None and "#!" in rec.error["message"]
+    assert "web" not in engine.locks.instances
+    (hooks / "pre-demo").unlink()
+    assert asyncio.run(engine.submit("demo", "web", {})).state == OpState.SUCCEEDED
+
+
 def test_failed_undo_needs_attention(tmp_path: Path) -> None:
     (tmp_path / "fail-copy").touch()
     (tmp_path / "undo-fails-reserve").touch()
