@@ -17,7 +17,7 @@ import pytest
 from corral.agent import handlers
 from corral.agent.capture import CaptureManager
 from corral.agent.state import AgentState
-from corral.bus import streams
+from corral.bus import rpc, streams
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import WireSpec
 from corral.drivers.fake import FakeDriver
@@ -43,7 +43,7 @@ async def create(st: AgentState, name: str, rootfs: Path | None = None,
                  tail: dict[str, str] | None = None) -> Path:
     spec = WireSpec(name=name, driver="fake", command=["true"],
                     rootfs=str(rootfs) if rootfs else None, tail=tail or {}, epoch=1)
-    await handlers.create(st, {"spec": spec.model_dump()})
+    await handlers.create(st, rpc.CreateArgs(spec=spec))
     return st.store.dir_for(name)
 
 
@@ -107,7 +107,7 @@ async def test_sources_restart_and_delete(nc: Any, tmp_path: Path) -> None:
         mgr2.interval = 3600  # no regular pump can take them now: only the final one
         await asyncio.sleep(0.3)
         (wd / "stderr.log").write_text("err 1\nerr last\n")
-        await handlers.delete(st, {"name": "web"})
+        await handlers.delete(st, rpc.DeleteArgs(name="web"))
     assert not wd.exists()
     assert mgr2.sent == 51
 

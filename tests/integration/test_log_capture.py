@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -112,3 +113,31 @@ async def test_truncation_restarts_at_zero_and_numbers_go_on(bus: EmbeddedNats,
     assert await again.pump(js) == 0
     await nc.close()
     assert await drain_sink(bus.url, tmp_path / "sink", 3) == ["a", "b", "c"]
+
+
+async def test_a_burst_of_long_lines_never_makes_a_batch_the_bus_refuses(
+        bus: EmbeddedNats, tmp_path: Path) -> None:
+    """500 lines of 16 KiB, each full of control characters that JSON escapes six-fold: by
+    count alone that was one 8 MiB batch, refused by the bus (1 MiB max_payload), and capture
+    wedged on it for every source. Batches are cut by size: all of it goes out, in order."""
+    log = tmp_path / "burst.log"
+    body = "\x01" * 16_000
+    log.write_text("".join(f"{i:04d}{body}\n" for i in range(500)) + "after\n")
+    nc = await nats.connect(bus.url, token=TOKEN)
+    js = nc.jetstream()
+    await streams.ensure(js, streams.logs_config())
+    cap = LogCapture(log, tmp_path / "off", "h1", "web", "stdout")
+    sizes: list[int] = []
+
+    class Recording:
+        async def publish(self, subject: str, payload: bytes, **kw: Any) -> Any:
+            sizes.append(len(payload))
+            return await js.publish(subject, payload, **kw)
+
+    assert await cap.pump(Recording()) == 501
+    await nc.close()
+    assert len(sizes) > 1 and max(sizes) < 1024 * 1024
+    assert cap.pos.next_seq == 502  # every line went out (the count pins the ack'd offsets)
+    lines = await drain_sink(bus.url, tmp_path / "sink", 501)
+    assert [ln[:4] for ln in lines[:500]] == [f"{i:04d}" for i in range(500)]
+    assert lines[500] == "after" and len(lines) == 501

@@ -23,6 +23,11 @@ from typing import IO, Any
 from corral.bus import subjects
 from corral.bus.messages import LogBatch
 
+#: a batch's lines take at most this much JSON: far below NATS's 1 MiB max_payload. A count
+#: alone allowed 500 lines of 16 KiB (8 MiB): the bus refused the batch, and since the offset
+#: only moves on an ack, capture wedged on it for good
+MAX_BATCH_BYTES = 256 * 1024
+
 
 @dataclass
 class Offsets:
@@ -33,12 +38,14 @@ class Offsets:
 
 class LogCapture:
     def __init__(self, path: Path, state: Path, host: str, instance: str, source: str,
-                 max_batch: int = 500, max_line: int = 16 * 1024) -> None:
+                 max_batch: int = 500, max_line: int = 16 * 1024,
+                 max_bytes: int = MAX_BATCH_BYTES) -> None:
         self.path = Path(path)
         self.state = Path(state)
         self.host, self.instance, self.source = host, instance, source
         self.max_batch = max_batch
         self.max_line = max_line
+        self.max_bytes = max_bytes
         self.pos = self._load()
 
     def _load(self) -> Offsets:
@@ -80,16 +87,22 @@ class LogCapture:
             data = fh.read(min(st.st_size - self.pos.offset, self.max_batch * self.max_line))
         lines: list[str] = []
         used = 0
+        size = 0  # what the lines take in the batch's JSON, escapes included
         while len(lines) < self.max_batch:
             nl = data.find(b"\n", used)
             if nl == -1 or nl - used > self.max_line:
-                if len(data) - used >= self.max_line:  # an overlong line: send a piece
-                    lines.append(data[used:used + self.max_line].decode(errors="replace"))
-                    used += self.max_line
-                    continue
-                break
-            lines.append(data[used:nl].decode(errors="replace"))
-            used = nl + 1
+                if len(data) - used < self.max_line:
+                    break
+                end, skip = used + self.max_line, 0  # an overlong line: send a piece
+            else:
+                end, skip = nl, 1
+            line = data[used:end].decode(errors="replace")
+            cost = len(json.dumps(line).encode()) + 1
+            if lines and size + cost > self.max_bytes:
+                break  # the rest goes in the next batch: never more than the bus takes
+            lines.append(line)
+            size += cost
+            used = end + skip
         if not lines:
             return None, self.pos.offset
         batch = LogBatch(host=self.host, instance=self.instance, source=self.source,
