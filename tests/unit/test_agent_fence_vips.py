@@ -239,3 +239,56 @@ async def test_fence_spares_what_the_server_would_not_run_elsewhere(
     assert again.covers("db") and not again.covers("cache")
     again.update(None)  # an older server says nothing: keep what we knew
     assert not again.covers("cache")
+
+
+@pytest.mark.parametrize(("vip", "says"), [
+    ("127.0.0.5/8", "loopback"), ("169.254.3.4/16", "link-local"),
+    ("224.0.0.9/24", "multicast"), ("0.0.0.0/0", "unspecified"),
+    ("10.214.9.0/24", "network's address"), ("10.214.9.255/24", "broadcast"),
+])
+def test_addresses_that_cannot_be_a_vip_are_refused(vip: str, says: str) -> None:
+    from corral.errors import InvalidRequest
+    from corral.ha.vip import parse
+
+    with pytest.raises(InvalidRequest, match=says):
+        parse(vip)
+    assert str(parse("10.214.9.50/24").ip) == "10.214.9.50"
+    assert str(parse("10.214.9.7").ip) == "10.214.9.7"  # a bare address is a /32
+
+
+async def test_the_hosts_own_address_is_refused_at_create(tmp_path: Path,
+                                                          iface: FakeIface) -> None:
+    st, _ = _state(tmp_path)
+    reply = await _call(st, "create", spec=_spec("web", "10.214.9.11/24"))
+    assert not reply.ok and reply.error is not None
+    assert "address of this host itself" in reply.error["message"]
+
+
+async def test_only_addresses_corral_added_are_ever_removed(tmp_path: Path,
+                                                            iface: FakeIface) -> None:
+    """An address an administrator put on the interface (the same as a stopped instance's
+    VIP, say) is neither taken over by a start nor deleted by a sync or a stop."""
+    st, _ = _state(tmp_path)
+    iface.addrs.add("10.214.9.50")  # someone else's, before corral came
+    await _ok(st, "create", spec=_spec("web"))
+    reply = await _call(st, "start", name="web", epoch=1)
+    assert not reply.ok and reply.error is not None
+    assert "corral did not add it" in reply.error["message"]
+    assert st.vips is not None
+    await st.vips.sync(st.records)
+    await _ok(st, "delete", name="web")
+    assert iface.addrs == {"10.214.9.50"}  # still there: it was never ours
+
+
+async def test_what_corral_added_is_remembered_across_an_agent_restart(
+        tmp_path: Path, iface: FakeIface) -> None:
+    st, _ = _state(tmp_path)
+    st.vips = Vips("eth9", "10.214.9.11", tmp_path / "vips.json")
+    await _ok(st, "create", spec=_spec("web"))
+    await _ok(st, "start", name="web", epoch=1)
+    assert iface.addrs == {"10.214.9.50"}
+    again = Vips("eth9", "10.214.9.11", tmp_path / "vips.json")  # restarted with -9
+    assert again.added == {"10.214.9.50"}
+    st.records["web"].state = "stopped"  # it ended while the agent was away
+    await again.sync(st.records)
+    assert iface.addrs == set()

@@ -70,7 +70,7 @@ async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
     spec = args.spec
     name = check_name(spec.name)
     drv = st.driver(spec.driver)
-    check_spec_vip(spec.vip)
+    check_spec_vip(spec.vip, st.vips.host_address if st.vips is not None else "")
     async with st.lock(name):
         existing = st.records.get(name)
         if existing is not None:

@@ -127,7 +127,8 @@ class Agent:
         self.disks = HostDisks(disk_root, settings.disk_backend, settings.token, self.data_dir,
                                listen=settings.host_address, port=settings.data_port)
         self.state.disks = self.disks
-        self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address)
+        self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address,
+                                           self.data_dir / "vips.json")
         #: when our lease runs out as far as we can know (armed now; see agent/fence.py)
         self.lease = LeaseClock(settings.lease_seconds, settings.fence_margin_seconds)
         #: what the server would fail over, as it last said (see agent/fence.py)

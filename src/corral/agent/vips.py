@@ -14,12 +14,15 @@ already present, so a heartbeat does not spam the segment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
-from corral.agent.store import InstanceRecord
+from corral.agent.store import InstanceRecord, write_atomic
 from corral.errors import DriverError, InvalidRequest
 from corral.ha import vip as viplib
 from corral.lifecycle import ALIVE
@@ -51,11 +54,15 @@ def addresses_on(ifname: str) -> set[str]:
     return found
 
 
-def check_spec_vip(vip: str | None) -> None:
-    """Refuse at create what could only fail at start: a bad address, or no root to add it."""
+def check_spec_vip(vip: str | None, host_address: str = "") -> None:
+    """Refuse at create what could only fail at start: a bad address, this host's own address,
+    or no root to add it."""
     if vip is None:
         return
-    viplib.parse(vip)
+    ip = str(viplib.parse(vip).ip)
+    if ip == host_address:
+        raise InvalidRequest(f"{vip} is the address of this host itself, not a virtual IP",
+                             hint="give an unused address of the segment")
     if os.geteuid() != 0:
         raise InvalidRequest(
             f"this agent cannot hold the virtual IP {vip}: adding addresses needs root",
@@ -65,13 +72,49 @@ def check_spec_vip(vip: str | None) -> None:
 
 class Vips:
     """The agent's virtual IPs on one interface (resolved lazily: tests without VIPs never
-    run ``ip``)."""
+    run ``ip``).
 
-    def __init__(self, interface: str, host_address: str) -> None:
+    Only addresses corral added are ever removed: each one added is written down in
+    ``DATA/vips.json`` (so an agent restarted with -9 still knows), and removal, including
+    ``sync``'s, touches nothing else. An address that was on the interface before corral came
+    (the host's own, one an administrator configured) is refused as a VIP and never deleted."""
+
+    def __init__(self, interface: str, host_address: str, state: Path | None = None) -> None:
         self._interface = interface
         self.host_address = host_address
         #: one change at a time: a start's add racing a heartbeat's sync would add twice
         self._lock = asyncio.Lock()
+        self._state = state
+        self.added: set[str] = set()
+        if state is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                self.added = {str(v) for v in json.loads(state.read_text())}
+
+    def _remember(self, ip: str, added: bool) -> None:
+        before = set(self.added)
+        (self.added.add if added else self.added.discard)(ip)
+        if self._state is not None and self.added != before:
+            write_atomic(self._state, json.dumps(sorted(self.added)).encode())
+
+    def _add(self, vip: str, present: set[str] | None = None) -> None:
+        """Add (and announce) ``vip``, refusing one already on the interface that corral
+        did not put there: it belongs to someone else."""
+        ip = str(viplib.parse(vip).ip)
+        here = addresses_on(self.interface) if present is None else present
+        if ip in here and ip not in self.added:
+            raise DriverError(f"{ip} is already on {self.interface} and corral did not add it",
+                              hint="it is the host's own or another's address: pick another "
+                                   "virtual IP")
+        self._remember(ip, True)  # before adding: a crash in between leaves it ours
+        viplib.add(self.interface, vip)
+
+    def _remove(self, vip: str) -> None:
+        ip = str(viplib.parse(vip).ip)
+        if ip not in self.added:
+            log.warning("virtual IP %s is not one corral added here; left alone", vip)
+            return
+        viplib.remove(self.interface, vip)
+        self._remember(ip, False)
 
     @property
     def interface(self) -> str:
@@ -83,7 +126,7 @@ class Vips:
         """Add the instance's address and announce it (call after it started)."""
         if rec.spec.vip:
             async with self._lock:
-                await asyncio.to_thread(viplib.add, self.interface, rec.spec.vip)
+                await asyncio.to_thread(self._add, rec.spec.vip)
             log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
 
     async def down(self, rec: InstanceRecord, records: dict[str, InstanceRecord]) -> None:
@@ -93,7 +136,7 @@ class Vips:
             return
         try:
             async with self._lock:
-                await asyncio.to_thread(viplib.remove, self.interface, vip)
+                await asyncio.to_thread(self._remove, vip)
             log.info("virtual IP %s of %s removed from %s", vip, rec.name, self.interface)
         except Exception as exc:  # a failed removal must not fail the stop that asked for it
             log.error("could not remove virtual IP %s of %s: %s", vip, rec.name, exc)
@@ -117,10 +160,10 @@ class Vips:
             ip = str(viplib.parse(vip).ip)
             try:
                 if vip in want and ip not in present:
-                    await asyncio.to_thread(viplib.add, self.interface, vip)
+                    await asyncio.to_thread(self._add, vip, present)
                     log.warning("virtual IP %s was missing; added and announced", vip)
-                elif vip not in want and ip in present:
-                    await asyncio.to_thread(viplib.remove, self.interface, vip)
+                elif vip not in want and ip in present and ip in self.added:
+                    await asyncio.to_thread(self._remove, vip)
                     log.info("virtual IP %s removed: no instance here runs with it", vip)
             except Exception as exc:
                 log.error("could not set virtual IP %s: %s", vip, exc)
