@@ -43,7 +43,10 @@ def test_embedded_server_uses_data_dir_and_stops(server: EmbeddedNats, tmp_path:
     proc = server.proc
     assert proc is not None
     cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-    assert TOKEN.encode() not in cmdline and b"-js" in cmdline
+    assert TOKEN.encode() not in cmdline
+    conf = auth.read_text()  # JetStream on, each write on disk before it is acknowledged
+    assert "jetstream" in conf and "sync_interval: always" in conf
+    assert "Starting JetStream" in (tmp_path / "nats-server.log").read_text()
     server.stop()
     assert proc.returncode is not None and not server.running
     server.stop()  # twice is fine

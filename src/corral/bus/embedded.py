@@ -110,8 +110,8 @@ class EmbeddedNats:
         raise last
 
     def _spawn(self, binary: str, store: Path) -> None:
-        argv = [binary, "-js", "-sd", str(store), "-a", self.host, "-p", str(self.port),
-                "-c", str(self._write_auth_config())]
+        argv = [binary, "-a", self.host, "-p", str(self.port),
+                "-c", str(self._write_config(store))]
         with self.log_path.open("ab") as logf:
             self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -134,13 +134,18 @@ class EmbeddedNats:
             retryable=True,
         )
 
-    def _write_auth_config(self) -> Path:
-        """The token goes in a 0600 file, not argv: /proc/PID/cmdline is readable by every user."""
+    def _write_config(self, store: Path) -> Path:
+        """The token goes in a 0600 file, not argv: /proc/PID/cmdline is readable by every
+        user. JetStream fsyncs every write before it acknowledges it (``sync_interval:
+        always``): capture advances its offsets and sinks theirs on acks, so an ack must mean
+        the batch is on disk, not in the page cache for the next two minutes."""
         path = self.data_dir / "nats" / "auth.conf"
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"authorization {{ token: {json.dumps(self.token)} }}\n")
+            fh.write(f"authorization {{ token: {json.dumps(self.token)} }}\n"
+                     f"jetstream {{ store_dir: {json.dumps(str(store))}, "
+                     "sync_interval: always }\n")
         return path
 
     def _accepts(self) -> bool:

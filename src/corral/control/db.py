@@ -163,7 +163,10 @@ def make_engine(url: URL) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before the server acts on it (asks an agent to start
+            # a copy, say); NORMAL could lose the last commits at a power loss while the
+            # agents had already acted on them
+            cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         return engine
