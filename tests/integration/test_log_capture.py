@@ -15,7 +15,7 @@ from typing import Any
 import nats
 import pytest
 
-from corral.bus import streams
+from corral.bus import streams, subjects
 from corral.bus.embedded import EmbeddedNats
 from corral.telemetry.capture import LogCapture
 from corral.telemetry.logsink import LogSink
@@ -26,7 +26,7 @@ PUMP = """
 import asyncio, sys
 from pathlib import Path
 import nats
-from corral.bus import streams
+from corral.bus import streams, subjects
 from corral.telemetry.capture import LogCapture
 async def main():
     nc = await nats.connect(sys.argv[1], token=sys.argv[2])
@@ -141,3 +141,21 @@ async def test_a_burst_of_long_lines_never_makes_a_batch_the_bus_refuses(
     lines = await drain_sink(bus.url, tmp_path / "sink", 501)
     assert [ln[:4] for ln in lines[:500]] == [f"{i:04d}" for i in range(500)]
     assert lines[500] == "after" and len(lines) == 501
+
+
+async def test_one_chatty_instance_cannot_push_the_others_out_of_the_log_stream(
+        bus: EmbeddedNats) -> None:
+    """Each instance may keep a bounded number of batches in the shared stream: past it, its
+    own oldest go, and the others' stay."""
+    nc = await nats.connect(bus.url, token=TOKEN)
+    js = nc.jetstream()
+    await streams.ensure(js, streams.logs_config(per_instance=3))
+    for i in range(10):
+        await js.publish(subjects.logs("chatty"), f"{i}".encode())
+    for i in range(2):
+        await js.publish(subjects.logs("quiet"), f"{i}".encode())
+    info = await js.stream_info(streams.LOGS)
+    assert info.state.messages == 5  # 3 of chatty's (its newest), both of quiet's
+    quiet = await js.get_last_msg(streams.LOGS, subjects.logs("quiet"))
+    assert quiet.data == b"1"
+    await nc.close()

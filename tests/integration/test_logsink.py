@@ -160,3 +160,36 @@ def test_restart_cuts_a_file_written_before_the_first_checkpoint(tmp_path: Path)
     again.apply(1, raw)
     again.checkpoint()
     assert read_lines(tmp_path, "i") == ["a", "b"]
+
+
+SINK_MANY = """
+import resource, sys
+from pathlib import Path
+from corral.bus.messages import LogBatch
+from corral.telemetry.logsink import LogSink
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+sink = LogSink(Path(sys.argv[1]), "t")
+seq = 0
+for rnd in range(2):
+    for i in range(600):
+        seq += 1
+        b = LogBatch(host="h1", instance=f"i{i}", source="stdout", first_seq=rnd + 1,
+                     lines=[f"i{i} line {rnd + 1}"], ts=0.0)
+        sink.apply(seq, b.model_dump_json().encode())
+    sink.checkpoint()
+sink.close()
+"""
+
+
+def test_a_sink_writes_for_more_instances_than_it_may_open_files(tmp_path: Path) -> None:
+    """600 instances under a limit of 300 open files: it used to keep one file open per
+    instance and source for ever (EMFILE); now the least recently written is closed."""
+    proc = subprocess.run([sys.executable, "-c", SINK_MANY, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for i in (0, 299, 599):
+        assert (tmp_path / f"i{i}" / "stdout.log").read_text() == \
+            f"i{i} line 1\ni{i} line 2\n"
+    again = LogSink(tmp_path, "t")  # what the checkpoint vouches for is all there
+    assert again.cp.lengths["i42/stdout.log"] == len("i42 line 1\ni42 line 2\n")
+    again.close()

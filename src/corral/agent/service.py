@@ -53,6 +53,7 @@ from corral.errors import (
     ConfigError,
     CorralError,
     DriverError,
+    HostUnavailable,
     InvalidRequest,
     Unauthorized,
     from_dict,
@@ -61,6 +62,8 @@ from corral.telemetry.accounting import CpuAccountant, HostCpu
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+#: commands the agent works on at once (see Agent.on_command)
+MAX_INFLIGHT = 256
 #: every this many sampling passes, collect stray orphans (see corral.drivers.reaping)
 REAP_EVERY = 5
 
@@ -274,6 +277,16 @@ class Agent:
 
     # --- commands ------------------------------------------------------------------------------
     async def on_command(self, msg: Any) -> None:
+        """One task per command (a long stop must not hold up a status), at most
+        MAX_INFLIGHT at once: past that the command is answered "busy" at once, retryable,
+        instead of piling up tasks without end."""
+        if len(self._inflight) >= MAX_INFLIGHT:
+            busy = HostUnavailable(f"agent {self.host} is busy with {len(self._inflight)} "
+                                   "commands", hint="retry in a moment", retryable=True)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(encode(Reply(ok=False, error=busy.to_dict())))
+            return
         task = asyncio.create_task(self.handle(msg))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)

@@ -12,7 +12,14 @@ LOGS = "CORRAL_LOGS"
 EVENTS = "CORRAL_EVENTS"
 
 
-def logs_config(max_age_s: float = 7 * 86400, max_bytes: int = 8 * 1024**3) -> StreamConfig:
+#: batches one instance may keep in the log stream (a batch is at most 256 KiB, so at most
+#: 1 GiB of an 8 GiB stream): past it that instance's oldest batches go, not everyone's. One
+#: chatty instance used to push every other instance's logs out of the shared stream.
+MAX_BATCHES_PER_INSTANCE = 4096
+
+
+def logs_config(max_age_s: float = 7 * 86400, max_bytes: int = 8 * 1024**3,
+                per_instance: int = MAX_BATCHES_PER_INSTANCE) -> StreamConfig:
     return StreamConfig(
         name=LOGS,
         subjects=[subjects.logs("*")],
@@ -21,6 +28,7 @@ def logs_config(max_age_s: float = 7 * 86400, max_bytes: int = 8 * 1024**3) -> S
         discard=DiscardPolicy.OLD,
         max_age=max_age_s,
         max_bytes=max_bytes,
+        max_msgs_per_subject=per_instance,
         duplicate_window=120.0,
     )
 

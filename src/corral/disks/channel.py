@@ -35,6 +35,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HANDSHAKE_LIMIT = 64 * 1024
+#: a peer that connects says who it is within this long, or is dropped
+HANDSHAKE_TIMEOUT = 10.0
+#: connections served at once (each is one pass, or a peer still in its handshake): a flood
+#: of idle connections cannot take every task and file of the agent
+MAX_CONNECTIONS = 64
 FRAME = struct.Struct(">BI")
 DATA, EOF, ERR, EXIT = 1, 2, 3, 4
 MAX_FRAME = 4 * 1024 * 1024
@@ -85,6 +90,8 @@ class DataServer:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
+        #: connections being served; past MAX_CONNECTIONS new ones are refused at once
+        self.active = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port,
@@ -97,6 +104,21 @@ class DataServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CONNECTIONS:
+            log.warning("data channel: %d connections already; refusing one from %s",
+                        self.active, writer.get_extra_info("peername"))
+            with contextlib.suppress(Exception):
+                await _refuse(writer, "too many connections on the data port; retry")
+                writer.close()
+                await writer.wait_closed()
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         sock = writer.get_extra_info("socket")
         if sock is not None:  # see rsh.py: no Nagle on a protocol of small exchanges
@@ -105,7 +127,7 @@ class DataServer:
             nonce = secrets.token_hex(16)
             writer.write(json.dumps({"nonce": nonce}).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 10)
+            line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
             try:
                 hello = json.loads(line)
                 argv = [str(a) for a in hello["argv"]]

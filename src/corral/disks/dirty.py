@@ -94,8 +94,7 @@ class DirtyTracker:
             self._wds[wd] = rel_dir
             if rel:  # a directory that appeared while we watch: everything in it is new
                 with self._lock:
-                    self._dirty.add(rel_dir)
-                    self._dirty.update(os.path.join(rel_dir, n) for n in dirnames + filenames)
+                    self._add({rel_dir, *(os.path.join(rel_dir, n) for n in dirnames + filenames)})
 
     def _run(self) -> None:
         fd = self._ino.fileno()
@@ -126,6 +125,14 @@ class DirtyTracker:
                 self._watch_tree(rel)
             if rel:
                 with self._lock:
-                    self._dirty.add(rel)
-                    if len(self._dirty) > self.max_paths:
-                        self._overflow = self._overflow or "more changed paths than max_paths"
+                    self._add({rel})
+
+    def _add(self, paths: set[str]) -> None:
+        """Note changed paths (under the lock); past ``max_paths`` the list is dropped and the
+        tracker says so: the next frozen pass is a full one, and memory stays bounded."""
+        if self._overflow:
+            return  # a full pass is due anyway: nothing more to remember
+        self._dirty |= paths
+        if len(self._dirty) > self.max_paths:
+            self._overflow = "more changed paths than max_paths"
+            self._dirty.clear()

@@ -64,13 +64,22 @@ class RateWindow:
         return hits, statuses
 
 
-class OnlineIndex:
-    """Clients seen in the last ``window_s`` seconds, overall and per URL."""
+#: clients one index keeps (USERS.md §5's service had a million online): past it, the client
+#: seen longest ago is forgotten early, as if its window had ended, and ``evicted`` counts it
+MAX_CLIENTS = 2_000_000
 
-    def __init__(self, window_s: float = 1800.0) -> None:
+
+class OnlineIndex:
+    """Clients seen in the last ``window_s`` seconds, overall and per URL (at most
+    ``max_clients`` of them: memory is bounded whatever the traffic)."""
+
+    def __init__(self, window_s: float = 1800.0, max_clients: int = MAX_CLIENTS) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.window_s = window_s
+        self.max_clients = max_clients
+        #: clients forgotten before their window ended, to stay within ``max_clients``
+        self.evicted = 0
         self.clock = float("-inf")
         self._seen: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._by_url: dict[str, OrderedDict[str, float]] = {}
@@ -96,19 +105,25 @@ class OnlineIndex:
             per_url.move_to_end(client)
         per_url[client] = ts
         self._expire(ts)
+        while len(seen) > self.max_clients:
+            self._pop_oldest()
+            self.evicted += 1
+
+    def _pop_oldest(self) -> None:
+        client, (_, url) = self._seen.popitem(last=False)
+        per_url = self._by_url[url]
+        del per_url[client]
+        if not per_url:
+            del self._by_url[url]
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.window_s
         seen = self._seen
         while seen:
-            client, (ts, url) = next(iter(seen.items()))
+            _, (ts, _) = next(iter(seen.items()))
             if ts > cutoff:
                 return
-            seen.popitem(last=False)
-            per_url = self._by_url[url]
-            del per_url[client]
-            if not per_url:
-                del self._by_url[url]
+            self._pop_oldest()
 
     def advance(self, now: float) -> None:
         """Move the clock to ``now`` (if later) and expire; queries call this."""
