@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -309,3 +310,33 @@ async def test_a_disk_set_aside_and_made_again_refreshes_from_its_own_changes(
     await pair.a.send("app", tgt, "frozen", live.gen, None, None)
     pair.b.prune_received("app", "standby")
     assert copy_of(pair.b, "app", "standby") == digest(disk)
+
+
+async def test_a_directory_swapped_for_a_symlink_never_brings_a_host_file_in(
+        pair: Pair, tmp_path: Path) -> None:
+    """The workload writes ``d/note``, then replaces ``d`` with a symlink to a host
+    directory: the frozen pass must copy the symlink as one, never the host's file behind
+    it (rsync's --files-from resolves ``d/note`` through ``d``)."""
+    disk = make_disk(pair.a, "web", files=3)
+    (disk / "d").mkdir()
+    (disk / "d" / "note").write_text("the workload's own")
+    outside = tmp_path / "host-secrets"
+    outside.mkdir()
+    (outside / "note").write_text("HOST SECRET")
+    tgt = target(pair.b, "web", "standby")
+    live = await pair.a.send("web", tgt, "live", "", None, None)
+    (disk / "d" / "note").write_text("changed since the live pass")
+    await asyncio.sleep(0.2)  # the tracker hears it
+    shutil.rmtree(disk / "d")
+    (disk / "d").symlink_to(outside)
+    await asyncio.sleep(0.2)
+    await pair.a.send("web", tgt, "frozen", live.gen, None, None)
+    pair.b.prune_received("web", "standby")
+    copy = pair.b.copy_path("web", "standby")
+    assert copy is not None
+    assert (copy / "d").is_symlink() and os.readlink(copy / "d") == str(outside)
+    for dirpath, _, files in os.walk(copy):  # never following a link
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_file() and not p.is_symlink():
+                assert b"HOST SECRET" not in p.read_bytes(), f"host file copied in as {p}"

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,9 +152,10 @@ class DirBackend:
                 full = True
                 if known is not None:
                     dirty = known.tracker.take()
-                    full = dirty.overflowed
+                    why = dirty.reason if dirty.overflowed else through_links(src, dirty.paths)
+                    full = why is not None
                     if full:
-                        log.info("frozen pass of %s is a full pass: %s", name, dirty.reason)
+                        log.info("frozen pass of %s is a full pass: %s", name, why)
                 if full:
                     if prepared is not None:
                         await prepared.abort()
@@ -168,3 +171,26 @@ class DirBackend:
                     await prepared.abort()
                 raise
         return SendResult(res.bytes_sent, res.files, res.seconds, freeze_ms, full, gen, data_at)
+
+
+def through_links(root: Path, paths: Iterable[str]) -> str | None:
+    """Why a pass of only ``paths`` could read outside ``root``, or None. rsync's
+    ``--files-from`` resolves ``d/note`` through ``d``: a workload that swapped ``d`` for a
+    symlink to a host directory after writing ``d/note`` would have a host file copied into
+    its disk. So every parent of every path must be a real directory (lstat, the instance
+    frozen); if one is not, the pass is a full one, which copies a symlink as a symlink."""
+    checked: set[str] = set()
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent and parent not in checked:
+            try:
+                mode = os.lstat(root / parent).st_mode
+            except FileNotFoundError:
+                checked.add(parent)  # gone: rsync has nothing to follow there
+                parent = os.path.dirname(parent)
+                continue
+            if not stat.S_ISDIR(mode):
+                return f"{parent} is no longer a directory (a symlink?)"
+            checked.add(parent)
+            parent = os.path.dirname(parent)
+    return None
