@@ -188,3 +188,48 @@ async def test_one_failure_anywhere_finishes_or_leaves_no_trace(rig: Rig, case_i
             else:
                 assert row(rig) == landed, where
     assert OpState.ROLLED_BACK in ended  # the failures did land somewhere that matters
+
+
+async def test_an_unshelve_group_runs_each_member_and_says_how_each_ended(rig: Rig) -> None:
+    """Three shelved instances as one group, two at a time; one member's agent call fails
+    (it rolls back, shelved as before), the others come back; the group's result lists all."""
+    case = CASES["unshelve"]
+    setup(rig, case)
+    with rig.sessions.begin() as s:
+        for name in ("m2", "m3"):
+            s.add(Instance(name=name, host=None, driver="process", command=["sleep", "60"],
+                           cpus=0.5, memory_bytes=64 * 2**20, desired_state="shelved",
+                           state="shelved", epoch=3, created_at=1.0, updated_at=2.0,
+                           disk_host="h1", shelf=f"@shelf-{name}-1", shelved_from="running"))
+    for name in ("m2", "m3"):
+        rig.agents.hosts["h1"].disks.add(name)
+        rig.store.put_manifest(f"@shelf-{name}-1", Manifest([]), replace=True)
+    rig.agents.inject = Inject(at=1, when="before")  # the first member's first call
+    first = await rig.ops.begin("unshelve-group", "grp", {"names": ["m", "m2", "m3"],
+                                                           "parallel": 2})
+    done = await rig.ops.wait(first.id)
+    assert done.state == OpState.SUCCEEDED and done.result is not None
+    members = {m["name"]: m for m in done.result["members"]}
+    assert sorted(members) == ["m", "m2", "m3"]
+    states = sorted(m["state"] for m in members.values())
+    assert states == ["rolled_back", "succeeded", "succeeded"], members
+    failed = next(m for m in members.values() if m["state"] == "rolled_back")
+    assert "injected" in failed["error"] and failed["op"]
+    with rig.sessions() as s:
+        rows = {i.name: (i.state, i.host) for i in s.scalars(sa.select(Instance))}
+    assert rows[failed["name"]] == ("shelved", None)  # as it was
+    assert sorted(rows[n] for n in members if n != failed["name"]) == \
+        [("running", "h1"), ("running", "h1")]
+    assert not rig.fleet.locks.busy("group:grp") and not list(rig.fleet.locks.instances)
+
+
+async def test_an_unshelve_group_refuses_what_is_not_shelved_before_recording(rig: Rig
+                                                                             ) -> None:
+    setup(rig, CASES["migrate-warm"])  # "m" runs
+    from corral.errors import CorralError
+
+    with pytest.raises(CorralError, match="cannot unshelve instance 'm': it is running"):
+        await rig.ops.begin("unshelve-group", "grp", {"names": ["m"]})
+    with pytest.raises(CorralError, match="no instance named 'ghost'"):
+        await rig.ops.begin("unshelve-group", "grp", {"names": ["m", "ghost"]})
+    assert rig.ops.store.list() == [] and rig.agents.calls == []

@@ -14,6 +14,7 @@ sent and never pays for building them.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -171,16 +172,20 @@ class Client:
 
     def event_lines(self, since: str | None = None, after: int | None = None,
                     follow: bool = False, types: list[str] | None = None,
-                    instance: str | None = None) -> Iterator[str]:
+                    instance: str | None = None, quiet_for: float | None = None
+                    ) -> Iterator[str]:
         """Events in index order, each the server's JSON line (without its newline); with
-        ``follow`` the iterator waits for new ones until the caller stops it."""
+        ``follow`` the iterator waits for new ones until the caller stops it (or, with
+        ``quiet_for``, until no event came for that many seconds: a TransportError whose
+        reason is "timed out")."""
         params: list[tuple[str, str]] = [("type", t) for t in types or []]
         for key, value in (("since", since), ("after", after), ("instance", instance)):
             if value is not None:
                 params.append((key, str(value)))
         if follow:
             params.append(("follow", "true"))
-        for line in self._ndjson("/v1/events", params, follow, "events"):
+        timeout = quiet_for if quiet_for is not None else None if follow else 60.0
+        for line in self._http.lines("/v1/events", params, timeout, "events"):
             yield line.decode().rstrip("\r\n")
 
     def events(self, since: str | None = None, after: int | None = None, follow: bool = False,
@@ -217,6 +222,45 @@ class Client:
 
     def op(self, op_id: str) -> OperationView:
         return _op(self.op_data(op_id))
+
+    def watch_op(self, op: dict[str, Any], until: float, quiet_for: float = 5.0
+                 ) -> Iterator[dict[str, Any]]:
+        """The operation ``op`` each time it changes, until it has finished or the monotonic
+        clock passes ``until``; the last one yielded is the newest known.
+
+        It follows the server's events (``operation.changed``) rather than asking every
+        fraction of a second. Until a first event has come, a change may fall between two
+        streams, so the record is read again after half a second of quiet; after that each
+        stream resumes at the last event seen (nothing is missed) and the record is read
+        again only after ``quiet_for`` seconds of quiet (a step may take hours) or when the
+        stream breaks."""
+        from corral.api.transport import TransportError
+
+        yield op
+        after: int | None = None
+        while not op.get("finished") and time.monotonic() < until:
+            quiet = quiet_for if after is not None else 0.5
+            wait = max(0.2, min(quiet, until - time.monotonic()))
+            lines = self.event_lines(after=after, follow=True, types=["operation.changed"],
+                                     instance=str(op["target"]), quiet_for=wait)
+            changed = False
+            try:
+                for line in lines:
+                    ev = json.loads(line)
+                    after = int(ev.get("index") or 0) or after
+                    if (ev.get("data") or {}).get("id") == op["id"]:
+                        changed = True
+                        break
+            except TransportError:
+                pass  # quiet, or the stream broke: look at the record, then follow again
+            finally:
+                close = getattr(lines, "close", None)
+                if close is not None:
+                    close()
+            fresh = self.op_data(str(op["id"]))
+            if changed or fresh != op:
+                op = fresh
+                yield op
 
     def recreate(self, name: str, to: str | None = None) -> OperationView:
         """Start ``recreate`` on ``name``; returns the operation as first recorded (follow it
@@ -269,6 +313,13 @@ class Client:
 
         body = UnshelveRequest(to=to).model_dump(mode="json")
         return _op(self._json("POST", f"/v1/instances/{name}/unshelve", json_body=body))
+
+    def unshelve_group(self, names: Sequence[str] = (), all_: bool = False,
+                       to: str | None = None, parallel: int = 8) -> dict[str, Any]:
+        """Start one server-side operation group that unshelves ``names`` (or every shelved
+        instance with ``all_``), ``parallel`` at a time; its record as first saved."""
+        body = {"names": list(names), "all": all_, "to": to, "parallel": parallel}
+        return dict(self._json("POST", "/v1/unshelve", json_body=body))
 
     def shelves_data(self) -> list[dict[str, Any]]:
         return list(self._json("GET", "/v1/shelves"))

@@ -1,8 +1,9 @@
 """``corral ops ls/show`` (the operation engine's records) and ``corral recreate``.
 
-``corral recreate`` starts the operation, then follows it with ``GET /v1/ops/{id}`` until it is
-finished, printing each step's state and time; it exits non-zero (12) unless the operation
-succeeded, with the operation's error and its id for ``corral ops show``.
+``corral recreate`` (and every command that starts an operation) starts it, then follows it
+through the server's events until it is finished, printing each step's state and time; it
+exits non-zero (12) unless the operation succeeded, with the operation's error and its id for
+``corral ops show``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.api.timespec import iso
 from corral.cli.app import client
@@ -92,13 +93,25 @@ def ops_show(op_id: str, json_out: bool) -> None:
     show_op(OperationView.model_validate(o))
 
 
-def _doing(o: OperationView) -> str:
+def _doing(o: dict[str, Any]) -> str:
     """The step in flight and for how long, for the live status line."""
-    for s in o.steps:
-        if s.state in ("running", "undoing"):
-            verb = "undoing" if s.state == "undoing" else "step"
-            return f"{verb} {s.name} ({_took(s.started_at, None)})"
-    return o.state
+    for s in o.get("steps") or []:
+        if s.get("state") in ("running", "undoing"):
+            verb = "undoing" if s["state"] == "undoing" else "step"
+            return f"{verb} {s['name']} ({_took(s.get('started_at'), None)})"
+    return str(o.get("state"))
+
+
+def follow(c: Client, first: dict[str, Any], wait: float,
+           on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The operation as it is once it finished, or after ``wait`` seconds; it follows the
+    server's events (``Client.watch_op``), so a step's end shows at once and an operation
+    that runs for hours costs a look every few seconds, not several a second."""
+    o = first
+    for o in c.watch_op(first, time.monotonic() + wait):
+        if on_change is not None:
+            on_change(o)
+    return o
 
 
 def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
@@ -106,18 +119,17 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
            ) -> OperationView:
     """Start an operation, follow it until it finishes (at most ``wait`` seconds), print it,
     and raise :class:`OperationFailed` (exit 12) unless it succeeded."""
+    from corral.api.models import OperationView
+
     console = err()
     with client() as c:
-        o = start(c)
-        deadline = time.monotonic() + wait
-        live = console.status(f"{what}: {o.state}") if console.is_terminal and not json_out \
-            else contextlib.nullcontext()
+        first = start(c).model_dump(mode="json")
+        live = console.status(f"{what}: {first['state']}") \
+            if console.is_terminal and not json_out else contextlib.nullcontext()
         with live as status:
-            while not o.finished and time.monotonic() < deadline:
-                time.sleep(0.3)
-                o = c.op(o.id)
-                if status is not None:
-                    status.update(f"{what}: {_doing(o)}")
+            raw = follow(c, first, wait, None if status is None else
+                         lambda o: status.update(f"{what}: {_doing(o)}"))
+    o = OperationView.model_validate(raw)
     if json_out:
         print_json(o)
     else:
@@ -132,7 +144,7 @@ def run_op(start: Callable[[Client], OperationView], what: str, wait: float,
         if json_out:
             err().print(f"operation {o.id} {o.state}")
         raise OperationFailed(f"{what} {o.state}: {message}",
-                                    hint=f"see 'corral ops show {o.id}'")
+                              hint=f"see 'corral ops show {o.id}'")
     return o
 
 

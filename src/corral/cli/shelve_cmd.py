@@ -1,23 +1,22 @@
 """``corral shelve``, ``corral unshelve`` (one, a list, or ``--all``) and ``corral shelved``.
 
-A bulk unshelve is one operation per instance with at most ``--parallel`` in flight, followed by
-polling ``GET /v1/ops/{id}`` under one progress bar (on stderr, so ``--json`` output stays clean).
-Every wait is bounded: ``--wait`` caps the whole run, and what is still running then is reported
-as such (it goes on on the server; ``corral ops ls`` shows it) instead of waiting forever.
+A bulk unshelve is one server-side operation group (``POST /v1/unshelve``) whose members are
+single unshelves, at most ``--parallel`` in flight; the CLI follows the group through the
+server's events under one progress bar (on stderr, so ``--json`` output stays clean). Every wait
+is bounded: ``--wait`` caps the whole run, and what is still running then is reported as such
+(it goes on on the server, even if the client goes away; ``corral ops ls`` shows it).
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from corral.api.timespec import iso
 from corral.cli import render
 from corral.cli.app import client
-from corral.cli.ops_cmd import run_op
+from corral.cli.ops_cmd import follow, run_op
 from corral.cli.parse import parse_duration
-from corral.errors import CorralError, InvalidRequest, OperationFailed
+from corral.errors import InvalidRequest, OperationFailed
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -26,9 +25,6 @@ if TYPE_CHECKING:
     from corral.api.client import Client
     from corral.api.models import OperationView
 
-POLL = 0.3
-#: a busy instance (the offload loop is removing its disk) is asked again this many times
-BUSY_RETRIES = 20
 
 
 def parse_offload(text: str) -> float:
@@ -37,13 +33,13 @@ def parse_offload(text: str) -> float:
 
 
 def _shelved_line(o: OperationView) -> str:
-    push = o.data.get("push") or {}
-    after = o.data.get("offload_after")
+    r = o.result or {}
+    after = r.get("offload_after")
     kept = ("removed from its host" if after == 0 else
-            f"kept on {o.data.get('source')} " + ("until unshelve or rm" if after is None else
-                                                 f"for {after:g}s"))
-    return (f"{o.target}: shelved ({render.fmt_bytes(push.get('size'))} in "
-            f"{push.get('files', '?')} files, {render.fmt_bytes(push.get('uploaded_bytes'))} "
+            f"kept on {r.get('host')} " + ("until unshelve or rm" if after is None or after < 0
+                                           else f"for {after:g}s"))
+    return (f"{o.target}: shelved ({render.fmt_bytes(r.get('size'))} in "
+            f"{r.get('files', '?')} files, {render.fmt_bytes(r.get('uploaded_bytes'))} "
             f"uploaded); CPU and memory released; disk {kept}")
 
 
@@ -53,52 +49,54 @@ def shelve(name: str, offload_after: str | None, wait: float, json_out: bool) ->
            _shelved_line)
 
 
-def _result(name: str, o: OperationView | None, state: str, error: str = "") -> dict[str, Any]:
-    pull = (o.data.get("pull") if o is not None else None) or {}
-    if o is not None and o.error and not error:
-        error = str(o.error.get("message", ""))
-    return {"name": name, "result": state, "op": o.id if o is not None else None,
-            "host": o.data.get("target") if o is not None else None,
-            "disk_was_there": bool(pull.get("existing")) if pull else None,
-            "fetched_chunks": pull.get("fetched_chunks"),
-            "fetched_bytes": pull.get("fetched_bytes"), "error": error}
+def _row(name: str, member: dict[str, Any] | None, state: str, error: str = "") -> dict[str, Any]:
+    r = (member or {}).get("result") or {}
+    return {"name": name, "result": state, "op": (member or {}).get("op"),
+            "host": r.get("host"), "disk_was_there": r.get("disk_was_there"),
+            "fetched_chunks": r.get("fetched_chunks"), "fetched_bytes": r.get("fetched_bytes"),
+            "error": error or str((member or {}).get("error") or "")}
+
+
+def rows_of(group: dict[str, Any], names: list[str], wait: float) -> list[dict[str, Any]]:
+    """One row per instance of the group: from its result once it has ended, else from its
+    record as far as it got (what was still running after ``wait`` is said so)."""
+    if group.get("result"):
+        return [_row(m["name"], m, m["state"]) for m in group["result"]["members"]]
+    members = (group.get("data") or {}).get("members") or {}
+    out = []
+    for name in names:
+        m = members.get(name)
+        if m is None:
+            out.append(_row(name, None, "not_started", f"not started within {wait:g}s"))
+        elif m.get("state") in ("running", "rolling_back"):
+            out.append(_row(name, m, "timeout", f"still {m['state']} after {wait:g}s"))
+        else:
+            out.append(_row(name, m, str(m.get("state"))))
+    return out
 
 
 def unshelve_many(c: Client, names: list[str], to: str | None, parallel: int, wait: float,
-                  progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Unshelve ``names`` with at most ``parallel`` operations in flight; one result each."""
-    todo: deque[tuple[str, int]] = deque((n, 0) for n in names)
-    running: dict[str, OperationView] = {}
-    results: dict[str, dict[str, Any]] = {}
-    task = progress.add_task("unshelving", total=len(names)) if progress else None
-    deadline = time.monotonic() + wait
-    while (todo or running) and time.monotonic() < deadline:
-        while todo and len(running) < parallel:
-            name, tries = todo.popleft()
-            try:
-                running[name] = c.unshelve(name, to)
-            except CorralError as exc:
-                if exc.retryable and tries < BUSY_RETRIES:
-                    todo.append((name, tries + 1))
-                    break
-                results[name] = _result(name, None, "refused", exc.message)
-        time.sleep(POLL)
-        for name, o in list(running.items()):
-            o = c.op(o.id)
-            running[name] = o
-            if o.finished:
-                del running[name]
-                results[name] = _result(name, o, o.state)
-        if progress is not None and task is not None:
-            ok = sum(1 for r in results.values() if r["result"] == "succeeded")
-            progress.update(task, completed=len(results),
-                            description=f"unshelving: {ok} back, {len(results) - ok} failed, "
-                                        f"{len(running)} in flight")
-    for name, o in running.items():
-        results[name] = _result(name, o, "timeout", f"still {o.state} after {wait:g}s")
-    for name, _ in todo:
-        results[name] = _result(name, None, "not_started", f"not started within {wait:g}s")
-    return [results[n] for n in names]
+                  progress: Progress | None = None, all_: bool = False
+                  ) -> list[dict[str, Any]]:
+    """Unshelve ``names`` (or every shelved instance) as one server-side group, at most
+    ``parallel`` at a time, following it through the server's events; one row each."""
+    group = c.unshelve_group(names, all_=all_, to=to, parallel=parallel)
+    wanted = list(group["params"]["names"])
+    task = progress.add_task("unshelving", total=len(wanted)) if progress else None
+
+    def shown(o: dict[str, Any]) -> None:
+        if progress is None or task is None:
+            return
+        members = (o.get("data") or {}).get("members") or {}
+        done = [m for m in members.values() if m.get("state") not in ("running",
+                                                                        "rolling_back")]
+        ok = sum(1 for m in done if m.get("state") == "succeeded")
+        progress.update(task, completed=len(done),
+                        description=f"unshelving: {ok} back, {len(done) - ok} failed, "
+                                    f"{len(members) - len(done)} in flight")
+
+    group = follow(c, group, wait, shown)
+    return rows_of(group, wanted, wait)
 
 
 def _results_table(rows: list[dict[str, Any]]) -> Table:
@@ -118,7 +116,7 @@ def _results_table(rows: list[dict[str, Any]]) -> Table:
 
 def unshelve(names: list[str], all_: bool, to: str | None, parallel: int, wait: float,
              json_out: bool) -> None:
-    """One operation per instance, ``--parallel`` in flight (see the module doc)."""
+    """One server-side group of unshelves, ``--parallel`` in flight (see the module doc)."""
     if all_ == bool(names):
         raise InvalidRequest("name instances or pass --all (not both)",
                              hint="corral unshelve web db, or corral unshelve --all")
@@ -131,13 +129,12 @@ def unshelve(names: list[str], all_: bool, to: str | None, parallel: int, wait: 
     )
 
     with client() as c:
-        wanted = names or [str(s["name"]) for s in c.shelves_data()]
-        if not wanted:
+        if all_ and not c.shelves_data():
             render.say("nothing is shelved")
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=render.err(), transient=json_out) as bar:
-            rows = unshelve_many(c, wanted, to, parallel, wait, bar)
+            rows = unshelve_many(c, names, to, parallel, wait, bar, all_=all_)
     if json_out:
         render.print_json(rows)
     else:

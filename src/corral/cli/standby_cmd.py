@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 
 
 def moved(o: OperationView) -> str:
-    d = o.data
-    parts = [f"moved {fmt_bytes(int(d.get('bytes') or 0))}"]
-    frozen = [p.get("freeze_ms") for p in d.get("passes", []) if p.get("freeze_ms") is not None]
-    if frozen:
-        parts.append(f"frozen {frozen[-1]:.1f} ms")
-    if d.get("downtime_ms") is not None:
-        parts.append(f"downtime {d['downtime_ms']:.0f} ms")
+    """What a move cost, from the operation's typed result (api/operations.py)."""
+    r = o.result or {}
+    parts = [f"moved {fmt_bytes(int(r.get('bytes') or 0))}"]
+    if r.get("freeze_ms") is not None:
+        parts.append(f"frozen {r['freeze_ms']:.1f} ms")
+    if r.get("downtime_ms") is not None:
+        parts.append(f"downtime {r['downtime_ms']:.0f} ms")
     return ", ".join(parts)
 
 

@@ -28,7 +28,7 @@ from corral.control.fleet import BUSY_WAIT, Fleet
 from corral.control.opbase import OpBase
 from corral.control.unshelve import KIND as UNSHELVE
 from corral.errors import Busy, CorralError, InvalidTransition, NotFound
-from corral.lifecycle import State
+from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step
 from corral.ops.locks import LockSet
 from corral.ops.store import FINISHED, OpRecord, OpState
@@ -63,15 +63,18 @@ class UnshelveGroup(OpBase):
         if len(set(names)) != len(names):
             raise CorralError("a name is given twice", hint="name each instance once")
         with self.fleet.sessions() as s:
-            states = dict(s.execute(select(Instance.name, Instance.state).where(
-                Instance.name.in_(names))).tuples())
+            states = {name: state for name, state in s.execute(
+                select(Instance.name, Instance.state).where(Instance.name.in_(names)))}
         missing = [n for n in names if n not in states]
         if missing:
             raise NotFound(f"no instance named {', '.join(repr(n) for n in missing[:10])}",
                            hint="see 'corral shelved'")
-        not_shelved = [f"{n} ({states[n]})" for n in names if states[n] != State.SHELVED.value]
+        not_shelved = [n for n in names if states[n] != State.SHELVED.value]
+        if len(not_shelved) == 1:  # the lifecycle's own words: what it is, what it can do
+            check_verb(not_shelved[0], State(states[not_shelved[0]]), Verb.UNSHELVE)
         if not_shelved:
-            raise InvalidTransition(f"not shelved: {', '.join(not_shelved[:10])}",
+            listed = ", ".join(f"{n} ({states[n]})" for n in not_shelved[:10])
+            raise InvalidTransition(f"not shelved: {listed}",
                                     hint="unshelve only what 'corral shelved' lists")
 
     @staticmethod

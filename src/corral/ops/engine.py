@@ -69,8 +69,9 @@ class OpContext:
         return self.record.data
 
     def save(self) -> None:
-        """Persist ``data`` now (a step that learns something an undo needs saves it at once)."""
-        self._engine.store.save(self.record)
+        """Persist ``data`` now (a step that learns something an undo needs saves it at once);
+        watchers hear of it as of any other change of the record."""
+        self._engine._save(self.record)
 
     async def hook(self, name: str, extra: dict[str, Any] | None = None) -> HookResult:
         return await self._engine.run_hook(self.record, name, extra)
