@@ -27,7 +27,7 @@ CLI = [sys.executable, "-m", "corral.cli"]
 
 
 def parts_missing() -> str | None:
-    for mod in ("corral.control.server", "corral.agent.service"):
+    for mod in ("corral.control.server", "corral.agent.daemon"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not built yet"
     return None

@@ -43,7 +43,7 @@ def wait_output(fleet: Fleet, name: str, text: str, timeout: float = 30) -> None
 
 
 def test_runc_busybox_image(bfleet: Fleet, tmp_path: Path) -> None:
-    from corral.rig.rootfs import build_busybox_rootfs
+    from corral.agent.busybox import build_busybox_rootfs
 
     root = build_busybox_rootfs(tmp_path / "bb")
     (root / "data").mkdir(exist_ok=True)

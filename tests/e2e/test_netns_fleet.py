@@ -58,7 +58,7 @@ def _sleeper_argv(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    from corral.rig.rootfs import build_busybox_rootfs
+    from corral.agent.busybox import build_busybox_rootfs
 
     tmp = tmp_path_factory.mktemp("nfleet")
     with fleet_for(tmp) as fleet:

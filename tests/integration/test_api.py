@@ -554,7 +554,7 @@ async def test_server_json_is_written_while_running(h: Harness) -> None:
 
 async def test_a_bug_is_a_500_in_the_error_shape(h: Harness, monkeypatch: pytest.MonkeyPatch
                                                  ) -> None:
-    from corral.control.service import InstanceService
+    from corral.control.instances import InstanceService
 
     def broken(self: InstanceService) -> list[Any]:
         raise RuntimeError("oops")

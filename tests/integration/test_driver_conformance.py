@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from corral.agent.busybox import build_busybox_rootfs, clone_rootfs
 from corral.drivers import cgroups, procfs, reaping
 from corral.drivers.base import Driver, Handle, Spec, Status
 from corral.drivers.fake import FakeDriver, FakeWorld
 from corral.drivers.process import ProcessDriver
 from corral.drivers.runc import RuncDriver
 from corral.errors import Conflict, DriverError
-from corral.rig.rootfs import build_busybox_rootfs, clone_rootfs
 
 BURN = "while :; do :; done"
 SLEEPER = "while :; do sleep 1; done"

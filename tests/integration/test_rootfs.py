@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from corral.agent import busybox
 from corral.errors import ConfigError
-from corral.rig import rootfs
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
-        rootfs.find_static_busybox()
+        busybox.find_static_busybox()
     except ConfigError as e:
         pytest.skip(str(e))
-    return rootfs.build_busybox_rootfs(tmp_path_factory.mktemp("rfs") / "busybox")
+    return busybox.build_busybox_rootfs(tmp_path_factory.mktemp("rfs") / "busybox")
 
 
 def test_tree_has_applets_dirs_and_etc(template: Path) -> None:
@@ -45,7 +45,7 @@ def test_the_busybox_runs(template: Path) -> None:
 
 def test_build_is_idempotent(template: Path) -> None:
     before = (template / "bin" / "busybox").stat().st_ino
-    assert rootfs.build_busybox_rootfs(template) == template
+    assert busybox.build_busybox_rootfs(template) == template
     assert (template / "bin" / "busybox").stat().st_ino == before  # kept, not rebuilt
 
 
@@ -53,34 +53,34 @@ def test_an_incomplete_tree_is_rebuilt(tmp_path: Path) -> None:
     dest = tmp_path / "half"
     (dest / "bin").mkdir(parents=True)
     (dest / "junk").write_text("from a crashed build")
-    rootfs.build_busybox_rootfs(dest)
+    busybox.build_busybox_rootfs(dest)
     assert (dest / "bin" / "busybox").is_file()
     assert not (dest / "junk").exists()
 
 
 def test_clone_hard_links_busybox_and_copies_the_rest(template: Path, tmp_path: Path) -> None:
-    clone = rootfs.clone_rootfs(template, tmp_path / "c1")
+    clone = busybox.clone_rootfs(template, tmp_path / "c1")
     assert (clone / "bin" / "busybox").stat().st_ino == (template / "bin" / "busybox").stat().st_ino
     assert (clone / "etc" / "passwd").stat().st_ino != (template / "etc" / "passwd").stat().st_ino
     assert (clone / "bin" / "sh").is_symlink()
     (clone / "etc" / "hostname").write_text("mine\n")
-    assert rootfs.clone_rootfs(template, clone) == clone  # a complete clone is kept
+    assert busybox.clone_rootfs(template, clone) == clone  # a complete clone is kept
     assert (clone / "etc" / "hostname").read_text() == "mine\n"
     assert (template / "etc" / "hostname").read_text() == "corral\n"
 
 
 def test_clone_refuses_what_is_not_a_template(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        rootfs.clone_rootfs(tmp_path, tmp_path / "x")
+        busybox.clone_rootfs(tmp_path, tmp_path / "x")
 
 
 def test_missing_busybox_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rootfs, "BUSYBOX_CANDIDATES", ("/nonexistent/busybox",))
+    monkeypatch.setattr(busybox, "BUSYBOX_CANDIDATES", ("/nonexistent/busybox",))
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError) as err:
-        rootfs.find_static_busybox()
+        busybox.find_static_busybox()
     assert "apt-get install busybox-static" in str(err.value)
 
 
 def test_a_dynamic_binary_is_recognised() -> None:
-    assert rootfs._is_dynamic_elf(Path(os.path.realpath(sys.executable)))
+    assert busybox._is_dynamic_elf(Path(os.path.realpath(sys.executable)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.agent.service import dispatch
+from corral.agent.daemon import dispatch
 from corral.agent.state import AgentState
 from corral.bus.codec import encode
 from corral.bus.messages import Command, Reply

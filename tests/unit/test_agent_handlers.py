@@ -10,9 +10,9 @@ import pytest
 from agentkit import call as _call
 from agentkit import ok as _ok
 
+from corral.agent.daemon import dispatch
 from corral.agent.handlers import HANDLERS
 from corral.agent.sampler import sample_pass
-from corral.agent.service import dispatch
 from corral.agent.state import AgentState
 from corral.bus.codec import encode
 from corral.bus.messages import Reply
@@ -208,7 +208,7 @@ def test_sample_pass_accounts_and_reports_missing(tmp_path: Path) -> None:
 
 
 def test_unwrap_accepts_plain_or_wrapped_replies_and_raises_errors() -> None:
-    from corral.agent.service import unwrap
+    from corral.agent.daemon import unwrap
     from corral.bus.messages import JoinReply
     from corral.errors import Conflict, CorralError
 

@@ -73,7 +73,7 @@ async def test_the_data_port_refuses_connections_past_its_bound(
 
 async def test_the_agent_answers_busy_past_its_commands_in_flight(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from corral.agent import service
+    from corral.agent import daemon as service
     from corral.config import Settings
 
     agent = service.Agent(Settings(data_dir=tmp_path, nats_url="nats://127.0.0.1:1",

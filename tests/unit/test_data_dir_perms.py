@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from corral import perms
 from corral.agent.disks import PRIVATE_SUBDIRS, HostDisks
-from corral.rig import fleet, perms
+from corral.rig import fleet
 
 
 def mode(p: Path) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.drivers import common
+from corral.drivers import runs
 from corral.drivers.base import Spec
 from corral.drivers.process import ProcessDriver
 from corral.drivers.runc import RuncDriver, runc_message
@@ -70,7 +70,7 @@ def test_runc_needs_a_rootfs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "x" * 64])
 def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidRequest):
-        common.check_spec(_spec(tmp_path, name=name))
+        runs.check_spec(_spec(tmp_path, name=name))
 
 
 def test_unknown_command_is_refused_before_anything_runs(tmp_path: Path) -> None:
@@ -83,6 +83,6 @@ def test_unknown_command_is_refused_before_anything_runs(tmp_path: Path) -> None
 
 def test_workload_env_is_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORRAL_TOKEN", "secret")
-    env = common.base_env(_spec(tmp_path, env={"X": "y"}))
+    env = runs.base_env(_spec(tmp_path, env={"X": "y"}))
     assert "CORRAL_TOKEN" not in env
     assert env["X"] == "y"

@@ -18,8 +18,8 @@ from corral.bus.messages import InstanceReport
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby, open_db
 from corral.control.fleet import Fleet
-from corral.control.ha import HaManager, plan_rejoin
 from corral.errors import Conflict, CorralError, NotFound
+from corral.ha.manager import HaManager, plan_rejoin
 from corral.ha.reconcile import Record
 from corral.ops.store import OpRecord, OpState
 

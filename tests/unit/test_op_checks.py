@@ -25,9 +25,9 @@ from corral.bus import rpc
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby, open_db
 from corral.control.fleet import Fleet
-from corral.control.migrate import KIND as MIGRATE
-from corral.control.migrate import Migrate, pick_target
-from corral.control.operations import Operations
+from corral.control.operations.migrate import KIND as MIGRATE
+from corral.control.operations.migrate import Migrate, pick_target
+from corral.control.operations.runner import Operations
 from corral.control.shelves import Shelves
 from corral.errors import Conflict, CorralError, InvalidRequest, NoCapacity
 from corral.ops.engine import Check, Engine, Kind, OpContext, Step

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby, open_db
 from corral.control.fleet import Fleet
-from corral.control.operations import Operations
+from corral.control.operations.runner import Operations
 from corral.images.store import ImageStore
 from corral.images.tree import Manifest
 from corral.ops.store import OpRecord, OpState

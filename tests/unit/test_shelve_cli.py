@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.cli.shelve_cmd import parse_offload
-from corral.control.shelve import shelf_name
+from corral.control.operations.shelve import shelf_name
 from corral.errors import InvalidRequest
 from corral.images.store import is_shelf
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.control.db import Base, Host, Instance, Standby
-from corral.control.standby import due
+from corral.control.standbys import due
 
 
 def fleet() -> sessionmaker[Session]:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from corral.api.models import CreateInstance
 from corral.bus.messages import LogBatch, WireSpec
 from corral.cli.parse import parse_tail
-from corral.control.logs_http import lines_of
+from corral.control.http.logs import lines_of
 from corral.errors import InvalidRequest
 
 

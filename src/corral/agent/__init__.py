@@ -1,6 +1,6 @@
 """The per-host agent: drivers, CPU/memory sampling, heartbeats and commands over NATS.
 
-Entry point: :func:`corral.agent.service.serve` (``python -m corral.agent`` runs it standalone).
+Entry point: :func:`corral.agent.daemon.serve` (``python -m corral.agent`` runs it standalone).
 The agent never imports ``corral.control``; it talks to the server only over the bus.
 """
 
@@ -14,6 +14,6 @@ if TYPE_CHECKING:
 
 def serve(settings: Settings) -> None:
     """Run the agent until SIGTERM/SIGINT (imported lazily: ``import corral.agent`` stays light)."""
-    from corral.agent.service import serve as _serve
+    from corral.agent.daemon import serve as _serve
 
     _serve(settings)

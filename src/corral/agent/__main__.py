@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from corral import config
-from corral.agent.service import serve
+from corral.agent.daemon import serve
 from corral.errors import CorralError
 
 

@@ -16,7 +16,7 @@ whose copy was there when the agent died fails its next step and rolls back anyw
 This module holds what is the same for every backend: the paths, the checks that refuse a call,
 permissions and the data channel; what a disk is and how a pass moves it is the backend's.
 
-Permissions (:mod:`corral.rig.perms`): the disk root and every disk are 0711, so a workload that
+Permissions (:mod:`corral.perms`): the disk root and every disk are 0711, so a workload that
 drops privileges still reaches its own disk (its working directory, or a container's root) while
 no one but root lists the disks; the slots are 0700 (they hold copies of other instances); the
 agent's data directory is private except for the way down to the disk root.
@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corral import perms
 from corral.disks.base import Hold, Hook, SendResult, Target
 from corral.disks.channel import DataServer
 from corral.disks.registry import make_backend
 from corral.disks.rsync import Endpoint
 from corral.errors import InvalidRequest, NotFound
-from corral.rig import perms
 
 __all__ = ["PRIVATE_SUBDIRS", "SLOTS", "HostDisks", "SendResult"]
 

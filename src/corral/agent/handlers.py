@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.agent import imagecache, rootfs
+from corral.agent.busybox import copy_template
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
 from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
@@ -23,9 +24,8 @@ from corral.agent.vips import check_spec_vip
 from corral.bus import rpc
 from corral.bus.messages import InstanceReport, WireSpec
 from corral.drivers.base import Spec
-from corral.drivers.common import KILL_WAIT
+from corral.drivers.runs import KILL_WAIT
 from corral.errors import Conflict, DriverError, InvalidRequest
-from corral.rig.rootfs import copy_template
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from corral.rig.rootfs import build_busybox_rootfs, clone_rootfs
+from corral.agent.busybox import build_busybox_rootfs, clone_rootfs
 
 #: creates run in worker threads; only one of them builds the template.
 _lock = threading.Lock()

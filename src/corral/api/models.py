@@ -85,8 +85,8 @@ class CreateInstance(BaseModel):
     def _vip(cls, v: str | None) -> str | None:
         if v is None:
             return None
+        from corral.api.addresses import parse_vip as parse
         from corral.errors import CorralError
-        from corral.ha.vip import parse
 
         try:
             return str(parse(v))

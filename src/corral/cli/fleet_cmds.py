@@ -75,7 +75,7 @@ def agent(name: str | None, nats: str | None, token: str | None, data: Path | No
          "host_address": address, "drivers": drivers, "log_level": log_level},
         set_, cfg,
     )
-    _process_module("corral.agent.main", "corral.agent.service").serve(settings)
+    _process_module("corral.agent.main", "corral.agent.daemon").serve(settings)
 
 
 def _say(console: Console, spinner: Status) -> Callable[[str], None]:

@@ -16,9 +16,11 @@ from prometheus_client.registry import Collector
 from corral.api.models import Event
 from corral.bus import streams
 from corral.config import Settings
-from corral.control import events, events_api, traffic_api
+from corral.control import events
 from corral.control.fleet import Fleet
-from corral.control.service import InstanceService
+from corral.control.http import events as events_http
+from corral.control.http import traffic as traffic_http
+from corral.control.instances import InstanceService
 from corral.telemetry.traffic import Traffic
 
 
@@ -40,7 +42,7 @@ class Live:
         pub.start()
         events.watch(fleet.sessions, pub, fleet.locks.instances)
         service.on_error = pub.verb_error
-        self._sub = await traffic_api.subscribe(nc, self.traffic)
+        self._sub = await traffic_http.subscribe(nc, self.traffic)
 
     def _on_event(self, ev: Event) -> None:
         if ev.type == "instance.deleted" and ev.instance:
@@ -48,11 +50,11 @@ class Live:
 
     def routers(self, service: InstanceService) -> list[Callable[[list[Any]], APIRouter]]:
         js = self.js
-        return [lambda auth: events_api.router(js, auth),
-                lambda auth: traffic_api.router(self.traffic, service, auth)]
+        return [lambda auth: events_http.router(js, auth),
+                lambda auth: traffic_http.router(self.traffic, service, auth)]
 
     def collectors(self) -> list[Collector]:
-        return [traffic_api.TrafficCollector(self.traffic)]
+        return [traffic_http.TrafficCollector(self.traffic)]
 
     async def stop(self) -> None:
         if self._sub is not None:

@@ -30,18 +30,21 @@ from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
 from corral.config import Settings, ensure_token
-from corral.control import logs_http, ops_api, shelve_api, standby_api
 from corral.control.agents import AgentCaller
-from corral.control.api import build_app
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.fleet import Fleet
-from corral.control.ha import HaManager
+from corral.control.http import logs as logs_http
+from corral.control.http import ops as ops_http
+from corral.control.http import shelves as shelves_http
+from corral.control.http import standbys as standbys_http
+from corral.control.http.app import build_app
+from corral.control.instances import InstanceService
 from corral.control.live import Live
-from corral.control.operations import Operations
-from corral.control.service import InstanceService
+from corral.control.operations.runner import Operations
 from corral.control.shelves import Shelves
 from corral.control.standbys import Standbys
 from corral.errors import CorralError
+from corral.ha.manager import HaManager
 from corral.images import http as image_http
 from corral.images.store import ImageStore
 
@@ -157,13 +160,13 @@ class ControlPlane:
         routers = [lambda auth: image_http.router(images, auth, on_change=self._image_changed)]
         routers.append(lambda auth: logs_http.router(lambda: self.nc, service.exists, auth))
         routers.extend(self.live.routers(service))
-        routers.append(lambda auth: ops_api.router(ops, service, auth))
+        routers.append(lambda auth: ops_http.router(ops, service, auth))
         standbys = self.standbys = Standbys(fleet, service.agents, ops)
         service.before_delete.append(standbys.discard_for_deleted)
-        routers.append(lambda auth: standby_api.router(ops, service, standbys, auth))
+        routers.append(lambda auth: standbys_http.router(ops, service, standbys, auth))
         self._tasks.append(asyncio.create_task(standbys.loop(), name="standbys"))
         service.before_delete.append(shelves.discard_for_deleted)
-        routers.append(lambda auth: shelve_api.router(ops, service, shelves, auth))
+        routers.append(lambda auth: shelves_http.router(ops, service, shelves, auth))
         self._tasks.append(asyncio.create_task(shelves.loop(), name="shelves"))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
                         routers=routers, collectors=self.live.collectors())

@@ -22,8 +22,8 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
-from corral.control.operations import Operations
-from corral.control.shelve import Shelve
+from corral.control.operations.runner import Operations
+from corral.control.operations.shelve import Shelve
 from corral.errors import Busy, CorralError
 from corral.images.store import ImageStore
 from corral.lifecycle import State

@@ -1,8 +1,8 @@
 """Standby records: add (placed away from the primary), remove, list, and the refresh loop.
 
 Adding a standby records it and starts its first refresh at once; after that the loop starts a
-``standby-sync`` operation whenever one is due (see :func:`corral.control.standby.due`). An
-instance busy with another operation is simply tried again on the next tick.
+``standby-sync`` operation whenever one is due (see :func:`due`). An instance busy with another
+operation is simply tried again on the next tick.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from corral.bus import rpc
 from corral.control.agents import AgentCaller
-from corral.control.db import Host, Standby
-from corral.control.diskops import DiskOps
+from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
-from corral.control.operations import Operations
-from corral.control.standby import SYNC, due
+from corral.control.operations.moves import DiskOps
+from corral.control.operations.runner import Operations
+from corral.control.operations.standby_sync import KIND as SYNC
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
+from corral.lifecycle import State
 from corral.ops import locks
 from corral.ops.locks import LockSet
 from corral.ops.store import OpRecord
@@ -134,3 +136,23 @@ class Standbys:
                 "data_age_seconds": None if sb.data_at is None else round(now - sb.data_at, 3),
                 "last_freeze_ms": sb.last_freeze_ms, "last_bytes": sb.last_bytes,
                 "total_bytes": sb.total_bytes, "syncs": sb.syncs, "last_error": sb.last_error}
+
+def due(sessions: sessionmaker[Session], now: float, tried: dict[str, float]) -> list[str]:
+    """Instances whose standby is due a refresh: both hosts up, the instance running or
+    stopped, its interval passed since the last refresh *or attempt* (``tried``), so a refresh
+    that keeps failing is retried once per interval, not in a loop."""
+    out: list[str] = []
+    with sessions() as s:
+        rows = s.execute(select(Standby, Instance, Host).join(
+            Instance, Instance.name == Standby.instance).join(
+            Host, Host.name == Standby.host)).all()
+        for sb, inst, host in rows:
+            primary = s.get(Host, inst.host or "")
+            if host.state != "up" or primary is None or primary.state != "up":
+                continue
+            if inst.state not in (State.RUNNING.value, State.STOPPED.value):
+                continue
+            last = max(sb.last_sync_at or 0.0, tried.get(sb.instance, 0.0))
+            if now - last >= sb.every_seconds:
+                out.append(sb.instance)
+    return out

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from corral.drivers import common
+from corral.drivers import runs
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.errors import Conflict, CorralError, InvalidRequest, NotSupported
 
@@ -144,7 +144,7 @@ class FakeDriver:
         self._enter("create", spec.name)
         if not spec.command:
             raise InvalidRequest(f"instance {spec.name}: empty command")
-        return Handle(self.name, spec.name, {"spec": common.spec_to_data(spec),
+        return Handle(self.name, spec.name, {"spec": runs.spec_to_data(spec),
                                              "pid": None, "generation": None})
 
     def start(self, handle: Handle) -> Handle:
@@ -183,7 +183,7 @@ class FakeDriver:
             elif signal == sig.SIGCONT:
                 self._settle(p)
                 p.frozen = False
-            elif signal in common.ENDING_SIGNALS and not (signal == sig.SIGTERM and
+            elif signal in runs.ENDING_SIGNALS and not (signal == sig.SIGTERM and
                                                            p.ignores_term):
                 p.stop_requested = True
                 self._end(p, None, signal)

@@ -25,13 +25,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.drivers import common, procfs, reaping
+from corral.drivers import procfs, reaping, runs
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, for_process_driver
 from corral.errors import Conflict, DriverError, InvalidRequest
 
 _JOIN_FAILED = 125
-_KILL_WAIT = common.KILL_WAIT
+_KILL_WAIT = runs.KILL_WAIT
 
 
 class ProcessDriver:
@@ -120,7 +120,7 @@ class ProcessDriver:
         if popen is not None:
             rc = popen.poll()
             if rc is not None:
-                result = common.decode_returncode(rc)
+                result = runs.decode_returncode(rc)
         else:
             pid, start = handle.data.get("pid"), handle.data.get("starttime")
             st = None if pid is None else procfs.identify(int(pid), int(start or -1))
@@ -129,7 +129,7 @@ class ProcessDriver:
                 try:
                     done, status = os.waitpid(int(pid or 0), os.WNOHANG)
                     if done:
-                        result = common.decode_wait_status(status)
+                        result = runs.decode_wait_status(status)
                 except ChildProcessError:
                     pass
         if result is not None:
@@ -137,7 +137,7 @@ class ProcessDriver:
                 self._exits[gen] = result
                 self._popens.pop(gen, None)
             reaping.release(int(handle.data.get("pid") or 0))
-            common.record_exit(handle, *result)
+            runs.record_exit(handle, *result)
         return result
 
     def _gone(self, handle: Handle) -> bool:
@@ -154,7 +154,7 @@ class ProcessDriver:
         return True
 
     def _wait_gone(self, handle: Handle, timeout: float) -> bool:
-        return common.wait_until(lambda: self._gone(handle), timeout)
+        return runs.wait_until(lambda: self._gone(handle), timeout)
 
     def _kill_tree(self, handle: Handle) -> None:
         """SIGKILL every process, thawing first: a frozen task, or one in a v1 cgroup left
@@ -194,11 +194,11 @@ class ProcessDriver:
         return self._reason
 
     def create(self, spec: Spec) -> Handle:
-        common.check_spec(spec)
+        runs.check_spec(spec)
         Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         rel = f"{self._cg_parent}/{spec.name}" if self._cg is not None else None
         return Handle(self.name, spec.name, {
-            "spec": common.spec_to_data(spec),
+            "spec": runs.spec_to_data(spec),
             "cgroup": rel,
             "cgroup_version": None if self._cg is None else self._cg.version,
             "pid": None, "starttime": None, "pgid": None, "sid": None, "generation": None,
@@ -220,7 +220,7 @@ class ProcessDriver:
     def start(self, handle: Handle) -> Handle:
         if self._leader(handle) is not None:
             return handle
-        spec = common.spec_from_handle(handle)
+        spec = runs.spec_from_handle(handle)
         wd = Path(spec.workdir)
         wd.mkdir(parents=True, exist_ok=True)
         cg = self._cg_of(handle)
@@ -232,7 +232,7 @@ class ProcessDriver:
             hier.create(rel)
             hier.set_limits(rel, spec.cpus, spec.memory_bytes)
         cwd = spec.rootfs or spec.workdir
-        env = common.base_env(spec)
+        env = runs.base_env(spec)
         argv = self._argv(spec, cwd, env, cg)
         with open(wd / "stdout.log", "ab") as out, open(wd / "stderr.log", "ab") as err, \
                 reaping.owned() as own:
@@ -248,7 +248,7 @@ class ProcessDriver:
         gen = f"{popen.pid}-{starttime}"
         with self._lock:
             self._popens[gen] = popen
-        common.clear_run_files(wd)
+        runs.clear_run_files(wd)
         data = dict(handle.data, pid=popen.pid, starttime=starttime, pgid=popen.pid,
                     sid=popen.pid, generation=gen)
         new = Handle(self.name, handle.name, data)
@@ -259,10 +259,10 @@ class ProcessDriver:
     def _check_joined(self, handle: Handle, popen: subprocess.Popen[bytes],
                       cg: tuple[Hierarchy, str]) -> None:
         """Wait (briefly) until the leader sits in its cgroup, so no CPU goes uncounted."""
-        joined = common.wait_until(
+        joined = runs.wait_until(
             lambda: popen.pid in cg[0].pids(cg[1]) or popen.poll() is not None, 5.0, 0.002)
         if popen.poll() == _JOIN_FAILED or not joined:
-            tail = (common.workdir(handle) / "stderr.log").read_text(errors="replace")[-400:]
+            tail = (runs.workdir(handle) / "stderr.log").read_text(errors="replace")[-400:]
             raise DriverError(f"instance {handle.name} could not join cgroup {cg[1]}: {tail}",
                               hint="is the cgroup filesystem writable by the agent?")
 
@@ -271,7 +271,7 @@ class ProcessDriver:
         if st.state not in ("running", "frozen"):
             self._kill_leftovers(handle)
             return st
-        common.stop_then_kill(
+        runs.stop_then_kill(
             handle, st.state == "frozen", timeout,
             signal=lambda n: self._signal_tree(handle, n),
             kill_all=lambda: self._kill_tree(handle),
@@ -281,7 +281,7 @@ class ProcessDriver:
 
     def kill(self, handle: Handle, signal: int) -> None:
         st = self._require_alive(handle, "signal")
-        common.signal_instance(handle, signal, st.state == "frozen",
+        runs.signal_instance(handle, signal, st.state == "frozen",
                                send=lambda n: self._signal_tree(handle, n),
                                thaw=lambda: self.thaw(handle))
 
@@ -304,9 +304,9 @@ class ProcessDriver:
                     os.kill(s.pid, sig.SIGSTOP)
             return not running
 
-        common.mark_frozen(handle, True)
+        runs.mark_frozen(handle, True)
 
-        if not common.wait_until(all_stopped, 5.0, 0.005):
+        if not runs.wait_until(all_stopped, 5.0, 0.005):
             raise DriverError(f"instance {handle.name} kept forking while being frozen",
                               hint="retry, or run it where a freezer cgroup is usable",
                               retryable=True)
@@ -318,7 +318,7 @@ class ProcessDriver:
                 cg[0].thaw(cg[1])
             return
         self._signal_tree(handle, sig.SIGCONT)
-        common.mark_frozen(handle, False)
+        runs.mark_frozen(handle, False)
 
     def status(self, handle: Handle) -> Status:
         if handle.data.get("pid") is None:
@@ -330,13 +330,13 @@ class ProcessDriver:
                 frozen = cg[0].is_frozen(cg[1])
             else:
                 frozen = leader.state in ("T", "t") or (
-                    leader.state == "D" and common.frozen_marked(handle))
+                    leader.state == "D" and runs.frozen_marked(handle))
             return Status("frozen" if frozen else "running", pid=leader.pid)
         if not self._end_leftovers(handle):
             # the leader is gone, the rest is being killed: not ended until all are reaped
             return Status("running")
-        ended = self._reap(handle) or common.read_exit(handle) or (None, None)
-        state = "stopped" if common.stop_requested(handle) else "exited"
+        ended = self._reap(handle) or runs.read_exit(handle) or (None, None)
+        state = "stopped" if runs.stop_requested(handle) else "exited"
         return Status(state, exit_code=ended[0], signal=ended[1])
 
     def stats(self, handles: Sequence[Handle]) -> dict[str, Stats]:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.drivers import common, procfs, reaping
+from corral.drivers import procfs, reaping, runs
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, Mounts, V1Hierarchy, V2Hierarchy, read_mounts
 from corral.drivers.runc_config import cgroups_path, write_bundle
@@ -122,7 +122,7 @@ class RuncDriver:
     def _shim_exit(self, handle: Handle) -> tuple[int | None, int | None] | None:
         """The exit the shim recorded for this run; waits a moment for a shim still writing."""
         gen = str(handle.data.get("generation") or "")
-        path = common.workdir(handle) / SHIM_EXIT_FILE
+        path = runs.workdir(handle) / SHIM_EXIT_FILE
         with self._lock:
             shim = self._shims.get(gen)
         if shim is not None:
@@ -175,7 +175,7 @@ class RuncDriver:
         return procfs.identify(int(pid), int(start or 0)) is None
 
     def _wait_dead(self, handle: Handle, timeout: float) -> bool:
-        return common.wait_until(lambda: self._gone(handle), timeout)
+        return runs.wait_until(lambda: self._gone(handle), timeout)
 
     # -- the Driver protocol ---------------------------------------------------------------
     def available(self) -> str | None:
@@ -190,12 +190,12 @@ class RuncDriver:
         return None
 
     def create(self, spec: Spec) -> Handle:
-        common.check_spec(spec, needs_rootfs=True)
+        runs.check_spec(spec, needs_rootfs=True)
         wd = Path(spec.workdir)
         wd.mkdir(parents=True, exist_ok=True)
         write_bundle(wd / "bundle", spec, self.scope)
         return Handle(self.name, spec.name, {
-            "spec": common.spec_to_data(spec),
+            "spec": runs.spec_to_data(spec),
             "bundle": str(wd / "bundle"),
             "cgroup": self.cgroup_rel(spec.name),
             "pid": None, "starttime": None, "generation": None,
@@ -204,13 +204,13 @@ class RuncDriver:
     def start(self, handle: Handle) -> Handle:
         if self._alive(handle) is not None:
             return handle
-        spec = common.spec_from_handle(handle)
+        spec = runs.spec_from_handle(handle)
         wd = Path(spec.workdir)
         bundle = write_bundle(wd / "bundle", spec, self.scope).parent
         self.state_root.mkdir(parents=True, exist_ok=True)
         if self._has_container(spec.name):  # an earlier run (stopped, exited or half-made)
             self._run("delete", spec.name, "--force")
-        common.clear_run_files(wd)
+        runs.clear_run_files(wd)
         pid_file = wd / "init.pid"
         for stale in (pid_file, wd / SHIM_EXIT_FILE):
             stale.unlink(missing_ok=True)
@@ -222,7 +222,7 @@ class RuncDriver:
             "exit_file": str(wd / SHIM_EXIT_FILE),
         }
         # the shim gets a bare environment: the agent's (with the fleet token) stays with it
-        env = {"PATH": os.environ.get("PATH", common.DEFAULT_PATH)}
+        env = {"PATH": os.environ.get("PATH", runs.DEFAULT_PATH)}
         with open(wd / "shim.log", "ab") as shim_log, reaping.owned() as own:
             shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), json.dumps(cfg)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -270,7 +270,7 @@ class RuncDriver:
         st = self.status(handle)
         if st.state not in ("running", "frozen"):
             return st
-        common.stop_then_kill(
+        runs.stop_then_kill(
             handle, st.state == "frozen", timeout,
             signal=lambda n: self._kill(handle, n),
             kill_all=lambda: self._kill(handle, sig.SIGKILL, all_procs=True),
@@ -280,7 +280,7 @@ class RuncDriver:
 
     def kill(self, handle: Handle, signal: int) -> None:
         st = self._require_alive(handle, "signal")
-        common.signal_instance(handle, signal, st.state == "frozen",
+        runs.signal_instance(handle, signal, st.state == "frozen",
                                send=lambda n: self._kill(handle, n),
                                thaw=lambda: self.thaw(handle))
 
@@ -302,7 +302,7 @@ class RuncDriver:
         if not self._gone(handle):
             return Status("running")  # its init died; the rest is being killed and reaped
         ended = self._shim_exit(handle) or (None, None)
-        state = "stopped" if common.stop_requested(handle) else "exited"
+        state = "stopped" if runs.stop_requested(handle) else "exited"
         return Status(state, exit_code=ended[0], signal=ended[1])
 
     def stats(self, handles: Sequence[Handle]) -> dict[str, Stats]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.drivers.base import Spec
-from corral.drivers.common import DEFAULT_PATH
+from corral.drivers.runs import DEFAULT_PATH
 
 CPU_PERIOD_US = 100_000
 #: Docker's default set, less NET_RAW: the container shares the host's network namespace.

@@ -9,13 +9,13 @@ socket, no extra package); the address itself is added with iproute2.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 import subprocess
 import time
 
-from corral.errors import DriverError, InvalidRequest
+from corral.api.addresses import parse_vip
+from corral.errors import DriverError
 
 ETH_P_ARP = 0x0806
 
@@ -25,30 +25,6 @@ def _ip(*args: str) -> None:
     if proc.returncode != 0:
         raise DriverError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}",
                           hint="virtual IPs need root and iproute2 on the host")
-
-
-def parse(vip: str) -> ipaddress.IPv4Interface:
-    """A virtual IP as given (``10.0.0.50/24``); refused when it cannot be one: loopback,
-    link-local, multicast, unspecified or reserved addresses, and the network or broadcast
-    address of its own prefix."""
-    try:
-        iface = ipaddress.IPv4Interface(vip if "/" in vip else f"{vip}/32")
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"bad virtual IP {vip!r}: {exc}",
-            hint="give an IPv4 address with its prefix, e.g. 10.0.0.50/24",
-        ) from exc
-    ip, net = iface.ip, iface.network
-    why = ("a loopback address" if ip.is_loopback else "a link-local address"
-           if ip.is_link_local else "a multicast address" if ip.is_multicast
-           else "the unspecified address" if ip.is_unspecified else "a reserved address"
-           if ip.is_reserved else "its network's address" if net.prefixlen < 31
-           and ip == net.network_address else "its network's broadcast address"
-           if net.prefixlen < 31 and ip == net.broadcast_address else None)
-    if why is not None:
-        raise InvalidRequest(f"{vip} cannot be a virtual IP: it is {why}",
-                             hint="give an unused unicast address of the hosts' segment")
-    return iface
 
 
 def has(ifname: str, vip: str) -> bool:
@@ -101,3 +77,7 @@ def gratuitous_arp(ifname: str, ip: str) -> None:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
         s.bind((ifname, 0))
         s.send(frame)
+
+
+#: the API's own check of a virtual IP (the agent checks again before adding one)
+parse = parse_vip

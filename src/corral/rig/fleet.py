@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral import perms
 from corral.api.client import Client
 from corral.bus.embedded import free_port
 from corral.errors import Conflict, CorralError
 from corral.lifecycle import ALIVE
-from corral.rig import netns, perms, procs
+from corral.rig import netns, procs
 from corral.rig.context import (
     FleetContext,
     ProcInfo,

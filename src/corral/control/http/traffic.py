@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from corral.api.models import TrafficView
 from corral.bus import subjects
 from corral.bus.messages import LogBatch
-from corral.control.service import InstanceService
+from corral.control.instances import InstanceService
 from corral.telemetry.traffic import CLASSES, Traffic
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from corral.bus import rpc
 from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
-from corral.control.opbase import OpBase
+from corral.control.operations.base import OpBase
 from corral.errors import Conflict, HookRefused, HostUnavailable, InvalidRequest, NotFound
 from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext

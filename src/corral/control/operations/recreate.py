@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance
-from corral.control.opbase import OpBase
+from corral.control.operations.base import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest
 from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext, Step

@@ -21,13 +21,13 @@ from corral.api.models import (
     UnshelveGroupRequest,
     UnshelveRequest,
 )
-from corral.control.group import KIND as UNSHELVE_GROUP
-from corral.control.operations import Operations
-from corral.control.ops_api import view
-from corral.control.service import InstanceService
-from corral.control.shelve import KIND as SHELVE
+from corral.control.http.ops import view
+from corral.control.instances import InstanceService
+from corral.control.operations.runner import Operations
+from corral.control.operations.shelve import KIND as SHELVE
+from corral.control.operations.unshelve import KIND as UNSHELVE
+from corral.control.operations.unshelve_group import KIND as UNSHELVE_GROUP
 from corral.control.shelves import Shelves
-from corral.control.unshelve import KIND as UNSHELVE
 from corral.errors import InvalidRequest
 
 

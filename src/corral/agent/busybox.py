@@ -163,7 +163,7 @@ def clone_rootfs(template: Path, dest: Path) -> Path:
     template, dest = Path(template).absolute(), Path(dest).absolute()
     if not _is_complete(template):
         raise ConfigError(f"{template} is not a corral root filesystem template",
-                          hint="build one with corral.rig.rootfs.build_busybox_rootfs")
+                          hint="build one with corral.agent.busybox.build_busybox_rootfs")
     if _is_complete(dest):
         return dest
     if dest.exists():

@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from corral.api.models import MigrateRequest, OperationView, StandbyRequest, StandbyView
-from corral.control.migrate import KIND as MIGRATE
-from corral.control.operations import Operations
-from corral.control.ops_api import view
-from corral.control.service import InstanceService
-from corral.control.standby import PROMOTE
+from corral.control.http.ops import view
+from corral.control.instances import InstanceService
+from corral.control.operations.migrate import KIND as MIGRATE
+from corral.control.operations.promote import KIND as PROMOTE
+from corral.control.operations.runner import Operations
 from corral.control.standbys import Standbys
 
 

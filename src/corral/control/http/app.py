@@ -32,7 +32,7 @@ from corral.api.models import (
 )
 from corral.control import prom, views
 from corral.control.fleet import Fleet
-from corral.control.service import InstanceService
+from corral.control.instances import InstanceService
 from corral.errors import CorralError, HTTPError, InvalidRequest, NotFound, Unauthorized
 from corral.lifecycle import Verb
 

@@ -25,8 +25,8 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Instance
 from corral.control.fleet import BUSY_WAIT, Fleet
-from corral.control.opbase import OpBase
-from corral.control.unshelve import KIND as UNSHELVE
+from corral.control.operations.base import OpBase
+from corral.control.operations.unshelve import KIND as UNSHELVE
 from corral.errors import Busy, CorralError, InvalidTransition, NotFound
 from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step

@@ -31,7 +31,7 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
-from corral.control.opbase import OpBase
+from corral.control.operations.base import OpBase
 from corral.errors import Conflict, HostUnavailable, InvalidRequest
 from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
 from corral.lifecycle import State, Verb, check_verb

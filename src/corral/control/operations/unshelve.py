@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance
-from corral.control.shelve import ShelfSteps
+from corral.control.operations.shelve import ShelfSteps
 from corral.errors import Conflict, HostUnavailable, NotFound
 from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step

@@ -42,10 +42,10 @@ def check_spec(spec: Spec, *, needs_rootfs: bool = False) -> None:
         raise InvalidRequest(f"instance {spec.name}: no workdir", hint="the agent must set one")
     if needs_rootfs and not spec.rootfs:
         raise InvalidRequest(f"instance {spec.name}: this driver needs a root filesystem",
-                             hint="give one with --from PATH (see corral.rig.rootfs)")
+                             hint="give one with --from PATH (see corral.agent.busybox)")
     if needs_rootfs and spec.rootfs and not Path(spec.rootfs).is_dir():
         raise InvalidRequest(f"instance {spec.name}: root filesystem {spec.rootfs} is not a "
-                             "directory", hint="build one with corral.rig.rootfs")
+                             "directory", hint="build one with corral.agent.busybox")
 
 
 def spec_to_data(spec: Spec) -> dict[str, Any]:

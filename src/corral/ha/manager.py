@@ -53,7 +53,7 @@ class OpStore(Protocol):
 
 
 class OpsLike(Protocol):
-    """What the manager needs of :class:`corral.control.operations.Operations`."""
+    """What the manager needs of :class:`corral.control.operations.runner.Operations`."""
 
     @property
     def store(self) -> OpStore: ...

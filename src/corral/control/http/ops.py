@@ -13,9 +13,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from corral.api.models import OperationView, RecreateRequest, StepView
-from corral.control.operations import Operations
-from corral.control.recreate import KIND as RECREATE
-from corral.control.service import InstanceService
+from corral.control.instances import InstanceService
+from corral.control.operations.recreate import KIND as RECREATE
+from corral.control.operations.runner import Operations
 from corral.errors import NotFound
 from corral.ops.store import FINISHED, OpRecord
 

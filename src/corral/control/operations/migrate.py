@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from corral.api import operations as wire
 from corral.bus import rpc
 from corral.control.db import Instance, Standby
-from corral.control.diskops import DiskOps
+from corral.control.operations.moves import DiskOps
 from corral.errors import Conflict, InvalidRequest, NoCapacity
 from corral.lifecycle import State
 from corral.ops.engine import OpContext, Step

@@ -31,18 +31,23 @@ from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host
 from corral.control.fleet import Fleet
-from corral.control.group import KIND as UNSHELVE_GROUP
-from corral.control.group import UnshelveGroup
-from corral.control.migrate import KIND as MIGRATE
-from corral.control.migrate import Migrate
-from corral.control.opbase import OpBase
-from corral.control.recreate import KIND as RECREATE
-from corral.control.recreate import Recreate
-from corral.control.shelve import KIND as SHELVE
-from corral.control.shelve import Shelve
-from corral.control.standby import FAILOVER, PROMOTE, SYNC, StandbyOps
-from corral.control.unshelve import KIND as UNSHELVE
-from corral.control.unshelve import Unshelve
+from corral.control.operations.base import OpBase
+from corral.control.operations.failover import KIND as FAILOVER
+from corral.control.operations.failover import Failover
+from corral.control.operations.migrate import KIND as MIGRATE
+from corral.control.operations.migrate import Migrate
+from corral.control.operations.promote import KIND as PROMOTE
+from corral.control.operations.promote import Promote
+from corral.control.operations.recreate import KIND as RECREATE
+from corral.control.operations.recreate import Recreate
+from corral.control.operations.shelve import KIND as SHELVE
+from corral.control.operations.shelve import Shelve
+from corral.control.operations.standby_sync import KIND as SYNC
+from corral.control.operations.standby_sync import StandbySync
+from corral.control.operations.unshelve import KIND as UNSHELVE
+from corral.control.operations.unshelve import Unshelve
+from corral.control.operations.unshelve_group import KIND as UNSHELVE_GROUP
+from corral.control.operations.unshelve_group import UnshelveGroup
 from corral.errors import Busy, CorralError
 from corral.images.store import ImageStore
 from corral.ops.engine import Engine, Kind
@@ -62,7 +67,9 @@ def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
     """Every operation kind, in one table: its builder, params, check, locks and result."""
     recreate = Recreate(fleet, agents, settings)
     migrate = Migrate(fleet, agents, settings)
-    standby = StandbyOps(fleet, agents, settings)
+    sync = StandbySync(fleet, agents, settings)
+    promote = Promote(fleet, agents, settings)
+    failover = Failover(fleet, agents, settings)
     shelve = Shelve(fleet, agents, settings, images)
     unshelve = Unshelve(fleet, agents, settings, images)
     group = UnshelveGroup(fleet, agents, settings, ops)
@@ -70,12 +77,10 @@ def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
     return [
         Kind(RECREATE, recreate.build, wire.ToParams, recreate.check, held, recreate.result),
         Kind(MIGRATE, migrate.build, wire.MigrateParams, migrate.check, held, migrate.result),
-        Kind(SYNC, standby.build_sync, wire.NoParams, standby.check_sync, held,
-             standby.sync_result),
-        Kind(PROMOTE, standby.build_promote, wire.NoParams, standby.check_promote, held,
-             migrate.result),
-        Kind(FAILOVER, standby.build_failover, wire.FailoverParams, standby.check_failover,
-             held, standby.failover_result),
+        Kind(SYNC, sync.build, wire.NoParams, sync.check, held, sync.result),
+        Kind(PROMOTE, promote.build, wire.NoParams, promote.check, held, promote.result),
+        Kind(FAILOVER, failover.build, wire.FailoverParams, failover.check, held,
+             failover.result),
         Kind(SHELVE, shelve.build, wire.ShelveParams, shelve.check, held, shelve.result),
         Kind(UNSHELVE, unshelve.build, wire.ToParams, unshelve.check, held, unshelve.result),
         Kind(UNSHELVE_GROUP, group.build, wire.UnshelveGroupParams, group.check, group.held,
