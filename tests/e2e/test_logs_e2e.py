@@ -95,14 +95,16 @@ def sinks(fleet: Fleet) -> Iterator[Sinks]:
 
 
 def nats_pids(store: Path) -> list[int]:
-    """nats-server processes whose JetStream directory is ``store``."""
+    """nats-server processes whose JetStream directory is ``store`` (its config file, which
+    names that directory, lives there)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if argv and argv[0].endswith(b"nats-server") and str(store).encode() in argv:
+            if argv and argv[0].endswith(b"nats-server") and any(
+                    a.startswith(str(store).encode() + b"/") for a in argv):
                 out.append(int(entry.name))
     return out
 
