@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     drv = drivers[args.driver]
     rootfs: Callable[[Path], str | None] = lambda wd: None  # noqa: E731
     if drv.capabilities.needs_rootfs:
-        from corral.rig.rootfs import build_busybox_rootfs, clone_rootfs
+        from corral.agent.busybox import build_busybox_rootfs, clone_rootfs
 
         template = build_busybox_rootfs(root / "rootfs-template")
         rootfs = lambda wd: str(clone_rootfs(template, wd / "rootfs"))  # noqa: E731

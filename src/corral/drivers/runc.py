@@ -5,6 +5,10 @@ see each other's containers. Starting goes through a small shim (``runc_shim.py`
 ``runc create`` and then waits for the container's init, so the exit status is known even though
 ``runc create`` orphans the init; the driver then calls ``runc start``.
 
+Containers run in a user namespace (:mod:`corral.drivers.runc_userns`): before each start the
+root filesystem's owners are moved into the containers' id range, and the shim binds it where
+the container's root can reach it (``ROOT_MOUNT``, in a mount namespace of the create's own).
+
 Reading state is kept cheap because the agent samples every second: status is one read of
 ``/proc/<pid>/stat`` (pid + start time from the handle) and one of the freezer state, and
 :meth:`RuncDriver.stats` reads the cgroup files directly; runc itself is only run for verbs.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -25,13 +30,19 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.drivers import procfs, reaping, runs
+from corral.drivers import procfs, reaping, runc_userns, runs
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, Mounts, V1Hierarchy, V2Hierarchy, read_mounts
 from corral.drivers.runc_config import cgroups_path, write_bundle
 from corral.errors import Conflict, DriverError, InvalidRequest
 
+log = logging.getLogger(__name__)
+
 SHIM = Path(__file__).with_name("runc_shim.py")
+#: where ``runc create`` finds a container's root: an empty directory every container's root
+#: can reach, on which the shim binds that root in the create's own mount namespace (so every
+#: container uses the same one and nothing is ever mounted on it in the host's namespace)
+ROOT_MOUNT = Path("/run/corral-runc/root")
 SHIM_EXIT_FILE = "runc-exit.json"
 _CREATE_TIMEOUT = 60.0
 _VERB_TIMEOUT = 30.0
@@ -183,6 +194,10 @@ class RuncDriver:
             return f"runc not found ({self.runc}); apt-get install runc"
         if os.geteuid() != 0:
             return "the runc driver needs root"
+        if not runc_userns.user_namespaces_enabled():
+            return ("user namespaces are off on this host (user.max_user_namespaces is 0, or "
+                    "the kernel has none): runc containers run in one; sysctl "
+                    "user.max_user_namespaces=15000")
         m = self.mounts
         if not (m.unified or all(c in m.v1 for c in ("cpuacct", "memory", "freezer"))):
             return ("no usable cgroup filesystem (need v2, or v1 cpuacct+memory+freezer); "
@@ -191,9 +206,10 @@ class RuncDriver:
 
     def create(self, spec: Spec) -> Handle:
         runs.check_spec(spec, needs_rootfs=True)
+        runc_userns.check_container_root(spec.rootfs or "")
         wd = Path(spec.workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        write_bundle(wd / "bundle", spec, self.scope)
+        write_bundle(wd / "bundle", spec, self.scope, str(ROOT_MOUNT))
         return Handle(self.name, spec.name, {
             "spec": runs.spec_to_data(spec),
             "bundle": str(wd / "bundle"),
@@ -206,7 +222,8 @@ class RuncDriver:
             return handle
         spec = runs.spec_from_handle(handle)
         wd = Path(spec.workdir)
-        bundle = write_bundle(wd / "bundle", spec, self.scope).parent
+        rootfs = self._give_root(spec)
+        bundle = write_bundle(wd / "bundle", spec, self.scope, str(ROOT_MOUNT)).parent
         self.state_root.mkdir(parents=True, exist_ok=True)
         if self._has_container(spec.name):  # an earlier run (stopped, exited or half-made)
             self._run("delete", spec.name, "--force")
@@ -220,6 +237,7 @@ class RuncDriver:
             "stdout": str(wd / "stdout.log"), "stderr": str(wd / "stderr.log"),
             "bundle": str(bundle), "pid_file": str(pid_file),
             "exit_file": str(wd / SHIM_EXIT_FILE),
+            "rootfs": str(rootfs), "root_mount": str(ROOT_MOUNT), "log": str(wd / "runc.log"),
         }
         # the shim gets a bare environment: the agent's (with the fleet token) stays with it
         env = {"PATH": os.environ.get("PATH", runs.DEFAULT_PATH)}
@@ -248,6 +266,23 @@ class RuncDriver:
         data = dict(handle.data, pid=pid, starttime=st.starttime if st else 0, generation=gen,
                     cgroup=self.cgroup_rel(spec.name))  # the bundle was just written with it
         return Handle(self.name, handle.name, data)
+
+    @staticmethod
+    def _give_root(spec: Spec) -> Path:
+        """The root filesystem, owned by the container's ids (checked again: a handle from an
+        older agent never went through this create), and the empty directory it is bound on."""
+        rootfs = Path(spec.rootfs or "").absolute()
+        runc_userns.check_container_root(str(rootfs))
+        done = runc_userns.shift_tree(rootfs)
+        if done.chowned or done.stripped:
+            log.info("root filesystem of %s given to its user namespace: %d owners moved, "
+                     "%d setuid/setgid bits taken off (%d entries)", spec.name, done.chowned,
+                     done.stripped, done.seen)
+        for d in (ROOT_MOUNT.parent, ROOT_MOUNT):
+            d.mkdir(mode=0o711, parents=True, exist_ok=True)
+            if d.stat().st_mode & 0o7777 != 0o711:
+                d.chmod(0o711)
+        return rootfs
 
     @staticmethod
     def _read_line(shim: subprocess.Popen[bytes]) -> str:
