@@ -30,6 +30,10 @@ def served_store(root: Path, auth: Sequence[Any] = ()) -> Iterator[tuple[ImageSt
     async def _err(_: Request, exc: CorralError) -> JSONResponse:  # as the server does
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
 
+    @app.get("/healthz")
+    async def _healthz() -> dict[str, str]:  # as the server has: answered on the event loop
+        return {"status": "ok"}
+
     app.include_router(image_http.router(store, list(auth)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,6 +6,11 @@ A kept disk is named by the instance row: ``disk_host`` holds a copy until ``off
 kept until unshelve or rm). The loop only touches rows no operation or verb holds (the fleet's
 busy set, which it also takes while it works), so an unshelve never chooses "its disk is still
 there" while that disk is being removed; the agent refuses to drop a disk an instance uses.
+
+A kept disk goes only once the store's copy is verified whole (:func:`store_copy_whole`: every
+chunk of the shelf's manifest read back and matching its id): until then it is the one good
+copy. A shelf found damaged is logged and looked at again after :data:`RECHECK_AFTER`, never
+dropped; a whole one is remembered, so each shelf is read back once.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.control.operations.runner import Operations
-from corral.control.operations.shelve import Shelve
+from corral.control.operations.shelve import Shelve, store_copy_whole
 from corral.errors import Busy, CorralError
 from corral.images.store import ImageStore
 from corral.lifecycle import State
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: how often the offload loop looks for disks whose delay passed
 OFFLOAD_EVERY = 1.0
+#: how long a shelf found damaged waits before it is read back again (it is a whole read)
+RECHECK_AFTER = 300.0
 
 
 class Shelves:
@@ -43,6 +50,9 @@ class Shelves:
         self.agents = agents
         self.images = images
         self.shelve = Shelve(fleet, agents, settings, images)
+        #: shelves read back whole (each is read once), and when a damaged one may be again
+        self._whole: set[str] = set()
+        self._recheck: dict[str, float] = {}
 
     # -- the offload loop --------------------------------------------------------------------
     async def loop(self) -> None:
@@ -53,21 +63,47 @@ class Shelves:
             except Exception:
                 log.exception("offload pass failed; trying again")
 
-    def _due(self) -> list[tuple[str, str]]:
+    def _due(self) -> list[tuple[str, str, str | None]]:
+        """(instance, host keeping its disk, the shelf to verify first) of each kept disk due
+        to go. The shelf is None when the instance is no longer shelved: it came back on
+        another host with its own disk, and this copy is an old one."""
         now = self.fleet.clock()
         with self.fleet.sessions() as s:
             up = {h.name for h in s.scalars(select(Host).where(Host.state == "up"))}
             rows = s.scalars(select(Instance).where(
                 Instance.disk_host.is_not(None), Instance.offload_at.is_not(None),
                 Instance.offload_at <= now))
-            return [(i.name, i.disk_host) for i in rows
+            return [(i.name, i.disk_host,
+                     i.shelf or "" if i.state == State.SHELVED.value else None) for i in rows
                     if i.disk_host in up and i.disk_host != i.host
                     and i.name not in self.fleet.locks.instances]
 
+    async def _verified(self, name: str, shelf: str) -> bool:
+        """:func:`store_copy_whole`, once per shelf when whole, at most every
+        :data:`RECHECK_AFTER` when not."""
+        if shelf in self._whole:
+            return True
+        now = self.fleet.clock()
+        if self._recheck.get(shelf, now) > now:
+            return False
+        if await store_copy_whole(self.images(), shelf, name):
+            self._whole.add(shelf)
+            self._recheck.pop(shelf, None)
+            return True
+        self._recheck[shelf] = now + RECHECK_AFTER
+        return False
+
     async def offload_due(self) -> list[str]:
-        """Remove every kept disk whose delay passed (on hosts that are up); their names."""
+        """Remove every kept disk whose delay passed (on hosts that are up) and whose shelf
+        the store holds whole; their names."""
         done = []
-        for name, host in self._due():
+        due = self._due()
+        shelves = {shelf for _, _, shelf in due}  # forget the shelves no longer waiting
+        self._whole &= shelves
+        self._recheck = {k: v for k, v in self._recheck.items() if k in shelves}
+        for name, host, shelf in due:
+            if shelf is not None and not await self._verified(name, shelf):
+                continue  # the kept disk is the one good copy
             try:
                 with self.fleet.locks.holding(f"offload:{name}", LockSet.of(
                         [locks.instance(name)], [locks.host(host)]), "an offload of its disk"):

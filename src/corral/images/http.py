@@ -5,24 +5,46 @@ and the answer is a stream of records ``id(32) | raw_len(u32) | comp_len(u32) | 
 (:mod:`corral.images.records`, shared with clients). The receiver verifies every chunk against
 its id before keeping it (``PackStore.put_compressed``), so a damaged server store can never
 poison an agent's cache.
+
+The server's one event loop also answers heartbeats, so nothing here burns CPU on it: reading
+a body is the only awaited work; parsing, decompressing, hashing, zstd and the LMDB batches run
+in the worker threads (sync routes run there already; the two that take a body hand their work
+over with ``run_in_threadpool``). Each body is bounded here too (the API's guard bounds them
+first, per route; these bounds keep the router safe on its own).
+
+A shelved disk's name (``@shelf-...``) is made by an agent for the server's shelve operation,
+once; nothing over HTTP may replace one (a replaced shelf would hand another tree to whoever
+unshelves it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
+from fastapi import Path as PathParam
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from corral.errors import InvalidRequest, NotFound
-from corral.images.records import MAX_BATCH, RECORD, parse_records
-from corral.images.store import ImageStore
+from corral.images.records import MAX_BATCH, MAX_UPLOAD_BYTES, RECORD, parse_records
+from corral.images.store import ImageInfo, ImageStore, is_shelf
+from corral.images.tree import MAX_CHUNK, Manifest
+
+#: the largest manifest taken: ~70 bytes per chunk and ~200 per file, a disk of ~100 GB or a
+#: million files (the API's guard takes the same)
+MAX_MANIFEST_BYTES = 128 * 1024 * 1024
+
+#: an image's name (``corral.api.names.IMAGE_PATTERN``: no '/', '..', NUL, newline, unicode)
+NAME_PATTERN = r"^@?[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"
+ChunkId = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="BLAKE3, 64 hex")]
 
 
 class ChunkIds(BaseModel):
-    ids: list[str] = Field(max_length=MAX_BATCH, description="chunk ids, hex")
+    ids: list[ChunkId] = Field(max_length=MAX_BATCH, description="chunk ids, hex")
 
 
 class Missing(BaseModel):
@@ -49,6 +71,26 @@ def _ids(raw: list[str]) -> list[bytes]:
     return ids
 
 
+async def _body(request: Request, limit: int, what: str, hint: str) -> bytes:
+    """The body, refused as soon as it is known to pass ``limit`` (never read whole first)."""
+    declared = request.headers.get("content-length", "")
+    too_big = InvalidRequest(f"{what} is larger than {limit} bytes", hint=hint)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    buf = bytearray()
+    async for part in request.stream():
+        buf += part
+        if len(buf) > limit:
+            raise too_big
+    return bytes(buf)
+
+
+def _row(i: ImageInfo) -> ImageRow:
+    return ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
+                    unique_size=i.unique_size, stored_size=i.stored_size,
+                    dedup_ratio=round(i.dedup_ratio, 3))
+
+
 def router(store: ImageStore, dependencies: Sequence[Depends] = (),
            on_change: Callable[[str], None] | None = None) -> APIRouter:
     """``on_change(name)`` runs after an image is removed or replaced (the server broadcasts
@@ -57,9 +99,7 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = (),
 
     @r.get("/v1/images")
     def images() -> list[ImageRow]:
-        return [ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
-                         unique_size=i.unique_size, stored_size=i.stored_size,
-                         dedup_ratio=round(i.dedup_ratio, 3)) for i in store.list()]
+        return [_row(i) for i in store.list()]
 
     @r.get("/v1/images/{name}/manifest")
     def manifest(name: str) -> Response:
@@ -90,11 +130,15 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = (),
 
     @r.post("/v1/chunks/missing")
     def missing(body: ChunkIds) -> Missing:
+        """Which ids the store lacks; the ones it has are kept for the push that asked
+        (``PackStore.present``), even if a gc starts before the push names its tree."""
         ids = _ids(body.ids)
-        have = store.packs.has_many(ids)
+        have = store.packs.present(ids)
         return Missing(missing=[i.hex() for i, h in zip(ids, have, strict=True) if not h])
 
-    @r.post("/v1/chunks/fetch")
+    @r.post("/v1/chunks/fetch", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the chunks' records, in the order asked"}})
     def fetch(body: ChunkIds) -> StreamingResponse:
         ids = _ids(body.ids)
         absent = [i.hex() for i, h in zip(ids, store.packs.has_many(ids), strict=True) if not h]
@@ -116,37 +160,44 @@ def router(store: ImageStore, dependencies: Sequence[Depends] = (),
     @r.post("/v1/chunks/upload")
     async def upload(request: Request) -> dict[str, int]:
         """Records as :func:`parse_records` reads them; each verified before it is kept."""
-        body = await request.body()
-        records = parse_records(body)
-        if len(records) > MAX_BATCH:
-            raise InvalidRequest(f"at most {MAX_BATCH} chunks per upload",
-                                 hint="send smaller batches")
-        store.packs.put_compressed(records)
-        return {"stored": len(records)}
+        body = await _body(request, MAX_UPLOAD_BYTES, "an upload", "send smaller batches")
+
+        def work() -> int:
+            records = parse_records(body)
+            if len(records) > MAX_BATCH:
+                raise InvalidRequest(f"at most {MAX_BATCH} chunks per upload",
+                                     hint="send smaller batches")
+            for cid, raw_len, _ in records:
+                if raw_len > MAX_CHUNK:  # it bounds the decompression: refuse it unread
+                    raise InvalidRequest(f"chunk {cid.hex()} claims {raw_len} bytes; a chunk "
+                                         f"is at most {MAX_CHUNK}",
+                                         hint="upload chunks as corral cuts them")
+            store.packs.put_compressed(records)
+            return len(records)
+
+        return {"stored": await run_in_threadpool(work)}
 
     @r.put("/v1/images/{name}")
-    async def put_image(name: str, request: Request, replace: bool = False) -> ImageRow:
+    async def put_image(name: Annotated[str, PathParam(pattern=NAME_PATTERN)], request: Request,
+                        replace: bool = False) -> ImageRow:
         """Name a tree whose chunks were uploaded: the manifest is the body. Refused unless
-        every chunk it lists is already in the store, so a name never points at a hole."""
-        from corral.images.tree import Manifest
-
+        every path of it stays inside the tree and every chunk it lists is already in the
+        store, so a name never points at a hole nor out of its destination."""
         if not name or "/" in name or len(name) > 200:
             raise InvalidRequest(f"bad image name {name!r}", hint="letters, digits, '-', '.'")
-        raw = await request.body()
-        m = Manifest.from_json(raw)
-        ids = [bytes.fromhex(c) for c in m.chunk_ids()]
-        lacking = [i.hex() for i, h in zip(ids, store.packs.has_many(ids), strict=True)
-                   if not h]
-        if lacking:
-            raise InvalidRequest(f"{len(lacking)} chunk(s) of this manifest are not stored",
-                                 hint="upload the missing chunks first (POST /v1/chunks/missing)",
-                                 details={"missing": lacking[:50]})
-        store.put_manifest(name, m, replace=replace)
-        if replace and on_change is not None:
-            on_change(name)
-        i = store.info(name)
-        return ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
-                        unique_size=i.unique_size, stored_size=i.stored_size,
-                        dedup_ratio=round(i.dedup_ratio, 3))
+        if replace and is_shelf(name):
+            raise InvalidRequest(f"'{name}' is a shelved instance's disk; it is never replaced",
+                                 hint="only the server's shelve operation names shelved "
+                                      "disks, each under a name of its own")
+        raw = await _body(request, MAX_MANIFEST_BYTES, "a manifest",
+                          "this tree is too large for one manifest; split it")
+
+        def work() -> ImageRow:
+            store.put_manifest(name, Manifest.from_json(raw), replace=replace)
+            if replace and on_change is not None:
+                on_change(name)
+            return _row(store.info(name))
+
+        return await run_in_threadpool(work)
 
     return r

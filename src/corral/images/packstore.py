@@ -11,6 +11,19 @@ is indexed) or a torn tail (it is cut off). So a kill -9 at any point leaves eve
 readable and no index entry pointing at garbage.
 
 Record layout: ``MAGIC(4) | id(32) | raw_len(u32) | comp_len(u32) | payload(comp_len)``.
+
+Garbage collection against pushes (a store opened with ``generations=True``, the server's): a
+push is several requests (which chunks are missing, uploads, then naming the manifest), so a
+gc may start in the middle of one. Each gc starts a new *generation*; every chunk a push writes
+or is told the store holds is stamped with the current generation (the ``touched`` table), and
+a sweep keeps, besides what it marked, every chunk stamped in its own generation or the one
+before: a push in flight across one whole gc loses nothing. Naming a manifest
+(:meth:`PackStore.name_if_whole`) checks that every chunk is present and sets the name in one
+transaction, under the same lock as the sweep, so a name never points at a hole. Naming ends a
+push, named or refused: it clears the stamps of its chunks (a name protects them now; a refused
+push that tries again asks again), so an image pushed, named and removed is garbage at the very
+next gc; unless a gc is running, which marked before the name existed: then it stamps them
+instead. Stamps live in the LMDB index, so they survive a restart.
 """
 
 from __future__ import annotations
@@ -60,6 +73,15 @@ class SweepResult:
 
 
 @dataclass(frozen=True)
+class Naming:
+    """What :meth:`PackStore.name_if_whole` did: named, or why not."""
+
+    named: bool
+    exists: bool  # the name was taken and replace was not asked for
+    missing: list[bytes]  # chunks not stored (nothing was named)
+
+
+@dataclass(frozen=True)
 class Damage:
     pack: int
     offset: int
@@ -70,21 +92,27 @@ class Damage:
 class PackStore:
     """Thread-safe for many readers and one writer at a time (writes take a lock)."""
 
-    def __init__(self, root: Path, *, map_size: int = 64 * 1024**3, level: int = 3) -> None:
+    def __init__(self, root: Path, *, map_size: int = 64 * 1024**3, level: int = 3,
+                 generations: bool = False) -> None:
+        """``generations``: stamp what writes and :meth:`present` touch, for a gc that runs
+        while pushes go on (the server's store; see the module doc). An agent's cache sweeps
+        with creates held off instead, and leaves it off."""
         self.root = Path(root)
         (self.root / "packs").mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
-            str(self.root / "index"), map_size=map_size, max_dbs=3, subdir=True, sync=True
+            str(self.root / "index"), map_size=map_size, max_dbs=4, subdir=True, sync=True
         )
         self._chunks = self._env.open_db(b"chunks")
         self._meta = self._env.open_db(b"meta")
         self._refs = self._env.open_db(b"refs")
+        self._touched = self._env.open_db(b"touched")
         self._lock = threading.Lock()
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._read_fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
-        #: ids touched by writes while a GC runs; the sweep never drops them
-        self._pins: set[bytes] | None = None
+        self.generations = generations
+        #: the generation of the gc between :meth:`begin_gc` and :meth:`end_gc`, if any
+        self._gc_gen: int | None = None
         self._recover()
 
     # -- packs -------------------------------------------------------------------------------
@@ -153,23 +181,27 @@ class PackStore:
             ids.append(cid)
             pending.setdefault(cid, data)
         with self._lock:
-            if self._pins is not None:
-                self._pins.update(pending)
-            self._append(list(pending.items()), only_new=True)
+            self._append(list(pending.items()), only_new=True, touch=pending)
         return ids
 
     def _append(self, items: list[tuple[bytes, bytes]], only_new: bool,
                 moved: dict[bytes, bytes] | None = None,
-                raw_lens: dict[bytes, int] | None = None) -> None:
+                raw_lens: dict[bytes, int] | None = None,
+                touch: Iterable[bytes] = ()) -> None:
         """Append records and index them (caller holds the lock). ``moved`` collects new
         locations instead of indexing them, for the GC to swap in one transaction. With
-        ``raw_lens`` the items are already compressed (and verified by the caller)."""
+        ``raw_lens`` the items are already compressed (and verified by the caller). ``touch``:
+        ids to stamp with the generation (written or found stored), in the same transaction."""
+        touch = list(touch) if self.generations else []
         with self._env.begin() as txn:
             todo = [(c, d) for c, d in items
                     if not only_new or txn.get(c, db=self._chunks) is None]
             current = self._current_pack(txn)
             mark = self._committed(txn, current)
         if not todo:
+            if touch:
+                with self._env.begin(write=True) as txn:
+                    self._stamp(txn, touch)
             return
         if mark >= PACK_LIMIT:
             current, mark = current + 1, 0
@@ -200,6 +232,7 @@ class PackStore:
                     txn.put(cid, loc, db=self._chunks, overwrite=False)
             txn.put(b"len:%d" % current, b"%d" % offset, db=self._meta)
             txn.put(b"current", b"%d" % current, db=self._meta)
+            self._stamp(txn, touch)
 
     def put_compressed(self, records: list[tuple[bytes, int, bytes]]) -> None:
         """Store chunks that arrive compressed (from another store), after checking each one
@@ -220,9 +253,7 @@ class PackStore:
             checked.append((cid, comp))
             lens[cid] = raw_len
         with self._lock:
-            if self._pins is not None:
-                self._pins.update(lens)
-            self._append(checked, only_new=True, raw_lens=lens)
+            self._append(checked, only_new=True, raw_lens=lens, touch=lens)
 
     def read_compressed(self, cid: bytes) -> tuple[int, bytes] | None:
         """(raw length, stored bytes) of a chunk, unverified, for sending to a store that
@@ -244,6 +275,18 @@ class PackStore:
     def has_many(self, ids: Iterable[bytes]) -> list[bool]:
         with self._env.begin() as txn:
             return [txn.get(c, db=self._chunks) is not None for c in ids]
+
+    def present(self, ids: Iterable[bytes]) -> list[bool]:
+        """:meth:`has_many` for a push that will rely on the answer: the ids found stored are
+        stamped, atomically with the check against a sweep, so the push never needs to upload
+        them however a gc falls (see the module doc)."""
+        ids = list(ids)
+        if not self.generations:
+            return self.has_many(ids)
+        with self._lock, self._env.begin(write=True) as txn:
+            have = [txn.get(c, db=self._chunks) is not None for c in ids]
+            self._stamp(txn, [c for c, h in zip(ids, have, strict=True) if h])
+        return have
 
     def _fd(self, pack: int) -> int:
         fd = self._read_fds.get(pack)
@@ -313,24 +356,82 @@ class PackStore:
         with self._env.begin() as txn:
             return {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=self._refs)}
 
+    def name_if_whole(self, name: str, target: bytes, ids: Iterable[bytes],
+                      replace: bool = False) -> Naming:
+        """Point ``name`` at ``target`` only if it and every chunk of ``ids`` are stored (and
+        the name is free, unless ``replace``): checked and set in one transaction under the
+        writers' lock, which a sweep holds too, so no gc can take a chunk in between. Either
+        way the push is over: its stamps are cleared (see the module doc)."""
+        ids = [target, *ids]
+        key = name.encode()
+        with self._lock, self._env.begin(write=True) as txn:
+            done = Naming(named=False, exists=True, missing=[])
+            if replace or txn.get(key, db=self._refs) is None:
+                missing = [c for c in ids if txn.get(c, db=self._chunks) is None]
+                done = Naming(named=not missing, exists=False, missing=missing)
+                if done.named:
+                    txn.put(key, target, db=self._refs)
+            # the push ends here, named or not: the name keeps its chunks from now on, and
+            # a refused push that tries again asks again. A running gc marked before this
+            # name existed: it keeps them through their stamps instead.
+            if self.generations:
+                if self._gc_gen is not None:
+                    self._stamp(txn, ids)
+                else:
+                    for c in ids:
+                        txn.delete(c, db=self._touched)
+        return done
+
+    # -- generations -------------------------------------------------------------------------
+    def _generation(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"gen", db=self._meta)
+        return int(raw) if raw else 0
+
+    def _stamp(self, txn: lmdb.Transaction, ids: Iterable[bytes]) -> None:
+        """Stamp ``ids`` with the current generation (caller holds the lock, in a write txn)."""
+        if not self.generations:
+            return
+        gen = b"%d" % self._generation(txn)
+        for c in ids:
+            txn.put(c, gen, db=self._touched)
+
+    def touched(self) -> dict[bytes, int]:
+        """Chunk id -> the generation a push last relied on it (for tests and figures)."""
+        with self._env.begin() as txn:
+            return {bytes(k): int(v) for k, v in txn.cursor(db=self._touched)}
+
     # -- garbage collection -----------------------------------------------------------------
-    def pin_writes(self) -> None:
-        """From now until :meth:`unpin_writes`, every id a write touches is kept by a sweep, so
-        an import that deduplicates against a chunk the mark phase thought dead stays whole."""
-        with self._lock:
-            self._pins = set()
+    def begin_gc(self) -> int:
+        """Start a gc: a new generation (writes and :meth:`present` from now on stamp it), and
+        names set from now until :meth:`end_gc` stamp their chunks instead of clearing them.
+        Returns the generation to pass to :meth:`sweep`."""
+        with self._lock, self._env.begin(write=True) as txn:
+            gen = self._generation(txn) + 1
+            txn.put(b"gen", b"%d" % gen, db=self._meta)
+            self._gc_gen = gen
+        return gen
 
-    def unpin_writes(self) -> None:
+    def end_gc(self) -> None:
         with self._lock:
-            self._pins = None
+            self._gc_gen = None
 
-    def sweep(self, live: set[bytes], min_dead_ratio: float = 0.25) -> SweepResult:
-        """Drop chunks not in ``live`` (nor pinned); rewrite sealed packs that are mostly dead.
+    def sweep(self, live: set[bytes], min_dead_ratio: float = 0.25,
+              generation: int | None = None) -> SweepResult:
+        """Drop chunks not in ``live``; rewrite sealed packs that are mostly dead. With the
+        ``generation`` of :meth:`begin_gc`, chunks a push stamped in it or the one before are
+        kept too, and stamps no later gc needs are dropped.
 
         Crash-safe: live records are copied and fsynced first, the index swaps to the copies and
         marks the old pack dead in one transaction, and only then is the old file removed."""
         with self._lock:
-            keep = live | (self._pins or set())
+            keep = set(live)
+            stale: list[bytes] = []
+            if generation is not None:
+                for cid, gen in self.touched().items():
+                    if gen >= generation - 1:
+                        keep.add(cid)
+                    if gen < generation:  # the next gc keeps only stamps of this one on
+                        stale.append(cid)
             with self._env.begin() as txn:
                 current = self._current_pack(txn)
             by_pack: dict[int, list[tuple[bytes, Location]]] = {}
@@ -343,6 +444,8 @@ class PackStore:
             with self._env.begin(write=True) as txn:
                 for cid in dead:
                     txn.delete(cid, db=self._chunks)
+                for cid in stale:
+                    txn.delete(cid, db=self._touched)
             rewritten, freed, damaged = 0, 0, []
             for path in sorted((self.root / "packs").glob("pack-*.dat")):
                 n = int(path.stem.split("-")[1])

@@ -14,6 +14,9 @@ from corral.errors import InvalidRequest
 RECORD = struct.Struct(">32sII")
 #: chunk ids per request, either way (the server refuses more)
 MAX_BATCH = 1024
+#: bytes of records per upload request (the server refuses a larger body with 413, so a
+#: client cuts its batches at this size; one record is at most a chunk, 256 KiB, and a little)
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 
 #: (chunk id, uncompressed length, compressed bytes)
 Record = tuple[bytes, int, bytes]

@@ -8,6 +8,13 @@ A shelved instance's disk is stored the same way under a reserved name, ``@shelf
 (``@`` never starts a name an operator gives): agents fetch it through the same routes and gc
 keeps its chunks like any image's, but it is not an image to run or remove by hand, so listings
 (``corral image ls``) leave it out and ``remove`` refuses it; ``corral shelved`` lists them.
+Only the server's shelve operation makes those names (an agent uploads the disk and names it,
+fresh, under the name the operation chose); nothing over HTTP may replace one.
+
+Every manifest is checked (:meth:`Manifest.check`) before it is named, built here or pushed
+from elsewhere, and named only with every chunk it lists stored (:meth:`PackStore.name_if_whole`),
+so a name never points at a hole nor at a tree that would escape its destination. The pack store
+runs with generations, so a gc never sweeps what a push in flight relies on.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
+from corral.errors import (
+    Conflict,
+    CorralError,
+    CorruptChunk,
+    InvalidRequest,
+    MissingChunk,
+    NotFound,
+)
 from corral.images.packstore import PackStore, SweepResult
 from corral.images.tree import Manifest, materialize, snapshot
 
@@ -50,10 +64,12 @@ class ImageInfo:
 
 class ImageStore:
     def __init__(self, root: Path) -> None:
-        self.packs = PackStore(root)
+        self.packs = PackStore(root, generations=True)
         self._imports: set[int] = set()
         self._seq = itertools.count()
         self._cond = threading.Condition()
+        #: one gc at a time: a gc's generation and its marks belong together
+        self._gc_lock = threading.Lock()
 
     def close(self) -> None:
         self.packs.close()
@@ -73,9 +89,8 @@ class ImageStore:
             ticket = next(self._seq)
             self._imports.add(ticket)
         try:
-            manifest = snapshot(path, self.packs)
-            mid = self.packs.put(manifest.to_json())
-            self.packs.set_ref(PREFIX + name, mid)  # the image exists once all of it is stored
+            # the image exists once all of it is stored
+            self.put_manifest(name, snapshot(path, self.packs), replace=replace)
         finally:
             with self._cond:
                 self._imports.discard(ticket)
@@ -83,10 +98,20 @@ class ImageStore:
         return self.info(name)
 
     def put_manifest(self, name: str, manifest: Manifest, replace: bool = False) -> None:
-        """Name a manifest whose chunks are all stored (an agent uploaded them)."""
-        if self.packs.get_ref(PREFIX + name) is not None and not replace:
+        """Name a manifest whose chunks are all stored (an agent uploaded them): refused if a
+        path of it is unsafe, if a chunk is missing, or if the name is taken (unless
+        ``replace``)."""
+        manifest.check()
+        ids = [bytes.fromhex(c) for c in manifest.chunk_ids()]
+        done = self.packs.name_if_whole(PREFIX + name, self.packs.put(manifest.to_json()), ids,
+                                        replace=replace)
+        if done.exists:
             raise Conflict(f"image '{name}' exists", hint="pick another name or pass replace")
-        self.packs.set_ref(PREFIX + name, self.packs.put(manifest.to_json()))
+        if done.missing:
+            raise InvalidRequest(
+                f"{len(done.missing)} chunk(s) of this manifest are not stored",
+                hint="upload the missing chunks first (POST /v1/chunks/missing)",
+                details={"missing": [c.hex() for c in done.missing[:50]]})
 
     def _import_tarball(self, name: str, tarball: Path) -> ImageInfo:
         with tempfile.TemporaryDirectory(prefix="corral-import-") as tmp:
@@ -182,23 +207,51 @@ class ImageStore:
         return [{"pack": d.pack, "offset": d.offset, "chunk": d.chunk, "reason": d.reason,
                  "images": sorted(set(users.get(d.chunk, [])))} for d in damage]
 
-    def gc(self, min_dead_ratio: float = 0.25) -> SweepResult:
-        """Mark from every ref, sweep the rest; writes may go on meanwhile (they are pinned)."""
-        self.packs.pin_writes()
+    def verify_image(self, name: str) -> builtins.list[str]:
+        """Read back the manifest of ``name`` and every chunk it lists; the ids of those that
+        are missing or do not match their id (empty: the store's copy is whole). What a kept
+        disk waits for before it is removed from its host."""
+        ref = self.packs.get_ref(PREFIX + name)
+        if ref is None:
+            raise NotFound(f"no image named '{name}'", hint="see 'corral image ls'")
         try:
-            # imports that began before the pin wrote chunks nobody references yet: wait for
-            # them to set their refs (imports that begin after the pin are pinned instead)
-            with self._cond:
-                before = set(self._imports)
-                self._cond.wait_for(lambda: not (before & self._imports))
-            live: set[bytes] = set()
-            for ref in self.packs.refs().values():
-                live.add(ref)
-                manifest = Manifest.from_json(self.packs.get(ref))
-                live.update(bytes.fromhex(c) for c in manifest.chunk_ids())
-            return self.packs.sweep(live, min_dead_ratio)
-        finally:
-            self.packs.unpin_writes()
+            manifest = Manifest.from_json(self.packs.get(ref))
+        except (MissingChunk, CorruptChunk):
+            return [ref.hex()]
+        bad = []
+        for cid in sorted(manifest.chunk_ids()):
+            try:
+                self.packs.get(bytes.fromhex(cid))
+            except (MissingChunk, CorruptChunk):
+                bad.append(cid)
+        return bad
+
+    def gc(self, min_dead_ratio: float = 0.25) -> SweepResult:
+        """Mark from every ref, sweep the rest. Pushes and imports may go on meanwhile: the
+        pack store's generations keep what they write or rely on (see its module doc)."""
+        with self._gc_lock:
+            generation = self.packs.begin_gc()
+            try:
+                # local imports that began before this gc may have written chunks in older
+                # generations: wait for them to name their trees (later ones stamp this one)
+                with self._cond:
+                    before = set(self._imports)
+                    self._cond.wait_for(lambda: not (before & self._imports))
+                live: set[bytes] = set()
+                for name, ref in self.packs.refs().items():
+                    live.add(ref)
+                    try:
+                        manifest = Manifest.from_json(self.packs.get(ref))
+                    except CorralError as exc:  # cannot tell what it keeps: sweep nothing
+                        raise CorruptChunk(
+                            f"gc stopped, nothing collected: the manifest of "
+                            f"'{name.removeprefix(PREFIX)}' cannot be read: {exc.message}",
+                            hint="run 'corral image verify'; remove or import that image "
+                                 "again") from exc
+                    live.update(bytes.fromhex(c) for c in manifest.chunk_ids())
+                return self.packs.sweep(live, min_dead_ratio, generation=generation)
+            finally:
+                self.packs.end_gc()
 
 
 def tar_available() -> bool:

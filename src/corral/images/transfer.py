@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from corral.errors import CorralError
+from corral.errors import CorralError, InvalidRequest
 from corral.images.packstore import PackStore
-from corral.images.records import MAX_BATCH, Record
+from corral.images.records import MAX_BATCH, MAX_UPLOAD_BYTES, RECORD, Record
 from corral.images.tree import Manifest, materialize, snapshot
 
 
@@ -76,33 +76,70 @@ def fetch_missing(client: ChunkService, cache: PackStore, ids: list[bytes],
 
 def materialize_image(client: ChunkService, cache: PackStore, name: str,
                       dest: Path) -> FetchStats:
-    """Fill the cache with what ``name`` needs, then build its tree at ``dest``."""
+    """Fill the cache with what ``name`` needs, then build its tree at ``dest``. The manifest
+    is checked before a chunk is fetched (and again by :func:`materialize`)."""
     raw, _ = client.manifest(name)
     m = Manifest.from_json(raw)
+    m.check()
     stats = fetch_missing(client, cache, [bytes.fromhex(c) for c in m.chunk_ids()])
     materialize(m, cache, dest)
     return stats
 
 
+#: how often a push uploads what went missing and names its tree again (see push_tree)
+NAME_ATTEMPTS = 3
+
+
 def push_tree(client: ChunkService, cache: PackStore, root: Path, name: str,
               batch: int = 256, replace: bool = False) -> FetchStats:
     """Snapshot ``root`` into the local cache, upload the chunks the server lacks, then name
-    the manifest there (shelving: the disk goes to the store, each unique byte once)."""
+    the manifest there (shelving: the disk goes to the store, each unique byte once).
+
+    Batches are cut at ``batch`` chunks and at :data:`MAX_UPLOAD_BYTES` of records, the most
+    the server takes in one request. The server keeps what a push uploaded or was told it
+    holds through one whole gc; a push slow enough to span two may find a chunk collected when
+    it names the tree, which the server then refuses (a name never points at a hole): the push
+    uploads what is missing again and names it again, up to :data:`NAME_ATTEMPTS` times."""
     m = snapshot(root, cache)
-    ids = [bytes.fromhex(c) for c in m.chunk_ids()]
-    lacking: list[bytes] = []
-    for start in range(0, len(ids), MAX_BATCH):
-        lacking += client.missing_chunks(ids[start:start + MAX_BATCH])
+    m.check()  # the server checks it too; refuse here before a byte moves
+    raw = m.to_json()
+    ids = [bytes.fromhex(c) for c in sorted(m.chunk_ids())]
     chunks = moved = 0
-    for start in range(0, len(lacking), min(batch, MAX_BATCH)):
-        records = []
-        for cid in lacking[start:start + batch]:
-            got = cache.read_compressed(cid)
-            if got is None:
-                raise CorralError(f"chunk {cid.hex()} vanished from the local cache",
-                                  hint="retry the shelve", retryable=True)
-            records.append((cid, got[0], got[1]))
+    for attempt in range(1, NAME_ATTEMPTS + 1):
+        lacking: list[bytes] = []
+        for start in range(0, len(ids), MAX_BATCH):
+            lacking += client.missing_chunks(ids[start:start + MAX_BATCH])
+        sent, nbytes = _upload(client, cache, lacking, min(batch, MAX_BATCH))
+        chunks, moved = chunks + sent, moved + nbytes
+        try:
+            client.put_manifest(name, raw, replace=replace)
+        except InvalidRequest as exc:
+            if "missing" not in exc.details or attempt == NAME_ATTEMPTS:
+                raise
+            continue  # collected meanwhile: upload what is missing now, name it again
+        break
+    return FetchStats(chunks, moved)
+
+
+def _upload(client: ChunkService, cache: PackStore, ids: list[bytes],
+            batch: int) -> tuple[int, int]:
+    """Upload ``ids`` from ``cache`` in requests of at most ``batch`` chunks and
+    :data:`MAX_UPLOAD_BYTES` of records; (chunks, bytes) sent."""
+    chunks = moved = size = 0
+    records: list[Record] = []
+    for cid in ids:
+        got = cache.read_compressed(cid)
+        if got is None:
+            raise CorralError(f"chunk {cid.hex()} vanished from the local cache",
+                              hint="retry the push", retryable=True)
+        rec_size = RECORD.size + len(got[1])
+        if records and (len(records) >= batch or size + rec_size > MAX_UPLOAD_BYTES):
+            moved += client.upload_chunks(records)
+            chunks += len(records)
+            records, size = [], 0
+        records.append((cid, got[0], got[1]))
+        size += rec_size
+    if records:
         moved += client.upload_chunks(records)
         chunks += len(records)
-    client.put_manifest(name, m.to_json(), replace=replace)
-    return FetchStats(chunks, moved)
+    return chunks, moved

@@ -7,6 +7,12 @@ SEEK_DATA/SEEK_HOLE, so a 10 GB sparse image with 1 MB of data costs 1 MB).
 
 Chunk boundaries come from FastCDC over each file's data extents, so an edit in the middle of a
 file changes only the chunks around it, and identical files across images share every chunk.
+
+A manifest read back is data from the store or a peer, never trusted as paths: it is checked
+(:meth:`Manifest.check`) when it is named and again before it is materialised, and
+:func:`materialize` creates every entry relative to a descriptor of its directory reached
+without following symlinks, so nothing a workload put in its disk, nor a forged manifest, can
+make it write outside the destination.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import base64
 import errno
 import json
 import os
+import posixpath
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +55,54 @@ class Entry:
     extents: list[list[Any]] = field(default_factory=list)
 
 
+#: entry kinds (see :class:`Entry`)
+KINDS = frozenset("fdlhcbps")
+_FIELDS = frozenset(Entry.__dataclass_fields__)
+_REQUIRED = frozenset({"path", "kind", "mode", "uid", "gid", "mtime_ns"})
+_INTS = ("mode", "uid", "gid", "mtime_ns", "size", "rdev")
+_HEX = frozenset("0123456789abcdef")
+#: longest name of one path component (NAME_MAX) and of a whole path (PATH_MAX)
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def _refuse(i: int, path: object, why: str) -> InvalidRequest:
+    return InvalidRequest(f"manifest entry {i} ({path!r}): {why}",
+                          hint="the manifest was damaged or forged; import the tree again",
+                          details={"entry": i, "path": repr(path)})
+
+
+def _entry(i: int, raw: object) -> Entry:
+    """One entry as stored, with the type of every field checked: a manifest comes from the
+    store or from a peer, and a wrong type must be a refusal naming the entry, not a crash
+    deep in gc or materialise."""
+    if not isinstance(raw, dict):
+        raise _refuse(i, raw, "not an object")
+    path = raw.get("path")
+    if set(raw) - _FIELDS or _REQUIRED - set(raw):
+        raise _refuse(i, path, f"fields {sorted(raw)} are not an entry's "
+                               f"(needs {sorted(_REQUIRED)})")
+    if not isinstance(path, str) or not isinstance(raw["kind"], str) \
+            or raw["kind"] not in KINDS:
+        raise _refuse(i, path, f"bad path or kind {raw['kind']!r}")
+    for name in _INTS:
+        if name in raw and type(raw[name]) is not int:
+            raise _refuse(i, path, f"{name} is not an integer")
+    if not isinstance(raw.get("target", ""), str):
+        raise _refuse(i, path, "target is not a string")
+    xattrs = raw.get("xattrs", {})
+    if not isinstance(xattrs, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in xattrs.items()):
+        raise _refuse(i, path, "xattrs are not names to base64 values")
+    extents = raw.get("extents", [])
+    if not isinstance(extents, list) or not all(
+            isinstance(x, list) and len(x) == 2 and type(x[0]) is int and x[0] >= 0
+            and isinstance(x[1], list)
+            and all(isinstance(c, str) and len(c) == 64 and _HEX.issuperset(c) for c in x[1])
+            for x in extents):
+        raise _refuse(i, path, "extents are not [offset, [64 hex digit chunk ids]] pairs")
+    return Entry(**raw)
+
+
 @dataclass
 class Manifest:
     entries: list[Entry]
@@ -57,11 +113,75 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        data = json.loads(raw)
+        """Parse, checking the shape and types of every field (a refusal, never a crash);
+        whether its paths are safe to create is :meth:`check`'s question."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"a manifest is not JSON: {exc}",
+                                 hint="send the manifest as corral writes it") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise InvalidRequest("a manifest is an object with a list of entries",
+                                 hint="send the manifest as corral writes it")
         if data.get("version") != 1:
             raise InvalidRequest(f"unknown manifest version {data.get('version')!r}",
                                  hint="upgrade corral to read this image")
-        return cls([Entry(**e) for e in data["entries"]])
+        return cls([_entry(i, e) for i, e in enumerate(data["entries"])])
+
+    def check(self) -> None:
+        """Refuse (naming the entry) a manifest that could make :func:`materialize` create
+        anything outside its destination or through a symlink.
+
+        Every path is relative and canonical (no ``/`` at either end, no empty, ``.`` or
+        ``..`` component, no NUL), appears once, and lives in a directory that an *earlier*
+        entry made (``.``, the destination itself, excepted): so every parent was created by
+        materialise as a directory, never a symlink the tree brought. A hard link names an
+        earlier regular file of the same manifest. A symlink's target is data and may point
+        anywhere (a root filesystem's ``/etc/mtab -> /proc/mounts`` is normal): materialise
+        makes the link and never writes through one."""
+        kinds: dict[str, str] = {}
+        for i, e in enumerate(self.entries):
+            p = e.path
+            if p == ".":
+                if e.kind != "d":
+                    raise _refuse(i, p, "the root of the tree must be a directory")
+            else:
+                parts = p.split("/")
+                if "\x00" in p or not p or p.startswith("/") or p != posixpath.normpath(p) \
+                        or ".." in parts:
+                    raise _refuse(i, p, "not a canonical relative path inside the tree")
+                try:
+                    encoded = os.fsencode(p)
+                except UnicodeEncodeError as exc:
+                    raise _refuse(i, p, "not encodable as a file name") from exc
+                if len(encoded) > PATH_MAX or any(
+                        len(os.fsencode(c)) > NAME_MAX for c in parts):
+                    raise _refuse(i, p, "path or name too long")
+                parent = posixpath.dirname(p)
+                if parent and kinds.get(parent) != "d":
+                    raise _refuse(i, p, f"its directory {parent!r} is not a directory "
+                                        "listed before it")
+            if p in kinds:
+                raise _refuse(i, p, "listed twice")
+            if e.kind == "l" and (not e.target or "\x00" in e.target):
+                raise _refuse(i, p, "a symlink needs a target without NUL")
+            if e.kind == "h" and kinds.get(e.target) != "f":
+                raise _refuse(i, p, f"hard link to {e.target!r}, which is not a regular "
+                                    "file listed before it")
+            if not (0 <= e.mode <= 0o7777 and 0 <= e.uid < 2**32 and 0 <= e.gid < 2**32
+                    and 0 <= e.size < 2**63 and 0 <= e.rdev < 2**64
+                    and -(2**63) <= e.mtime_ns < 2**63):
+                raise _refuse(i, p, "mode, owner, size, device or time out of range")
+            for name, value in e.xattrs.items():
+                if not name or "\x00" in name:
+                    raise _refuse(i, p, f"bad xattr name {name!r}")
+                try:
+                    base64.b64decode(value, validate=True)
+                except ValueError as exc:
+                    raise _refuse(i, p, f"xattr {name!r} is not base64") from exc
+            if e.extents and (e.kind != "f" or any(int(off) > e.size for off, _ in e.extents)):
+                raise _refuse(i, p, "data extents outside a regular file's size")
+            kinds[p] = e.kind
 
     def chunk_ids(self) -> set[str]:
         return {c for e in self.entries for _, chunks in e.extents for c in chunks}
@@ -183,57 +303,146 @@ def _chunks(fd: int, off: int, length: int, window: int = 32 * 1024**2) -> Itera
             return
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Dirs:
+    """Directories of the tree being made, each opened from its parent's descriptor with
+    ``O_NOFOLLOW``, so a path that meets a symlink fails (ELOOP/ENOTDIR) instead of leading out
+    of the tree. The most recently used stay open (entries come grouped by directory, and a
+    directory's parent is usually still open), so most entries cost no lookup at all."""
+
+    KEEP = 64
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self._open: OrderedDict[str, int] = OrderedDict()
+
+    def fd(self, rel: str) -> int:
+        """A descriptor of directory ``rel`` ("" or "." is the destination); owned here."""
+        if rel in ("", "."):
+            return self.root
+        fd = self._open.get(rel)
+        if fd is not None:
+            self._open.move_to_end(rel)
+            return fd
+        parent, name = posixpath.split(rel)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd(parent))
+        self._open[rel] = fd
+        while len(self._open) > self.KEEP:
+            os.close(self._open.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
 def materialize(manifest: Manifest, store: PackStore, dest: Path) -> None:
-    """Recreate the tree at ``dest`` (which must not exist or be empty)."""
+    """Recreate the tree at ``dest`` (which must not exist or be empty).
+
+    The manifest is checked first (:meth:`Manifest.check`), so a damaged or forged one is
+    refused before anything is written; then every entry is made relative to a descriptor of
+    its directory, reached without following symlinks, so even a tree that changed under us
+    cannot lead a write outside ``dest``."""
+    manifest.check()
     if dest.exists() and any(dest.iterdir()):
         raise InvalidRequest(f"{dest} is not empty", hint="materialise into a new directory")
     dest.mkdir(parents=True, exist_ok=True)
-    dirs: list[Entry] = []
-    for e in manifest.entries:
-        full = os.path.join(dest, e.path)
-        if e.kind == "d":
-            os.makedirs(full, exist_ok=True)
-            dirs.append(e)
-            continue
-        if e.kind == "f":
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                for off, ids in e.extents:
-                    pos = int(off)
-                    for hexid in ids:
-                        data = store.get(bytes.fromhex(hexid))
-                        os.pwrite(fd, data, pos)
-                        pos += len(data)
-                os.ftruncate(fd, e.size)
-            finally:
-                os.close(fd)
-        elif e.kind == "l":
-            os.symlink(e.target, full)
-        elif e.kind == "h":
-            os.link(os.path.join(dest, e.target), full)
-            continue  # shares the inode's metadata with its first path
-        elif e.kind in ("c", "b"):
-            kind = stat.S_IFCHR if e.kind == "c" else stat.S_IFBLK
-            os.mknod(full, kind | e.mode, e.rdev)
-        elif e.kind == "p":
-            os.mkfifo(full, e.mode)
-        elif e.kind == "s":
-            continue  # sockets are not content; they are made by whoever listens
-        _apply_meta(full, e)
-    for e in reversed(dirs):  # after their contents, so times and modes stick
-        _apply_meta(os.path.join(dest, e.path), e)
+    root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = _Dirs(root)
+    try:
+        made: list[Entry] = []
+        for e in manifest.entries:
+            if e.path == ".":
+                made.append(e)
+                continue
+            parent, name = posixpath.split(e.path)
+            _make(e, parent, name, dirs, store)
+            if e.kind == "d":
+                made.append(e)
+        for e in reversed(made):  # after their contents, so times and modes stick
+            _apply_meta_fd(dirs.fd(e.path), e)
+    finally:
+        dirs.close()
+        os.close(root)
 
 
-def _apply_meta(full: str, e: Entry) -> None:
-    is_link = e.kind == "l"
-    if os.geteuid() == 0:
-        os.chown(full, e.uid, e.gid, follow_symlinks=False)
+def _make(e: Entry, parent: str, name: str, dirs: _Dirs, store: PackStore) -> None:
+    """Create one entry ``name`` in the directory ``parent`` (a directory's metadata is
+    applied at the end, after its contents)."""
+    if e.kind == "h":  # shares the inode's metadata with its first path
+        tparent, tname = posixpath.split(e.target)
+        tfd = os.dup(dirs.fd(tparent))  # ours: looking up the other may close a cached one
+        try:
+            os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=dirs.fd(parent),
+                    follow_symlinks=False)
+        finally:
+            os.close(tfd)
+        return
+    pfd = dirs.fd(parent)
+    if e.kind == "d":
+        os.mkdir(name, 0o700, dir_fd=pfd)
+        return
+    if e.kind == "f":
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=pfd)
+        try:
+            for off, ids in e.extents:
+                pos = int(off)
+                for hexid in ids:
+                    data = store.get(bytes.fromhex(hexid))
+                    os.pwrite(fd, data, pos)
+                    pos += len(data)
+            os.ftruncate(fd, e.size)
+            _apply_meta_fd(fd, e)
+        finally:
+            os.close(fd)
+        return
+    if e.kind == "l":
+        os.symlink(e.target, name, dir_fd=pfd)
+    elif e.kind in ("c", "b"):
+        kind = stat.S_IFCHR if e.kind == "c" else stat.S_IFBLK
+        os.mknod(name, kind | e.mode, e.rdev, dir_fd=pfd)
+    elif e.kind == "p":
+        os.mkfifo(name, e.mode, dir_fd=pfd)
+    else:
+        return  # sockets are not content; they are made by whoever listens
+    _apply_meta_at(pfd, name, e)
+
+
+def _set_xattrs(target: int | str, e: Entry) -> None:
     for name, value in e.xattrs.items():
         try:
-            os.setxattr(full, name, base64.b64decode(value), follow_symlinks=False)
+            if isinstance(target, int):
+                os.setxattr(target, name, base64.b64decode(value))
+            else:
+                os.setxattr(target, name, base64.b64decode(value), follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
-    if not is_link:
-        os.chmod(full, e.mode)
-    os.utime(full, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
+def _apply_meta_fd(fd: int, e: Entry) -> None:
+    """Owner, xattrs, mode and times of an open file or directory (chown first: it clears
+    setuid bits, which the mode then sets)."""
+    if os.geteuid() == 0:
+        os.chown(fd, e.uid, e.gid)
+    _set_xattrs(fd, e)
+    os.chmod(fd, e.mode)
+    os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+
+def _apply_meta_at(pfd: int, name: str, e: Entry) -> None:
+    """The same for a symlink, device or fifo, by name in its directory and never following
+    a symlink (a fifo or a device is not opened: that could block or touch hardware)."""
+    if os.geteuid() == 0:
+        os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+    # setxattr takes no directory descriptor; /proc's name of ours is the same directory
+    _set_xattrs(f"/proc/self/fd/{pfd}/{name}", e)
+    if e.kind != "l":  # a symlink's mode means nothing; chmod would follow it
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, e.mode, dir_fd=pfd)
+    os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)

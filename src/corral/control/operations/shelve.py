@@ -13,12 +13,14 @@ Steps, each with an undo that leaves the instance as it was (running where it ra
 5. ``record`` (the point of no return): the row says ``shelved``, ``host`` NULL (so the fleet's
    reservations no longer count it) and ``disk_host`` the host that keeps the disk until
    ``offload_at``;
-6. ``offload``: with a delay of 0 the disk goes at once (if that fails, the offload loop in
-   :mod:`corral.control.shelves` tries again).
+6. ``offload``: with a delay of 0 the disk goes at once, once the store's copy is read back
+   whole (if it is not, or the drop fails, the disk stays and the offload loop in
+   :mod:`corral.control.shelves`, which checks the same, decides later).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +34,7 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
 from corral.control.operations.base import OpBase
-from corral.errors import Conflict, HostUnavailable, InvalidRequest
+from corral.errors import Conflict, CorralError, HostUnavailable, InvalidRequest
 from corral.images.store import PREFIX, SHELF_PREFIX, ImageStore
 from corral.lifecycle import State, Verb, check_verb
 from corral.ops.engine import OpContext, Step
@@ -47,6 +49,27 @@ def shelf_name(instance: str, op_id: str) -> str:
     """The store name of one shelving of ``instance`` (unique per operation, so a retried or
     repeated shelve never replaces a manifest an agent may be reading)."""
     return f"{SHELF_PREFIX}{instance}-{op_id[:8]}"
+
+
+async def store_copy_whole(store: ImageStore | None, shelf: str | None, name: str) -> bool:
+    """Whether the store holds all of ``shelf`` (read back in a worker thread: a shelf is
+    as big as the disk); logs why not. The kept disk of ``name`` may go only when it does."""
+    if store is None or not shelf:
+        log.warning("the kept disk of %s stays: %s", name,
+                    "the image store is not open" if store is None else "it has no shelf")
+        return False
+    try:
+        bad = await asyncio.to_thread(store.verify_image, shelf)
+    except CorralError as exc:
+        log.error("the kept disk of %s stays: its shelf %s cannot be read: %s", name, shelf,
+                  exc)
+        return False
+    if bad:
+        log.error("the kept disk of %s stays: %d chunk(s) of its shelf %s are missing or "
+                  "damaged in the store (e.g. %s); it is the one good copy (run 'corral image "
+                  "verify'; shelving it again stores it anew)", name, len(bad), shelf, bad[0])
+        return False
+    return True
 
 
 class ShelfSteps(OpBase):
@@ -204,6 +227,8 @@ class Shelve(ShelfSteps):
         if ctx.data["offload_after"] != 0:
             return
         name, source = ctx.record.target, ctx.data["source"]
+        if not await store_copy_whole(self._images(), ctx.data["shelf"], name):
+            return  # the kept disk is the one good copy; the shelve itself succeeded
         try:
             await self.agents.call(source, rpc.DISK_DROP, rpc.NameArgs(name=name))
         except Exception as exc:  # the offload loop tries again; the shelve itself succeeded
