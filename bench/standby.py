@@ -5,8 +5,9 @@ The tree (default 1.2 GB in ~40,000 files) lives in a btrfs subvolume on a loop 
 three methods refresh exactly the same bytes; the rsync targets are plain directories, the btrfs
 target a second loop filesystem (two hosts' disks). Each refresh follows 1,000 changed files
 while a writer inside the instance (a process under the cgroup freezer) keeps rewriting about
-100 files a second. Transfers go over corral's authenticated data channel for corral's methods
-and over the same channel for the recipe, so only the method differs.
+100 files a second. Transfers go over corral's data channel (in clear, with transfer tickets from
+a throwaway server key) for corral's methods and over the same channel for the recipe, so only
+the method differs.
 
 corral's figures come from the agent's own disk code (``agent.disks.HostDisks``: a live pass,
 then the frozen pass, exactly what a ``standby-sync`` runs). Needs root (loop devices, mount,
@@ -27,16 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from corral.agent.disks import HostDisks
+from corral.disks import tickets
 from corral.disks.rsync import Endpoint, run_pass
 from corral.drivers.base import Handle, Spec
 from corral.drivers.cgroups import remove_scope
 from corral.drivers.process import ProcessDriver
 
-TOKEN = "bench-" + uuid.uuid4().hex
+#: the server's ticket key: every pass carries a ticket it signed
+KEY = Ed25519PrivateKey.generate()
 
 
 def loop_btrfs(work: Path, name: str, size_mb: int) -> Path:
@@ -93,12 +97,13 @@ async def main_async(args: argparse.Namespace) -> None:
         mounts.append(dst_fs)
         # the agent's own disk code, on one tree: the source host keeps it in a btrfs
         # subvolume, seen by a dir host and a btrfs host (same root, two backends)
-        src_btrfs = HostDisks(src_fs / "disks", "btrfs", TOKEN, work / "s1")
-        src_dir = HostDisks(src_fs / "disks", "dir", TOKEN, work / "s2")
-        dst_dir = HostDisks(work / "dst-dir", "dir", TOKEN, work / "d1")
-        dst_btrfs = HostDisks(dst_fs / "disks", "btrfs", TOKEN, work / "d2")
+        src_btrfs = HostDisks(src_fs / "disks", "btrfs", work / "s1", "s1")
+        src_dir = HostDisks(src_fs / "disks", "dir", work / "s2", "s2")
+        dst_dir = HostDisks(work / "dst-dir", "dir", work / "d1", "d1")
+        dst_btrfs = HostDisks(dst_fs / "disks", "btrfs", work / "d2", "d2")
         hosts = [src_btrfs, src_dir, dst_dir, dst_btrfs]
         for h in hosts:
+            h.ticket_key = tickets.public_hex(KEY)
             await h.start()
         root = src_btrfs.publish("web", src_btrfs.new_dir("web"))
         t0 = time.monotonic()
@@ -107,11 +112,17 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{time.monotonic() - t0:.1f}s", flush=True)
 
         def slot(h: HostDisks, name: str) -> dict[str, object]:
-            return {**h.recv_prepare(name, "standby"), "address": "127.0.0.1", "port": h.port}
+            return {**h.recv_prepare(name, "standby"), "address": "127.0.0.1", "port": h.port,
+                    "host": h.host, "slot": "standby"}
+
+        def ticket(src: HostDisks, dst: HostDisks, name: str) -> str:
+            return tickets.issue(KEY, name, "standby", source=src.host, target=dst.host,
+                                 ttl=3600)
 
         recipe = dst_dir.slot("recipe", "standby")
         recipe.mkdir(parents=True)
-        ep = Endpoint("127.0.0.1", dst_dir.port, src_dir.token_file, str(recipe))
+        ep = Endpoint("127.0.0.1", dst_dir.port, str(recipe),
+                      ticket=ticket(src_dir, dst_dir, "recipe"))
 
         (work / "w").mkdir()
         spec = Spec(name="writer", command=["sh", "-c", WRITER], workdir=str(work / "w"),
@@ -127,8 +138,10 @@ async def main_async(args: argparse.Namespace) -> None:
 
         async def refresh(src: HostDisks, dst: HostDisks) -> tuple[float, int]:
             tgt = slot(dst, "web")
-            live = await src.send("web", tgt, "live", "", None, None)
-            frozen = await src.send("web", tgt, "frozen", live.gen, freeze, thaw)
+            live = await src.send("web", tgt, "live", "", None, None,
+                                  ticket=ticket(src, dst, "web"))
+            frozen = await src.send("web", tgt, "frozen", live.gen, freeze, thaw,
+                                    ticket=ticket(src, dst, "web"))
             dst.prune_received("web", "standby")
             return (frozen.freeze_ms or 0.0) / 1000, live.bytes_sent + frozen.bytes_sent
 

@@ -85,15 +85,15 @@ def cache_chunks(data: Path) -> dict[str, int]:
     return out
 
 
-def baseline(url: str, token: str, shelves: list[str], scratch: Path, parallel: int
-             ) -> tuple[float, int]:
+def baseline(url: str, token: str, shelves: list[str], scratch: Path, parallel: int,
+             ca_file: str | None = None) -> tuple[float, int]:
     """Every shelved disk fetched in full into its own empty cache and built: (seconds, bytes)."""
 
     def one(i_name: tuple[int, str]) -> int:
         i, name = i_name
         with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
                 PackStore(Path(tmp) / "cache") as cache, \
-                Client(url, token, timeout=600) as http:
+                Client(url, token, timeout=600, ca_file=ca_file) as http:
             stats = materialize_image(http, cache, name, Path(tmp) / f"disk{i}")
             return stats.bytes
 
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
     cmd = ["sh", "-c", f"[ -f own.bin ] || head -c {args.own_kb * 1024} /dev/urandom > own.bin;"
                        " exec sleep 36000"]
     t0 = time.monotonic()
-    with Client(ctx.url, ctx.token, timeout=600) as c, ThreadPoolExecutor(args.parallel) as pool:
+    with Client(ctx.url, ctx.token, timeout=600, ca_file=ctx.ca_file) as c, \
+            ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda nm: c.create(CreateInstance(
             name=nm, command=cmd, image="base", cpus=0.01, memory_bytes=1 << 20)), names))
         print(f"{n} instances of a {args.base_mb} MB base (+{args.own_kb} KB own data each) on "
@@ -161,7 +162,8 @@ def run(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
 
     scratch = work / "baseline"
     scratch.mkdir()
-    base_s, base_bytes = baseline(ctx.url, ctx.token, shelves, scratch, args.parallel)
+    base_s, base_bytes = baseline(ctx.url, ctx.token, shelves, scratch, args.parallel,
+                                  ctx.ca_file)
     t0 = time.monotonic()
     out = cli(env, "unshelve", "--all", "--parallel", str(args.parallel), "--json")
     corral_s = time.monotonic() - t0

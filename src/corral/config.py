@@ -80,6 +80,15 @@ class Settings:
                                        "heartbeat (self-fencing)", 2.0)
     vip_interface: str = _doc("agent: network interface that virtual IPs are added to; empty "
                               "means the one that holds host_address", "")
+    tls: str = _doc("server: 'on' serves the API over HTTPS and the bus over TLS, with "
+                    "certificates from the fleet's own CA (DATA/pki); 'off' serves them in "
+                    "clear, and only on loopback", "off")
+    server_url: str = _doc("agent: the server's API, to enroll with a join token (https://...)",
+                           "")
+    join_token: str = _doc("agent: the one-time token from 'corral host add NAME', traded at "
+                           "first start for this host's own identity", "")
+    ca_file: str = _doc("agent: the fleet's CA certificate, to check the server with when "
+                        "enrolling (later it is kept in DATA/identity)", "")
     shelved_offload_seconds: float = _doc("server: how long a shelved instance's disk stays on "
                                           "its host (a fast unshelve there) before it is "
                                           "removed; 0 = at once, -1 = never", 3600.0)

@@ -63,10 +63,26 @@ class Unauthorized(CorralError):
     exit_code = 3
 
 
+class Forbidden(Unauthorized):
+    """A known token whose role does not allow the call (a read-only token on a write, a
+    host's token off the image routes)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(CorralError):
     code = "not_found"
     http_status = 404
     exit_code = 4
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body larger than its route takes (``control/http/access.py``); refused
+    before it is read whole."""
+
+    code = "body_too_large"
+    http_status = 413
 
 
 class Conflict(CorralError):

@@ -52,7 +52,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 def _api(f: Fleet) -> httpx.Client:
     assert f.ctx is not None
-    return httpx.Client(base_url=f.ctx.url, headers={"Authorization": f"Bearer {f.ctx.token}"},
+    return httpx.Client(base_url=f.ctx.url, verify=f.ctx.ca_file or True,
+                        headers={"Authorization": f"Bearer {f.ctx.token}"},
                         timeout=30)
 
 

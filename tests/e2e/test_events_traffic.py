@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def api(f: Fleet) -> Client:
     assert f.ctx is not None
-    return Client(f.ctx.url, f.ctx.token)
+    return Client(f.ctx.url, f.ctx.token, ca_file=f.ctx.ca_file)
 
 
 def cli_events(f: Fleet, *args: str) -> list[Event]:
@@ -114,10 +114,12 @@ def clf(client: str, url: str, status: int, ts: float) -> str:
     return f'{client} - - [{when}] "GET {url} HTTP/1.1" {status} 99 "-" "e2e"'
 
 
-async def _publish(nats_url: str, token: str, batches: list[LogBatch]) -> None:
+async def _publish(nats_url: str, token: str, ca_file: str, batches: list[LogBatch]) -> None:
     from nats.js.errors import NotFoundError
 
-    nc = await connect(nats_url, token, "e2e-traffic")
+    from corral.bus.identity import admin
+
+    nc = await connect(nats_url, admin(token, ca_file), "e2e-traffic")
     try:
         js = nc.jetstream()
         try:
@@ -125,7 +127,7 @@ async def _publish(nats_url: str, token: str, batches: list[LogBatch]) -> None:
         except NotFoundError:
             await js.add_stream(streams.logs_config())
         for b in batches:
-            await js.publish(subjects.logs(b.instance), b.model_dump_json().encode(),
+            await js.publish(subjects.logs(b.host, b.instance), b.model_dump_json().encode(),
                              headers={"Nats-Msg-Id": b.msg_id})
     finally:
         await nc.close()
@@ -155,7 +157,8 @@ def test_traffic_from_access_batches_on_jetstream(local_fleet: Fleet) -> None:
     stdout = LogBatch(host=view["host"], instance="tr1", source="stdout", first_seq=1,
                       lines=lines, ts=now)
     nats_url = api(f).status().nats_url
-    asyncio.run(_publish(nats_url, f.ctx.token, [*batches, stdout, batches[1]]))
+    asyncio.run(_publish(nats_url, f.ctx.token, f.ctx.ca_file or "",
+                         [*batches, stdout, batches[1]]))
 
     got = wait_traffic(f, "tr1", len(lines), "--url", "/p1", "--limit", "3")
     assert (got["hits"], got["bad_lines"]) == (60, 1)

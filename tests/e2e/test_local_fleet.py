@@ -74,7 +74,7 @@ def test_bad_token_is_refused(local_fleet: Fleet) -> None:
     assert proc.returncode == Unauthorized.exit_code
     assert proc.stderr.startswith("error: ")
     assert "hint: " in proc.stderr
-    raw = httpx.get(local_fleet.ctx.url + "/v1/instances",
+    raw = httpx.get(local_fleet.ctx.url + "/v1/instances", verify=local_fleet.ctx.ca_file or True,
                     headers={"Authorization": "Bearer not-the-token"})
     assert raw.status_code == 401
     assert raw.json()["error"]["code"] == "unauthorized"
@@ -82,7 +82,7 @@ def test_bad_token_is_refused(local_fleet: Fleet) -> None:
 
 def test_malformed_input_gets_field_level_422(local_fleet: Fleet) -> None:
     assert local_fleet.ctx is not None
-    raw = httpx.post(local_fleet.ctx.url + "/v1/instances",
+    raw = httpx.post(local_fleet.ctx.url + "/v1/instances", verify=local_fleet.ctx.ca_file or True,
                      headers={"Authorization": f"Bearer {local_fleet.ctx.token}"},
                      json={"name": "ok-name", "command": ["sleep"], "cpus": -1})
     assert raw.status_code == 422

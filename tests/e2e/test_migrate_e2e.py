@@ -204,7 +204,7 @@ def test_a_verb_waits_for_a_background_refresh(fleet: Fleet) -> None:
     reached.unlink(missing_ok=True)
     flag.write_text("")
     try:
-        with httpx.Client(base_url=f.ctx.url, timeout=30,
+        with httpx.Client(base_url=f.ctx.url, timeout=30, verify=f.ctx.ca_file or True,
                           headers={"Authorization": f"Bearer {f.ctx.token}"}) as c:
             assert c.post("/v1/instances/sb3/standby/sync").status_code == 202
         deadline = time.monotonic() + 30

@@ -76,7 +76,7 @@ def nfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 def api(nfleet: Fleet) -> Iterator[Client]:
     assert nfleet.ctx is not None
-    with Client(nfleet.ctx.url, nfleet.ctx.token) as c:
+    with Client(nfleet.ctx.url, nfleet.ctx.token, ca_file=nfleet.ctx.ca_file) as c:
         yield c
 
 

@@ -66,7 +66,8 @@ def run(f: Fleet, name: str, host: str, cmd: list[str]) -> dict[str, Any]:
 
 def api(f: Fleet) -> httpx.Client:
     assert f.ctx is not None
-    return httpx.Client(base_url=f.ctx.url, headers={"Authorization": f"Bearer {f.ctx.token}"},
+    return httpx.Client(base_url=f.ctx.url, verify=f.ctx.ca_file or True,
+                        headers={"Authorization": f"Bearer {f.ctx.token}"},
                         timeout=30)
 
 

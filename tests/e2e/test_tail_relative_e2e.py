@@ -94,7 +94,7 @@ def test_tail_paths_that_could_leave_the_disk_are_refused(local_fleet: Fleet) ->
     # the API itself refuses them too (a client that is not the CLI)
     assert f.ctx is not None
     body = {"name": name, "command": ["sleep", "60"]}
-    with httpx.Client(base_url=f.ctx.url, timeout=30,
+    with httpx.Client(base_url=f.ctx.url, timeout=30, verify=f.ctx.ca_file or True,
                       headers={"Authorization": f"Bearer {f.ctx.token}"}) as http:
         for path, why in (("logs/../../etc/shadow", "'..'"), ("logs/\0x", "NUL byte")):
             r = http.post("/v1/instances", json={**body, "tail": {"access": path}})

@@ -3,7 +3,9 @@
 Every backend in ``corral.disks.registry.BUILTIN`` needs an entry in :data:`SITES` (a new
 backend without one fails the suite, on purpose). Each host's root is a filesystem of its own
 when the test runs as root (a loop btrfs, a small tmpfs), so a pass can be cut off by a full
-target; every mount is undone in the fixture's finalizer, even when the test fails.
+target; every mount is undone in the fixture's finalizer, even when the test fails. The two
+hosts speak mutual TLS with certificates from a throwaway CA, and every pass carries a ticket
+from a throwaway server key, as in a fleet.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from channelkit import authority, host_tls
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from loopfs import loop_btrfs, unmount
 
-from corral.agent.disks import HostDisks
+from corral.agent.disks import Freeze, HostDisks, SendResult
+from corral.disks import tickets
 from corral.disks.base import Capabilities
 
-TOKEN = "t-" + uuid.uuid4().hex
 IS_ROOT = os.geteuid() == 0
 
 
@@ -83,6 +87,16 @@ SITES: dict[str, Site] = {
 }
 
 
+def host(kind: str, root: Path, data_dir: Path, name: str, key: Ed25519PrivateKey,
+         tmp: Path) -> HostDisks:
+    """An agent's disks as after it joined a TLS fleet (not started)."""
+    h = HostDisks(root, kind, data_dir, name)
+    h.ticket_key = tickets.public_hex(key)
+    tls = host_tls(authority(tmp / "pki"), tmp / "certs", name)
+    h.use_tls(tls.cert_file, tls.key_file, tls.ca_file)
+    return h
+
+
 @dataclass
 class Pair:
     kind: str
@@ -91,6 +105,8 @@ class Pair:
     tmp: Path
     #: each root is a filesystem of its own (a full one cuts a pass off)
     bounded: bool
+    #: the server's ticket key
+    key: Ed25519PrivateKey
     hosts: list[HostDisks] = field(default_factory=list)
 
     @property
@@ -99,9 +115,16 @@ class Pair:
 
     def restart_b(self) -> HostDisks:
         """A new agent on b's root and data directory, as after a crash (not started)."""
-        self.b = HostDisks(self.b.root, self.kind, TOKEN, self.b.data_dir)
+        self.b = host(self.kind, self.b.root, self.b.data_dir, self.b.host, self.key, self.tmp)
         self.hosts.append(self.b)
         return self.b
+
+    async def send(self, name: str, target: dict[str, object], mode: str, gen: str,
+                   freeze: Freeze | None, thaw: Freeze | None) -> SendResult:
+        """A pass from a to what ``target`` names, with the ticket the server would issue."""
+        ticket = tickets.issue(self.key, name, str(target["slot"]), source=self.a.host,
+                               target=str(target["host"]))
+        return await self.a.send(name, target, mode, gen, freeze, thaw, ticket=ticket)
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -117,7 +140,9 @@ def make_disk(h: HostDisks, name: str, files: int = 200, size: int = 2000) -> Pa
 
 
 def target(h: HostDisks, name: str, slot: str) -> dict[str, object]:
-    return {**h.recv_prepare(name, slot), "address": "127.0.0.1", "port": h.port}
+    """What the server hands the sender: ``disk_recv``'s answer, the host and the slot."""
+    return {**h.recv_prepare(name, slot), "address": "127.0.0.1", "port": h.port,
+            "host": h.host, "slot": slot}
 
 
 def copy_of(h: HostDisks, name: str, slot: str) -> dict[str, str]:

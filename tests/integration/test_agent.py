@@ -129,7 +129,7 @@ class FakeServer:
         self.known = True
 
     async def start(self) -> None:
-        await self.nc.subscribe(subjects.JOIN, cb=self._join)
+        await self.nc.subscribe(subjects.JOIN_ALL, cb=self._join)
         await self.nc.subscribe(subjects.heartbeat(self.host), cb=self._hb)
         await self.nc.subscribe(subjects.metrics(self.host), cb=self._metrics)
 

@@ -32,6 +32,8 @@ async def nc(tmp_path: Path) -> AsyncIterator[Any]:
     (tmp_path / "nats").mkdir()
     server.start()
     conn = await nats.connect(server.url, token=TOKEN)
+    # the server makes the log stream (agents have no JetStream API on a fleet's bus)
+    await streams.ensure(conn.jetstream(), streams.logs_config())
     try:
         yield conn
     finally:

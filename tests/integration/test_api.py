@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from corral.bus import codec, subjects
+from corral.bus import codec, identity, subjects
 from corral.bus.connect import connect, request
 from corral.bus.messages import (
     Capacity,
@@ -64,7 +64,7 @@ class FakeAgent:
                                             disk_bytes=10 * GiB),
                           drivers={d: {"can_freeze": True} for d in self.drivers},
                           agent_version="fake", instances=list(self.instances.values()))
-        return await request(self.nc, subjects.JOIN, req, JoinReply, 5)
+        return await request(self.nc, subjects.join(self.name), req, JoinReply, 5)
 
     async def leave(self) -> None:
         """Stop answering commands (as if the agent died)."""
@@ -169,7 +169,7 @@ async def start_harness(settings: Settings) -> AsyncIterator[Harness]:
     await plane.start()
     nc: Client | None = None
     try:
-        nc = await connect(plane.nats_url, TOKEN, "fake-agents")
+        nc = await connect(plane.nats_url, identity.admin(TOKEN), "fake-agents")
         async with httpx.AsyncClient(base_url=plane.api_url, timeout=30,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             yield Harness(plane, http, nc)

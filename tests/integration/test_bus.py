@@ -82,7 +82,7 @@ async def test_connect_with_the_token(server: EmbeddedNats) -> None:
 async def test_a_wrong_token_is_refused_in_plain_words(server: EmbeddedNats) -> None:
     with pytest.raises(Unauthorized) as info:
         await connect(server.url, "wrong", "t")
-    assert "refused the token" in info.value.message
+    assert "refused our credentials" in info.value.message
 
 
 async def test_nothing_listening_is_host_unavailable_quickly() -> None:

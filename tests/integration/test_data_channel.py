@@ -1,39 +1,20 @@
-"""rsync over the agents' authenticated data channel (real rsync, real sockets on loopback)."""
+"""rsync over the agents' data channel (real rsync, real sockets on loopback), in clear with
+tickets; what tickets refuse and the channel over TLS: test_data_channel_tickets.py."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from channelkit import Receiver, digest, receiver, rsync
 
-from corral.disks.channel import DataServer, check_argv
+from corral.disks.channel import check_argv
+from corral.disks.rsync import Endpoint
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/rsync").exists(), reason="rsync not installed")
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
-async def rsync_via_channel(src: Path, dest: Path, token_file: Path, port: int) -> int:
-    rsh = f"{sys.executable} -m corral.disks.rsh --port {port} --token-file {token_file}"
-    proc = await asyncio.create_subprocess_exec(
-        "rsync", "-a", "--delete", "-e", rsh, f"{src}/", f"127.0.0.1:{dest}/",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode:
-        print(err.decode())
-    return proc.returncode or 0
 
 
 @pytest.fixture
@@ -46,74 +27,73 @@ def tree(tmp_path: Path) -> Path:
     return src
 
 
-@dataclass
-class Channel:
-    server: DataServer
-    roots: Path  # the receiving agent's disk root
-    token_file: Path  # holds the right token
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-
 @pytest.fixture
-async def channel(tmp_path: Path) -> AsyncIterator[Channel]:
-    roots = tmp_path / "disks"
-    roots.mkdir()
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret")
-    server = DataServer("s3cret", [roots])
-    await server.start()
-    try:
-        yield Channel(server, roots, token_file)
-    finally:
-        await server.stop()
+async def channel(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async with receiver(tmp_path) as rx:
+        yield rx
 
 
-async def test_rsync_through_channel_copies_tree(channel: Channel, tree: Path) -> None:
-    dest = channel.roots / "web"
-    assert await rsync_via_channel(tree, dest, channel.token_file, channel.port) == 0
+def endpoint(rx: Receiver) -> Endpoint:
+    return Endpoint("127.0.0.1", rx.port, str(rx.slot()), rx.ticket())
+
+
+async def test_rsync_through_channel_copies_tree(channel: Receiver, tree: Path) -> None:
+    dest = channel.slot()
+    assert (await rsync(tree, dest, channel.port, channel.ticket()))[0] == 0
     assert digest(dest) == digest(tree)
     (tree / "a" / "f3").unlink()
     (tree / "a" / "new").write_bytes(b"x" * 10)
-    assert await rsync_via_channel(tree, dest, channel.token_file, channel.port) == 0
+    assert (await rsync(tree, dest, channel.port, channel.ticket()))[0] == 0
     assert digest(dest) == digest(tree)
 
 
-async def test_wrong_token_and_outside_paths_are_refused(tmp_path: Path, tree: Path,
-                                                         channel: Channel) -> None:
-    bad = tmp_path / "bad-token"
-    bad.write_text("guess")
-    assert await rsync_via_channel(tree, channel.roots / "x", bad, channel.port) != 0
-    assert not (channel.roots / "x").exists()
+async def test_outside_paths_are_refused(tmp_path: Path, tree: Path,
+                                         channel: Receiver) -> None:
     elsewhere = tmp_path / "elsewhere"
-    assert await rsync_via_channel(tree, elsewhere, channel.token_file, channel.port) != 0
+    code, err = await rsync(tree, elsewhere, channel.port, channel.ticket())
+    assert code != 0 and "outside the slot" in err
     assert not elsewhere.exists()
 
 
 def test_argv_rules(tmp_path: Path) -> None:
-    roots = [tmp_path]
-    d = str(tmp_path / "i")
-    assert check_argv(["rsync", "--server", "-logDtpre.iLsfxC", ".", d], roots) is None
-    assert check_argv(["rsync", "--server", "--sender", "-a", ".", d], roots) is not None
-    assert check_argv(["rsync", "--server", "--log-file=/etc/x", ".", d], roots) is not None
-    assert check_argv(["rsync", "--server", ".", "/etc"], roots) is not None
-    assert check_argv(["sh", "-c", "id"], roots) is not None
-    assert check_argv(["btrfs", "receive", d], roots) is None
-    assert check_argv(["btrfs", "receive", "/"], roots) is not None
-    assert check_argv(["rsync", "--server", ".", f"{d}/../../etc"], roots) is not None
+    slot, temp = tmp_path / ".standby" / "i", tmp_path / ".tmp" / "i.standby"
+    places = [slot, temp]
+    d = str(slot)
+    ok = ["rsync", "--server", "-lHogDtpAXre.iLsfxCIvu", "--delete", "-@-1", "--numeric-ids"]
+    assert check_argv([*ok, "--temp-dir", str(temp), ".", d], places) is None
+    assert check_argv([*ok, "--temp-dir", str(temp), ".", f"{d}/sub"], places) is None
+    assert check_argv(["rsync", "--server", "--sender", "-a", ".", d], places) is not None
+    assert check_argv(["rsync", "--server", "--log-file=/etc/x", ".", d], places) is not None
+    assert check_argv(["rsync", "--server", "--log-file=x", ".", d], places) is not None
+    assert check_argv(["rsync", "--server", ".", "/etc"], places) is not None
+    assert check_argv(["rsync", "--server", ".", str(temp)], places) is not None  # not a slot
+    assert check_argv(["rsync", "--server", ".", str(tmp_path / "i")], places) is not None
+    assert check_argv(["rsync", "--server", ".", f"{d}/../../etc"], places) is not None
+    assert check_argv(["rsync", "--server", d], places) is not None  # not '. DEST'
+    for bad in (["--temp-dir", "/tmp"], ["--temp-dir=/tmp"], ["--temp-dir", "rel"],
+                ["--partial-dir", "/tmp/p"], ["--partial-dir=.p"], ["--backup-dir", ".."],
+                ["--link-dest=/"], ["--temp-dir"], ["-logKDtpre.iLsfxC"], ["-Trel"],
+                ["-logT/tmp"], ["stray"], ["--chmod=/etc"], ["--keep-dirlinks"],
+                ["--files-from=-"], ["-"]):
+        assert check_argv([*ok, *bad, ".", d], places) is not None, bad
+    assert check_argv([*ok, f"--partial-dir={temp}/p", ".", d], places) is None
+    assert check_argv(["sh", "-c", "id"], places) is not None
+    assert check_argv(["btrfs", "receive", d], places) is None
+    assert check_argv(["btrfs", "receive", "-e", "--quiet", d], places) is None
+    assert check_argv(["btrfs", "receive", str(temp)], places) is not None
+    assert check_argv(["btrfs", "receive", "/"], places) is not None
+    assert check_argv(["btrfs", "receive", d, d], places) is not None
 
 
-async def test_dirty_pass_moves_only_changed_paths(channel: Channel, tree: Path) -> None:
+async def test_dirty_pass_moves_only_changed_paths(channel: Receiver, tree: Path) -> None:
     from corral.disks.dirty import DirtyTracker
-    from corral.disks.rsync import Endpoint, run_pass
+    from corral.disks.rsync import run_pass
 
-    roots, token_file, server = channel.roots, channel.token_file, channel.server
     tracker = DirtyTracker(tree)
     tracker.start()
     try:
-        ep = Endpoint("127.0.0.1", server.port, token_file, str(roots / "web"))
+        ep = endpoint(channel)
+        dest = Path(ep.path)
         first = await run_pass(tree, ep)
         assert first.files == 31
         tracker.take()  # the list starts after the full pass
@@ -126,21 +106,20 @@ async def test_dirty_pass_moves_only_changed_paths(channel: Channel, tree: Path)
         assert not dirty.overflowed
         result = await run_pass(tree, ep, dirty.paths)
         assert result.files == 2  # f1 and c/inner; nothing else was read or sent
-        assert digest(roots / "web") == digest(tree)
-        assert not (roots / "web" / "a" / "f2").exists()
+        assert digest(dest) == digest(tree)
+        assert not (dest / "a" / "f2").exists()
     finally:
         tracker.stop()
 
 
-async def test_a_same_size_rewrite_in_the_same_second_is_sent(channel: Channel,
+async def test_a_same_size_rewrite_in_the_same_second_is_sent(channel: Receiver,
                                                              tree: Path) -> None:
     """A file rewritten after a pass copied it, keeping its size, with an mtime in the same
     second (a database page or WAL segment written again right after a standby refresh):
     the next live pass must send it. rsync compares whole seconds unless told otherwise."""
-    from corral.disks.rsync import Endpoint, run_pass
+    from corral.disks.rsync import run_pass
 
-    ep = Endpoint("127.0.0.1", channel.server.port, channel.token_file,
-                  str(channel.roots / "web"))
+    ep = endpoint(channel)
     f = tree / "a" / "f7"
     second = f.stat().st_mtime_ns // 1_000_000_000 * 1_000_000_000
     os.utime(f, ns=(second, second + 1_000))
@@ -149,4 +128,4 @@ async def test_a_same_size_rewrite_in_the_same_second_is_sent(channel: Channel,
     os.utime(f, ns=(second, second + 2_000))  # the same second, as quick rewrites are
     result = await run_pass(tree, ep)
     assert result.files == 1
-    assert digest(channel.roots / "web") == digest(tree)
+    assert digest(Path(ep.path)) == digest(tree)

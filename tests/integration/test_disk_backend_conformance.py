@@ -22,19 +22,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from diskharness import (
     SITES,
-    TOKEN,
     Pair,
     copy_of,
     digest,
     fill_up,
+    host,
     make_disk,
     target,
     unmount_all,
 )
 
-from corral.agent.disks import HostDisks
 from corral.disks import registry
 from corral.disks.base import DiskBackend
 from corral.disks.rsync import TransferFailed
@@ -67,9 +67,11 @@ async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
             roots.append(root)
             if mnt is not None:
                 mounts.append(mnt)
-        hosts = [HostDisks(r / "disks", kind, TOKEN, tmp_path / f"state-{i}")
-                 for i, r in enumerate(roots)]
-        p = Pair(kind, hosts[0], hosts[1], tmp_path, bounded=len(mounts) == 2, hosts=hosts)
+        key = Ed25519PrivateKey.generate()
+        hosts = [host(kind, r / "disks", tmp_path / f"state-{n}", n, key, tmp_path)
+                 for n, r in zip("ab", roots, strict=True)]
+        p = Pair(kind, hosts[0], hosts[1], tmp_path, bounded=len(mounts) == 2, key=key,
+                 hosts=hosts)
         for h in hosts:
             await h.start()
         yield p
@@ -86,8 +88,8 @@ def sha256(data: bytes) -> str:
 async def refresh(p: Pair, name: str, slot: str = "standby") -> tuple[int, int]:
     """A live pass then a frozen one of a disk no instance runs on; bytes of each."""
     tgt = target(p.b, name, slot)
-    live = await p.a.send(name, tgt, "live", "", None, None)
-    frozen = await p.a.send(name, tgt, "frozen", live.gen, None, None)
+    live = await p.send(name, tgt, "live", "", None, None)
+    frozen = await p.send(name, tgt, "frozen", live.gen, None, None)
     p.b.prune_received(name, slot)
     return live.bytes_sent, frozen.bytes_sent
 
@@ -152,8 +154,8 @@ async def test_refresh_of_a_running_writer_lands_the_frozen_tree(pair: Pair,
         copies = []
         for _ in range(2):
             tgt = target(pair.b, "web", "standby")
-            live = await pair.a.send("web", tgt, "live", "", None, None)
-            res = await pair.a.send("web", tgt, "frozen", live.gen, freeze, thaw)
+            live = await pair.send("web", tgt, "live", "", None, None)
+            res = await pair.send("web", tgt, "frozen", live.gen, freeze, thaw)
             pair.b.prune_received("web", "standby")
             assert res.freeze_ms is not None and res.freeze_ms > 0
             copies.append(res)
@@ -188,7 +190,7 @@ async def test_adopt_demote_and_leftovers(pair: Pair) -> None:
     root = make_disk(pair.a, "db", files=20)
     want = digest(root)
     tgt = target(pair.b, "db", "incoming")
-    await pair.a.send("db", tgt, "frozen", "", None, None)
+    await pair.send("db", tgt, "frozen", "", None, None)
     live = pair.b.adopt("db", "incoming")
     assert live == pair.b.path("db") and digest(live) == want
     assert not pair.b.slot("db", "incoming").exists()
@@ -225,7 +227,7 @@ async def test_a_cut_off_pass_leaves_no_truncated_file_and_the_previous_copy(
     try:
         tgt = target(pair.b, "web", "standby")
         with pytest.raises(TransferFailed):
-            await pair.a.send("web", tgt, "live", "", None, None)
+            await pair.send("web", tgt, "live", "", None, None)
         after = copy_of(pair.b, "web", "standby")
         assert "zz-big" not in after  # never a truncated file
         for path, sha in after.items():  # every file as it was, or as it is now
@@ -250,11 +252,11 @@ async def test_a_target_that_lost_the_base_copy(pair: Pair) -> None:
     (disk / "f5").write_bytes(b"again")
     if pair.caps.incremental:  # the pass builds on a snapshot the target no longer has
         with pytest.raises(TransferFailed):
-            await pair.a.send("web", stale, "live", "", None, None)
+            await pair.send("web", stale, "live", "", None, None)
         assert list(pair.b.slot("web", "standby").iterdir()) == []  # nothing half
         await refresh(pair, "web")  # a fresh prepare says what is there: a full pass
     else:  # rsync builds on whatever files are there: it just sends them all
-        await pair.a.send("web", stale, "live", "", None, None)
+        await pair.send("web", stale, "live", "", None, None)
     assert copy_of(pair.b, "web", "standby") == digest(disk)
 
 
@@ -278,14 +280,14 @@ async def test_leftovers_of_a_crash_go_at_start(pair: Pair) -> None:
 
 async def test_refusals(pair: Pair) -> None:
     with pytest.raises(NotFound, match="no disk"):
-        await pair.a.send("ghost", target(pair.b, "ghost", "incoming"), "live", "", None, None)
+        await pair.send("ghost", target(pair.b, "ghost", "incoming"), "live", "", None, None)
     make_disk(pair.a, "x", files=1)
     other = next(k for k in registry.BUILTIN if k != pair.kind)
     with pytest.raises(InvalidRequest, match="same disk_backend"):
-        await pair.a.send("x", {**target(pair.b, "x", "incoming"), "backend": other},
+        await pair.send("x", {**target(pair.b, "x", "incoming"), "backend": other},
                           "live", "", None, None)
     with pytest.raises(InvalidRequest, match="unknown pass"):
-        await pair.a.send("x", target(pair.b, "x", "incoming"), "warm", "", None, None)
+        await pair.send("x", target(pair.b, "x", "incoming"), "warm", "", None, None)
     with pytest.raises(InvalidRequest, match="unknown disk slot"):
         pair.b.recv_prepare("x", "attic")
     with pytest.raises(NotFound, match="no standby copy of 'ghost'"):
@@ -305,9 +307,9 @@ async def test_a_disk_set_aside_and_made_again_refreshes_from_its_own_changes(
     assert digest(kept) == first and not pair.a.exists("app")
     disk = make_disk(pair.a, "app", files=10)  # a new disk under the same name
     tgt = target(pair.b, "app", "standby")
-    live = await pair.a.send("app", tgt, "live", "", None, None)
+    live = await pair.send("app", tgt, "live", "", None, None)
     (disk / "late").write_text("written after the live pass")
-    await pair.a.send("app", tgt, "frozen", live.gen, None, None)
+    await pair.send("app", tgt, "frozen", live.gen, None, None)
     pair.b.prune_received("app", "standby")
     assert copy_of(pair.b, "app", "standby") == digest(disk)
 
@@ -324,13 +326,13 @@ async def test_a_directory_swapped_for_a_symlink_never_brings_a_host_file_in(
     outside.mkdir()
     (outside / "note").write_text("HOST SECRET")
     tgt = target(pair.b, "web", "standby")
-    live = await pair.a.send("web", tgt, "live", "", None, None)
+    live = await pair.send("web", tgt, "live", "", None, None)
     (disk / "d" / "note").write_text("changed since the live pass")
     await asyncio.sleep(0.2)  # the tracker hears it
     shutil.rmtree(disk / "d")
     (disk / "d").symlink_to(outside)
     await asyncio.sleep(0.2)
-    await pair.a.send("web", tgt, "frozen", live.gen, None, None)
+    await pair.send("web", tgt, "frozen", live.gen, None, None)
     pair.b.prune_received("web", "standby")
     copy = pair.b.copy_path("web", "standby")
     assert copy is not None

@@ -151,11 +151,11 @@ async def test_one_chatty_instance_cannot_push_the_others_out_of_the_log_stream(
     js = nc.jetstream()
     await streams.ensure(js, streams.logs_config(per_instance=3))
     for i in range(10):
-        await js.publish(subjects.logs("chatty"), f"{i}".encode())
+        await js.publish(subjects.logs("h1", "chatty"), f"{i}".encode())
     for i in range(2):
-        await js.publish(subjects.logs("quiet"), f"{i}".encode())
+        await js.publish(subjects.logs("h1", "quiet"), f"{i}".encode())
     info = await js.stream_info(streams.LOGS)
     assert info.state.messages == 5  # 3 of chatty's (its newest), both of quiet's
-    quiet = await js.get_last_msg(streams.LOGS, subjects.logs("quiet"))
+    quiet = await js.get_last_msg(streams.LOGS, subjects.logs("h1", "quiet"))
     assert quiet.data == b"1"
     await nc.close()

@@ -44,7 +44,7 @@ async def publish(url: str, sources: list[tuple[str, str]], batches: int, per: i
             first = start + b * per
             batch = LogBatch(host=host, instance=inst, source="stdout", first_seq=first,
                              lines=[f"{inst} line {first + i}" for i in range(per)], ts=time.time())
-            await js.publish(subjects.logs(inst), batch.model_dump_json().encode(),
+            await js.publish(subjects.logs(host, inst), batch.model_dump_json().encode(),
                              headers={"Nats-Msg-Id": batch.msg_id})
     await nc.close()
 

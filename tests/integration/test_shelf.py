@@ -37,7 +37,7 @@ def served(tmp_path: Path) -> Iterator[tuple[ImageStore, str]]:
 
 def agent(root: Path, url: str) -> AgentState:
     st = AgentState(root, {}, 5.0)
-    st.disks = HostDisks(root / "disks", "dir", TOKEN, root)
+    st.disks = HostDisks(root / "disks", "dir", root, "h1")
     st.images = ImageCache(root, st.store.root, TOKEN)
     st.images.api_url = url
     return st

@@ -229,7 +229,7 @@ async def test_disks_are_adopted_unless_the_instance_is_new(tmp_path: Path) -> N
     from corral.agent.disks import HostDisks
 
     st, _ = _state(tmp_path)
-    st.disks = HostDisks(tmp_path / "disks", "dir", "tok", tmp_path)
+    st.disks = HostDisks(tmp_path / "disks", "dir", tmp_path, "h1")
     moved = st.disks.publish("a", st.disks.new_dir("a"))
     (moved / "data").write_text("moved here")
     await _ok(st, "create", spec=_spec())

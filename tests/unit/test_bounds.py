@@ -52,14 +52,16 @@ def test_the_dirty_list_stops_growing_past_max_paths(tmp_path: Path) -> None:
 async def test_the_data_port_refuses_connections_past_its_bound(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(channel, "MAX_CONNECTIONS", 2)
-    server = DataServer("s3cret", [tmp_path])
+    server = DataServer("h1", lambda name, slot: [tmp_path / name])
     await server.start()
     idle = []
     try:
         for _ in range(2):  # connected, never saying who they are
-            r, w = await asyncio.open_connection("127.0.0.1", server.port)
-            await r.readline()  # the nonce
+            _, w = await asyncio.open_connection("127.0.0.1", server.port)
             idle.append(w)
+        deadline = time.monotonic() + 5
+        while server.active < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         r, w = await asyncio.open_connection("127.0.0.1", server.port)
         answer = json.loads(await asyncio.wait_for(r.readline(), 5))
         assert answer == {"ok": False, "error": "too many connections on the data port; retry"}

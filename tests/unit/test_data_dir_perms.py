@@ -43,10 +43,12 @@ def test_the_agent_makes_its_data_dir_private_but_the_way_to_its_disks(tmp_path:
     (data / "agent.log").chmod(0o644)
     (data / "disks" / "old").mkdir(parents=True)  # a disk an older agent made, 0755
     (data / "disks" / "old").chmod(0o755)
-    disks = HostDisks(data / "disks", "dir", "tok", data)
+    (data / "data-token").write_text("the fleet's admin token, as an older agent kept it")
+    disks = HostDisks(data / "disks", "dir", data, "host1")
     assert mode(data) == 0o711 and mode(data / "disks") == 0o711
     assert mode(data / "instances") == 0o700 and mode(data / "chunks") == 0o700
-    assert mode(data / "agent.log") == 0o600 and mode(data / "data-token") == 0o600
+    assert mode(data / "agent.log") == 0o600
+    assert not (data / "data-token").exists()  # agents hold no fleet token any more
     assert mode(data / "instances" / "web") == 0o755  # behind a private parent: left alone
     assert mode(data / "disks" / "old") == 0o711
     for sub in PRIVATE_SUBDIRS:
@@ -67,7 +69,7 @@ def test_disks_elsewhere_leave_the_whole_data_dir_private(tmp_path: Path) -> Non
     data = tmp_path / "host1"
     data.mkdir(mode=0o755)
     data.chmod(0o755)
-    HostDisks(tmp_path / "disks" / "host1", "dir", "tok", data)
+    HostDisks(tmp_path / "disks" / "host1", "dir", data, "host1")
     assert mode(data) == 0o700
     assert mode(tmp_path / "disks" / "host1") == 0o711
     assert mode(tmp_path / "disks") == 0o711  # made by the agent: traverse-only
@@ -104,7 +106,7 @@ async def test_the_agent_warns_at_start_when_its_disks_are_unreachable(
     closed = open_tmp / "closed"
     closed.mkdir(mode=0o700)
     closed.chmod(0o700)
-    disks = HostDisks(closed / "host1" / "disks", "dir", "tok", closed / "host1")
+    disks = HostDisks(closed / "host1" / "disks", "dir", closed / "host1", "host1")
     caplog.set_level(logging.WARNING, logger="corral.agent.disks")
     await disks.start()
     try:

@@ -18,7 +18,7 @@ def test_an_unknown_backend_names_the_choices(tmp_path: Path) -> None:
         registry.make_backend("zfs", tmp_path)
     assert err.value.hint == "use one of: dir, btrfs"
     with pytest.raises(ConfigError, match="'zfs' is not known"):
-        HostDisks(tmp_path / "disks", "zfs", "tok", tmp_path)
+        HostDisks(tmp_path / "disks", "zfs", tmp_path, "h1")
 
 
 def test_an_unusable_backend_says_why_and_what_to_do(tmp_path: Path) -> None:

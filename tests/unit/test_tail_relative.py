@@ -165,7 +165,7 @@ class FakeJetStream:
 async def test_the_agent_captures_a_relative_path_in_the_instances_disk(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     st = AgentState(tmp_path / "agent", {"fake": FakeDriver()}, 5.0)
-    st.disks = HostDisks(tmp_path / "disks", "dir", "tok", tmp_path / "agent")
+    st.disks = HostDisks(tmp_path / "disks", "dir", tmp_path / "agent", "h1")
     tail = {"access": "logs/access.log", "evil": "logs/evil.log"}
     spec = WireSpec(name="web", driver="fake", command=["true"], tail=tail, epoch=1)
     await handlers.create(st, rpc.CreateArgs(spec=spec))

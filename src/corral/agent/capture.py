@@ -35,7 +35,6 @@ from typing import IO, Any
 
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord
-from corral.bus import streams
 from corral.telemetry.capture import LogCapture
 
 log = logging.getLogger(__name__)
@@ -291,15 +290,9 @@ class CaptureManager:
 
     async def run(self, nc: Any, stop: asyncio.Event) -> None:
         """Pump every ``interval`` until ``stop``; bus failures are retried, never fatal."""
-        js = nc.jetstream()
-        while not stop.is_set():
-            try:
-                await streams.ensure(js, streams.logs_config())
-                break
-            except Exception as exc:
-                log.warning("cannot ensure the %s stream yet: %s", streams.LOGS, exc)
-                await _sleep_or_stop(stop, 1.0)
-        self.js = js
+        # the server makes the stream (a host may not touch the JetStream API): until it is
+        # there, a pump fails and the next one tries again
+        self.js = nc.jetstream()
         failing = False
         while not stop.is_set():
             self.sync()

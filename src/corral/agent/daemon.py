@@ -25,10 +25,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 import corral
+from corral.agent import identity
 from corral.agent.capture import CaptureManager
 from corral.agent.disks import HostDisks
 from corral.agent.fence import Guarded, LeaseClock, fence_all
 from corral.agent.handlers import HANDLERS
+from corral.agent.identity import Identity
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
 from corral.agent.sampler import sample_pass
@@ -37,6 +39,7 @@ from corral.agent.state import AgentState
 from corral.agent.vips import Vips
 from corral.bus import subjects
 from corral.bus.codec import decode, encode
+from corral.bus.identity import Credentials
 from corral.bus.messages import (
     Capacity,
     Command,
@@ -92,14 +95,22 @@ def capacity(data_dir: Path) -> Capacity:
                     disk_bytes=shutil.disk_usage(data_dir).total)
 
 
+#: how long after enrolling a refused login is taken for a bus still loading the new key
+ENROLL_SETTLE_SECONDS = 15.0
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         from corral.drivers.registry import make_drivers
 
-        if not settings.nats_url:
-            raise ConfigError("the agent needs the bus address", hint="set nats_url (--nats)")
-        if not settings.token:
-            raise ConfigError("the agent needs the fleet token", hint="set token (--token)")
+        if not (settings.nats_url or settings.server_url
+                or (Path(settings.data_dir) / "identity").is_dir()):
+            raise ConfigError("the agent needs the bus address, or the server's to enroll with",
+                              hint="--server URL --join TOKEN (a new host), or --nats URL")
+        if not (settings.token or settings.join_token
+                or (settings.data_dir and (Path(settings.data_dir) / "identity").is_dir())):
+            raise ConfigError("the agent has no identity, no join token and no token",
+                              hint="enroll it: 'corral host add NAME' on the server, then "
+                                   "--join TOKEN --server URL here")
         self.settings = settings
         self.host = host_name(settings)
         self.data_dir = Path(settings.data_dir)
@@ -118,6 +129,10 @@ class Agent:
         self.heartbeat_s = settings.heartbeat_seconds
         self.sample_s = settings.sample_seconds
         self.seq = 0
+        #: this host's own identity (None: it logs in with a token, see :meth:`_identity`)
+        self.identity: Identity | None = None
+        #: when this start enrolled the host (monotonic), None when it found an identity
+        self.enrolled_at: float | None = None
         self.passes = 0  # sampling passes so far
         self.hb_sent = 0.0  # monotonic time the last heartbeat was sent
         self.nc: Any = None
@@ -127,7 +142,7 @@ class Agent:
         self.images = ImageCache(self.data_dir, self.state.store.root, settings.token)
         self.state.images = self.images
         disk_root = Path(settings.disk_root) if settings.disk_root else self.data_dir / "disks"
-        self.disks = HostDisks(disk_root, settings.disk_backend, settings.token, self.data_dir,
+        self.disks = HostDisks(disk_root, settings.disk_backend, self.data_dir, self.host,
                                listen=settings.host_address, port=settings.data_port)
         self.state.disks = self.disks
         self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address,
@@ -138,20 +153,46 @@ class Agent:
         self.guarded = Guarded(self.data_dir / "guarded.json")
 
     # --- bus -----------------------------------------------------------------------------------
+    def _identity(self) -> Identity | None:
+        """This host's own identity: kept here, or traded for a join token now (or, given
+        the admin token and the server's URL, for a join token asked for now); None when
+        the agent logs in with the token it was given (a bus of its own: tests, tools)."""
+        s = self.settings
+        found = identity.load(self.data_dir, self.host)
+        if found is None and s.server_url and (s.join_token or s.token):
+            found = identity.enroll(self.data_dir, self.host, s.server_url, s.join_token,
+                                    s.host_address, s.ca_file, s.token)
+            self.enrolled_at = time.monotonic()
+        if found is not None:
+            self.images.token = found.api_token or s.token
+            self.images.ca_file = found.ca_file
+            self.disks.ticket_key = found.ticket_key
+            if found.cert_file:
+                self.disks.use_tls(found.cert_file, found.key_file, found.ca_file)
+        return found
+
     async def connect(self, stop: asyncio.Event) -> None:
         from corral.bus.connect import connect
 
         delay = 0.2
+        ident = self.identity
+        creds = ident.credentials() if ident else Credentials(token=self.settings.token)
+        url = self.settings.nats_url or (ident.nats_url if ident else "")
         while not stop.is_set():
             try:
-                self.nc = await connect(self.settings.nats_url, self.settings.token,
-                                        f"agent-{self.host}")
+                self.nc = await connect(url, creds, f"agent-{self.host}")
                 return
-            except Unauthorized:
-                raise  # retrying a refused token cannot help
+            except Unauthorized as exc:
+                # the bus learns a new key when the server reloads its config, a moment after
+                # the enrolment answered (longer on a cluster); past that, retrying cannot help
+                if (self.enrolled_at is None
+                        or time.monotonic() - self.enrolled_at > ENROLL_SETTLE_SECONDS):
+                    raise
+                log.info("the bus does not know our new key yet (%s); retrying", exc.message)
+                await _sleep_or_stop(stop, 0.2)
             except Exception as exc:
-                log.warning("cannot reach the bus at %s (%s); retrying in %.1fs",
-                            self.settings.nats_url, exc, delay)
+                log.warning("cannot reach the bus at %s (%s); retrying in %.1fs", url, exc,
+                            delay)
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
@@ -173,7 +214,8 @@ class Agent:
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                msg = await self.nc.request(subjects.JOIN, encode(self.join_request()),
+                msg = await self.nc.request(subjects.join(self.host),
+                                            encode(self.join_request()),
                                             timeout=JOIN_TRY_TIMEOUT)
                 reply = unwrap(msg.data, JoinReply)
             except CorralError as exc:
@@ -186,6 +228,7 @@ class Agent:
                 self.images.api_url = reply.api_url or self.images.api_url
                 self.lease.acked(reply.lease_seconds, sent_at=sent)
                 self.guarded.update(reply.guarded)
+                self.disks.ticket_key = reply.ticket_key or self.disks.ticket_key
                 log.info("joined as %s (heartbeat %.1fs, lease %.1fs)", self.host,
                          reply.heartbeat_seconds, reply.lease_seconds)
                 await self.vips.sync(self.state.records)
@@ -300,6 +343,7 @@ class Agent:
                 log.warning("could not answer a command: %s", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.identity = await asyncio.to_thread(self._identity)
         await self.state.recover_all()
         await self.disks.start()
         self.lease.arm()  # from here, a lease we cannot renew ends in a fence

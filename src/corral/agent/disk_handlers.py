@@ -55,7 +55,8 @@ async def disk_send(st: AgentState, args: rpc.SendArgs) -> rpc.SendResult:
                 async def thaw() -> None:
                     await st.call(drv.thaw, handle)
 
-        res = await disks.send(name, target, mode, args.gen, freeze, thaw, keep_frozen)
+        res = await disks.send(name, target, mode, args.gen, freeze, thaw, keep_frozen,
+                               ticket=args.ticket)
         if rec is not None:
             await st.refresh(rec)
         return rpc.SendResult.model_validate(res.to_dict())

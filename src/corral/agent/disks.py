@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from corral import perms
+from corral.agent.store import check_name
 from corral.disks.base import Hold, Hook, SendResult, Target
-from corral.disks.channel import DataServer
+from corral.disks.channel import ChannelTls, DataServer, server_context
 from corral.disks.registry import make_backend
 from corral.disks.rsync import Endpoint
 from corral.errors import InvalidRequest, NotFound
@@ -53,16 +54,36 @@ Freeze = Hook
 class HostDisks:
     """The disk backend, the slot layout and the data channel of one agent."""
 
-    def __init__(self, root: Path, backend: str, token: str, data_dir: Path,
+    def __init__(self, root: Path, backend: str, data_dir: Path, host: str,
                  listen: str = "127.0.0.1", port: int = 0) -> None:
         self.root = perms.make_dirs(Path(root).absolute(), perms.TRAVERSE)
         self.backend = make_backend(backend, self.root)
         self.kind = self.backend.name
         self.data_dir = Path(data_dir).absolute()
-        self.token_file = self.data_dir / "data-token"
-        _write_secret(self.token_file, token)
+        #: this host's name, as tickets and certificates say it
+        self.host = host
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        #: an older agent kept the fleet's admin token here for the channel: no longer
+        (self.data_dir / "data-token").unlink(missing_ok=True)
         self.secure_layout()
-        self.channel = DataServer(token, [self.root], host=listen, port=port)
+        self.channel = DataServer(host, self.transfer_places, host=listen, port=port)
+        self.tls: ChannelTls | None = None
+
+    @property
+    def ticket_key(self) -> str:
+        """The public key (hex) of the server's tickets; "" until the host joined, and then
+        the data channel refuses every transfer."""
+        return self.channel.ticket_key
+
+    @ticket_key.setter
+    def ticket_key(self, value: str) -> None:
+        self.channel.ticket_key = value
+
+    def use_tls(self, cert_file: str, key_file: str, ca_file: str) -> None:
+        """Mutual TLS on the data channel, both ways (before :meth:`start`). The files are
+        loaded now, so a broken certificate stops the agent instead of its first transfer."""
+        self.tls = ChannelTls(cert_file, key_file, ca_file)
+        self.channel.tls = server_context(self.tls)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def secure_layout(self) -> None:
@@ -90,7 +111,8 @@ class HostDisks:
             log.warning("%s", why)
         self.cleanup_leftovers()
         await self.channel.start()
-        log.info("data channel on %s:%d (disks in %s, %s)", self.channel.host, self.channel.port,
+        log.info("data channel on %s:%d (%s; disks in %s, %s)", self.channel.host,
+                 self.channel.port, "mutual TLS" if self.tls else "in clear, tickets only",
                  self.root, self.kind)
 
     async def stop(self) -> None:
@@ -130,6 +152,14 @@ class HostDisks:
 
     def _temp_dir(self, name: str, slot: str) -> Path:
         return self.root / ".tmp" / f"{name}.{slot}"
+
+    def transfer_places(self, name: str, slot: str) -> list[Path]:
+        """Where a transfer ticket for ``name``'s ``slot`` lets a sender write: the slot and its
+        rsync temp dir, as real paths (the root resolved, the rest as this layout names it, so
+        a symlink planted at either is not followed but refused)."""
+        real = Path(os.path.realpath(self.root))
+        return [real / p.relative_to(self.root)
+                for p in (self.slot(check_name(name), slot), self._temp_dir(name, slot))]
 
     def exists(self, name: str) -> bool:
         return self.path(name).is_dir()
@@ -221,16 +251,22 @@ class HostDisks:
         return dest
 
     # -- sending side --------------------------------------------------------------------------
-    def endpoint(self, target: dict[str, Any]) -> Endpoint:
+    def endpoint(self, target: dict[str, Any], ticket: str = "") -> Endpoint:
+        peer = str(target.get("host") or "")
+        if self.tls is not None and not peer:
+            raise InvalidRequest("the transfer target does not say which host it is, so its "
+                                 "certificate cannot be checked",
+                                 hint="the operation began before an upgrade; run it again")
         return Endpoint(host=str(target["address"]), port=int(target["port"]),
-                        token_file=self.token_file, path=str(target["path"]))
+                        path=str(target["path"]), ticket=ticket, peer=peer, tls=self.tls)
 
     async def send(self, name: str, target: dict[str, Any], mode: str, gen: str,
-                   freeze: Freeze | None, thaw: Freeze | None, keep_frozen: bool = False
-                   ) -> SendResult:
+                   freeze: Freeze | None, thaw: Freeze | None, keep_frozen: bool = False,
+                   ticket: str = "") -> SendResult:
         """One pass of ``name``'s disk to ``target`` (what :meth:`recv_prepare` returned there,
-        plus ``address`` and ``port``). ``live``: while the instance runs; ``frozen``: the short
-        pass while it is frozen (``freeze`` None: it is not running, nothing to freeze)."""
+        plus ``address``, ``port`` and the receiving ``host``'s name), let in by the server's
+        ``ticket``. ``live``: while the instance runs; ``frozen``: the short pass while it is
+        frozen (``freeze`` None: it is not running, nothing to freeze)."""
         if not self.exists(name):
             raise NotFound(f"no disk for '{name}' on this host",
                            hint="it runs from a host path (--from), which corral cannot move")
@@ -241,8 +277,8 @@ class HostDisks:
                 f"this host keeps disks in {self.kind} but the target uses "
                 f"{target.get('backend')}", hint="use hosts with the same disk_backend")
         temp_dir = target.get("temp_dir")
-        to = Target(self.endpoint(target), frozenset(str(h) for h in target.get("have") or []),
-                    str(temp_dir) if temp_dir else None)
+        have = frozenset(str(h) for h in target.get("have") or [])
+        to = Target(self.endpoint(target, ticket), have, str(temp_dir) if temp_dir else None)
         return await self.backend.send(name, to, "live" if mode == "live" else "frozen", gen,
                                        Hold(freeze, thaw, keep_frozen))
 
@@ -254,9 +290,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _write_secret(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")

@@ -54,6 +54,8 @@ class ImageCache:
         self.token = token
         #: the server's API, from the join (or a heartbeat) reply
         self.api_url = ""
+        #: the fleet's CA, when the API speaks HTTPS
+        self.ca_file = ""
         self._cond = threading.Condition()
         self._active = 0
         self._sweeping = False
@@ -107,7 +109,8 @@ class ImageCache:
     def client(self) -> Client:
         """The server's image routes, through the one API client; a new one per call, as
         each call runs in its own worker thread."""
-        return Client(self.api_url, self.token, timeout=HTTP_TIMEOUT)
+        return Client(self.api_url, self.token, timeout=HTTP_TIMEOUT,
+                      ca_file=self.ca_file or None)
 
     # --- creates ----------------------------------------------------------------------------
     def materialize(self, image: str, dest: Path, chunk_file: Path,

@@ -90,6 +90,20 @@ class Client:
 
         return [HostView.model_validate(h) for h in self.hosts_data()]
 
+    def host_add(self, name: str) -> dict[str, Any]:
+        """A one-time join token for host ``name`` (``corral host add``)."""
+        return dict(self._json("POST", "/v1/hosts", json_body={"name": name}))
+
+    def host_join(self, name: str, token: str, public_key: str, csr: str, address: str
+                  ) -> dict[str, Any]:
+        """Trade a join token for host ``name``'s identity (the agent's first start)."""
+        body = {"token": token, "public_key": public_key, "csr": csr, "address": address}
+        return dict(self._json("POST", f"/v1/hosts/{name}/join", json_body=body))
+
+    def host_rm(self, name: str) -> None:
+        """Revoke host ``name`` and forget it (``corral host rm``)."""
+        self._http.request("DELETE", f"/v1/hosts/{name}")
+
     def host_data(self, name: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/hosts/{name}"))
 
@@ -206,6 +220,20 @@ class Client:
         from corral.api.models import TrafficView
 
         return TrafficView.model_validate(self.traffic_data(name, url, limit))
+
+    # -- API tokens ------------------------------------------------------------------------
+
+    def token_create(self, name: str, role: str) -> dict[str, Any]:
+        """A new named token with ``role`` (admin, read-only, host): the answer's ``token``
+        is shown this once, the server keeps only its hash."""
+        return dict(self._json("POST", "/v1/tokens", json_body={"name": name, "role": role}))
+
+    def tokens_data(self) -> list[dict[str, Any]]:
+        """Named tokens (name, role, created_at), never their secrets."""
+        return list(self._json("GET", "/v1/tokens"))
+
+    def token_revoke(self, name: str) -> None:
+        self._http.request("DELETE", f"/v1/tokens/{name}")
 
     # -- operations, standbys, shelves -----------------------------------------------------
 
@@ -376,13 +404,25 @@ class Client:
         return parse_records(resp.body), len(resp.body)
 
     def upload_chunks(self, records: Sequence[Record]) -> int:
-        """Send chunk records to the store (which verifies each); returns the bytes sent."""
-        from corral.images.records import encode_records
+        """Send chunk records to the store (which verifies each), in as many requests as the
+        server's cap on an upload's body asks for (``MAX_UPLOAD_BYTES``); returns the bytes
+        sent."""
+        from corral.images.records import MAX_UPLOAD_BYTES, RECORD, encode_records
 
-        body = encode_records(list(records))
-        self._http.request("POST", "/v1/chunks/upload", body=body, retry=True,
-                           headers={"Content-Type": OCTETS})
-        return len(body)
+        sent = size = 0
+        batch: list[Record] = []
+        for rec in [*records, None]:
+            more = RECORD.size + len(rec[2]) if rec is not None else 0
+            if batch and (rec is None or size + more > MAX_UPLOAD_BYTES):
+                body = encode_records(batch)
+                self._http.request("POST", "/v1/chunks/upload", body=body, retry=True,
+                                   headers={"Content-Type": OCTETS})
+                sent += len(body)
+                batch, size = [], 0
+            if rec is not None:
+                batch.append(rec)
+                size += more
+        return sent
 
     # -- plumbing --------------------------------------------------------------------------
 

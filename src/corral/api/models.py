@@ -7,11 +7,23 @@ The CLI imports only this package to talk to the server (as Nomad's ``command/``
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+from corral.api.names import (
+    HOST_PATTERN,
+    IMAGE_PATTERN,
+    MAX_PATH,
+    TOKEN_NAME_PATTERN,
+    path_problem,
+)
+from corral.api.names import NAME_PATTERN as NAME_PATTERN  # where the server's routes read it
+
+#: an image an instance runs from (a shelved disk's ``@`` name is the server's own business)
+RUN_IMAGE_PATTERN = IMAGE_PATTERN.replace("^@?", "^", 1)
+HostName = Annotated[str, Field(pattern=HOST_PATTERN, description="a host's name")]
+InstanceName = Annotated[str, Field(pattern=NAME_PATTERN, description="an instance's name")]
 #: names of extra log sources (``tail``); stdout and stderr are always captured.
 TAIL_SOURCE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 RESERVED_SOURCES = frozenset({"stdout", "stderr"})
@@ -24,7 +36,10 @@ def check_tail_path(source: str, path: str) -> None:
         raise ValueError(f"tail path of source {source!r} is empty: give a file, e.g. "
                          "logs/access.log (in the instance's disk)")
     if "\0" in path:
-        raise ValueError(f"tail path {path!r} of source {source!r} contains a NUL byte")
+        raise ValueError(f"tail path {path[:80]!r} of source {source!r} contains a NUL byte")
+    problem = path_problem(path, dotdot=True)  # '..' in a relative path: refused below
+    if problem is not None:
+        raise ValueError(f"tail path {path[:80]!r} of source {source!r} {problem}")
     if path.startswith("/"):
         return
     parts = path.split("/")
@@ -42,19 +57,24 @@ class CreateInstance(BaseModel):
     command: list[str] = Field(min_length=1, description="argv of the workload")
     cpus: float = Field(default=0.1, gt=0, le=4096, description="CPU reservation, in cores")
     memory_bytes: int = Field(default=64 * 1024**2, gt=0, description="memory reservation")
-    driver: str = Field(default="process", pattern=r"^[a-z][a-z0-9_-]*$")
-    host: str | None = Field(default=None, description="pin to this host")
-    rootfs: str | None = Field(default=None, description="root filesystem path on the host")
+    driver: str = Field(default="process", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    host: str | None = Field(default=None, pattern=HOST_PATTERN,
+                             description="pin to this host")
+    rootfs: str | None = Field(default=None, max_length=MAX_PATH,
+                               json_schema_extra={"pattern": "^/"},  # _rootfs words refusals
+                               description="root filesystem path on the host (absolute)")
     image: str | None = Field(
-        default=None, min_length=1, max_length=255,
+        default=None, pattern=RUN_IMAGE_PATTERN,
         description="image of the server's store to materialise as the root (not with rootfs)")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="variable names without '=' or NUL; values "
+                                            "without NUL")
     start: bool = Field(default=True, description="start right after creating")
     vip: str | None = Field(
         default=None, max_length=64,
         description="virtual IP with prefix (10.0.0.50/24) added on the instance's host while "
                     "it runs; it moves with failover (the agent must run as root)")
-    tail: dict[str, str] = Field(
+    tail: dict[str, Annotated[str, Field(json_schema_extra={"minLength": 1})]] = Field(
         default_factory=dict,
         description="log source name -> file to capture. A relative path is inside the "
                     "instance's own disk (a process's working directory, a container's root) on "
@@ -78,6 +98,32 @@ class CreateInstance(BaseModel):
     def _no_empty_program(cls, v: list[str]) -> list[str]:
         if not v[0].strip():
             raise ValueError("the program (first word of command) is empty")
+        if any("\0" in word for word in v):  # no exec takes it: refused here, not on a host
+            raise ValueError("a word of the command contains a NUL byte")
+        return v
+
+    @field_validator("rootfs")
+    @classmethod
+    def _rootfs(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        problem = path_problem(v)
+        if problem is not None:
+            raise ValueError(f"rootfs {v[:80]!r} {problem}")
+        if not v.startswith("/"):
+            raise ValueError(f"rootfs {v[:80]!r} is not an absolute path")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        # a NUL cannot cross exec, and a name with '=' would set another variable
+        for key, value in v.items():
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"environment variable name {key[:80]!r} is empty or has "
+                                 "'=' or NUL in it")
+            if "\0" in value:
+                raise ValueError(f"the value of {key[:80]!r} contains a NUL byte")
         return v
 
     @field_validator("vip")
@@ -275,21 +321,23 @@ class OperationView(BaseModel):
 class RecreateRequest(BaseModel):
     """``POST /v1/instances/{name}/recreate``: where to create it again (default: same host)."""
 
-    to: str | None = Field(default=None, description="target host; empty means its own host")
+    to: HostName | None = Field(default=None,
+                                description="target host; empty means its own host")
 
 
 class MigrateRequest(BaseModel):
     """``POST /v1/instances/{name}/migrate``."""
 
-    to: str | None = Field(default=None, description="target host; empty lets the scheduler pick")
+    to: HostName | None = Field(default=None,
+                                description="target host; empty lets the scheduler pick")
     cold: bool = Field(default=False, description="stop first, then copy (no live pass)")
 
 
 class StandbyRequest(BaseModel):
     """``POST /v1/instances/{name}/standby``: keep a warm copy on another host."""
 
-    host: str | None = Field(default=None, description="standby host; empty lets the "
-                             "scheduler pick one (never the primary's)")
+    host: HostName | None = Field(default=None, description="standby host; empty lets the "
+                                  "scheduler pick one (never the primary's)")
     every_seconds: float = Field(default=60.0, ge=1, le=7 * 86400,
                                  description="refresh interval")
 
@@ -329,18 +377,30 @@ class ShelveRequest(BaseModel):
 class UnshelveGroupRequest(BaseModel):
     """``POST /v1/unshelve``: many shelved instances back as one operation group."""
 
-    names: list[str] = Field(default_factory=list, max_length=10_000,
-                             description="instances to unshelve (empty with all: every one)")
+    names: list[InstanceName] = Field(default_factory=list, max_length=10_000,
+                                      description="instances to unshelve (empty with all: "
+                                                  "every one)")
     all: bool = Field(default=False, description="every shelved instance")
-    to: str | None = Field(default=None, description="one host for all of them")
+    to: HostName | None = Field(default=None, description="one host for all of them")
     parallel: int = Field(default=8, ge=1, le=256, description="unshelves in flight at once")
+
+    @field_validator("names")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in v:
+            if name in seen:
+                raise ValueError(f"{name!r} is named twice: name each instance once")
+            seen.add(name)
+        return v
 
 
 class UnshelveRequest(BaseModel):
     """``POST /v1/instances/{name}/unshelve``."""
 
-    to: str | None = Field(default=None, description="host to unshelve on; empty: its old host "
-                           "when the disk is there and it fits, else the scheduler's choice")
+    to: HostName | None = Field(default=None, description="host to unshelve on; empty: its "
+                                "old host when the disk is there and it fits, else the "
+                                "scheduler's choice")
 
 
 class ShelfView(BaseModel):
@@ -361,3 +421,32 @@ class ShelfView(BaseModel):
     stored_size: int | None = Field(default=None, description="bytes of its distinct chunks")
     unique_size: int | None = Field(default=None,
                                     description="bytes of its chunks no image shares")
+
+
+# --- API tokens (issue 10) -----------------------------------------------------------------------
+
+#: admin: everything; read-only: GET routes only; host: what an agent needs of the image store
+TokenRole = Literal["admin", "read-only", "host"]
+ROLES: tuple[TokenRole, ...] = ("admin", "read-only", "host")
+
+
+class TokenCreate(BaseModel):
+    """``POST /v1/tokens``: a new named token (its secret is in the answer, once)."""
+
+    name: str = Field(pattern=TOKEN_NAME_PATTERN, description="a name to list and revoke it by")
+    role: TokenRole = Field(description="admin, read-only (GET routes only) or host (the "
+                                        "image-store routes an agent uses)")
+
+
+class TokenView(BaseModel):
+    """A stored token as listed: never its secret (only a hash of it is kept)."""
+
+    name: str
+    role: TokenRole
+    created_at: float
+
+
+class TokenCreated(TokenView):
+    """The answer to ``POST /v1/tokens``: the only time the token itself is shown."""
+
+    token: str = Field(description="the bearer token; store it now, it is not kept")

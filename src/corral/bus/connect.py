@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from pydantic import BaseModel, ValidationError
 
 from corral.bus import codec
+from corral.bus.identity import Credentials
 from corral.bus.messages import Reply
 from corral.errors import CorralError, HostUnavailable, Unauthorized, from_dict
 
@@ -41,8 +42,9 @@ def _explain(url: str, exc: BaseException) -> CorralError:
     text = str(exc)
     if "authorization" in text.lower() or isinstance(exc, nats.errors.AuthorizationError):
         return Unauthorized(
-            f"the NATS server at {url} refused the token",
-            hint="use the fleet's token (DATA/token on the server, or CORRAL_TOKEN)",
+            f"the NATS server at {url} refused our credentials",
+            hint="a host logs in with its own identity: enroll it ('corral host add NAME', "
+                 "then the agent with --join TOKEN); tools use the fleet's token",
         )
     return HostUnavailable(
         f"cannot reach a NATS server at {url}: {text or type(exc).__name__}",
@@ -50,7 +52,7 @@ def _explain(url: str, exc: BaseException) -> CorralError:
     )
 
 
-async def connect(url: str, token: str, name: str, **kw: Any) -> Client:
+async def connect(url: str, token: str | Credentials, name: str, **kw: Any) -> Client:
     """An authenticated connection named ``name`` that reconnects after it was once up.
 
     Extra keyword arguments go to ``nats.connect`` (callbacks, ``reconnect_time_wait`` ...).
@@ -58,6 +60,8 @@ async def connect(url: str, token: str, name: str, **kw: Any) -> Client:
     answers at ``url``.
     """
     timeout = float(kw.pop("connect_timeout", CONNECT_TIMEOUT))
+    creds = token if isinstance(token, Credentials) else Credentials(token=token)
+    login = creds.options()
     seen: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -66,9 +70,9 @@ async def connect(url: str, token: str, name: str, **kw: Any) -> Client:
     try:
         # max_reconnect_attempts=0 would mean "for ever" to nats-py; 1 is one quick retry.
         probe = await asyncio.wait_for(
-            nats.connect(url, token=token, name=f"{name}-probe", allow_reconnect=False,
+            nats.connect(url, name=f"{name}-probe", allow_reconnect=False,
                          max_reconnect_attempts=1, reconnect_time_wait=0.1,
-                         connect_timeout=timeout, error_cb=remember),
+                         connect_timeout=timeout, error_cb=remember, **login),
             timeout * 2,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -81,10 +85,11 @@ async def connect(url: str, token: str, name: str, **kw: Any) -> Client:
         "reconnect_time_wait": 0.5,
         "error_cb": _log_error,
     }
+    options.update(login)
     options.update(kw)
     try:
         return await asyncio.wait_for(
-            nats.connect(url, token=token, name=name, connect_timeout=timeout, **options),
+            nats.connect(url, name=name, connect_timeout=timeout, **options),
             timeout * 2,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:

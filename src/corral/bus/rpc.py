@@ -93,6 +93,9 @@ class SendArgs(NameArgs):
     gen: str = ""
     #: leave the instance frozen after a frozen pass (a migration kills it next)
     keep_frozen: bool = False
+    #: the server's signed permission for this pass (disks/tickets.py): the target's data
+    #: channel lets nothing in without one
+    ticket: str = Field(default="", max_length=4096)
 
 
 class SendResult(BaseModel):

@@ -12,7 +12,8 @@ LOGS = "CORRAL_LOGS"
 EVENTS = "CORRAL_EVENTS"
 
 
-#: batches one instance may keep in the log stream (a batch is at most 256 KiB, so at most
+#: batches one instance may keep in the log stream (per host it ran on: subjects are
+#: ``corral.logs.<host>.<instance>``) (a batch is at most 256 KiB, so at most
 #: 1 GiB of an 8 GiB stream): past it that instance's oldest batches go, not everyone's. One
 #: chatty instance used to push every other instance's logs out of the shared stream.
 MAX_BATCHES_PER_INSTANCE = 4096
@@ -22,7 +23,7 @@ def logs_config(max_age_s: float = 7 * 86400, max_bytes: int = 8 * 1024**3,
                 per_instance: int = MAX_BATCHES_PER_INSTANCE) -> StreamConfig:
     return StreamConfig(
         name=LOGS,
-        subjects=[subjects.logs("*")],
+        subjects=[subjects.LOGS_ALL],
         storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,

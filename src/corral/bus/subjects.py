@@ -4,9 +4,15 @@ from __future__ import annotations
 
 PREFIX = "corral"
 
-JOIN = f"{PREFIX}.join"  # agent -> server, request/reply: register a host
+JOIN_ALL = f"{PREFIX}.join.*"  # agent -> server, request/reply: register a host
 EVENTS = f"{PREFIX}.events"  # server -> anyone: committed state changes (JetStream later)
 INVALIDATE = f"{PREFIX}.invalidate"
+
+
+def join(host: str) -> str:
+    """agent -> server, request/reply: register ``host`` (only its own identity may publish
+    here, so the subject says who joins)."""
+    return f"{PREFIX}.join.{host}"
 
 
 def heartbeat(host: str) -> str:
@@ -28,8 +34,28 @@ HEARTBEAT_ALL = f"{PREFIX}.hb.*"
 METRICS_ALL = f"{PREFIX}.metrics.*"
 
 
-def logs(instance: str) -> str:
-    return f"{PREFIX}.logs.{instance}"
+def logs(host: str, instance: str) -> str:
+    """agent -> JetStream: an instance's log batches, under the host that captured them (a
+    host may publish only under its own name)."""
+    return f"{PREFIX}.logs.{host}.{instance}"
+
+
+#: every host's log batches (the stream, sinks, the live traffic index)
+LOGS_ALL = f"{PREFIX}.logs.>"
+
+
+def instance_logs(instance: str) -> str:
+    """One instance's batches, from whichever host captured them (a migration moves it)."""
+    return f"{PREFIX}.logs.*.{instance}"
+
+
+def logs_origin(subject: str) -> tuple[str, str]:
+    """(host, instance) a log batch came from, read from its subject: the identity the bus
+    checked, not a field the sender wrote."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "logs":
+        raise ValueError(f"not a log subject: {subject}")
+    return parts[2], parts[3]
 
 
 def host_from_subject(subject: str) -> str:

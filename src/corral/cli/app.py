@@ -223,7 +223,7 @@ def _unknown(word: str, known: list[str], prog: str) -> UsageError:
 def client(timeout: float = 30) -> Client:
     """A client for the fleet named by CORRAL_URL/CORRAL_TOKEN or the context file."""
     from corral.api.client import Client
-    from corral.rig.context import resolve
+    from corral.rig.context import ca_file, resolve
 
     url, token = resolve()
-    return Client(url, token, timeout=timeout)
+    return Client(url, token, timeout=timeout, ca_file=ca_file())

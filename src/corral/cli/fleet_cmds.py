@@ -54,24 +54,27 @@ def _process_module(*names: str) -> Any:
 
 
 def server(data: Path | None, api_host: str | None, api_port: int | None, nats: str | None,
-           nats_host: str | None, nats_port: int | None, db: str | None, token: str | None,
-           log_level: str | None, set_: list[str] | None, cfg: Path | None) -> None:
+           nats_host: str | None, nats_port: int | None, db: str | None, tls: str | None,
+           token: str | None, log_level: str | None, set_: list[str] | None,
+           cfg: Path | None) -> None:
     """The control plane, imported only now: no other command loads the server's packages."""
     settings = _settings(
         {"data_dir": data, "api_host": api_host, "api_port": api_port, "nats_url": nats,
-         "nats_host": nats_host, "nats_port": nats_port, "db_url": db, "token": token,
-         "log_level": log_level},
+         "nats_host": nats_host, "nats_port": nats_port, "db_url": db, "tls": tls,
+         "token": token, "log_level": log_level},
         set_, cfg,
     )
     _process_module("corral.control.server").serve(settings)
 
 
-def agent(name: str | None, nats: str | None, token: str | None, data: Path | None,
-          address: str | None, drivers: str | None, log_level: str | None,
-          set_: list[str] | None, cfg: Path | None) -> None:
+def agent(name: str | None, nats: str | None, join_token: str | None, server_url: str | None,
+          ca_file: str | None, token: str | None, data: Path | None, address: str | None,
+          drivers: str | None, log_level: str | None, set_: list[str] | None,
+          cfg: Path | None) -> None:
     """One host's agent, imported only now (see :func:`server`)."""
     settings = _settings(
-        {"host_name": name, "nats_url": nats, "token": token, "data_dir": data,
+        {"host_name": name, "nats_url": nats, "join_token": join_token,
+         "server_url": server_url, "ca_file": ca_file, "token": token, "data_dir": data,
          "host_address": address, "drivers": drivers, "log_level": log_level},
         set_, cfg,
     )
@@ -137,6 +140,27 @@ def status(json_out: bool) -> None:
     for line in render.status_lines(st, url):
         console.print(line, highlight=False)
     console.print(render.hosts_table(hosts))
+
+
+def host_add(name: str, json_out: bool) -> None:
+    with client() as c:
+        grant = c.host_add(name)
+    if json_out:
+        render.print_json(grant)
+        return
+    import time as _time
+
+    left = max(0, int(float(grant["expires_at"]) - _time.time()))
+    render.say(f"join token for {name} (shown once, good for {left // 60} min):")
+    render.out().print(str(grant["token"]), highlight=False)
+    render.say(f"on {name}: corral agent --name {name} --join TOKEN --server SERVER_API_URL "
+               "[--ca-file CA]")
+
+
+def host_rm(name: str) -> None:
+    with client() as c:
+        c.host_rm(name)
+    render.say(f"host {name} removed: its key no longer opens the bus")
 
 
 def host_ls(json_out: bool) -> None:

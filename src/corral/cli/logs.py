@@ -37,8 +37,8 @@ def logsink(directory: Path, name: str | None) -> None:
     import asyncio
     import logging
 
-    from corral.rig.context import resolve
-    from corral.telemetry.logsink import serve
+    from corral.rig.context import ca_file, resolve
+    from corral.telemetry.logsink import reader, serve
 
     directory = directory.expanduser().resolve()
     sink_name = name or directory.name or "default"
@@ -50,4 +50,4 @@ def logsink(directory: Path, name: str | None) -> None:
         nats_url = str(c.status_data()["nats_url"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     print(f"logsink {sink_name}: {nats_url} -> {directory}", file=sys.stderr, flush=True)
-    asyncio.run(serve(nats_url, token, directory, sink_name))
+    asyncio.run(serve(nats_url, reader(token, ca_file() or ""), directory, sink_name))

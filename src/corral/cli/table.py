@@ -83,6 +83,43 @@ def int_range(low: int, high: int) -> Callable[[str], int]:
     return convert
 
 
+def named(kind: str) -> Callable[[str], str]:
+    """An argument that is an instance, host, image or token name: one that could never be
+    valid (a '/', '..', a newline, unicode, too long) is refused here (exit 2) and never sent.
+    The patterns are imported when such an argument is parsed, not for every command."""
+
+    def convert(text: str) -> str:
+        import argparse
+
+        from corral.api.names import check
+
+        try:
+            return check(kind, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = f"{kind} name"
+    return convert
+
+
+def host_path(text: str) -> Path:
+    """A path on a host (``--from``): no control character (a newline), not past PATH_MAX;
+    the CLI makes it absolute itself, so '..' is fine here."""
+    import argparse
+
+    from corral.api.names import path_problem
+
+    problem = path_problem(text, dotdot=True)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"path {text[:80]!r} {problem}")
+    return Path(text)
+
+
+host_path.__name__ = "path"
+INSTANCE_NAME = named("instance")
+HOST_NAME = named("host")
+
+
 def opt(*flags: str, help: str = "", type: Callable[[str], Any] | None = None,
         default: Any = None, dest: str | None = None, **kw: Any) -> Arg:
     return Arg(flags, help, "value", type, default, dest, **kw)
@@ -98,8 +135,8 @@ def pos(name: str, help: str = "", kind: str = "value", type: Callable[[str], An
 
 
 JSON = flag("--json", help=JSON_HELP, dest="json_out")
-NAMES = pos("names", "instance name(s)", kind="some")
-NAME = pos("name")
+NAMES = pos("names", "instance name(s)", kind="some", type=INSTANCE_NAME)
+NAME = pos("name", type=INSTANCE_NAME)
 SET = Arg(("--set",), "any setting as key=value (see docs/configuration.md)", "append",
           dest="set_")
 CONFIG = opt("--config", help="TOML settings file", type=Path, dest="cfg")
@@ -137,12 +174,20 @@ COMMANDS: dict[str, Command | Group] = {
         opt("--nats-host", help="embedded NATS address"),
         opt("--nats-port", help="embedded NATS port; 0 = free", type=int),
         opt("--db", help="SQLAlchemy URL"),
+        opt("--tls", help="on: HTTPS and TLS with the fleet's own CA (DATA/pki); off: "
+            "loopback only", choices=("on", "off")),
         TOKEN, LOG_LEVEL, SET, CONFIG,
     )),
     "agent": Command("fleet_cmds", "agent",
                      "Run one host's agent: joins the fleet over NATS and runs its instances.", (
         opt("--name", help="host name"),
-        opt("--nats", help="NATS URL of the fleet"),
+        opt("--nats", help="NATS URL of the fleet (default: the one enrollment gave)"),
+        opt("--join", help="the one-time token from 'corral host add NAME' (first start)",
+            dest="join_token"),
+        opt("--server", help="the server's API, to enroll with (https://...)",
+            dest="server_url"),
+        opt("--ca-file", help="the fleet's CA certificate, to check the server with when "
+            "enrolling"),
         TOKEN,
         opt("--data", help="data directory", type=Path),
         opt("--address", help="address other hosts reach"),
@@ -171,16 +216,17 @@ COMMANDS: dict[str, Command | Group] = {
                       "hosts, instance counts.", (JSON,)),
     "run": Command("instances", "run",
                    "Create an instance and start it: corral run NAME OPTIONS -- CMD ARGS...", (
-        pos("name", "instance name: lowercase letters, digits, dashes"),
+        pos("name", "instance name: lowercase letters, digits, dashes", type=INSTANCE_NAME),
         pos("command", "the workload's argv, after --", kind="rest"),
         opt("--cpus", help="CPU reservation, in cores", type=float, default=0.1),
         opt("--memory", help="memory reservation: 64M, 1G, 512Ki...", default="64M"),
-        opt("--host", help="pin to this host"),
+        opt("--host", help="pin to this host", type=HOST_NAME),
         opt("--driver", help="process or runc (default: runc with --from or --image, else "
             "process)"),
-        opt("--from", help="root filesystem directory (on the host)", type=Path,
+        opt("--from", help="root filesystem directory (on the host)", type=host_path,
             dest="rootfs"),
-        opt("--image", help="image to run from (see 'corral image ls'); not with --from"),
+        opt("--image", help="image to run from (see 'corral image ls'); not with --from",
+            type=named("image")),
         Arg(("--env", "-e"), "KEY=VALUE, repeatable", "append"),
         flag("--no-start", help="create without starting"),
         Arg(("--tail",), "capture a file too: SOURCE=PATH (inside the rootfs), repeatable",
@@ -207,7 +253,7 @@ COMMANDS: dict[str, Command | Group] = {
                   (NAMES, flag("--force", "-f", help="stop it first if alive"))),
     "logs": Command("logs", "logs", "Print an instance's captured output (stdout, stderr and "
                     "tailed files), oldest first.", (
-        pos("name", "instance name"),
+        pos("name", "instance name", type=INSTANCE_NAME),
         flag("--follow", "-f", help="keep printing new lines"),
         opt("--since", help="only lines from this far back (30s, 10m, 2h) or since a time "
             "(ISO 8601)"),
@@ -228,7 +274,8 @@ COMMANDS: dict[str, Command | Group] = {
     "recreate": Command("ops_cmd", "recreate", (
         "Stop, delete and create an instance again (on its host or --to another), starting it "
         "again if it was running; any failure puts it back where it was."), (
-        NAME, opt("--to", help="create it on this host instead"), wait(600.0), JSON)),
+        NAME, opt("--to", help="create it on this host instead", type=HOST_NAME), wait(600.0),
+        JSON)),
     "shelve": Command("shelve_cmd", "shelve", (
         "Snapshot an instance's disk into the image store and release its CPU and memory; its "
         "disk stays on the host until the offload delay, for a fast unshelve there."), (
@@ -239,9 +286,9 @@ COMMANDS: dict[str, Command | Group] = {
     "unshelve": Command("shelve_cmd", "unshelve", (
         "Bring shelved instances back: on the old host when the disk is there and it fits, "
         "else where the scheduler says (fetching only the chunks that host lacks)."), (
-        pos("names", "instance name(s)", kind="rest"),
+        pos("names", "instance name(s)", kind="rest", type=INSTANCE_NAME),
         flag("--all", help="every shelved instance", dest="all_"),
-        opt("--to", help="unshelve on this host"),
+        opt("--to", help="unshelve on this host", type=HOST_NAME),
         opt("--parallel", help="operations in flight", type=int_range(1, 64), default=8),
         wait(1800.0, "seconds to wait for all of them"),
         JSON)),
@@ -251,7 +298,7 @@ COMMANDS: dict[str, Command | Group] = {
         "Move an instance and its disk to another host (warm: copy while it runs, then a short "
         "freeze); any failure leaves it running where it was and the target clean."), (
         NAME,
-        opt("--to", help="target host (default: the scheduler's pick)"),
+        opt("--to", help="target host (default: the scheduler's pick)", type=HOST_NAME),
         flag("--cold", help="stop first, then copy"),
         wait(3600.0), JSON)),
     "top": Command("top", "top", "Live CPU and memory of every instance, with each host's sum "
@@ -263,7 +310,7 @@ COMMANDS: dict[str, Command | Group] = {
     "traffic": Command("traffic_cmd", "traffic", (
         "Requests/s, status-code rates and who's online, from the instance's access log "
         "(captured with 'corral run --tail access=PATH'); Ctrl-C quits."), (
-        pos("name", "the instance"),
+        pos("name", "the instance", type=INSTANCE_NAME),
         opt("--url", help="list this URL's clients, latest first"),
         opt("--limit", help="at most this many clients", type=int_range(1, 10_000),
             default=30),
@@ -273,18 +320,25 @@ COMMANDS: dict[str, Command | Group] = {
     "host": Group("Hosts of the fleet.", {
         "ls": Command("fleet_cmds", "host_ls",
                       "Hosts with their capacity, reservations and CPU use.", (JSON,)),
+        "add": Command("fleet_cmds", "host_add",
+                       "A one-time join token (good for an hour) for a new host: start its "
+                       "agent with --join TOKEN --server URL.", (
+            pos("name", "the host's name"), JSON)),
+        "rm": Command("fleet_cmds", "host_rm",
+                      "Revoke a host (its bus connection is closed) and forget it; refused "
+                      "while instances or standbys are there.", (pos("name", "the host's name"),)),
     }),
     "image": Group("Images: content-addressed root filesystems.", {
         "import": Command("images", "import_", "Import a directory or tarball as an image "
                           "(uploads only the chunks the store lacks).", (
-            pos("name", "image name"),
+            pos("name", "image name", type=named("image")),
             pos("path", "a root directory or a tar archive", type=Path),
             Arg(("--replace",), "replace an image of that name", "toggle", default=False),
         )),
         "ls": Command("images", "ls", "Images with their size, unique size and dedup ratio.",
                       (JSON,)),
         "rm": Command("images", "rm", "Remove images (their chunks are freed by 'corral image "
-                      "gc').", (pos("names", "image name(s)", kind="some"),)),
+                      "gc').", (pos("names", "image name(s)", kind="some", type=named("image")),)),
         "verify": Command("images", "verify", "Read back every stored chunk; list damage and "
                           "the images it breaks (exit 11 if any).", (JSON,)),
         "gc": Command("images", "gc", "Free the chunks no image uses any more.", (JSON,)),
@@ -302,7 +356,8 @@ COMMANDS: dict[str, Command | Group] = {
         "add": Command("standby_cmd", "standby_add", "Keep a warm copy of NAME's disk on "
                        "another host, refreshed every --every.", (
             NAME,
-            opt("--host", help="standby host (default: the scheduler's pick, never its own)"),
+            opt("--host", help="standby host (default: the scheduler's pick, never its own)",
+                type=HOST_NAME),
             opt("--every", help="refresh interval, e.g. 60s, 5m", default="60s"),
             wait(3600.0), JSON)),
         "sync": Command("standby_cmd", "standby_sync", "Refresh NAME's standby now.",
@@ -314,5 +369,22 @@ COMMANDS: dict[str, Command | Group] = {
                       "Stop keeping a standby of NAME and remove its copy.", (NAME,)),
         "ls": Command("standby_cmd", "standby_ls", "Every standby: where, state, last sync, "
                       "data age, last freeze and bytes moved.", (JSON,)),
+    }),
+    "token": Group("API tokens: named bearer tokens with a role (admin, read-only, host).", {
+        "create": Command("tokens_cmd", "create", (
+            "Make a named API token and print it, once: it is not kept (only a hash of it "
+            "is), so store it now.\n\nRoles: admin (everything, the default), read-only (GET "
+            "routes only: dashboards, monitoring), host (only what an agent asks of the image "
+            "store). Use it as CORRAL_TOKEN or 'Authorization: Bearer TOKEN'."), (
+            pos("name", "the token's name (to list and revoke it by)", type=named("token")),
+            flag("--read-only", help="GET routes only (same as --role read-only)",
+                 dest="read_only"),
+            opt("--role", help="admin, read-only or host [default: admin]",
+                choices=("admin", "read-only", "host")),
+            JSON)),
+        "ls": Command("tokens_cmd", "ls", "Named tokens with their role and age (never their "
+                      "secrets; the fleet token is not listed).", (JSON,)),
+        "rm": Command("tokens_cmd", "rm", "Revoke a token: the next request carrying it is "
+                      "refused.", (pos("name", "the token's name", type=named("token")),)),
     }),
 }

@@ -64,6 +64,29 @@ class Host(Base):
     disk_backend: Mapped[str] = mapped_column(String(16), default="dir", server_default="dir")
 
 
+class HostIdentity(Base):
+    """A host's bus identity: the public half of the nkey its agent made (migration 0008).
+    Only hosts listed here may log in to the bus; removing the row revokes the host."""
+
+    __tablename__ = "host_identities"
+
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[float] = mapped_column(Float)
+
+
+class JoinToken(Base):
+    """A one-time, expiring token that lets one named host enroll (migration 0008); only
+    its hash is kept."""
+
+    __tablename__ = "join_tokens"
+
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 class Instance(Base):
     __tablename__ = "instances"
 
@@ -133,6 +156,21 @@ class Standby(Base):
     syncs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ApiToken(Base):
+    """An API bearer token with a role (migration 0007), kept as the SHA-256 of the whole
+    token: a copy of the database lets nobody call the API. ``key_id`` is the token's public
+    part, so a lookup finds one row and the secret is compared in constant time
+    (``control/tokens.py``)."""
+
+    __tablename__ = "api_tokens"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 def db_url(settings: Settings) -> URL:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,6 +37,7 @@ from corral.bus.messages import (
 )
 from corral.config import Settings
 from corral.control.db import Host, Instance, Standby
+from corral.disks import tickets
 from corral.errors import InvalidTransition
 from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
 from corral.ops.locks import LockManager
@@ -73,7 +75,8 @@ def observed(report: InstanceReport, desired_state: str) -> State:
 
 class Fleet:
     def __init__(self, sessions: sessionmaker[Session], settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 ticket_key: Ed25519PrivateKey | None = None) -> None:
         self.sessions = sessions
         self.settings = settings
         self.clock = clock
@@ -84,6 +87,9 @@ class Fleet:
         self.joins: dict[str, int] = {}
         #: hosts marked down by :meth:`expire_leases` since (up again with a heartbeat/join)
         self.states: dict[str, str] = {}
+        #: signs transfer tickets (disks/tickets.py); agents learn its public half at join
+        self.ticket_key: Ed25519PrivateKey = (ticket_key if ticket_key is not None
+                                              else Ed25519PrivateKey.generate())
 
     # --- observed state -------------------------------------------------------------------
 
@@ -211,7 +217,8 @@ class Fleet:
             guarded = self.guarded(s, req.host)
         return JoinReply(lease_seconds=self.settings.lease_seconds,
                          heartbeat_seconds=self.settings.heartbeat_seconds,
-                         sample_seconds=self.settings.sample_seconds, guarded=guarded)
+                         sample_seconds=self.settings.sample_seconds, guarded=guarded,
+                         ticket_key=tickets.public_hex(self.ticket_key))
 
     def heartbeat(self, host_name: str, hb: Heartbeat) -> HeartbeatReply:
         now = self.clock()

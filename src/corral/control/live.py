@@ -37,6 +37,7 @@ class Live:
         self.js = nc.jetstream()
         await streams.ensure(self.js, streams.events_config(s.events_max_age_seconds,
                                                             s.events_max_msgs))
+        await streams.ensure(self.js, streams.logs_config())  # hosts may only publish to it
         pub = self.publisher = events.EventPublisher(self.js)
         pub.listeners.append(self._on_event)
         pub.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -25,14 +26,17 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Engine
 
-from corral.bus import codec, subjects
+from corral.bus import codec, identity, subjects
 from corral.bus.connect import connect
 from corral.bus.embedded import EmbeddedNats
-from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample
+from corral.bus.identity import Credentials
+from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample, Reply
 from corral.config import Settings, ensure_token
 from corral.control.agents import AgentCaller
 from corral.control.db import db_url, open_db, safe_url
+from corral.control.enroll import Enrollment
 from corral.control.fleet import Fleet
+from corral.control.http import hosts as hosts_http
 from corral.control.http import logs as logs_http
 from corral.control.http import ops as ops_http
 from corral.control.http import shelves as shelves_http
@@ -41,9 +45,12 @@ from corral.control.http.app import build_app
 from corral.control.instances import InstanceService
 from corral.control.live import Live
 from corral.control.operations.runner import Operations
+from corral.control.pki import Authority
 from corral.control.shelves import Shelves
 from corral.control.standbys import Standbys
-from corral.errors import CorralError
+from corral.control.tokens import TokenStore
+from corral.disks import tickets
+from corral.errors import ConfigError, CorralError, Unauthorized
 from corral.ha.manager import HaManager
 from corral.images import http as image_http
 from corral.images.store import ImageStore
@@ -86,6 +93,37 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _tls_setting(s: Settings) -> bool:
+    """TLS on or off; off only where nothing beyond this machine can listen in."""
+    if s.tls not in ("on", "off"):
+        raise ConfigError(f"setting 'tls' is {s.tls!r}", hint="tls takes 'on' or 'off'")
+    if s.tls == "off":
+        for name, addr in (("api_host", s.api_host), ("nats_host", s.nats_host)):
+            if not _loopback(addr):
+                raise ConfigError(f"{name} {addr} listens beyond this machine with TLS off",
+                                  hint="set tls = on (the server makes its own CA), or "
+                                       "listen on 127.0.0.1")
+    return s.tls == "on"
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def ensure_seed(path: Path) -> str:
+    """The nkey seed kept at ``path`` (0600), made on first use."""
+    seed = identity.read_seed(path)
+    if not seed:
+        seed = identity.new_seed()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(seed + "\n")
+    return seed
+
+
 class ControlPlane:
     """Start with :meth:`start`, stop with :meth:`stop`; :func:`serve` wraps both."""
 
@@ -94,6 +132,9 @@ class ControlPlane:
         self.data_dir = Path(settings.data_dir)
         self.token = ""
         self.nats: EmbeddedNats | None = None
+        #: the fleet's CA (tls = on), and who may log in to the bus
+        self.pki: Authority | None = None
+        self.enrollment: Enrollment | None = None
         self.nats_url = settings.nats_url
         self.api_url = ""
         self.nc: Client | None = None
@@ -123,21 +164,39 @@ class ControlPlane:
 
     async def _start(self, s: Settings) -> None:
         url = db_url(s)
+        tls = _tls_setting(s)
         engine, sessions = await asyncio.to_thread(open_db, s)
         self._engine = engine
+        self.pki = Authority(self.data_dir / "pki") if tls else None
+        if self.pki is not None:
+            await asyncio.to_thread(self.pki.ensure, [s.api_host, s.nats_host])
+        # the server's own bus identity: an nkey like every host's, with every permission
+        seed = ensure_seed(self.data_dir / "server.nk")
+        ticket_key = await asyncio.to_thread(tickets.signing_key, self.data_dir / "ticket.key")
+        token_store = TokenStore(sessions)
+        enrollment = self.enrollment = Enrollment(sessions, self.pki, lambda: self.nats_url,
+                                                  self._identities_changed,
+                                                  tickets.public_hex(ticket_key), token_store)
+        creds = Credentials(token=self.token)
         if not self.nats_url:
-            self.nats = EmbeddedNats(self.data_dir, self.token, s.nats_host, s.nats_port)
+            server_key = identity.public_key(seed)
+            self.nats = EmbeddedNats(
+                self.data_dir, self.token, s.nats_host, s.nats_port,
+                auth=lambda: identity.authorization(server_key, enrollment.keys(), self.token),
+                tls=(self.pki.cert_file, self.pki.key_file) if self.pki else None)
             self.nats.start()  # in this thread: the child's life is tied to it (bounded wait)
             self.nats_url = self.nats.url
-        self.nc = await connect(self.nats_url, self.token, "corral-server")
-        fleet = self.fleet = Fleet(sessions, s)
+            creds = Credentials(seed=seed, ca_file=str(self.pki.ca_file) if self.pki else "")
+        self.nc = await connect(self.nats_url, creds, "corral-server")
+        fleet = self.fleet = Fleet(sessions, s, ticket_key=ticket_key)
         service = InstanceService(fleet, AgentCaller(self.nc, fleet.liveness), s)
         await self.live.start(self.nc, fleet, service)  # events from the first join on
         ops = self.ops = Operations(self._engine, fleet, service.agents, s, self._op_changed,
                                     lambda: self.images)
         shelves = Shelves(fleet, service.agents, s, ops, lambda: self.images)
         bus_ready_at = fleet.clock()
-        await self.nc.subscribe(subjects.JOIN, cb=self._handler(JoinRequest, self._on_join))
+        await self.nc.subscribe(subjects.JOIN_ALL,
+                                cb=self._handler(JoinRequest, self._on_join))
         await self.nc.subscribe(subjects.HEARTBEAT_ALL,
                                 cb=self._handler(Heartbeat, self._on_heartbeat))
         await self.nc.subscribe(subjects.METRICS_ALL,
@@ -153,7 +212,7 @@ class ControlPlane:
         sock = _listen(s.api_host, s.api_port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        self.api_url = f"http://{shown}:{port}"
+        self.api_url = f"{'https' if self.pki else 'http'}://{shown}:{port}"
         self._loop = asyncio.get_running_loop()
         images = self.images = await asyncio.to_thread(ImageStore, self.data_dir / "images")
         service.image_exists = lambda name: images.packs.get_ref("image:" + name) is not None
@@ -161,6 +220,7 @@ class ControlPlane:
         routers.append(lambda auth: logs_http.router(lambda: self.nc, service.exists, auth))
         routers.extend(self.live.routers(service))
         routers.append(lambda auth: ops_http.router(ops, service, auth))
+        routers.append(lambda auth: hosts_http.router(enrollment, auth))
         standbys = self.standbys = Standbys(fleet, service.agents, ops)
         service.before_delete.append(standbys.discard_for_deleted)
         routers.append(lambda auth: standbys_http.router(ops, service, standbys, auth))
@@ -169,8 +229,12 @@ class ControlPlane:
         routers.append(lambda auth: shelves_http.router(ops, service, shelves, auth))
         self._tasks.append(asyncio.create_task(shelves.loop(), name="shelves"))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
-                        routers=routers, collectors=self.live.collectors())
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+                        routers=routers, collectors=self.live.collectors(),
+                        tokens=token_store)
+        tls_files: dict[str, Any] = {} if self.pki is None else {
+            "ssl_certfile": str(self.pki.cert_file), "ssl_keyfile": str(self.pki.key_file)}
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                **tls_files)
         self._http = _Uvicorn(config)
         self._tasks.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="http"))
         loop = asyncio.get_running_loop()
@@ -185,9 +249,15 @@ class ControlPlane:
         _write_atomic(self.info_path, {
             "api_url": self.api_url, "nats_url": self.nats_url, "pid": os.getpid(),
             "token_file": str(self.data_dir / "token"),
+            "ca_file": str(self.pki.ca_file) if self.pki else "",
         })
         log.info("corral server ready: api %s, nats %s, db %s", self.api_url, self.nats_url,
                  safe_url(url))
+
+    def _identities_changed(self) -> None:
+        """A host was enrolled or removed: the bus reads who may log in again."""
+        if self.nats is not None:
+            self.nats.reload()
 
     def _op_changed(self, rec: Any) -> None:
         """Operation progress goes out as ``operation.changed`` events."""
@@ -227,6 +297,14 @@ class ControlPlane:
 
     async def _on_join(self, req: JoinRequest, msg: Msg) -> None:
         assert self.fleet is not None
+        host = subjects.host_from_subject(msg.subject)  # the bus let only that host publish it
+        if req.host != host:
+            log.warning("a join on %s claims to be host %s: refused", msg.subject, req.host)
+            if msg.reply:
+                refusal = Unauthorized(f"a join from {host} cannot register {req.host}",
+                                       hint="a host joins under its own name")
+                await msg.respond(codec.encode(Reply(ok=False, error=refusal.to_dict())))
+            return
         reply = self.fleet.join(req)
         reply.api_url = self.api_url  # read now: "" until the HTTP socket is bound
         if msg.reply:

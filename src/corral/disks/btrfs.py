@@ -3,7 +3,7 @@
 The freeze an instance sees is only as long as ``btrfs subvolume snapshot -r`` (milliseconds,
 whatever the tree's size); the transfer happens after thaw, from the snapshot, with
 ``btrfs send -p <previous>`` so only blocks changed since the last refresh move. The receiving
-agent runs ``btrfs receive`` behind the authenticated data channel, into the slot.
+agent runs ``btrfs receive`` behind the data channel, into the slot its transfer ticket names.
 
 Layout under the disk root (which must be on btrfs): ``<root>/<name>`` the instance's writable
 subvolume; ``<root>/.snap/<name>/<name>@<tag>`` its read-only snapshots, of which the newest is
@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from corral.disks.base import Capabilities, FreezeWindow, Hold, Mode, SendResult, Target
-from corral.disks.rsync import Endpoint, PassResult, TransferFailed
+from corral.disks.rsync import Endpoint, PassResult, TransferFailed, channel_env, rsh_argv
 from corral.disks.tree import fs_type, remove_tree
 from corral.errors import DriverError
 
@@ -211,14 +210,13 @@ class BtrfsBackend:
         if parent is not None:
             send_argv += ["-p", str(parent)]
         send_argv.append(str(snap))
-        rsh = [sys.executable, "-m", "corral.disks.rsh", "--port", str(ep.port),
-               "--token-file", str(ep.token_file), ep.host, "btrfs", "receive", "--quiet",
-               ep.path]
+        rsh = [*rsh_argv(ep), ep.host, "btrfs", "receive", "--quiet", ep.path]
         start = time.monotonic()
         sender = await asyncio.create_subprocess_exec(
             *send_argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         pipe = await asyncio.create_subprocess_exec(
-            *rsh, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            *rsh, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=channel_env(ep))
         assert sender.stdout is not None and pipe.stdin is not None
         moved, broken = 0, False
         try:

@@ -1,36 +1,52 @@
-"""The agents' authenticated data channel for host-to-host disk transfers.
+"""The agents' data channel for host-to-host disk transfers, open only to the server's tickets.
 
 Disk bytes never pass through the server. The receiving agent listens on its data port; the
 sending side runs the real tool (``rsync``, ``btrfs send``) with :mod:`corral.disks.rsh` as its
-remote shell, which connects here. Handshake, one JSON line each way:
+remote shell, which connects here. When the host enrolled with the fleet's CA the connection is
+mutual TLS: the receiver requires a client certificate the CA signed, the sender checks that the
+receiver's certificate names the host the server sent it to. Then, one JSON line each way:
 
-1. server -> client: ``{"nonce": <hex>}``
-2. client -> server: ``{"argv": [...], "mac": hex(HMAC-SHA256(token, nonce + "\\n" + argv json))}``
-3. server -> client: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; then frames both ways
+1. client -> server: ``{"argv": [...], "ticket": "<transfer ticket>"}``
+2. server -> client: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; then frames both ways
    (``type(1) | length(4) | payload``): DATA carries the command's stdin/stdout, EOF closes the
    client's side, and at the end the server sends ERR (the command's stderr tail) and EXIT (its
    status), so the sending tool fails when the receiving one did (``btrfs receive`` has no
    protocol of its own to say so).
 
-Only two command shapes are accepted: ``rsync --server ...`` whose destination lies under one of
-the agent's allowed roots, and ``btrfs receive [-e] DIR`` under one of them. Nothing is run through
-a shell. The nonce makes a captured handshake useless for a second connection.
+What a connection may do is what its ticket (:mod:`corral.disks.tickets`) says, not what the
+peer asks: the ticket must carry the server's signature, be unexpired and name this host as its
+target; over TLS the peer's certificate must name the ticket's source. The command may then write
+only into the ticket's instance's slot (``rsync --server`` into it, its temp dir for options that
+name a path; ``btrfs receive`` into it), checked on real paths so no symlink leads elsewhere.
+Nothing is run through a shell. A host that holds a valid ticket for one instance still cannot
+touch another instance's copy, the live disks, or anything outside the disk root.
+
+There is no nonce any more. It made a captured HMAC of the shared token useless for a second
+connection; a ticket is the server's signature over one pass, legitimately used for more than
+one connection (a prepared pass that falls back to a full one connects again) until it expires,
+and the sender has no key of its own to sign a nonce with but its TLS key. Over TLS that key
+already binds the connection to the source host, and the ticket never travels in clear; without
+TLS (fleets on loopback only) whoever could read the ticket could answer any nonce as well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
-import secrets
+import re
 import socket
+import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from corral.disks import tickets
+from corral.errors import CorralError
 
 log = logging.getLogger(__name__)
 
@@ -43,65 +59,162 @@ MAX_CONNECTIONS = 64
 FRAME = struct.Struct(">BI")
 DATA, EOF, ERR, EXIT = 1, 2, 3, 4
 MAX_FRAME = 4 * 1024 * 1024
+NOT_JOINED = "this host has not joined the fleet yet; no transfer can be checked"
+
+#: where a ticket lets a command write: ``(instance, slot)`` -> [the slot, its scratch dirs]
+Places = Callable[[str, str], Sequence[Path]]
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
 
-def mac(token: str, nonce: str, argv: Sequence[str]) -> str:
-    msg = (nonce + "\n" + json.dumps(list(argv))).encode()
-    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+# -- TLS ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChannelTls:
+    """This host's certificate and key, and the fleet CA that signed every host's."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
 
 
-def _under(path: str, roots: Sequence[Path]) -> bool:
+def server_context(tls: ChannelTls) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)  # checks the receiver's name
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    return ctx
+
+
+def common_name(cert: Any) -> str | None:
+    """The subject commonName of a certificate as ``getpeercert()`` gives it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+# -- what a command may do ---------------------------------------------------------------------
+def _under(path: str, places: Sequence[Path]) -> bool:
     real = Path(os.path.realpath(path))
-    return any(real == r or r in real.parents for r in roots)
+    return any(real == r or r in real.parents for r in places)
 
 
-def check_argv(argv: list[str], roots: Sequence[Path]) -> str | None:
-    """None when ``argv`` is an allowed transfer command, else why not."""
+#: rsync options whose value is a directory the receiver writes into or reads from
+PATH_OPTIONS = {"--temp-dir", "--partial-dir", "--backup-dir", "--compare-dest", "--copy-dest",
+                "--link-dest"}
+#: receiver options that reach outside the destination whatever their value
+DENIED_OPTIONS = {"--keep-dirlinks", "--log-file", "--write-batch", "--only-write-batch",
+                  "--read-batch", "--files-from", "--include-from", "--exclude-from",
+                  "--password-file"}
+#: the short options rsync sends the server in one cluster: letters, then ``e`` and the
+#: protocol's capabilities. Not ``K`` (follows symlinked directories in the destination) nor
+#: one that takes a value (``T B M f``): a value hidden in a cluster would escape the checks
+_CLUSTER = re.compile(r"^-(?!$)[AC-JLN-SU-Zabcdg-z0-9]*(?:e[.A-Za-z]*)?$")
+#: ``-@N``: --modify-window
+_WINDOW = re.compile(r"^-@-?\d+$")
+
+
+def _check_rsync(argv: list[str], places: Sequence[Path]) -> str | None:
+    if len(argv) < 4 or argv[1] != "--server" or argv[-2] != "." or "--sender" in argv:
+        return "only 'rsync --server ... . DEST' receiving into this host is allowed"
+    dest = argv[-1]
+    if not _under(dest, places[:1]):
+        return f"destination {dest} is outside the slot the transfer ticket names"
+    opts = iter(argv[2:-2])
+    for arg in opts:
+        name, eq, value = arg.partition("=")
+        if name in DENIED_OPTIONS:
+            return f"option {name} is not allowed on the data channel"
+        if name in PATH_OPTIONS:
+            value = value if eq else next(opts, "")
+            if not os.path.isabs(value) or not _under(value, places):
+                return f"option {name} {value!r} names a path outside the ticket's slot"
+        elif arg.startswith("--"):
+            if "/" in value and not _under(value, places):
+                return f"option {arg!r} names a path outside the ticket's slot"
+        elif not (_CLUSTER.match(arg) or _WINDOW.match(arg)):
+            return f"argument {arg!r} is not allowed on the data channel"
+    return None
+
+
+def check_argv(argv: list[str], places: Sequence[Path]) -> str | None:
+    """None when ``argv`` may run for a ticket whose slot is ``places[0]`` (the rest: its
+    scratch dirs), else why not. ``places`` are real paths (no symlink among them)."""
     if not argv:
         return "empty command"
     if argv[0] == "rsync":
-        if len(argv) < 3 or argv[1] != "--server" or "--sender" in argv:
-            return "only 'rsync --server' receiving into this host is allowed"
-        dest = argv[-1]
-        if not _under(dest, roots):
-            return f"destination {dest} is outside this agent's disk roots"
-        for arg in argv[2:-1]:  # no option may name a path elsewhere (--log-file=/etc/..., -T)
-            value = arg.split("=", 1)[-1]
-            if "/" in value and not _under(value, roots):
-                return f"option {arg!r} names a path outside this agent's disk roots"
-        return None
+        return _check_rsync(argv, places)
     if argv[:2] == ["btrfs", "receive"]:
         rest = [a for a in argv[2:] if a not in ("-e", "--quiet")]
-        if len(rest) != 1 or not _under(rest[0], roots):
-            return "btrfs receive must name one directory under this agent's disk roots"
+        if len(rest) != 1 or not _under(rest[0], places[:1]):
+            return "btrfs receive must name one directory in the slot the ticket names"
         return None
     return f"command {argv[0]!r} is not a transfer command"
 
 
+# -- the server --------------------------------------------------------------------------------
 class DataServer:
-    def __init__(self, token: str, roots: Sequence[Path], host: str = "127.0.0.1",
+    """The receiving end. ``name`` is this host's name (what tickets and certificates say);
+    ``host``/``port`` where it listens. ``ticket_key`` (hex) is set once the host joined."""
+
+    def __init__(self, name: str, places: Places, host: str = "127.0.0.1",
                  port: int = 0) -> None:
-        self.token = token
-        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.name = name
+        self.places = places
         self.host = host
         self.port = port
+        self.ticket_key = ""
+        #: mutual TLS (set before :meth:`start`); None: in clear, tickets only
+        self.tls: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
         #: connections being served; past MAX_CONNECTIONS new ones are refused at once
         self.active = 0
 
     async def start(self) -> None:
+        # a peer still in its TLS handshake is not counted in ``active`` yet (asyncio calls
+        # us after it), but is dropped after HANDSHAKE_TIMEOUT all the same
+        tls: dict[str, Any] = ({"ssl": self.tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
+                               if self.tls is not None else {})
         self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  limit=HANDSHAKE_LIMIT)
+                                                  limit=HANDSHAKE_LIMIT, **tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    def admit(self, argv: list[str], ticket: str, peer_cert: Any) -> str | None:
+        """None when the ticket allows ``argv`` from this peer, else why not."""
+        if not self.ticket_key:
+            return NOT_JOINED
+        if not ticket:
+            return "no transfer ticket: transfers are started by the server's operations only"
+        try:
+            got = tickets.verify(ticket, tickets.public_from_hex(self.ticket_key))
+        except ValueError:
+            return "this host's ticket key is damaged; let it join the fleet again"
+        except CorralError as exc:
+            return str(exc)
+        if got.target != self.name:
+            return f"the transfer ticket is for host {got.target}, not {self.name}"
+        if self.tls is not None and common_name(peer_cert) != got.source:
+            return (f"the transfer ticket is for a pass from {got.source}, but the peer's "
+                    f"certificate names {common_name(peer_cert)}")
+        try:
+            places = self.places(got.instance, got.slot)
+        except CorralError as exc:
+            return str(exc)
+        return check_argv(argv, places)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= MAX_CONNECTIONS:
@@ -124,22 +237,15 @@ class DataServer:
         if sock is not None:  # see rsh.py: no Nagle on a protocol of small exchanges
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            nonce = secrets.token_hex(16)
-            writer.write(json.dumps({"nonce": nonce}).encode() + b"\n")
-            await writer.drain()
             line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
             try:
                 hello = json.loads(line)
                 argv = [str(a) for a in hello["argv"]]
-                given = str(hello["mac"])
-            except (ValueError, KeyError, TypeError):
+                ticket = str(hello.get("ticket") or "")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 await _refuse(writer, "malformed handshake")
                 return
-            if not hmac.compare_digest(given, mac(self.token, nonce, argv)):
-                log.warning("data channel: bad token from %s", peer)
-                await _refuse(writer, "authentication failed: wrong fleet token")
-                return
-            why = check_argv(argv, self.roots)
+            why = self.admit(argv, ticket, writer.get_extra_info("peercert"))
             if why is not None:
                 log.warning("data channel: refused %s from %s: %s", argv[:2], peer, why)
                 await _refuse(writer, why)
@@ -158,7 +264,7 @@ class DataServer:
 
                 dropped = await asyncio.to_thread(drop_partial_receives, Path(argv[-1]))
                 log.warning("data channel: dropped half-received snapshots %s", dropped)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("data channel from %s ended: %s", peer, exc)
         finally:
             with contextlib.suppress(Exception):
@@ -187,7 +293,7 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     break
                 stdin.write(payload)
                 await stdin.drain()
-        except (ConnectionError, BrokenPipeError, asyncio.IncompleteReadError):
+        except (ConnectionError, BrokenPipeError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             with contextlib.suppress(Exception):

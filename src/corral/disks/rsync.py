@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.disks.channel import ChannelTls
+from corral.disks.rsh import READY_ENV, TICKET_ENV
 from corral.errors import TransferFailed as TransferFailed  # lives in errors.py with the rest
 
 #: ``--modify-window=-1``: compare mtimes to the nanosecond (rsync >= 3.1.3). By default rsync
@@ -28,12 +31,18 @@ BASE_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--stats", "--modify-window=
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a pass goes: a host's data channel and a directory there."""
+    """Where a pass goes: a host's data channel and a directory there, and what lets it in."""
 
+    #: the receiving host's address and data port
     host: str
     port: int
-    token_file: Path
     path: str
+    #: the server's ticket for this pass (handed to the remote shell in its environment)
+    ticket: str = ""
+    #: the receiving host's name, which its certificate must carry (TLS only)
+    peer: str = ""
+    #: this host's certificate, key and the fleet's CA; None: the channel runs in clear
+    tls: ChannelTls | None = None
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,26 @@ class PassResult:
     seconds: float
 
 
+def rsh_argv(ep: Endpoint) -> list[str]:
+    """The remote shell, up to the host it connects to (rsync appends that itself)."""
+    argv = [sys.executable, "-m", "corral.disks.rsh", "--port", str(ep.port)]
+    if ep.tls is not None:
+        files = {"--cert": ep.tls.cert_file, "--key": ep.tls.key_file, "--ca": ep.tls.ca_file}
+        argv += [a for opt, f in files.items() if f for a in (opt, f)] + ["--peer", ep.peer]
+    return argv
+
+
 def rsh(ep: Endpoint) -> str:
-    return f"{sys.executable} -m corral.disks.rsh --port {ep.port} --token-file {ep.token_file}"
+    return shlex.join(rsh_argv(ep))
+
+
+def channel_env(ep: Endpoint, ready: Path | None = None) -> dict[str, str]:
+    """The environment of a tool whose remote shell connects to ``ep``: the ticket goes there,
+    not on a command line every user of the host can read (``ps``)."""
+    env = {**os.environ, TICKET_ENV: ep.ticket}
+    if ready is not None:
+        env[READY_ENV] = str(ready)
+    return env
 
 
 _FILES = re.compile(r"Number of regular files transferred: ([\d,.]+)")
@@ -89,7 +116,7 @@ class PreparedPass:
                 f"{ep.host}:{ep.path}/"]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "CORRAL_RSH_READY": str(ready)},
+            stderr=asyncio.subprocess.PIPE, env=channel_env(ep, ready),
         )
         prepared = cls(proc, ep, ready)
         deadline = time.monotonic() + timeout
@@ -142,7 +169,7 @@ async def run_pass(src: Path, ep: Endpoint, paths: Iterable[str] | None = None,
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE if listing is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=channel_env(ep),
     )
     out, err = await proc.communicate(listing)
     seconds = time.monotonic() - start

@@ -1,4 +1,5 @@
-"""Where the CLI finds its fleet: ``CORRAL_URL``/``CORRAL_TOKEN``, else the context file.
+"""Where the CLI finds its fleet: ``CORRAL_URL``/``CORRAL_TOKEN`` (and ``CORRAL_CA_FILE``),
+else the context file.
 
 ``corral up`` writes the context file (URL, token, data dir, the processes it started and the
 network it built) so that every later command, and ``corral down``, works without flags. The
@@ -42,6 +43,8 @@ class FleetContext:
     agents: list[ProcInfo] = field(default_factory=list)
     #: network built for ``--netns`` fleets: {"tag", "bridge", "subnet", "namespaces"}
     network: dict[str, Any] | None = None
+    #: the fleet's CA certificate (its API is https with a certificate this CA signed)
+    ca_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +60,7 @@ class FleetContext:
             server=ProcInfo(**server) if server else None,
             agents=[ProcInfo(**a) for a in raw.get("agents") or []],
             network=raw.get("network"),
+            ca_file=raw.get("ca_file"),
         )
 
 
@@ -104,6 +108,19 @@ def remove_context(path: Path | None = None) -> None:
     (path or context_path()).unlink(missing_ok=True)
 
 
+def ca_file() -> str | None:
+    """The CA to check the fleet's https certificate with: ``CORRAL_CA_FILE``, else the one
+    the context file records for its fleet (None: the system's store)."""
+    override = os.environ.get("CORRAL_CA_FILE", "").strip()
+    if override:
+        return override
+    url = os.environ.get("CORRAL_URL", "").strip()
+    ctx = load_context()
+    if ctx is None or (url and ctx.url.rstrip("/") != url.rstrip("/")):
+        return None
+    return ctx.ca_file
+
+
 def resolve() -> tuple[str, str]:
     """(url, token) of the fleet to talk to; the environment wins over the context file."""
     url = os.environ.get("CORRAL_URL", "").strip()
@@ -121,4 +138,6 @@ def resolve() -> tuple[str, str]:
     ctx = load_context()
     if ctx is None:
         raise CorralError(f"no corral fleet found (no {context_path()})", hint=NO_FLEET_HINT)
-    return ctx.url, ctx.token
+    # a token given alone is for the context's fleet: an operator handed a read-only token
+    # must not act with the admin token the context file holds without knowing it
+    return ctx.url, token or ctx.token

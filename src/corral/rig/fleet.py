@@ -71,13 +71,14 @@ PASSED_SETTINGS = ("HEARTBEAT_SECONDS", "LEASE_SECONDS", "SAMPLE_SECONDS", "STOP
                    "LOG_LEVEL", "FAILOVER_GRACE_SECONDS", "FENCE_MARGIN_SECONDS")
 
 
-def child_env(token: str) -> dict[str, str]:
-    """The environment of the fleet's processes: the token travels here, not in argv (where
+def child_env(token: str = "") -> dict[str, str]:
+    """The environment of the fleet's processes: a token travels here, not in argv (where
     ``ps`` would show it), and stray ``CORRAL_*`` settings cannot redirect the fleet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update({f"CORRAL_{k}": os.environ[f"CORRAL_{k}"] for k in PASSED_SETTINGS
                 if f"CORRAL_{k}" in os.environ})
-    env["CORRAL_TOKEN"] = token
+    if token:
+        env["CORRAL_TOKEN"] = token
     return env
 
 
@@ -120,9 +121,11 @@ def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
             nats_url=str(ready["nats_url"]),
             server=server,
             network=net.to_dict() if net else None,
+            ca_file=str(ready.get("ca_file") or "") or None,
         )
+        grants = _join_tokens(ctx, data, opts.hosts)
         for i in range(1, opts.hosts + 1):
-            agent = _start_agent(i, data, env, ctx.nats_url or "", net, opts)
+            agent = _start_agent(i, data, env, ctx, grants[f"host{i}"], net, opts)
             started.append(agent)
             ctx.agents.append(agent)
         say(f"waiting for {opts.hosts} agents to join")
@@ -202,7 +205,7 @@ def _start_server(
     # fixed ports (picked free now, not 0): the recorded command then restarts the server on
     # the addresses the agents and the context already know
     argv = procs.corral_argv(
-        "server", "--data", str(sdir), "--api-host", nats_host,
+        "server", "--data", str(sdir), "--tls", "on", "--api-host", nats_host,
         "--api-port", str(free_port(nats_host)),
         "--nats-host", nats_host, "--nats-port", str(free_port(nats_host)),
     )
@@ -227,10 +230,23 @@ def _start_server(
     )
 
 
+def _join_tokens(ctx: FleetContext, data: Path, hosts: int) -> dict[str, str]:
+    """A one-time join token for each host not enrolled yet (an earlier ``up`` on this data
+    enrolled the others: they log in with the identity they kept). The agents never hold the
+    fleet's admin token."""
+    names = [f"host{i}" for i in range(1, hosts + 1)]
+    new = [n for n in names if not (data / "hosts" / n / "identity" / "identity.json").exists()]
+    with Client(ctx.url, ctx.token, timeout=10, ca_file=ctx.ca_file) as client:
+        grants = {n: str(client.host_add(n)["token"]) for n in new}
+    return {n: grants.get(n, "") for n in names}
+
+
 def _start_agent(
-    i: int, data: Path, env: dict[str, str], nats_url: str, net: netns.FleetNetwork | None,
-    opts: UpOptions | None = None,
+    i: int, data: Path, env: dict[str, str], ctx: FleetContext, join_token: str,
+    net: netns.FleetNetwork | None, opts: UpOptions | None = None,
 ) -> ProcInfo:
+    """An agent that enrolls with ``join_token`` at first start; its recorded command (no
+    token in it) restarts it on the identity it then keeps in its data dir."""
     name = f"host{i}"
     hdir = data / "hosts" / name
     disks = host_disk_root(i, data, opts)
@@ -238,9 +254,13 @@ def _start_agent(
     address = net.address(i) if net else "127.0.0.1"
     drivers = "process,runc" if net else "process"
     argv = procs.corral_argv(
-        "agent", "--name", name, "--nats", nats_url, "--data", str(hdir),
+        # --nats too: a later ``up`` on this data picks new ports, the identity keeps the old
+        "agent", "--name", name, "--server", ctx.url, "--nats", ctx.nats_url or "",
+        "--data", str(hdir),
         "--address", address, "--drivers", drivers,
     )
+    if ctx.ca_file:
+        argv += ["--ca-file", ctx.ca_file]
     if opts is not None and opts.disk_root is not None:
         argv += ["--set", f"disk_root={disks}"]
     if opts is not None and opts.disk_backend != "dir":
@@ -248,6 +268,9 @@ def _start_agent(
     ns = net.namespace(i) if net else None
     if ns:
         argv = netns.enter_argv(ns) + argv
+    env = {k: v for k, v in env.items() if k != "CORRAL_TOKEN"}
+    if join_token:
+        env["CORRAL_JOIN_TOKEN"] = join_token
     return procs.spawn(name, argv, hdir / "agent.log", env=env, netns=ns, address=address)
 
 
@@ -255,7 +278,7 @@ def _wait_hosts(ctx: FleetContext, timeout: float) -> None:
     want = {a.name for a in ctx.agents}
     deadline = time.monotonic() + timeout
     up_now: set[str] = set()
-    with Client(ctx.url, ctx.token, timeout=5) as client:
+    with Client(ctx.url, ctx.token, timeout=5, ca_file=ctx.ca_file) as client:
         while time.monotonic() < deadline:
             for agent in ctx.agents:
                 if not procs.alive(agent):
@@ -306,7 +329,7 @@ def down(say: Say = _quiet, instance_timeout: float = 10.0) -> FleetContext:
 
 def stop_instances(ctx: FleetContext, timeout: float, say: Say) -> None:
     try:
-        with Client(ctx.url, ctx.token, timeout=10) as client:
+        with Client(ctx.url, ctx.token, timeout=10, ca_file=ctx.ca_file) as client:
             running = [i.name for i in client.instances() if i.state in ALIVE]
             if not running:
                 return

@@ -18,7 +18,7 @@ from corral.api.client import Client
 from corral.api.models import CreateInstance, InstanceView
 from corral.cli import render
 from corral.errors import CorralError, NotFound, NotSupported
-from corral.rig.context import resolve
+from corral.rig.context import ca_file, resolve
 
 BURNER = "tour-burner"
 IDLER = "tour-idle"
@@ -53,7 +53,7 @@ def run_tour(console: Console, client: Client | None = None) -> None:
     """Print the tour; raises only if the fleet itself is broken."""
     if client is None:
         url, token = resolve()
-        client = Client(url, token)
+        client = Client(url, token, ca_file=ca_file())
     with client as c:
         _cleanup(c)  # a previous tour interrupted halfway
         try:

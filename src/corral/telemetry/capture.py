@@ -116,7 +116,8 @@ class LogCapture:
             batch, end = self.read_batch()
             if batch is None:
                 return sent
-            await js.publish(subjects.logs(self.instance), batch.model_dump_json().encode(),
+            await js.publish(subjects.logs(self.host, self.instance),
+                             batch.model_dump_json().encode(),
                              headers={"Nats-Msg-Id": batch.msg_id})
             self.pos.offset = end
             self.pos.next_seq += len(batch.lines)

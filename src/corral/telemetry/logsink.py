@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from corral.bus import streams, subjects
+from corral.bus.identity import READER, Credentials
 from corral.bus.messages import LogBatch
 
 log = logging.getLogger(__name__)
@@ -119,16 +121,22 @@ class LogSink:
         fh = self._files[rel] = path.open("ab")
         return fh
 
-    def apply(self, stream_seq: int, raw: bytes) -> None:
-        """Write one message's new lines (idempotent against the checkpoint)."""
+    def apply(self, stream_seq: int, raw: bytes, subject: str | None = None) -> None:
+        """Write one message's new lines (idempotent against the checkpoint). With the
+        ``subject`` it came on, a batch that claims another host or instance than the one the
+        bus let publish it is dropped as bad."""
         if stream_seq <= self.cp.stream_seq:
             return
         self.cp.stream_seq = stream_seq
         try:
             batch = LogBatch.model_validate_json(raw)
-        except ValidationError:
+            if subject is not None and subjects.logs_origin(subject) != (batch.host,
+                                                                           batch.instance):
+                raise ValueError(f"a batch of {batch.host}/{batch.instance} on {subject}")
+        except (ValidationError, ValueError) as exc:
             self.cp.bad += 1
-            log.warning("sink %s: message %d is not a log batch", self.name, stream_seq)
+            log.warning("sink %s: message %d is not a log batch of its subject: %s",
+                        self.name, stream_seq, str(exc)[:200])
             return
         key = f"{batch.host}/{batch.instance}/{batch.source}"
         last = self.cp.last_line.get(key, 0)
@@ -169,7 +177,10 @@ class LogSink:
         """Consume until ``stop`` is set. The durable consumer is recreated at the checkpoint, so
         JetStream's idea of our position never overrides the files' own."""
         js = nc.jetstream()
-        await streams.ensure(js, streams.logs_config())
+        try:
+            await js.stream_info(streams.LOGS)  # the server made it; a reader changes nothing
+        except NotFoundError:  # a bus of its own (tools, tests): make it
+            await streams.ensure(js, streams.logs_config())
         durable = f"sink-{self.name}"
         with contextlib.suppress(Exception):
             await js.delete_consumer(streams.LOGS, durable)
@@ -181,7 +192,7 @@ class LogSink:
             ack_wait=30.0,
             max_ack_pending=self.batch * 4,
         )
-        sub = await js.pull_subscribe(subjects.logs("*"), durable=durable, stream=streams.LOGS,
+        sub = await js.pull_subscribe(subjects.LOGS_ALL, durable=durable, stream=streams.LOGS,
                                       config=config)
         stop = stop or asyncio.Event()
         while not stop.is_set():
@@ -190,14 +201,21 @@ class LogSink:
             except TimeoutError:
                 continue
             for msg in msgs:
-                self.apply(msg.metadata.sequence.stream, msg.data)
+                self.apply(msg.metadata.sequence.stream, msg.data, msg.subject)
             self.checkpoint()
             for msg in msgs:
                 await msg.ack()
 
 
-async def serve(url: str, token: str, directory: Path, name: str) -> None:
-    """Run one sink until SIGTERM/SIGINT (``corral logsink``)."""
+def reader(token: str, ca_file: str = "") -> Credentials:
+    """A sink's login on a fleet's bus: the reader user, with the fleet's token."""
+    return Credentials(token=token, user=READER, ca_file=ca_file)
+
+
+async def serve(url: str, creds: Credentials, directory: Path, name: str) -> None:
+    """Run one sink until SIGTERM/SIGINT (``corral logsink``). On a fleet's bus it logs in as
+    the reader (:data:`corral.bus.identity.READER`, the fleet token as password), which may
+    read the log stream and change nothing."""
     import signal
 
     import nats
@@ -206,8 +224,8 @@ async def serve(url: str, token: str, directory: Path, name: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(url, token=token, name=f"corral-logsink-{name}",
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    nc = await nats.connect(url, name=f"corral-logsink-{name}", max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5, **creds.options())
     sink = LogSink(directory, name)
     try:
         while not stop.is_set():
@@ -233,9 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="default")
     ap.add_argument("--nats", required=True)
     ap.add_argument("--token-file", type=Path, required=True)
+    ap.add_argument("--user", default="", help="log in as this user, the token as password")
+    ap.add_argument("--ca-file", default="", help="the bus's CA (tls:// URLs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(args.nats, args.token_file.read_text().strip(), args.dir, args.name))
+    creds = Credentials(token=args.token_file.read_text().strip(), user=args.user,
+                        ca_file=args.ca_file)
+    asyncio.run(serve(args.nats, creds, args.dir, args.name))
 
 
 if __name__ == "__main__":

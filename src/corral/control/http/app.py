@@ -1,14 +1,19 @@
-"""The HTTP API: routes, bearer-token auth and the one JSON error shape.
+"""The HTTP API: routes, the guard in front of them and the one JSON error shape.
 
-Every route but ``GET /healthz`` needs ``Authorization: Bearer <token>`` (the same fleet token
-that guards the bus), compared in constant time. Every error, whether corral's own, a validation
-failure or a bug, leaves as ``{"error": {code, message, hint, retryable, details}}`` so a client
-needs exactly one parser; validation errors name each bad field in ``details.fields``.
+Every route but ``GET /healthz`` needs ``Authorization: Bearer <token>``: the fleet token
+(``DATA/token``, compared in constant time, the admin's) or a named token with a role
+(:mod:`corral.control.tokens`). The guard (:mod:`corral.control.http.guard`) checks the token,
+the role and the body's size before a route runs or a body is read; the table of who may call
+what and how large each body may be is :mod:`corral.control.http.access`. Every error,
+whether corral's own, a validation failure or a bug, leaves as ``{"error": {code, message,
+hint, retryable, details}}`` so a client needs exactly one parser; validation errors name each
+bad field in ``details.fields`` (echoing a refused value only when it is short JSON).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -32,19 +37,28 @@ from corral.api.models import (
 )
 from corral.control import prom, views
 from corral.control.fleet import Fleet
+from corral.control.http import tokens as tokens_http
+from corral.control.http.guard import TOKEN_HINT, Guard
 from corral.control.instances import InstanceService
+from corral.control.tokens import FLEET, PREFIX, Principal, TokenStore
 from corral.errors import CorralError, HTTPError, InvalidRequest, NotFound, Unauthorized
 from corral.lifecycle import Verb
 
 log = logging.getLogger(__name__)
 
+#: what any route may answer besides its own success: a body that is not JSON (400), the
+#: guard's refusals (401, 403, 413), and corral's errors
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 404, 409, 422, 500, 502, 503)
+    status: {"model": ErrorResponse}
+    for status in (400, 401, 403, 404, 409, 413, 422, 500, 502, 503)
 }
 VerbName = Literal["start", "stop", "kill", "restart", "freeze", "thaw"]
+#: the longest refused value a validation error echoes back (as JSON)
+ECHO_MAX = 200
 
 
-bearer = HTTPBearer(auto_error=False, description="the fleet token (DATA/token)")
+bearer = HTTPBearer(auto_error=False, description="the fleet token (DATA/token) or a token "
+                    "made with 'corral token create'")
 
 
 def error_response(err: CorralError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -57,14 +71,31 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _echo(value: Any) -> tuple[bool, Any]:
+    """(whether to echo, what) a refused value: JSON only (never raw bytes, which are not
+    JSON and made the error itself fail with a 500), and only short (a refused 60 KiB string
+    need not come back)."""
+    if isinstance(value, bytes | bytearray | dict):  # a dict is the whole body
+        return False, None
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return False, None
+    return len(text) <= ECHO_MAX, value
+
+
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     fields = []
     for e in exc.errors():
         msg = str(e.get("msg", "invalid"))
         msg = msg.removeprefix("Value error, ")
-        item: dict[str, Any] = {"field": _field(tuple(e.get("loc", ()))), "message": msg}
-        if "input" in e and not isinstance(e["input"], dict):  # a dict is the whole body
-            item["value"] = e["input"]
+        loc = tuple(e.get("loc", ()))
+        if isinstance(e.get("input"), bytes | bytearray) and loc == ("body",):
+            msg = "the body must be JSON, sent with Content-Type: application/json"
+        item: dict[str, Any] = {"field": _field(loc), "message": msg}
+        echo, value = _echo(e.get("input")) if "input" in e else (False, None)
+        if echo:
+            item["value"] = value
         fields.append(item)
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     return InvalidRequest(summary or "invalid request",
@@ -74,29 +105,39 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 
 def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
               db: str, routers: Sequence[Callable[[list[Any]], APIRouter]] = (),
-              collectors: Sequence[Collector] = ()) -> FastAPI:
+              collectors: Sequence[Collector] = (), tokens: TokenStore | None = None
+              ) -> FastAPI:
     """The API over ``fleet`` (reads) and ``service`` (writes). ``routers`` are factories that
     get the auth dependencies and return more routes (images, logs, events...), so each area
-    keeps its routes in its own module."""
+    keeps its routes in its own module. ``token`` is the fleet token (admin); ``tokens`` the
+    named ones (by default in the fleet's database)."""
+    store = tokens if tokens is not None else TokenStore(fleet.sessions)
 
-    async def require_token(
+    def authenticate(presented: str) -> Principal | None:
+        if hmac.compare_digest(presented.encode(), token.encode()):
+            return Principal(FLEET, "admin")
+        return store.resolve(presented) if presented.startswith(PREFIX) else None
+
+    async def require_principal(
+        request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if creds is None or creds.scheme.lower() != "bearer":
-            raise Unauthorized("missing bearer token",
-                               hint="send 'Authorization: Bearer <token>' (the fleet token in "
-                                    "DATA/token, or CORRAL_TOKEN)")
-        if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-            raise Unauthorized("wrong token",
-                               hint="use the token of this fleet (DATA/token on the server)")
+    ) -> Principal:
+        """The guard checked the token and the role already; this declares the bearer scheme
+        in the OpenAPI document and refuses a request the guard did not see (an app built
+        without it), so a route is never open by mistake."""
+        principal = request.scope.get("state", {}).get("principal")
+        if not isinstance(principal, Principal):
+            raise Unauthorized("missing bearer token", hint=TOKEN_HINT)
+        return principal
 
-    auth = [Depends(require_token)]
+    auth = [Depends(require_principal)]
     app = FastAPI(title="corral", version=corral.__version__, openapi_url=None, docs_url=None,
                   redoc_url=None, responses=ERRORS)
+    app.add_middleware(Guard, routes=lambda: app.router.routes, authenticate=authenticate)
 
     @app.exception_handler(CorralError)
     async def _corral_error(_: Request, exc: CorralError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -111,7 +152,7 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
         else:
             err = HTTPError(str(exc.detail), hint="see /openapi.json for the routes")
             err.http_status = exc.status_code  # type: ignore[misc]
-        return error_response(err)
+        return error_response(err, dict(exc.headers or {}) or None)  # 405's Allow
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -162,6 +203,7 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
     # before the catch-all verb route, so a router's POST /v1/instances/{name}/<word> wins
     for make in routers:
         app.include_router(make(auth))
+    app.include_router(tokens_http.router(store, auth))
 
     @app.post("/v1/instances/{name}/{verb}", dependencies=auth, tags=["instances"])
     async def act(name: str, verb: VerbName, body: ActionRequest | None = None) -> InstanceView:

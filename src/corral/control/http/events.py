@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from corral.api.models import Event
 from corral.api.timespec import parse_since
@@ -80,6 +80,16 @@ async def read(js: Any, *, since: float | None = None, after: int | None = None,
             await sub.unsubscribe()
 
 
+def type_names() -> list[str]:
+    """Every registered type and every prefix of one (``instance``, ``instance.state``): what
+    ``type=`` takes, listed in the OpenAPI document so a client knows before it asks."""
+    names = {".".join(t.split(".")[:n]) for t in TYPES for n in range(1, t.count(".") + 2)}
+    return sorted(names)
+
+
+EventTypeName = Annotated[str, Field(json_schema_extra={"enum": type_names()})]
+
+
 def router(js: Any, auth: list[Any]) -> APIRouter:
     r = APIRouter(tags=["events"])
 
@@ -92,8 +102,8 @@ def router(js: Any, auth: list[Any]) -> APIRouter:
         after: Annotated[int | None, Query(ge=0, description="only events with a larger "
                                                              "index")] = None,
         follow: bool = False,
-        type: Annotated[list[str] | None, Query(description="event type or prefix "
-                                                            "(repeatable)")] = None,
+        type: Annotated[list[EventTypeName] | None,
+                        Query(description="event type or prefix (repeatable)")] = None,
         instance: str | None = None,
     ) -> StreamingResponse:
         types = list(type or [])

@@ -16,9 +16,9 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
@@ -110,7 +110,9 @@ def router(nc: Callable[[], Any], known: Callable[[str], bool],
                             "description": "one JSON object per line: ts, host, source, seq, "
                                            "line"}})
     async def logs(name: str, since: str | None = None, follow: bool = False,
-                   source: str | None = None) -> StreamingResponse:
+                   source: Annotated[str | None, Query(  # the route words the refusal
+                       json_schema_extra={"pattern": TAIL_SOURCE_PATTERN})] = None,
+                   ) -> StreamingResponse:
         if not re.match(NAME_PATTERN, name):
             raise _not_found(name)
         if source is not None and not re.match(TAIL_SOURCE_PATTERN, source):
@@ -122,7 +124,7 @@ def router(nc: Callable[[], Any], known: Callable[[str], bool],
             raise HostUnavailable("the server is not connected to the bus right now",
                                   hint="try again in a moment", retryable=True)
         js = conn.jetstream()
-        subject = subjects.logs(name)
+        subject = subjects.instance_logs(name)
         last = await _last(js, subject)
         if last is None and not known(name):
             raise _not_found(name)

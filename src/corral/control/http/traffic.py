@@ -37,14 +37,18 @@ async def subscribe(nc: Any, traffic: Traffic) -> Any:
         except ValidationError:
             log.warning("bad log batch on %s", msg.subject)
             return
-        if batch.instance != subjects.host_from_subject(msg.subject):
-            return  # a batch must travel on its own instance's subject
+        try:
+            host, instance = subjects.logs_origin(msg.subject)
+        except ValueError:
+            return
+        if (batch.host, batch.instance) != (host, instance):
+            return  # a batch must travel under its own host and instance (the bus checks hosts)
         try:
             traffic.feed(batch)
         except Exception:
             log.exception("feeding traffic of %s failed", batch.instance)
 
-    return await nc.subscribe(subjects.logs("*"), cb=on_batch)
+    return await nc.subscribe(subjects.LOGS_ALL, cb=on_batch)
 
 
 def router(traffic: Traffic, service: InstanceService, auth: list[Any]) -> APIRouter:

@@ -16,6 +16,7 @@ from corral.bus import rpc
 from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
 from corral.control.operations.base import OpBase
+from corral.disks import tickets
 from corral.errors import Conflict, HookRefused, HostUnavailable, InvalidRequest, NotFound
 from corral.lifecycle import MOVABLE, State
 from corral.ops.engine import OpContext
@@ -60,23 +61,34 @@ class DiskOps(OpBase):
 
     # -- the moves -------------------------------------------------------------------------------
     async def recv(self, host: str, name: str, slot: rpc.Slot) -> dict[str, Any]:
-        """Where the sender writes (kept in ``ctx.data['recv']``, which outlives a crash)."""
+        """Where the sender writes (kept in ``ctx.data['recv']``, which outlives a crash),
+        with the receiving host and slot the pass's ticket names."""
         out = await self.agents.call(host, rpc.DISK_RECV, rpc.SlotArgs(name=name, slot=slot))
-        return out.model_dump()
+        return {**out.model_dump(), "host": host, "slot": slot}
 
     async def send(self, ctx: OpContext, host: str, mode: Literal["live", "frozen"],
                    keep_frozen: bool = False) -> dict[str, Any]:
         """A pass from ``host`` into ``ctx.data['recv']``; the frozen one runs the
         ``pre-freeze`` hook before (a refusal aborts) and ``post-thaw`` after."""
         name = ctx.record.target
-        args = rpc.SendArgs(name=name, target=rpc.SlotTarget.model_validate(ctx.data["recv"]),
-                            mode=mode, gen=ctx.data.get("gen", ""), keep_frozen=keep_frozen)
+        recv = ctx.data["recv"]
+        if not recv.get("host") or not recv.get("slot"):
+            raise InvalidRequest(
+                f"the transfer of '{name}' was prepared by an older server: its target does "
+                "not say which host and slot it is, so no transfer ticket can be issued",
+                hint="let the operation roll back, then run it again")
+        target = rpc.SlotTarget.model_validate(recv)
         if mode == "frozen":
             pre = await ctx.hook("pre-freeze", {"instance": name, "host": host})
             if not pre.ok:
                 raise HookRefused(f"pre-freeze hook refused (exit {pre.exit_code}): "
                                   f"{pre.output.strip()[-300:]}",
                                   hint="fix what the hook checks, then run it again")
+        # issued last, after the hook: its few minutes count from the pass's start
+        ticket = tickets.issue(self.fleet.ticket_key, name, str(recv["slot"]), source=host,
+                               target=str(recv["host"]))
+        args = rpc.SendArgs(name=name, target=target, mode=mode, gen=ctx.data.get("gen", ""),
+                            keep_frozen=keep_frozen, ticket=ticket)
         try:
             res = (await self.agents.call(host, rpc.DISK_SEND, args)).model_dump()
         finally:
