@@ -78,7 +78,7 @@ class Fleet:
         ctx = load_context(self.context_file) if self.context_file.exists() else self.ctx
         if ctx is None:
             return ""
-        parts = [p for p in [ctx.server, *ctx.agents] if p is not None]
+        parts = [p for p in [ctx.server, *ctx.servers, *ctx.agents] if p is not None]
         return "\n".join(f"--- {p.log}\n{procs.tail(p.log, lines)}" for p in parts)
 
     def up(self, *args: str, timeout: float = 180) -> None:
@@ -113,7 +113,8 @@ def teardown(fleet: Fleet) -> None:
         fleet.cli("down", "--timeout", "5", timeout=180)
     if ctx is None:
         return
-    for proc in [*ctx.agents, *([ctx.server] if ctx.server else [])]:
+    for proc in [*ctx.agents, *([ctx.server] if ctx.server else []), *ctx.servers,
+                 *([ctx.postgres] if ctx.postgres else [])]:
         if procs.alive(proc):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)

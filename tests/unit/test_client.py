@@ -161,6 +161,23 @@ def test_connection_refused_says_what_to_do() -> None:
     assert f"127.0.0.1:{port}" in info.value.message
 
 
+def test_a_server_that_cannot_be_reached_is_passed_over(server: tuple[str, Recorder]) -> None:
+    """Several servers of one fleet, the first down: every call (a POST too: nothing was
+    sent) goes to the next; with all of them down the error names the last one tried."""
+    url, rec = server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with Client(f"{dead},{url}", "t", timeout=2) as c:
+        assert c.hosts()[0].name == "host1"
+        assert c.create(CreateInstance(name="web", command=["sleep", "9"], cpus=0.5)).name
+    assert [m for m, *_ in rec.requests] == ["GET", "POST"]
+    with Client(f"{dead},{dead}", "t", timeout=2) as c, \
+            pytest.raises(errors.CorralError) as info:
+        c.hosts()
+    assert info.value.retryable and dead.split("//")[1] in info.value.message
+
+
 def test_one_connection_serves_every_request(server: tuple[str, Recorder]) -> None:
     url, rec = server
     with Client(url, "t") as c:

@@ -83,22 +83,44 @@ class Transport:
 
     def __init__(self, base_url: str, headers: Mapping[str, str], timeout: float = 30.0,
                  ca_file: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        parts = urlsplit(self.base_url)
-        self.scheme = parts.scheme.lower()
-        if self.scheme not in ("http", "https") or not parts.hostname:
-            raise TransportError(f"talking to {base_url} failed: the URL needs http:// or "
-                                 "https:// and a host", hint=UNREACHABLE_HINT)
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.scheme == "https" else 80)
-        self.prefix = parts.path.rstrip("/")
+        """``base_url`` may list several servers of one fleet, comma-separated: a server that
+        cannot be reached is passed over for the next (any server answers any call)."""
+        self.urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+        if not self.urls:
+            raise TransportError("no server URL given", hint=UNREACHABLE_HINT)
         self.timeout = timeout
         self.ca_file = ca_file
         self.headers = {"User-Agent": f"corral/{__version__}", "Accept": "*/*", **headers}
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = _thread.allocate_lock()
         self._ssl: ssl.SSLContext | None = None
-        self._proxy = _proxy_for(self.scheme, self.host)
+        self._current = 0
+        self._use(0)
+
+    def _use(self, index: int) -> None:
+        """Talk to the ``index``-th URL from now on (its connections only)."""
+        url = self.urls[index]
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise TransportError(f"talking to {url} failed: the URL needs http:// or "
+                                 "https:// and a host", hint=UNREACHABLE_HINT)
+        self._current = index
+        self.base_url = url
+        self.scheme = scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self._proxy = _proxy_for(scheme, self.host)
+        self.close()
+
+    def _next_server(self, tried: int) -> bool:
+        """Move to the next listed server when the ``tried`` ones so far are not all of
+        them (a connection that could not be made sent nothing: any method may go again)."""
+        if tried >= len(self.urls):
+            return False
+        self._use((self._current + 1) % len(self.urls))
+        return True
 
     # -- connections -----------------------------------------------------------------------
 
@@ -191,13 +213,20 @@ class Transport:
         send_headers = self._headers(extra)
         target = self._target(path, params)
         again = method in IDEMPOTENT if retry is None else retry
+        tried = 1
         while True:
             try:
                 conn, reused = self._connect()
                 _settimeout(conn, self.timeout if read_timeout is None else read_timeout)
             except TimeoutError as exc:
+                if self._next_server(tried):
+                    tried += 1
+                    continue
                 raise self._timed_out(method, path, exc) from exc
             except OSError as exc:  # refused, unreachable, name unknown, TLS refused
+                if self._next_server(tried):
+                    tried += 1
+                    continue
                 raise TransportError(f"cannot reach the corral server at {self.base_url}: "
                                      f"{_describe(exc)}", reason=_describe(exc),
                                      hint=UNREACHABLE_HINT, retryable=True) from exc
@@ -239,7 +268,14 @@ class Transport:
         finished = False
         conn: http.client.HTTPConnection | None = None
         try:
-            conn, _ = self._connect()
+            tried = 1
+            while conn is None:
+                try:
+                    conn, _ = self._connect()
+                except OSError:
+                    if not self._next_server(tried):
+                        raise
+                    tried += 1
             _settimeout(conn, read_timeout)
             conn.request("GET", self._target(path, params), headers=self._headers(None))
             _ack_at_once(conn)

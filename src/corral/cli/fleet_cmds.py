@@ -94,13 +94,14 @@ def _say(console: Console, spinner: Status) -> Callable[[str], None]:
 
 
 def up(hosts: int, use_netns: bool, data: Path | None, timeout: float, tour: bool,
-       disk_backend: str, disk_root: Path | None) -> None:
+       disk_backend: str, disk_root: Path | None, servers: int, postgres: bool) -> None:
     """Progress shows on a spinner; the fleet's hosts are listed once it is up."""
     from corral.rig import fleet
 
     console = render.out()
     opts = fleet.UpOptions(hosts=hosts, use_netns=use_netns, data_dir=data, timeout=timeout,
-                           disk_backend=disk_backend, disk_root=disk_root)
+                           disk_backend=disk_backend, disk_root=disk_root, servers=servers,
+                           postgres=postgres)
     with console.status("starting the fleet") as spinner:
         ctx = fleet.up(opts, say=_say(console, spinner))
     console.print(f"[green]fleet up[/green]: {ctx.url} with {len(ctx.agents)} hosts "

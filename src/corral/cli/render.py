@@ -216,13 +216,31 @@ def hosts_table(hosts: Hosts) -> Table:
 def status_lines(status: FleetStatus | Mapping[str, Any], url: str) -> list[str]:
     st = plain(status)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(st["instances"].items())) or "none"
-    return [
-        f"server   {url} (corral {st['version']})",
-        f"nats     {st['nats_url']}",
+    lines = [f"server   {url} (corral {st['version']})"]
+    leader = st.get("leader") or {}
+    for srv in st.get("servers") or []:  # several servers: each, and which one leads
+        role = "leader" if srv.get("leader") else "follower"
+        lines.append(f"  {srv.get('id', '?')}  {srv.get('api_url', '-')}  {role}, seen "
+                     f"{fmt_age(srv.get('last_seen'))}")
+    if leader:
+        lines.append(f"leader   {leader.get('id', '-')} (generation {leader.get('generation')})")
+    nodes = st.get("nats") or []
+    lines.append(f"nats     {', '.join(nodes) if len(nodes) > 1 else st['nats_url']}")
+    lines += [
         f"db       {st['db']}",
         f"hosts    {st['hosts_up']} up, {st['hosts_down']} down",
         f"instances {counts}",
     ]
+    return lines
+
+
+def fmt_age(ts: Any) -> str:
+    """'3s ago' for a Unix time, '-' for none."""
+    import time
+
+    if not isinstance(ts, int | float):
+        return "-"
+    return f"{max(0.0, time.time() - float(ts)):.0f}s ago"
 
 
 def instance_details(item: InstanceLike) -> Table:

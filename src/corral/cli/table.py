@@ -207,6 +207,10 @@ COMMANDS: dict[str, Command | Group] = {
             default="dir"),
         opt("--disk-root", help="host i keeps disks in DIR/host<i> (btrfs: on a btrfs "
             "filesystem)", type=Path),
+        opt("--servers", help="corral servers, each with a node of the NATS cluster (more "
+            "than one needs --postgres)", type=int, default=1),
+        flag("--postgres", help="keep the fleet's database in a PostgreSQL server the rig "
+             "starts (DATA/postgres), instead of SQLite"),
     )),
     "down": Command("fleet_cmds", "down", "Stop every instance, then the agents and the "
                     "server; remove the fleet's network.", (

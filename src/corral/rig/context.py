@@ -45,6 +45,10 @@ class FleetContext:
     network: dict[str, Any] | None = None
     #: the fleet's CA certificate (its API is https with a certificate this CA signed)
     ca_file: str | None = None
+    #: the servers after the first (``up --servers N``); ``url`` lists every server's API
+    servers: list[ProcInfo] = field(default_factory=list)
+    #: the fleet's PostgreSQL (``up --postgres``)
+    postgres: ProcInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +65,8 @@ class FleetContext:
             agents=[ProcInfo(**a) for a in raw.get("agents") or []],
             network=raw.get("network"),
             ca_file=raw.get("ca_file"),
+            servers=[ProcInfo(**p) for p in raw.get("servers") or []],
+            postgres=ProcInfo(**raw["postgres"]) if raw.get("postgres") else None,
         )
 
 

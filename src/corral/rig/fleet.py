@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,10 @@ class UpOptions:
     disk_backend: str = "dir"
     #: host i keeps its disks in ``disk_root/host<i>`` (default: its own data dir)
     disk_root: Path | None = None
+    #: corral servers (each with a node of the NATS cluster); more than one needs ``postgres``
+    servers: int = 1
+    #: a PostgreSQL server for the fleet's database (else SQLite in the server's directory)
+    postgres: bool = False
 
 
 def _quiet(_: str) -> None:
@@ -83,13 +88,19 @@ def child_env(token: str = "") -> dict[str, str]:
 
 
 def fleet_alive(ctx: FleetContext) -> bool:
-    return any(procs.alive(p) for p in [*([ctx.server] if ctx.server else []), *ctx.agents])
+    return any(procs.alive(p) for p in [*([ctx.server] if ctx.server else []), *ctx.servers,
+                                         *ctx.agents, *([ctx.postgres] if ctx.postgres else [])])
 
 
 def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
     """Start a fleet and write the context file; raise with a clear reason if it cannot."""
     if opts.hosts < 1:
         raise CorralError(f"--hosts must be at least 1, not {opts.hosts}")
+    if opts.servers < 1:
+        raise CorralError(f"--servers must be at least 1, not {opts.servers}")
+    if opts.servers > 1 and not opts.postgres:
+        raise CorralError("several servers share one database: SQLite is one server's",
+                          hint=f"corral up --servers {opts.servers} --postgres")
     _refuse_second_fleet(say)
     if opts.use_netns:
         netns.require_root()
@@ -112,16 +123,26 @@ def up(opts: UpOptions, say: Say = _quiet) -> FleetContext:
         if opts.use_netns:
             say(f"building a bridge and {opts.hosts} network namespaces")
             net = netns.create(opts.hosts)
-        server, ready = _start_server(data, env, net, opts.timeout, say)
-        started.append(server)
+        db_env: dict[str, str] = {}
+        pg: ProcInfo | None = None
+        if opts.postgres:
+            from corral.rig import postgres
+
+            pg, db_url = postgres.start(data / "postgres", say)
+            started.append(pg)
+            db_env = {"CORRAL_DB_URL": db_url}  # the password stays out of argv
+        servers, readies = _start_servers(data, {**env, **db_env}, net, opts, say, started)
+        ready = readies[0]
         ctx = FleetContext(
-            url=str(ready["api_url"]),
+            url=",".join(str(r["api_url"]) for r in readies),
             token=token,
             data_dir=str(data),
-            nats_url=str(ready["nats_url"]),
-            server=server,
+            nats_url=",".join(str(r["nats_url"]) for r in readies),
+            server=servers[0],
             network=net.to_dict() if net else None,
             ca_file=str(ready.get("ca_file") or "") or None,
+            servers=servers[1:],
+            postgres=pg,
         )
         grants = _join_tokens(ctx, data, opts.hosts)
         for i in range(1, opts.hosts + 1):
@@ -185,6 +206,8 @@ def _prepare_data_dir(data: Path, opts: UpOptions, say: Say) -> None:
     roots = [host_disk_root(i, data, opts) for i in range(1, opts.hosts + 1)]
     for d in (data, data / "hosts"):
         perms.make_dirs(d, perms.TRAVERSE if perms.leads_to(d, roots) else perms.PRIVATE_DIR)
+    if opts.postgres and os.geteuid() == 0:  # PostgreSQL runs as its own user, in DATA/postgres
+        perms.make_dirs(data, perms.TRAVERSE)
     # only what up itself makes in DATA (token, server/, hosts/): a --data pointed at a
     # directory holding other things must not have them changed; hosts/ is all ours (an
     # earlier, larger fleet's host dirs included)
@@ -195,36 +218,87 @@ def _prepare_data_dir(data: Path, opts: UpOptions, say: Say) -> None:
             say(f"warning: {perms.blocked_message(roots[0].parent, blocking)}")
 
 
-def _start_server(
-    data: Path, env: dict[str, str], net: netns.FleetNetwork | None, timeout: float, say: Say
-) -> tuple[ProcInfo, dict[str, Any]]:
-    sdir = perms.make_dirs(data / "server", perms.PRIVATE_DIR)
-    ready_file = sdir / "server.json"
-    ready_file.unlink(missing_ok=True)
-    nats_host = net.gateway if net else "127.0.0.1"
-    # fixed ports (picked free now, not 0): the recorded command then restarts the server on
+def server_dir(data: Path, i: int) -> Path:
+    """Server ``i``'s directory (the first keeps the name a one-server fleet always had)."""
+    return data / ("server" if i == 1 else f"server{i}")
+
+
+#: what the servers of one fleet share (see docs/operations.md, "Several servers")
+SHARED_SECRETS = ("token", "pki/ca.crt", "pki/ca.key", "ticket.key", "server.nk")
+
+
+def _share_secrets(dirs: list[Path], token: str) -> None:
+    """The fleet's secrets made once, in the first server's directory, and copied to the
+    others: one CA, one ticket key, one bus identity for the servers, one admin token. Each
+    server then makes its own certificate for its own addresses with the shared CA."""
+    from corral.bus import identity
+    from corral.control.pki import Authority
+    from corral.disks import tickets
+
+    first = dirs[0]
+    perms.write_private(first / "token", token)
+    Authority(first / "pki").ensure(["127.0.0.1"])
+    tickets.signing_key(first / "ticket.key")
+    if not identity.read_seed(first / "server.nk"):
+        perms.write_private(first / "server.nk", identity.new_seed() + "\n")
+    for d in dirs[1:]:
+        perms.make_dirs(d / "pki", perms.PRIVATE_DIR)
+        for name in SHARED_SECRETS:
+            perms.write_private(d / name, (first / name).read_text())
+
+
+def _start_servers(data: Path, env: dict[str, str], net: netns.FleetNetwork | None,
+                   opts: UpOptions, say: Say, started: list[ProcInfo]
+                   ) -> tuple[list[ProcInfo], list[dict[str, Any]]]:
+    """Every server at once (a NATS cluster's JetStream needs its nodes together to make a
+    replicated stream), then wait until each has written its ready file."""
+    host = net.gateway if net else "127.0.0.1"
+    n = opts.servers
+    dirs = [perms.make_dirs(server_dir(data, i), perms.PRIVATE_DIR) for i in range(1, n + 1)]
+    if n > 1:
+        _share_secrets(dirs, env["CORRAL_TOKEN"])
+    # fixed ports (picked free now, not 0): the recorded commands then restart each server on
     # the addresses the agents and the context already know
-    argv = procs.corral_argv(
-        "server", "--data", str(sdir), "--tls", "on", "--api-host", nats_host,
-        "--api-port", str(free_port(nats_host)),
-        "--nats-host", nats_host, "--nats-port", str(free_port(nats_host)),
-    )
-    say("starting the server and its NATS")
-    server = procs.spawn("server", argv, sdir / "server.log", env=env)
+    cluster = [free_port(host) for _ in dirs] if n > 1 else []
+    say(f"starting {n} server(s) and their NATS" if n > 1 else "starting the server and its NATS")
+    servers: list[ProcInfo] = []
+    for i, sdir in enumerate(dirs, start=1):
+        (sdir / "server.json").unlink(missing_ok=True)
+        argv = procs.corral_argv(
+            "server", "--data", str(sdir), "--tls", "on", "--api-host", host,
+            "--api-port", str(free_port(host)),
+            "--nats-host", host, "--nats-port", str(free_port(host)),
+        )
+        if n > 1:
+            routes = ",".join(f"nats-route://{host}:{p}" for j, p in enumerate(cluster)
+                              if j != i - 1)
+            argv += ["--nats-cluster-port", str(cluster[i - 1]), "--nats-routes", routes,
+                     "--server-name", f"s{i}",
+                     "--set", f"stream_replicas={3 if n >= 3 else 1}"]
+        proc = procs.spawn("server" if i == 1 else f"server{i}", argv, sdir / "server.log",
+                           env=env)
+        servers.append(proc)
+        started.append(proc)
+    readies = [_wait_ready(proc, sdir / "server.json", opts.timeout)
+               for proc, sdir in zip(servers, dirs, strict=True)]
+    return servers, readies
+
+
+def _wait_ready(server: ProcInfo, ready_file: Path, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready_file.exists():
             try:
                 ready = dict(json.loads(ready_file.read_text()))
                 if ready.get("api_url") and ready.get("nats_url"):
-                    return server, ready
+                    return ready
             except ValueError:
                 pass  # written but not complete yet
         if not procs.alive(server):
-            raise _died("the server", server)
+            raise _died(f"the server ({server.name})", server)
         time.sleep(0.1)
     raise CorralError(
-        f"the server did not become ready within {timeout:.0f}s (no {ready_file})",
+        f"{server.name} did not become ready within {timeout:.0f}s (no {ready_file})",
         hint=f"see {server.log}:\n{procs.tail(server.log)}",
         retryable=True,
     )
@@ -255,7 +329,8 @@ def _start_agent(
     drivers = "process,runc" if net else "process"
     argv = procs.corral_argv(
         # --nats too: a later ``up`` on this data picks new ports, the identity keeps the old
-        "agent", "--name", name, "--server", ctx.url, "--nats", ctx.nats_url or "",
+        "agent", "--name", name, "--server", ctx.url.split(",")[0],
+        "--nats", ctx.nats_url or "",
         "--data", str(hdir),
         "--address", address, "--drivers", drivers,
     )
@@ -321,7 +396,7 @@ def down(say: Say = _quiet, instance_timeout: float = 10.0) -> FleetContext:
             hint="'corral down' stops fleets started by 'corral up'; set CORRAL_CONTEXT if "
             "yours wrote its context elsewhere",
         )
-    if ctx.server and procs.alive(ctx.server):
+    if any(procs.alive(p) for p in [*([ctx.server] if ctx.server else []), *ctx.servers]):
         stop_instances(ctx, instance_timeout, say)
     _teardown(ctx, say, instance_timeout)
     return ctx
@@ -358,9 +433,15 @@ def _teardown(ctx: FleetContext, say: Say, instance_timeout: float = 10.0) -> No
             list(pool.map(lambda a: procs.stop(a, timeout=10), live_agents))
     say("checking for instances left running")
     end_leftovers(ctx, instance_timeout, say, dead_before=dead)
-    if ctx.server and procs.alive(ctx.server):
-        say("stopping the server")
-        procs.stop(ctx.server, timeout=15)
+    servers = [p for p in [*([ctx.server] if ctx.server else []), *ctx.servers]
+               if procs.alive(p)]
+    if servers:
+        say("stopping the server" if len(servers) == 1 else f"stopping {len(servers)} servers")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda p: procs.stop(p, timeout=15), servers))
+    if ctx.postgres and procs.alive(ctx.postgres):
+        say("stopping PostgreSQL")
+        procs.stop(ctx.postgres, timeout=30, sig=signal.SIGINT)  # "fast": no client waited for
     if ctx.network:
         left = netns.cleanup(str(ctx.network["tag"]))
         if left:

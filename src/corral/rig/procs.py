@@ -56,8 +56,10 @@ def spawn(
     env: Mapping[str, str] | None = None,
     netns: str | None = None,
     address: str | None = None,
+    user: str | None = None,
 ) -> ProcInfo:
-    """Start ``argv`` detached (new session, stdin closed, output appended to ``log``)."""
+    """Start ``argv`` detached (new session, stdin closed, output appended to ``log``), as
+    ``user`` when given (root only: PostgreSQL refuses to run as root)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     # 0600: a log may sit in a directory others can traverse (see rig/perms.py)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -71,6 +73,9 @@ def spawn(
             start_new_session=True,
             env=dict(env) if env is not None else None,
             close_fds=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
         )
     started = None
     for _ in range(100):
@@ -95,12 +100,12 @@ def reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def stop(info: ProcInfo, timeout: float = 10.0) -> bool:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL. True when it had to be killed."""
+def stop(info: ProcInfo, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:
+    """``sig`` (SIGTERM), wait up to ``timeout``, then SIGKILL. True when it had to be killed."""
     if not alive(info):
         return False
     try:
-        os.kill(info.pid, signal.SIGTERM)
+        os.kill(info.pid, sig)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
