@@ -534,6 +534,63 @@ async def test_usage_in_views_and_metrics(h: Harness) -> None:
     assert (await h.http.get("/v1/instances/burn")).json()["usage"]["cpu_core_pct"] is None
 
 
+async def test_metrics_operators_alert_on(h: Harness, tmp_path: Path) -> None:
+    """Cumulative CPU seconds, standby freshness, operations by outcome with durations, the
+    capture lag: present, with the values the fleet holds, and valid for promtool."""
+    import shutil
+    import subprocess
+
+    from corral.control.db import Standby
+    from corral.ops.store import OpRecord, OpState
+
+    agent = await h.agent("h1", cores=2)
+    await h.agent("h2", cores=2)
+    await h.create("web", cpus=0.5)
+    samples = [InstanceSample(name="web", cpu_ns=7_500_000_000, memory_bytes=1, generation="g",
+                              cpu_core_pct=10.0, cpu_host_pct=5.0)]
+    sample = MetricsSample(host="h1", wall_ns=time.time_ns(), host_cores=2, interval_s=1.0,
+                           instances=samples, host_cpu_pct=10.0, log_lag_bytes=4096)
+    await agent.nc.publish(subjects.metrics("h1"), codec.encode(sample))
+    fleet = h.plane.fleet
+    assert fleet is not None and h.plane.ops is not None
+    now = time.time()
+    with fleet.sessions.begin() as s:
+        s.add(Standby(instance="web", host="h2", every_seconds=60.0, state="stale",
+                      data_at=now - 90, last_freeze_ms=42.0, syncs=3, total_bytes=1000))
+    store = h.plane.ops.store
+    for state, secs in ((OpState.SUCCEEDED, 0.3), (OpState.SUCCEEDED, 4.0),
+                        (OpState.ROLLED_BACK, 40.0), (OpState.RUNNING, 1.0)):
+        store.save(OpRecord(kind="migrate", target="web", params={}, state=state,
+                            created_at=now - secs, updated_at=now))
+
+    async def sampled() -> bool:
+        return "corral_instance_cpu_seconds_total" in (await h.http.get("/metrics")).text
+
+    await wait_for(sampled)
+    text = (await h.http.get("/metrics")).text
+    assert ('corral_instance_cpu_seconds_total{driver="process",host="h1",instance="web"} 7.5'
+            in text)
+    assert 'corral_host_log_capture_lag_bytes{host="h1"} 4096.0' in text
+    age = next(line for line in text.splitlines()
+               if line.startswith('corral_standby_data_age_seconds{host="h2",instance="web"}'))
+    assert 89.0 <= float(age.split()[-1]) < 120.0
+    assert 'corral_standby_last_freeze_seconds{host="h2",instance="web"} 0.042' in text
+    assert 'corral_standby_failed{host="h2",instance="web"} 1.0' in text
+    assert 'corral_standby_refreshes_total{host="h2",instance="web"} 3.0' in text
+    assert 'corral_operations_total{kind="migrate",outcome="succeeded"} 2.0' in text
+    assert 'corral_operations_total{kind="migrate",outcome="rolled_back"} 1.0' in text
+    assert 'corral_operations_running{kind="migrate"} 1.0' in text
+    assert 'corral_operation_duration_seconds_bucket{kind="migrate",le="0.5"} 1.0' in text
+    assert 'corral_operation_duration_seconds_bucket{kind="migrate",le="5.0"} 2.0' in text
+    assert 'corral_operation_duration_seconds_bucket{kind="migrate",le="+Inf"} 3.0' in text
+    assert 'corral_operation_duration_seconds_count{kind="migrate"} 3.0' in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: scripts/bootstrap installs prometheus"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                             capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 async def test_status(h: Harness) -> None:
     await h.agent("h1")
     await h.create("a")

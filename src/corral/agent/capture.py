@@ -270,6 +270,11 @@ class CaptureManager:
                 self.sent += n
         return sent
 
+    def lag_bytes(self) -> int:
+        """What the instances wrote that the bus has not got yet, over every source."""
+        return sum(cap.lag_bytes for held in list(self._held.values())
+                   for cap in held.captures.values())
+
     async def pump_all(self) -> int:
         sent = 0
         for name, held in list(self._held.items()):

@@ -307,6 +307,7 @@ class Agent:
                 res = await asyncio.to_thread(sample_pass, self.state.drivers, handles,
                                               self.accountant, self.host, interval,
                                               host_cpu=self.host_cpu)
+                res.sample.log_lag_bytes = self.capture.lag_bytes()
                 await self.nc.publish(subjects.metrics(self.host), encode(res.sample))
             except Exception as exc:
                 log.warning("sampling failed: %s", exc)

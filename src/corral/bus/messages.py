@@ -100,6 +100,9 @@ class MetricsSample(BaseModel):
     #: % of the whole host busy over the interval (every process, from /proc/stat); None when
     #: unknown. The server shows ``host_cpu_pct - sum(instances)`` as the host's "rest".
     host_cpu_pct: float | None = None
+    #: bytes the instances wrote (stdout, stderr, tailed files) not yet on the bus; None when
+    #: the agent does not say
+    log_lag_bytes: int | None = None
 
 
 class WireSpec(BaseModel):

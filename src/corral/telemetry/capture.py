@@ -62,6 +62,14 @@ class LogCapture:
             os.fsync(fh.fileno())
         os.replace(tmp, self.state)
 
+    #: the file's size when it was last read (the lag is measured against it)
+    seen_size = 0
+
+    @property
+    def lag_bytes(self) -> int:
+        """Bytes written to the file, as last seen, that have not reached the bus yet."""
+        return max(0, self.seen_size - self.pos.offset)
+
     def open(self) -> IO[bytes] | None:
         """The file to read now, or None while there is none. A subclass may open it its own
         way: the agent never follows a tailed path out of the instance's disk."""
@@ -77,6 +85,7 @@ class LogCapture:
             return None, self.pos.offset
         with fh:
             st = os.fstat(fh.fileno())  # of the file opened, not of whatever the path is now
+            self.seen_size = st.st_size
             if st.st_ino != self.pos.inode or st.st_size < self.pos.offset:
                 if self.pos.inode != 0 or st.st_size < self.pos.offset:
                     self.pos.offset = 0  # rotated or truncated: a new file starts at its start
