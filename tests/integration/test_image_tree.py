@@ -37,7 +37,10 @@ def tree_digest(root: Path) -> dict[str, tuple[object, ...]]:
                 n: os.getxattr(full, n) for n in os.listxattr(full)
             }
             mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
-            out[rel] = (st.st_mode, st.st_uid, st.st_gid, mtime, st.st_size, content, link,
+            # a directory's st_size is the filesystem's business (ext4 never shrinks a
+            # directory that once held more entries), not part of the tree
+            size = None if stat.S_ISDIR(st.st_mode) else st.st_size
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, mtime, size, content, link,
                         st.st_rdev, tuple(sorted(xattrs.items())))
     return out
 
