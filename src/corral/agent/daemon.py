@@ -28,7 +28,7 @@ import corral
 from corral.agent import identity
 from corral.agent.capture import CaptureManager
 from corral.agent.disks import HostDisks
-from corral.agent.fence import Guarded, LeaseClock, fence_all
+from corral.agent.fence import FenceKeeper, Guarded, LeaseClock, fence_all
 from corral.agent.handlers import HANDLERS
 from corral.agent.identity import Identity
 from corral.agent.imagecache import ImageCache
@@ -151,6 +151,9 @@ class Agent:
         self.lease = LeaseClock(settings.lease_seconds, settings.fence_margin_seconds)
         #: what the server would fail over, as it last said (see agent/fence.py)
         self.guarded = Guarded(self.data_dir / "guarded.json")
+        #: the process that fences this host whether or not the agent lives (agent/keeper.py)
+        self.keeper = FenceKeeper(self.data_dir, self.state, self.lease, self.guarded,
+                                  self.vips)
 
     # --- bus -----------------------------------------------------------------------------------
     def _identity(self) -> Identity | None:
@@ -270,16 +273,25 @@ class Agent:
                 await self.vips.sync(self.state.records)
 
     async def fence_loop(self, stop: asyncio.Event) -> None:
-        """Fence when the lease would run out without an acknowledged heartbeat."""
+        """Keep the fence keeper told (deadline, guarded instances) and alive; when the lease
+        runs out without an acknowledged heartbeat, fence (see agent/fence.py)."""
         while not stop.is_set():
-            await _sleep_or_stop(stop, min(0.25, max(0.02, self.lease.until_due())))
-            if self.lease.due() and not stop.is_set():
+            wait = 0.25 if self.lease.fenced else min(0.25, max(0.02, self.lease.until_due()))
+            await self.keeper.wait(stop, wait)
+            if stop.is_set():
+                break
+            try:
+                await self.keeper.tend()
+            except Exception as exc:  # the fence below must still happen
+                log.error("fence keeper: %s", exc)
+            if self.lease.due():
                 self.lease.fenced = True
                 since = time.monotonic() - self.lease.last_ack
-                await fence_all(self.state, self.vips,
-                                f"no acknowledged heartbeat for {since:.1f}s (lease "
-                                f"{self.lease.lease:.1f}s, margin {self.lease.margin:.1f}s)",
-                                self.guarded)
+                self.lease.stopped = await fence_all(
+                    self.state, self.vips,
+                    f"no acknowledged heartbeat for {since:.1f}s (lease "
+                    f"{self.lease.lease:.1f}s, margin {self.lease.margin:.1f}s)",
+                    self.guarded, self.keeper)
 
     async def sweep(self, names: set[str] | None = None) -> None:
         """Ask the driver about instances believed alive; skip any a command is busy with."""
@@ -347,11 +359,15 @@ class Agent:
         self.identity = await asyncio.to_thread(self._identity)
         await self.state.recover_all()
         await self.disks.start()
-        self.lease.arm()  # from here, a lease we cannot renew ends in a fence
+        # from here, a lease we cannot renew ends in a fence; a restart renews nothing, so a
+        # deadline the previous agent left stands if it is the earlier one
+        self.lease.arm(not_after=self.keeper.inherited_deadline())
+        await self.keeper.start()
         fencing = asyncio.create_task(self.fence_loop(stop))
         await self.connect(stop)
         if self.nc is None:
             fencing.cancel()
+            await self.keeper.close()
             return
         await self.nc.subscribe(subjects.command(self.host), cb=self.on_command)
         await self.nc.subscribe(subjects.INVALIDATE, cb=self.images.on_invalidate)
@@ -371,6 +387,7 @@ class Agent:
             log.debug("drain: %s", exc)
         self.images.close()
         await self.disks.stop()
+        await self.keeper.close()
         log.info("agent %s stopped; instances left running", self.host)
 
 

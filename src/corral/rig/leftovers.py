@@ -8,6 +8,10 @@ once the agents are stopped, ``down`` reads those handles and, through the very 
 used (built here the same way), stops whatever still runs and deletes what the driver made for
 it (cgroups, runc containers). The records themselves stay: a later ``corral up`` on the same
 data directory finds the instances stopped, as after a clean ``down``.
+
+Each agent's fence keeper (``agent/keeper.py``) goes first: an agent stopped cleanly with
+nothing guarded stopped its own, but one that died leaves it armed, and ``down`` is about to end
+those instances anyway. No keeper outlives ``down``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.agent import keeper
 from corral.agent.scope import ID_FILE, driver_scope
 from corral.agent.store import InstanceRecord, Store
 from corral.drivers import cgroups
@@ -97,6 +102,7 @@ def end_leftovers(ctx: FleetContext, timeout: float, say: Say,
         data = agent_data_dir(ctx, agent)
         if data is None:
             continue
+        stop_keeper(agent.name, data, say)
         work += [(agent.name, data, rec) for rec in records_of(data).values()
                  if rec.driver not in IN_MEMORY]
 
@@ -130,3 +136,12 @@ def end_leftovers(ctx: FleetContext, timeout: float, say: Say,
         why = "its agent had died" if e.agent_dead else "it still ran after its agent stopped"
         say(f"warning: ended {e.instance} on {e.host} ({e.driver}, pid {e.pid}): {why}")
     return done
+
+
+def stop_keeper(host: str, data_dir: Path, say: Say) -> list[int]:
+    """Stop the fence keeper of a stopped agent, if one still runs (by its pid file, checked
+    against its command line and start time, and a walk of /proc for any other)."""
+    stopped = keeper.stop(data_dir / keeper.DIR_NAME)
+    if stopped:
+        say(f"stopped the fence keeper of {host} (pid {', '.join(map(str, stopped))})")
+    return stopped
