@@ -2,8 +2,10 @@
 
 Each case runs against every driver usable here: the fake, the process driver with a cgroup
 (v1 here; and on the hybrid v2 mount when there is one), the process driver reading /proc only,
-and runc when root. Real processes, real cgroups, real runc; every instance, cgroup and container
-a test makes is removed in a finalizer, even when the test fails.
+runc when root, and qemu when root with qemu-system-x86_64 (its workload is the same shell
+script, run by the test guest of ``corral.drivers.qemu_guest`` inside the VM). Real processes,
+real cgroups, real runc, real VMs; every instance, cgroup and container a test makes is removed
+in a finalizer, even when the test fails.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from corral.drivers import cgroups, procfs, reaping
 from corral.drivers.base import Driver, Handle, Spec, Status
 from corral.drivers.fake import FakeDriver, FakeWorld
 from corral.drivers.process import ProcessDriver
+from corral.drivers.qemu import QemuDriver
 from corral.drivers.runc import RuncDriver
 from corral.errors import Conflict, DriverError
 
@@ -45,6 +48,8 @@ class Harness:
     #: hierarchy whose directories must vanish on delete (None: the driver uses no cgroup)
     hierarchy: cgroups.Hierarchy | None = None
     template: Path | None = None
+    #: how an instance's root is made from ``template`` (default: a busybox root's clone)
+    clone: Callable[[Path, Path], Path] | None = None
     handles: dict[str, Handle] = field(default_factory=dict)
     driver: Driver = field(init=False)
 
@@ -61,7 +66,7 @@ class Harness:
         wd = self.tmp / name
         rootfs = None
         if self.template is not None:
-            rootfs = str(clone_rootfs(self.template, wd / "rootfs"))
+            rootfs = str((self.clone or clone_rootfs)(self.template, wd / "rootfs"))
         h = self.driver.create(Spec(name, ["sh", "-c", script], str(wd), rootfs=rootfs))
         self.handles[name] = h
         return h
@@ -72,7 +77,19 @@ class Harness:
         if self.kind == "fake":
             self.fake.set_cpu_rate(h.name, 1.0 if burn else 0.0)
             self.fake.ignore_term(h.name, ignore_term)
+        if self.kind == "qemu":
+            self.wait_guest(h)
         return h
+
+    def wait_guest(self, h: Handle) -> None:
+        """A VM runs long before its workload does: wait (bounded) until the guest's init
+        started the command, so the cases time the workload, not the boot."""
+        log = Path(str(h.data["spec"]["workdir"])) / "stdout.log"
+        deadline = time.monotonic() + QEMU_BOOT_DEADLINE
+        while "corral-guest: running" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"the guest did not boot: {log}"
+            assert self.driver.status(h).state in ("running", "frozen"), f"VM ended: {log}"
+            time.sleep(0.1)
 
     def kill_from_outside(self, h: Handle, signum: int) -> None:
         if self.kind == "fake":
@@ -119,6 +136,10 @@ class Harness:
                 if self.kind.startswith("process") and pid:
                     with contextlib.suppress(OSError):
                         os.killpg(int(pid), signal.SIGKILL)
+                if self.kind == "qemu":  # QEMU and its shim are in no session of ours
+                    for key in ("pid", "shim"):
+                        with contextlib.suppress(OSError, TypeError, ValueError):
+                            os.kill(int(h.data.get(key)), signal.SIGKILL)
                 if self.kind == "runc" and isinstance(self.driver, RuncDriver):
                     subprocess.run(self.driver._cmd("delete", "--force", h.name),
                                    capture_output=True, timeout=30, check=False)
@@ -142,12 +163,26 @@ def _process_cgroup_reason() -> str | None:
     return None
 
 
-KINDS = ["fake", "process-cgroup", "process-proc", "process-cgroup-v2", "runc"]
+KINDS = ["fake", "process-cgroup", "process-proc", "process-cgroup-v2", "runc", "qemu"]
+#: how long a VM may take to boot to its workload (TCG on two cores: about 3 s)
+QEMU_BOOT_DEADLINE = 120.0
 
 
 @pytest.fixture(scope="session")
 def busybox_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_busybox_rootfs(tmp_path_factory.mktemp("rootfs") / "busybox")
+
+
+@pytest.fixture(scope="session")
+def qemu_guest() -> Path:
+    """The test guest (kernel, initramfs, disk), built once from Debian packages and cached."""
+    from corral.drivers.qemu_guest import build_guest
+    from corral.errors import ConfigError
+
+    try:
+        return build_guest()
+    except ConfigError as e:
+        pytest.skip(f"cannot build the qemu test guest: {e.message} ({e.hint})")
 
 
 @pytest.fixture(params=KINDS)
@@ -174,6 +209,17 @@ def hz(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
         parent = f"corral/{scope}"
         harness = Harness(kind, scope, tmp_path,
                           lambda: ProcessDriver(scope, cgroups=(v2, parent)), hierarchy=v2)
+    elif kind == "qemu":
+        from corral.drivers.qemu_guest import clone_guest
+
+        probe_vm = QemuDriver(scope)
+        reason = probe_vm.available()
+        if reason:
+            pytest.skip(reason)
+        accel = probe_vm.accel
+        harness = Harness(kind, scope, tmp_path, lambda: QemuDriver(scope, accel=accel),
+                          hierarchy=probe_vm._cg, template=request.getfixturevalue("qemu_guest"),
+                          clone=clone_guest)
     else:
         if not IS_ROOT:
             pytest.skip("the runc driver needs root")
@@ -390,8 +436,9 @@ def _left(procs: set[tuple[int, int]]) -> list[procfs.ProcStat]:
 def test_stop_returns_only_when_every_process_is_reaped(hz: Harness) -> None:
     """A stopped instance has no process left, not even a zombie: a zombie keeps its pid, and
     a PostgreSQL started from the same disk elsewhere refuses while that pid answers."""
-    if hz.kind == "fake":
-        pytest.skip("the fake driver has no processes")
+    if hz.kind in ("fake", "qemu"):
+        pytest.skip("the fake driver has no processes; a VM's are the guest's, which end "
+                    "with it (see test_qemu_driver.py for QEMU's own)")
     h = hz.start(hz.create("sleep 1000 & sleep 1000 & while :; do sleep 1; done"))
     procs = _instance_procs(hz, h, 3)
     assert len(procs) >= 3, f"{hz.kind}: the instance did not fork: {procs}"
@@ -405,8 +452,9 @@ def test_an_instance_ends_with_its_leader(hz: Harness) -> None:
     """When the leader exits, what it left behind is killed and reaped before the instance
     reads as exited (a container's processes end with its init; the process driver does the
     same), so ``exited`` means nothing of it runs."""
-    if hz.kind == "fake":
-        pytest.skip("the fake driver has no processes")
+    if hz.kind in ("fake", "qemu"):
+        pytest.skip("the fake driver has no processes; a VM's are the guest's, which end "
+                    "with it (see test_qemu_driver.py for QEMU's own)")
     h = hz.start(hz.create("sleep 1000 & sleep 1000 & sleep 1; exit 3"))
     procs = _instance_procs(hz, h, 3)
     st = hz.wait_state(h, {"exited"})

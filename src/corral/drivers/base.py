@@ -1,4 +1,4 @@
-"""The driver contract: what every way of running an instance (process, runc, later qemu) offers.
+"""The driver contract: what every way of running an instance (process, runc, qemu) offers.
 
 Drivers are synchronous and stateless between calls: everything a driver needs to find its
 instance again lives in a JSON-serialisable :class:`Handle` that the agent persists. That is what
@@ -26,11 +26,21 @@ class Capabilities:
     cgroup_accounting: bool = False
     #: needs a root filesystem (``Spec.rootfs``) to run.
     needs_rootfs: bool = False
+    #: can move a running instance to another host without stopping it (a VM's memory is
+    #: copied while it runs; a process tree's cannot be).
+    can_live_migrate: bool = False
+    #: runs guests with hardware virtualisation (KVM); a VM driver without it emulates (TCG),
+    #: many times slower. A bool, as the wire carries capabilities as ``dict[str, bool]``.
+    kvm: bool = False
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What to run. ``workdir`` is the agent's per-instance directory (logs, bundle, state)."""
+    """What to run. ``workdir`` is the agent's per-instance directory (logs, bundle, state).
+
+    ``uid``/``gid``/``additional_gids`` (None: root), ``cwd`` ("" : "/") and ``stop_signal``
+    (0: SIGTERM) come from an image's config; they mean something inside a container's root,
+    so a driver without one (process) leaves them alone."""
 
     name: str
     command: list[str]
@@ -39,6 +49,11 @@ class Spec:
     env: dict[str, str] = field(default_factory=dict)
     cpus: float = 0.0
     memory_bytes: int = 0
+    uid: int | None = None
+    gid: int | None = None
+    additional_gids: tuple[int, ...] = ()
+    cwd: str = ""
+    stop_signal: int = 0
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from corral.drivers.base import Driver
 from corral.drivers.fake import FakeDriver
 from corral.drivers.process import ProcessDriver
+from corral.drivers.qemu import QemuDriver
 from corral.drivers.runc import RuncDriver
 from corral.errors import ConfigError
 
@@ -25,6 +26,10 @@ def _runc(scope: str, state_dir: Path) -> Driver:
     return RuncDriver(scope, str(Path(state_dir) / "runc"))
 
 
+def _qemu(scope: str, state_dir: Path) -> Driver:
+    return QemuDriver(scope, state_dir)
+
+
 def _fake(scope: str, state_dir: Path) -> Driver:
     return FakeDriver(scope)
 
@@ -32,6 +37,7 @@ def _fake(scope: str, state_dir: Path) -> Driver:
 BUILTIN: dict[str, Callable[[str, Path], Driver]] = {
     "process": _process,
     "runc": _runc,
+    "qemu": _qemu,
     "fake": _fake,
 }
 
