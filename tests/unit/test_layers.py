@@ -33,6 +33,8 @@ CLI_EXCEPTIONS = {
     ("corral.cli.logs", "corral.telemetry.logsink"): "corral logsink is a sink in this process",
     ("corral.cli.images", "corral.images.packstore"): "image import chunks a tree locally",
     ("corral.cli.images", "corral.images.transfer"): "image import uploads what is missing",
+    ("corral.cli.images", "corral.images.oci"): "image pull/push: skopeo, the layers and the "
+                                                "upload run next to the operator's files",
 }
 
 

@@ -103,7 +103,9 @@ async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
                 root = str(await st.call(rootfs.instance_rootfs, st.data_dir, workdir))
             dspec = Spec(name=name, command=list(spec.command), workdir=str(workdir),
                          rootfs=root, env=dict(spec.env), cpus=spec.cpus,
-                         memory_bytes=spec.memory_bytes)
+                         memory_bytes=spec.memory_bytes, uid=spec.uid, gid=spec.gid,
+                         additional_gids=tuple(spec.additional_gids), cwd=spec.cwd,
+                         stop_signal=spec.stop_signal)
             handle = await st.call(drv.create, dspec)
         except BaseException:
             await st.call(st.store.remove, name)  # no record was written: leave nothing behind

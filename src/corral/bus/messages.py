@@ -122,6 +122,24 @@ class WireSpec(BaseModel):
     tail: dict[str, str] = {}
     #: virtual IP (``10.0.0.50/24``) the agent adds while the instance runs
     vip: str | None = None
+    #: the process as an image's config decided it (``corral.images.oci_config``, resolved by
+    #: the server at create): user and group ids inside the container (None: root), the
+    #: working directory ("": "/"), the signal a stop sends first (0: SIGTERM). An older agent
+    #: ignores them; the process driver runs neither as another user nor elsewhere.
+    uid: int | None = Field(default=None, ge=0, le=65535)
+    gid: int | None = Field(default=None, ge=0, le=65535)
+    additional_gids: list[int] = []
+    cwd: str = Field(default="", max_length=4096)
+    stop_signal: int = Field(default=0, ge=0, le=64)
+
+
+#: the fields of :class:`WireSpec` an instance's ``image_config`` fills
+PROCESS_FIELDS = ("uid", "gid", "additional_gids", "cwd", "stop_signal")
+
+
+def process_fields(image_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The :class:`WireSpec` fields of what an instance keeps of its image's config."""
+    return {k: v for k, v in (image_config or {}).items() if k in PROCESS_FIELDS}
 
 
 class Command(BaseModel):

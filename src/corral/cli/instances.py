@@ -7,6 +7,7 @@ They only shape requests and print replies; the server decides what is allowed (
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from corral.cli import render
 from corral.cli.app import client
@@ -14,11 +15,13 @@ from corral.errors import InvalidRequest
 
 
 def run(name: str, command: list[str], cpus: float, memory: str, host: str | None,
-        driver: str | None, rootfs: Path | None, image: str | None, env: list[str] | None,
-        no_start: bool, tail: list[str] | None, vip: str | None, json_out: bool) -> None:
+        driver: str | None, rootfs: Path | None, image: str | None, entrypoint: str | None,
+        env: list[str] | None, no_start: bool, tail: list[str] | None, vip: str | None,
+        json_out: bool) -> None:
     """The request is checked here against the wire model (a bad name or size is refused
-    before any connection is made)."""
-    if not command:
+    before any connection is made). With an image the command may be left out: the server
+    lays the image's config under what is given (entrypoint, command, ``-e``)."""
+    if not command and image is None and not entrypoint:
         raise InvalidRequest("no command given", hint="put the workload after --, e.g. "
                              "corral run web -- python3 -m http.server")
     from corral.api.models import CreateInstance
@@ -33,6 +36,7 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
         host=host,
         rootfs=str(rootfs.expanduser().resolve()) if rootfs else None,
         image=image,
+        entrypoint=None if entrypoint is None else [entrypoint] if entrypoint else [],
         env=parse_env(env or []),
         tail=parse_tail(tail or []),
         start=not no_start,
@@ -65,8 +69,34 @@ def show(name: str, json_out: bool) -> None:
         view = c.instance_data(name)
     if json_out:
         render.print_json(view)
-    else:
-        render.out().print(render.instance_details(view))
+        return
+    table = render.instance_details(view)
+    if view.get("image_config"):  # what the image's config decided (see corral image pull)
+        for key, value in _image_rows(view["image_config"]):
+            table.add_row(key, value)
+    render.out().print(table)
+
+
+def _image_rows(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    hc = cfg.get("healthcheck") or {}
+    test = hc.get("Test") or []
+    rows = [("user", f"{cfg.get('user', 'root')} ({cfg.get('uid', 0)}:{cfg.get('gid', 0)})"),
+            ("workdir", cfg.get("cwd") or "/"),
+            ("stop signal", _signame(int(cfg.get("stop_signal") or 15))),
+            ("ports", ", ".join(cfg.get("exposed_ports") or []) or "-"),
+            ("healthcheck", " ".join(str(t) for t in test) if test else "-")]
+    if hc.get("Interval"):
+        rows[-1] = (rows[-1][0], f"{rows[-1][1]} (every {int(hc['Interval']) / 1e9:g}s)")
+    return rows
+
+
+def _signame(n: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
 
 
 def _verb(verb: str, names: list[str], *, timeout: float | None = None,

@@ -221,7 +221,8 @@ COMMANDS: dict[str, Command | Group] = {
     "run": Command("instances", "run",
                    "Create an instance and start it: corral run NAME OPTIONS -- CMD ARGS...", (
         pos("name", "instance name: lowercase letters, digits, dashes", type=INSTANCE_NAME),
-        pos("command", "the workload's argv, after --", kind="rest"),
+        pos("command", "the workload's argv, after -- (with --image: replaces the image's "
+            "command)", kind="rest"),
         opt("--cpus", help="CPU reservation, in cores", type=float, default=0.1),
         opt("--memory", help="memory reservation: 64M, 1G, 512Ki...", default="64M"),
         opt("--host", help="pin to this host", type=HOST_NAME),
@@ -231,7 +232,9 @@ COMMANDS: dict[str, Command | Group] = {
             dest="rootfs"),
         opt("--image", help="image to run from (see 'corral image ls'); not with --from",
             type=named("image")),
-        Arg(("--env", "-e"), "KEY=VALUE, repeatable", "append"),
+        opt("--entrypoint", help="replaces the image's entrypoint (and drops its command); "
+            "'' for none"),
+        Arg(("--env", "-e"), "KEY=VALUE, repeatable (laid over the image's env)", "append"),
         flag("--no-start", help="create without starting"),
         Arg(("--tail",), "capture a file too: SOURCE=PATH (inside the rootfs), repeatable",
             "append"),
@@ -339,8 +342,33 @@ COMMANDS: dict[str, Command | Group] = {
             pos("path", "a root directory or a tar archive", type=Path),
             Arg(("--replace",), "replace an image of that name", "toggle", default=False),
         )),
-        "ls": Command("images", "ls", "Images with their size, unique size and dedup ratio.",
-                      (JSON,)),
+        "pull": Command("images", "pull", (
+            "Pull a standard (OCI or Docker) image into the store, its config kept for 'corral "
+            "run --image' (entrypoint, command, env, user, workdir, stop signal).\n\nREF is "
+            "docker://REGISTRY/REPO:TAG, oci:DIR[:TAG], oci-archive:FILE or "
+            "docker-archive:FILE; skopeo moves it, corral checks every blob's digest and size "
+            "and applies the layers here, and the server gets only the chunks it lacks. A "
+            "failed pull stores nothing."), (
+            pos("ref", "the image to pull"),
+            opt("--name", help="image name in the store (default: the reference's last "
+                "part with its tag, e.g. web:1.2)", type=named("image")),
+            opt("--authfile", help="registry credentials (containers-auth.json format, as "
+                "'skopeo login' and 'podman login' write it)"),
+            flag("--insecure", help="the registry speaks plain HTTP or has a certificate "
+                 "not trusted here"),
+            Arg(("--replace",), "replace an image of that name", "toggle", default=False),
+        )),
+        "push": Command("images", "push", "Push an image of the store to a registry as one "
+                        "layer, with the config it was pulled with.", (
+            pos("name", "image name", type=named("image")),
+            pos("ref", "where to: docker://REGISTRY/REPO:TAG, oci:DIR[:TAG], "
+                "oci-archive:FILE or docker-archive:FILE"),
+            opt("--authfile", help="registry credentials (containers-auth.json format)"),
+            flag("--insecure", help="the registry speaks plain HTTP or has a certificate "
+                 "not trusted here"),
+        )),
+        "ls": Command("images", "ls", "Images with their source, digest, size, unique size "
+                      "and dedup ratio.", (JSON,)),
         "rm": Command("images", "rm", "Remove images (their chunks are freed by 'corral image "
                       "gc').", (pos("names", "image name(s)", kind="some", type=named("image")),)),
         "verify": Command("images", "verify", "Read back every stored chunk; list damage and "

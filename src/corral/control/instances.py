@@ -12,7 +12,9 @@ so the instance is kept as ``failed`` and the error says so.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,6 +30,8 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.errors import Conflict, CorralError, HostUnavailable, NotFound
+from corral.images import oci_config
+from corral.images.store import ImageStore
 from corral.lifecycle import ALIVE, State, Verb, check_verb
 from corral.ops import locks
 from corral.ops.locks import LockSet
@@ -63,6 +67,9 @@ class InstanceService:
         #: whether the image store holds an image of that name (set by the server once its
         #: store is open); None = no store, so an image-based create is refused.
         self.image_exists: Callable[[str], bool] | None = None
+        #: the store itself (set with ``image_exists``): a create reads the image's config
+        #: and, for its User, its /etc/passwd and /etc/group
+        self.image_store: ImageStore | None = None
 
     @contextlib.contextmanager
     def _busy(self, name: str, verb: str = "") -> Iterator[None]:
@@ -115,18 +122,22 @@ class InstanceService:
     async def create(self, req: CreateInstance) -> Instance:
         with self._busy(req.name, "create"):
             now = self.fleet.clock()
+            if self.exists(req.name):  # (checked again below, with the row written)
+                raise Conflict(f"an instance named '{req.name}' already exists",
+                               hint="pick another name, or remove it first ('corral rm')")
+            if req.image is not None:
+                self._check_image(req.image)
+            run = await asyncio.to_thread(self._resolve, req)
             with self.fleet.sessions.begin() as s:
                 if s.get(Instance, req.name) is not None:
                     raise Conflict(f"an instance named '{req.name}' already exists",
                                    hint="pick another name, or remove it first ('corral rm')")
-                if req.image is not None:
-                    self._check_image(req.image)
                 target = place(Request(req.cpus, req.memory_bytes, req.driver, host=req.host),
                                self.fleet.snapshot(s))
                 inst = Instance(
-                    name=req.name, host=target, driver=req.driver, command=list(req.command),
-                    rootfs=req.rootfs, image=req.image, env=dict(req.env), tail=dict(req.tail),
-                    cpus=req.cpus, vip=req.vip,
+                    name=req.name, host=target, driver=req.driver, command=run.command,
+                    rootfs=req.rootfs, image=req.image, env=run.env, tail=dict(req.tail),
+                    cpus=req.cpus, vip=req.vip, image_config=run.process,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,
@@ -151,6 +162,19 @@ class InstanceService:
             if req.start:
                 await self._start(req.name, target, after_create=True)
         return self.get(req.name)
+
+    def _resolve(self, req: CreateInstance) -> oci_config.Resolved:
+        """The process to run: the request laid over the image's config (when the image has
+        one), argv, env and user resolved here once, so agents run what they are given."""
+        config, read = None, None
+        store = self.image_store
+        if req.image is not None and store is not None:
+            manifest = store.manifest(req.image)
+            config = manifest.meta.get("config")
+            read = functools.partial(oci_config.read_tree_file, manifest, store.packs)
+        return oci_config.resolve(config if isinstance(config, dict) else None,
+                                  command=list(req.command), entrypoint=req.entrypoint,
+                                  env=dict(req.env), driver=req.driver, read_file=read)
 
     def _check_image(self, image: str) -> None:
         """Refuse before placing: an agent could only fail later, and less clearly."""

@@ -40,7 +40,7 @@ def instance_view(fleet: Fleet, inst: Instance) -> InstanceView:
         exit_code=inst.exit_code, epoch=inst.epoch, created_at=inst.created_at,
         updated_at=inst.updated_at, usage=instance_usage(fleet, inst),
         allowed=[v.value for v in allowed_verbs(State(inst.state))],
-        disk_host=inst.disk_host, shelf=inst.shelf,
+        disk_host=inst.disk_host, shelf=inst.shelf, image_config=inst.image_config,
     )
 
 

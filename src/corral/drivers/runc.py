@@ -33,7 +33,7 @@ from pathlib import Path
 from corral.drivers import procfs, reaping, runc_userns, runs
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, Mounts, V1Hierarchy, V2Hierarchy, read_mounts
-from corral.drivers.runc_config import cgroups_path, write_bundle
+from corral.drivers.runc_config import cgroups_path, stop_signal, write_bundle
 from corral.errors import Conflict, DriverError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -305,9 +305,10 @@ class RuncDriver:
         st = self.status(handle)
         if st.state not in ("running", "frozen"):
             return st
+        first = stop_signal(runs.spec_from_handle(handle))  # the image's StopSignal
         runs.stop_then_kill(
             handle, st.state == "frozen", timeout,
-            signal=lambda n: self._kill(handle, n),
+            signal=lambda n: self._kill(handle, first if n == sig.SIGTERM else n),
             kill_all=lambda: self._kill(handle, sig.SIGKILL, all_procs=True),
             gone=lambda t: self._wait_dead(handle, t),
             thaw=lambda: self.thaw(handle), what="container")

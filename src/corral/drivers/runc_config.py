@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,21 @@ def _mounts() -> list[dict[str, Any]]:
     ]
 
 
+def process_user(spec: Spec) -> dict[str, Any]:
+    """The container's ids the process runs as (an image's User; root without one): ids of
+    the container's user namespace, so a uid 1000 is the host's ``HOST_BASE + 1000``."""
+    user: dict[str, Any] = {"uid": spec.uid or 0, "gid": spec.gid or 0}
+    if spec.additional_gids:
+        user["additionalGids"] = list(spec.additional_gids)
+    return user
+
+
+def stop_signal(spec: Spec) -> int:
+    """The signal a stop sends first: the image's StopSignal, else SIGTERM. (runc's config has
+    no place for it: the driver sends it.)"""
+    return spec.stop_signal or int(signal.SIGTERM)
+
+
 def build_config(spec: Spec, scope: str, root_path: str | None = None) -> dict[str, Any]:
     """The OCI config for ``spec``; ``spec.rootfs`` must be set (checked by the driver).
     ``root_path``: where runc finds that root (the driver's private mount of it), if not at
@@ -82,10 +98,10 @@ def build_config(spec: Spec, scope: str, root_path: str | None = None) -> dict[s
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": process_user(spec),
             "args": list(spec.command),
             "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": "/",
+            "cwd": spec.cwd or "/",
             "capabilities": {k: list(CAPABILITIES)
                              for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],

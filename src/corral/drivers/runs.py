@@ -62,6 +62,11 @@ def spec_from_handle(handle: Handle) -> Spec:
         env={str(k): str(v) for k, v in dict(raw.get("env") or {}).items()},
         cpus=float(raw.get("cpus") or 0.0),
         memory_bytes=int(raw.get("memory_bytes") or 0),
+        uid=None if raw.get("uid") is None else int(raw["uid"]),
+        gid=None if raw.get("gid") is None else int(raw["gid"]),
+        additional_gids=tuple(int(g) for g in raw.get("additional_gids") or ()),
+        cwd=str(raw.get("cwd") or ""),
+        stop_signal=int(raw.get("stop_signal") or 0),
     )
 
 

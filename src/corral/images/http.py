@@ -59,6 +59,9 @@ class ImageRow(BaseModel):
     unique_size: int
     stored_size: int
     dedup_ratio: float
+    source: str | None = Field(default=None, description="what it was pulled from (empty: "
+                               "imported from a tree)")
+    digest: str | None = Field(default=None, description="digest of the image manifest pulled")
 
 
 def _ids(raw: list[str]) -> list[bytes]:
@@ -88,7 +91,8 @@ async def _body(request: Request, limit: int, what: str, hint: str) -> bytes:
 def _row(i: ImageInfo) -> ImageRow:
     return ImageRow(name=i.name, manifest=i.manifest, files=i.files, size=i.size,
                     unique_size=i.unique_size, stored_size=i.stored_size,
-                    dedup_ratio=round(i.dedup_ratio, 3))
+                    dedup_ratio=round(i.dedup_ratio, 3), source=i.source or None,
+                    digest=i.digest or None)
 
 
 def router(store: ImageStore, dependencies: Sequence[Depends] = (),

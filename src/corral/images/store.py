@@ -56,6 +56,10 @@ class ImageInfo:
     size: int  # logical bytes of its files
     unique_size: int  # bytes of chunks no other image uses
     stored_size: int  # bytes of its distinct chunks (what it costs alone, before compression)
+    #: what it was pulled from and the digest of the image manifest pulled ("" when imported:
+    #: kept in the manifest's ``meta``, see ``corral.images.oci``)
+    source: str = ""
+    digest: str = ""
 
     @property
     def dedup_ratio(self) -> float:
@@ -184,6 +188,7 @@ class ImageStore:
                 files=sum(1 for e in m.entries if e.kind == "f"), size=m.size(),
                 unique_size=sum(sz for cid, sz in sizes.items() if users[cid] == 1),
                 stored_size=sum(sizes.values()),
+                source=str(m.meta.get("source") or ""), digest=str(m.meta.get("digest") or ""),
             ))
         return out
 

@@ -103,13 +103,24 @@ def _entry(i: int, raw: object) -> Entry:
     return Entry(**raw)
 
 
+#: the most bytes of JSON a manifest's ``meta`` may take (an image's config is a few KiB)
+META_MAX = 256 * 1024
+
+
 @dataclass
 class Manifest:
     entries: list[Entry]
+    #: where the tree came from and how to run it, for an image pulled from a registry
+    #: (``corral.images.oci``): ``source``, ``digest``, ``config``... Optional, and written only
+    #: when set, so a tree without it keeps the manifest (and the manifest id) it always had
+    #: and an older reader, which never looks at it, reads either.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": 1, "entries": [e.__dict__ for e in self.entries]},
-                          separators=(",", ":"), sort_keys=True).encode()
+        doc: dict[str, Any] = {"version": 1, "entries": [e.__dict__ for e in self.entries]}
+        if self.meta:
+            doc["meta"] = self.meta
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -126,7 +137,11 @@ class Manifest:
         if data.get("version") != 1:
             raise InvalidRequest(f"unknown manifest version {data.get('version')!r}",
                                  hint="upgrade corral to read this image")
-        return cls([_entry(i, e) for i, e in enumerate(data["entries"])])
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict) or len(json.dumps(meta)) > META_MAX:
+            raise InvalidRequest(f"a manifest's meta is an object of at most {META_MAX} bytes",
+                                 hint="send the manifest as corral writes it")
+        return cls([_entry(i, e) for i, e in enumerate(data["entries"])], meta)
 
     def check(self) -> None:
         """Refuse (naming the entry) a manifest that could make :func:`materialize` create
