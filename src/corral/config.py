@@ -93,6 +93,22 @@ class Settings:
                                           "its host (a fast unshelve there) before it is "
                                           "removed; 0 = at once, -1 = never", 3600.0)
 
+    leader_lease_seconds: float = _doc("server: how long a server leads the fleet without "
+                                       "renewing its lease in the shared database (renewed "
+                                       "every third of it); another server takes over once "
+                                       "it ran out", 3.0)
+    server_name: str = _doc("server: this server's node name in the NATS cluster (unique per "
+                            "node); empty means the server's id (DATA/server-id)", "")
+    nats_cluster_port: int = _doc("server: port the embedded nats-server listens on for the "
+                                  "other nodes of its cluster (routes), on nats_host; 0 = no "
+                                  "cluster", 0)
+    nats_routes: str = _doc("server: the other nodes of the NATS cluster, comma-separated "
+                            "nats-route://host:port", "")
+    nats_cluster_name: str = _doc("server: name of the NATS cluster (the same on every node)",
+                                  "corral")
+    stream_replicas: int = _doc("server: copies JetStream keeps of the event and log streams "
+                                "(1; 3 in a cluster of three nodes)", 1)
+
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 #: durations whose 0 and -1 mean something (the docs define them): what -1 means

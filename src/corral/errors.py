@@ -186,6 +186,17 @@ class HTTPError(CorralError):
     exit_code = 14
 
 
+class NotLeader(CorralError):
+    """This server does not lead the fleet (now): a follower with no leader to forward to,
+    or a deposed leader whose write the database refused (its generation moved on). Another
+    server leads within a lease; trying again then succeeds."""
+
+    code = "not_leader"
+    http_status = 503
+    exit_code = 15
+    default_retryable = True
+
+
 _BY_CODE: dict[str, type[CorralError]] = {}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from corral.api.names import (
     HOST_PATTERN,
@@ -54,7 +54,6 @@ def check_tail_path(source: str, path: str) -> None:
 
 class CreateInstance(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and dashes")
-    command: list[str] = Field(min_length=1, description="argv of the workload")
     cpus: float = Field(default=0.1, gt=0, le=4096, description="CPU reservation, in cores")
     memory_bytes: int = Field(default=64 * 1024**2, gt=0, description="memory reservation")
     driver: str = Field(default="process", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
@@ -66,9 +65,17 @@ class CreateInstance(BaseModel):
     image: str | None = Field(
         default=None, pattern=RUN_IMAGE_PATTERN,
         description="image of the server's store to materialise as the root (not with rootfs)")
+    entrypoint: list[str] | None = Field(
+        default=None, description="replaces the image's Entrypoint and drops its Cmd ([]: no "
+                                  "entrypoint); empty means the image's")
+    #: after image and entrypoint, so its validator sees them (an image may give the command)
+    command: list[str] = Field(default_factory=list, validate_default=True,
+                               description="argv of the workload (at least one word, unless an "
+                                           "image gives its own: then it replaces the image's "
+                                           "Cmd)")
     env: dict[str, str] = Field(default_factory=dict,
                                 description="variable names without '=' or NUL; values "
-                                            "without NUL")
+                                            "without NUL (laid over an image's Env)")
     start: bool = Field(default=True, description="start right after creating")
     vip: str | None = Field(
         default=None, max_length=64,
@@ -93,12 +100,15 @@ class CreateInstance(BaseModel):
             check_tail_path(source, path)
         return v
 
-    @field_validator("command")
+    @field_validator("command", "entrypoint")
     @classmethod
-    def _no_empty_program(cls, v: list[str]) -> list[str]:
-        if not v[0].strip():
+    def _no_empty_program(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if info.field_name == "command" and not v and info.data.get("image") is None \
+                and not info.data.get("entrypoint"):
+            raise ValueError("at least 1 word is needed: only an image may say what to run")
+        if v and not v[0].strip():
             raise ValueError("the program (first word of command) is empty")
-        if any("\0" in word for word in v):  # no exec takes it: refused here, not on a host
+        if any("\0" in word for word in v or []):  # no exec takes it: refused here
             raise ValueError("a word of the command contains a NUL byte")
         return v
 
@@ -181,6 +191,10 @@ class InstanceView(BaseModel):
     #: shelving: the host still keeping its disk, and the shelved manifest (when shelved)
     disk_host: str | None = None
     shelf: str | None = None
+    image_config: dict[str, Any] | None = Field(
+        default=None, description="what the image's config decided when it was created: user "
+        "(as the image names it), uid, gid, additional_gids, cwd, stop_signal (0: SIGTERM), "
+        "exposed_ports, healthcheck")
 
 
 class Resources(BaseModel):
@@ -207,6 +221,24 @@ class HostView(BaseModel):
     agent_version: str = ""
 
 
+class LeaderView(BaseModel):
+    """The server that leads the fleet (its lease in the database) and its generation."""
+
+    id: str
+    api_url: str
+    generation: int
+
+
+class ServerView(BaseModel):
+    """A ``corral server`` sharing the fleet's database, as of its last lease poll."""
+
+    id: str
+    api_url: str
+    nats_url: str
+    last_seen: float
+    leader: bool = False
+
+
 class FleetStatus(BaseModel):
     version: str
     hosts_up: int
@@ -214,6 +246,11 @@ class FleetStatus(BaseModel):
     instances: dict[str, int]
     nats_url: str
     db: str
+    #: who leads (None: no server holds the lease right now)
+    leader: LeaderView | None = None
+    servers: list[ServerView] = Field(default_factory=list)
+    #: every node of the bus this server knows (its own first)
+    nats: list[str] = Field(default_factory=list)
 
 
 class ErrorBody(BaseModel):

@@ -52,13 +52,29 @@ def _explain(url: str, exc: BaseException) -> CorralError:
     )
 
 
-async def connect(url: str, token: str | Credentials, name: str, **kw: Any) -> Client:
+def servers(url: str | list[str]) -> list[str]:
+    """The node URLs of ``url``: one, or several comma-separated (the nodes of a cluster).
+    nats-py takes a list and fails over between them; a comma string it would read as one
+    malformed URL."""
+    parts = url if isinstance(url, list) else url.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+async def connect(url: str | list[str], token: str | Credentials, name: str,
+                  **kw: Any) -> Client:
     """An authenticated connection named ``name`` that reconnects after it was once up.
 
-    Extra keyword arguments go to ``nats.connect`` (callbacks, ``reconnect_time_wait`` ...).
-    Raises :class:`Unauthorized` for a refused token, :class:`HostUnavailable` when nothing
-    answers at ``url``.
+    ``url`` may name several nodes of a cluster (a list, or comma-separated): the first
+    connection takes any that answers, and a lost one moves to another (the nodes a cluster
+    announces are added as they are learned). Extra keyword arguments go to ``nats.connect``
+    (callbacks, ``reconnect_time_wait`` ...). Raises :class:`Unauthorized` for a refused
+    token, :class:`HostUnavailable` when nothing answers at ``url``.
     """
+    nodes = servers(url)
+    url = ",".join(nodes)
+    if not nodes:
+        raise HostUnavailable("no NATS server URL given",
+                              hint="pass --nats URL (several: comma-separated)")
     timeout = float(kw.pop("connect_timeout", CONNECT_TIMEOUT))
     creds = token if isinstance(token, Credentials) else Credentials(token=token)
     login = creds.options()
@@ -70,10 +86,10 @@ async def connect(url: str, token: str | Credentials, name: str, **kw: Any) -> C
     try:
         # max_reconnect_attempts=0 would mean "for ever" to nats-py; 1 is one quick retry.
         probe = await asyncio.wait_for(
-            nats.connect(url, name=f"{name}-probe", allow_reconnect=False,
+            nats.connect(nodes, name=f"{name}-probe", allow_reconnect=False,
                          max_reconnect_attempts=1, reconnect_time_wait=0.1,
                          connect_timeout=timeout, error_cb=remember, **login),
-            timeout * 2,
+            timeout * (len(nodes) + 1),
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         cause = seen[0] if seen else exc
@@ -89,8 +105,8 @@ async def connect(url: str, token: str | Credentials, name: str, **kw: Any) -> C
     options.update(kw)
     try:
         return await asyncio.wait_for(
-            nats.connect(url, name=name, connect_timeout=timeout, **options),
-            timeout * 2,
+            nats.connect(nodes, name=name, connect_timeout=timeout, **options),
+            timeout * (len(nodes) + 1),
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise _explain(url, exc) from exc

@@ -6,6 +6,11 @@ data dir and the server requires the fleet token (``--auth``, passed in a 0600 c
 than argv), so the bus is never open to anyone on the host
 who can reach the port. Its output goes to ``DATA/nats-server.log``; when it fails to come up, the
 error carries the tail of that log, which is where the reason is.
+
+With a :class:`Cluster`, the node also listens for routes from the other nodes (each ``corral
+server`` of a fleet embeds one) and dials theirs; JetStream then keeps replicated streams across
+them. Every node's ``authorization`` block must list the same identities: each server writes
+its own from the shared database and reloads it when hosts are enrolled or removed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from corral.errors import ConfigError, CorralError
 
@@ -71,19 +78,85 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+#: the user nodes of one cluster log in to each other's route port as (the token: password)
+ROUTE_USER = "corral-route"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This node's place in a NATS cluster: its route port (on the node's host), the other
+    nodes' route URLs (``nats-route://host:port``), the cluster's name, this node's name
+    (JetStream's clustering needs one, unique) and, with TLS, the node's route certificate
+    and key (good for both ends of a connection) and the CA they are checked with.
+
+    Routes are authenticated by the fleet token (user :data:`ROUTE_USER`), which every server
+    of the fleet shares, and with TLS they are mutual TLS: each node shows its certificate and
+    checks the other's against the fleet's CA (nats-server requires both ends for routes)."""
+
+    port: int
+    routes: tuple[str, ...] = ()
+    name: str = "corral"
+    server_name: str = ""
+    tls: tuple[Path, Path] | None = None
+    ca_file: Path | None = None
+
+    @staticmethod
+    def parse_routes(text: str) -> tuple[str, ...]:
+        """``nats-route://h:p,nats-route://h2:p2`` (a scheme-less ``h:p`` is taken too)."""
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "://" not in part:
+                part = "nats-route://" + part
+            scheme = urlsplit(part).scheme
+            if scheme not in ("nats-route", "nats", "tls"):
+                raise ConfigError(f"route {part!r} is not a nats-route:// URL",
+                                  hint="nats_routes takes nats-route://host:port, "
+                                       "comma-separated")
+            out.append(part)
+        return tuple(out)
+
+    def block(self, host: str, token: str) -> str:
+        """The config's ``server_name`` and ``cluster`` block."""
+        secret = quote(token, safe="")
+        routes = []
+        for url in self.routes:
+            parts = urlsplit(url)
+            netloc = parts.netloc.rpartition("@")[2]
+            routes.append(f"{parts.scheme}://{ROUTE_USER}:{secret}@{netloc}")
+        cluster: dict[str, object] = {
+            "name": self.name, "listen": f"{host}:{self.port}", "routes": routes,
+            "authorization": {"user": ROUTE_USER, "password": token, "timeout": 2},
+        }
+        if self.tls is not None:
+            cert, key = self.tls
+            cluster["tls"] = {"cert_file": str(cert), "key_file": str(key),
+                              **({"ca_file": str(self.ca_file)} if self.ca_file else {}),
+                              "verify": True, "timeout": 3}
+        text = f"cluster {json.dumps(cluster, indent=1)}\n"
+        if self.server_name:
+            text = f"server_name: {json.dumps(self.server_name)}\n" + text
+        return text
+
+
 class EmbeddedNats:
     """One nats-server child process with JetStream in ``data_dir/nats``."""
 
     def __init__(self, data_dir: Path, token: str, host: str = "127.0.0.1", port: int = 0,
                  binary: str | None = None, auth: Callable[[], str] | None = None,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None, *, cluster: Cluster | None = None
+                 ) -> None:
         """``auth`` makes the config's ``authorization`` block (per-identity users, see
         :mod:`corral.bus.identity`); without it the one ``token`` lets everyone in (tests,
-        tools). ``tls`` is (certificate, key): clients then speak TLS (``tls://``)."""
+        tools). ``tls`` is (certificate, key): clients then speak TLS (``tls://``), and so do
+        the routes of a ``cluster``."""
         self.data_dir = Path(data_dir)
         self.token = token
         self.auth = auth
         self.tls = tls
+        self.cluster = cluster
         self.host = host
         self.requested_port = port
         self.port = port
@@ -159,6 +232,8 @@ class EmbeddedNats:
             cert, key = self.tls
             text += (f"tls {{ cert_file: {json.dumps(str(cert))}, "
                      f"key_file: {json.dumps(str(key))} }}\n")
+        if self.cluster is not None:
+            text += self.cluster.block(self.host, self.token)
         tmp = path.with_name(".auth.conf.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

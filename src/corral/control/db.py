@@ -27,17 +27,20 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from corral.bus.messages import WireSpec
+from corral.bus.messages import WireSpec, process_fields
 from corral.config import Settings
 from corral.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: the PostgreSQL advisory lock that serialises migrations of servers starting together
+MIGRATION_LOCK = 0x636F7272  # "corr"
 
 
 class Base(DeclarativeBase):
@@ -122,6 +125,10 @@ class Instance(Base):
     shelved_from: Mapped[str | None] = mapped_column(String(16), nullable=True)
     shelved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     offload_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: what its image's config decided at create (migration 0010, see images/oci_config.py):
+    #: the process's ids, working directory and stop signal, and what ``show`` shows of it;
+    #: kept here so every later copy (migrated, recreated, unshelved) runs the same process
+    image_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     def wire_spec(self, epoch: int | None = None) -> WireSpec:
         """What an agent is asked to create (the one place a row becomes a spec)."""
@@ -129,7 +136,8 @@ class Instance(Base):
                         rootfs=self.rootfs, image=self.image, env=dict(self.env or {}),
                         cpus=self.cpus, memory_bytes=self.memory_bytes,
                         epoch=self.epoch if epoch is None else epoch,
-                        tail=dict(self.tail or {}), vip=self.vip)
+                        tail=dict(self.tail or {}), vip=self.vip,
+                        **process_fields(self.image_config))
 
 
 class Standby(Base):
@@ -171,6 +179,34 @@ class ApiToken(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class LeaderLease(Base):
+    """The one lease row (id 1, migration 0009): which server leads, until when (the
+    database's clock), and the fencing ``generation``, bumped at every takeover. Every write
+    of the leader checks the generation in its own transaction (``control/leader.py``)."""
+
+    __tablename__ = "leadership"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str] = mapped_column(String(64))
+    holder_api_url: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class Server(Base):
+    """A ``corral server`` sharing this database (migration 0009), refreshed with its lease
+    polls: ``GET /v1/status`` lists them, enrolment hands hosts every node's bus URL."""
+
+    __tablename__ = "servers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_url: Mapped[str] = mapped_column(String(255))
+    nats_url: Mapped[str] = mapped_column(String(1024))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    version: Mapped[str] = mapped_column(String(64))
 
 
 def db_url(settings: Settings) -> URL:
@@ -219,6 +255,10 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # servers of one fleet start together: one migrates, the others wait for its
+            # transaction (PostgreSQL's DDL is transactional) and then find the schema at head
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

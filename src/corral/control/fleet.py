@@ -249,6 +249,18 @@ class Fleet:
         self.metrics[sample.host] = HostMetrics(sample, self.clock(),
                                                 {i.name: i for i in sample.instances})
 
+    def fresh_leases(self) -> int:
+        """A server that just took the lead gives every host that is up a whole lease from
+        now, before it expires anything: the seconds no server led (no heartbeat was
+        answered) must not count against the hosts. How many hosts it renewed."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            hosts = list(s.scalars(select(Host).where(Host.state == "up")))
+            for host in hosts:
+                host.lease_expires_at = max(host.lease_expires_at or 0.0,
+                                            now + self.settings.lease_seconds)
+        return len(hosts)
+
     def expire_leases(self) -> list[str]:
         """Mark hosts whose lease ran out ``down`` and their instances ``lost``."""
         now = self.clock()

@@ -158,6 +158,12 @@ class HaManager:
         self._handled: set[tuple[str, str, float]] = set()
         self._cleaning: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._run: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run the failover passes (on the leader only: it starts this when it takes over)."""
+        if self._run is None:
+            self._run = asyncio.create_task(self.run(), name="ha")
 
     # -- failover ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -245,6 +251,23 @@ class HaManager:
             self._spawn(self._cleanup(host, c))
         return todo
 
+    def reconcile_all(self) -> None:
+        """A new leader asks every host that is up what it holds and reconciles each answer
+        as a rejoin (stale copies a failover or a fence left behind while no one led)."""
+        with self.fleet.sessions() as s:
+            hosts = list(s.scalars(select(Host.name).where(Host.state == "up")))
+        for host in hosts:
+            self._spawn(self._ask(host))
+
+    async def _ask(self, host: str) -> None:
+        try:
+            reports = await self.agents.call(host, rpc.LIST, rpc.NoArgs())
+        except CorralError as exc:
+            log.info("reconcile: %s did not say what it holds (%s); its next heartbeat will",
+                     host, exc)
+            return
+        self.on_report(host, list(reports))
+
     async def _cleanup(self, host: str, c: Cleanup) -> None:
         if c.instance in self.fleet.locks.instances:  # taken since the report: not ours
             self._cleaning.discard((host, c.instance))
@@ -274,6 +297,12 @@ class HaManager:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        """Stop the passes and every failover and cleanup in flight (a failover's operation
+        stays unfinished: the next leader resumes it)."""
+        if self._run is not None:
+            self._run.cancel()
+            await asyncio.gather(self._run, return_exceptions=True)
+            self._run = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -11,6 +11,7 @@ import builtins
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -112,8 +113,12 @@ def _from_body(body: str) -> OpRecord:
 class OperationStore:
     """Operation rows in the server's database (SQLite or PostgreSQL, same code)."""
 
-    def __init__(self, engine: sa.Engine, create: bool = False) -> None:
+    def __init__(self, engine: sa.Engine, create: bool = False,
+                 fence: Callable[[sa.Connection], None] | None = None) -> None:
+        """``fence(conn)`` runs first in every write transaction and raises to refuse it (the
+        control plane's leader check: a deposed leader's operations record nothing)."""
         self.engine = engine
+        self.fence = fence
         if create:
             metadata.create_all(engine)
 
@@ -125,6 +130,8 @@ class OperationStore:
             "updated_at": rec.updated_at,
         }
         with self.engine.begin() as conn:
+            if self.fence is not None:
+                self.fence(conn)
             done = conn.execute(
                 operations.update().where(operations.c.id == rec.id).values(**values)
             )

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import ssl
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -34,12 +35,16 @@ from corral.api.models import (
     FleetStatus,
     HostView,
     InstanceView,
+    LeaderView,
+    ServerView,
 )
 from corral.control import prom, views
 from corral.control.fleet import Fleet
 from corral.control.http import tokens as tokens_http
+from corral.control.http.forward import Forward, Leading
 from corral.control.http.guard import TOKEN_HINT, Guard
 from corral.control.instances import InstanceService
+from corral.control.leader import LeaderInfo, ServerInfo
 from corral.control.tokens import FLEET, PREFIX, Principal, TokenStore
 from corral.errors import CorralError, HTTPError, InvalidRequest, NotFound, Unauthorized
 from corral.lifecycle import Verb
@@ -103,14 +108,43 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
                           details={"fields": fields})
 
 
+class Cluster(Leading, Protocol):
+    """What the API shows of the servers sharing the database
+    (:class:`corral.control.leader.Leadership`)."""
+
+    @property
+    def leader(self) -> LeaderInfo | None: ...
+
+    @property
+    def servers(self) -> list[ServerInfo]: ...
+
+    def nats_urls(self) -> list[str]: ...
+
+
+def cluster_status(cluster: Cluster) -> dict[str, Any]:
+    """The status's ``leader``, ``servers`` and ``nats``, as of the last lease poll."""
+    lead = cluster.leader
+    return {
+        "leader": None if lead is None else LeaderView(id=lead.id, api_url=lead.api_url,
+                                                       generation=lead.generation),
+        "servers": [ServerView(id=s.id, api_url=s.api_url, nats_url=s.nats_url,
+                               last_seen=s.last_seen, leader=lead is not None and s.id == lead.id)
+                    for s in cluster.servers],
+        "nats": cluster.nats_urls(),
+    }
+
+
 def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
               db: str, routers: Sequence[Callable[[list[Any]], APIRouter]] = (),
-              collectors: Sequence[Collector] = (), tokens: TokenStore | None = None
-              ) -> FastAPI:
+              collectors: Sequence[Collector] = (), tokens: TokenStore | None = None,
+              cluster: Cluster | None = None,
+              ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None) -> FastAPI:
     """The API over ``fleet`` (reads) and ``service`` (writes). ``routers`` are factories that
     get the auth dependencies and return more routes (images, logs, events...), so each area
     keeps its routes in its own module. ``token`` is the fleet token (admin); ``tokens`` the
-    named ones (by default in the fleet's database)."""
+    named ones (by default in the fleet's database). With a ``cluster`` (several servers on
+    one database), a follower forwards what writes to the leader (:mod:`.forward`, TLS checked
+    with ``ssl_context``) and the status names the leader and the servers."""
     store = tokens if tokens is not None else TokenStore(fleet.sessions)
 
     def authenticate(presented: str) -> Principal | None:
@@ -133,6 +167,8 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
     auth = [Depends(require_principal)]
     app = FastAPI(title="corral", version=corral.__version__, openapi_url=None, docs_url=None,
                   redoc_url=None, responses=ERRORS)
+    if cluster is not None:  # inside the guard: only what it let through goes on
+        app.add_middleware(Forward, leadership=cluster, ssl_context=ssl_context)
     app.add_middleware(Guard, routes=lambda: app.router.routes, authenticate=authenticate)
 
     @app.exception_handler(CorralError)
@@ -175,7 +211,10 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
 
     @app.get("/v1/status", dependencies=auth, tags=["fleet"])
     async def status() -> FleetStatus:
-        return views.fleet_status(fleet, nats_url, db)
+        st = views.fleet_status(fleet, nats_url, db)
+        if cluster is None:
+            return st.model_copy(update={"nats": [nats_url]})
+        return st.model_copy(update=cluster_status(cluster))
 
     @app.get("/v1/hosts", dependencies=auth, tags=["fleet"])
     async def hosts() -> list[HostView]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as DbEngine
 
 from corral.api import operations as wire
@@ -50,7 +51,7 @@ from corral.control.operations.unshelve_group import KIND as UNSHELVE_GROUP
 from corral.control.operations.unshelve_group import UnshelveGroup
 from corral.errors import Busy, CorralError
 from corral.images.store import ImageStore
-from corral.ops.engine import Engine, Kind
+from corral.ops.engine import Engine, Kind, owner
 from corral.ops.hooks import Hooks
 from corral.ops.store import FINISHED, OperationStore, OpRecord
 
@@ -91,11 +92,14 @@ def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
 class Operations:
     def __init__(self, db: DbEngine, fleet: Fleet, agents: AgentCaller, settings: Settings,
                  publish: Callable[[OpRecord], None] | None = None,
-                 images: Callable[[], ImageStore | None] = lambda: None) -> None:
+                 images: Callable[[], ImageStore | None] = lambda: None,
+                 fence: Callable[[Connection], None] | None = None) -> None:
         self.fleet = fleet
         self.settings = settings
         self.publish = publish
-        self.store = OperationStore(db)  # the table comes from migration 0003, never create_all
+        # the table comes from migration 0003, never create_all; ``fence`` refuses the saves
+        # of a server that no longer leads (control/leader.py)
+        self.store = OperationStore(db, fence=fence)
         self.hooks_dir = hooks_dir(settings)
         self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed,
                              pause_dir=Path(settings.data_dir) / "drills", locks=fleet.locks)
@@ -105,8 +109,14 @@ class Operations:
         self._first_save: dict[str, asyncio.Future[OpRecord]] = {}
         #: operations ended since they were waited for (see :meth:`wait`)
         self._ended: dict[str, asyncio.Future[OpRecord]] = {}
+        #: operations recorded unfinished by this server: what it holds locks for
+        self._holding: dict[str, OpRecord] = {}
 
     def _changed(self, rec: OpRecord) -> None:
+        if rec.state in FINISHED:
+            self._holding.pop(rec.id, None)
+        else:
+            self._holding[rec.id] = rec
         if self.publish is not None:
             try:
                 self.publish(rec)
@@ -173,6 +183,7 @@ class Operations:
         with contextlib.suppress(OSError):
             self.hooks_dir.mkdir(parents=True, exist_ok=True)
         unfinished = self.engine.hold_unfinished()
+        self._holding.update((rec.id, rec) for rec in unfinished)
         if unfinished:
             self._spawn(self._resume(started_at), "ops-resume")
 
@@ -200,3 +211,17 @@ class Operations:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 5)
         self._tasks.clear()
+
+    async def step_down(self) -> None:
+        """This server no longer leads: stop its operations where they are (the new leader
+        resumes them from their records, as after a crash) and let go of what they held, so
+        that taking the lead again later holds them afresh."""
+        await self.stop()
+        for rec in self._holding.values():
+            self.engine.locks.release(owner(rec))
+        self._holding.clear()
+        for fut in [*self._first_save.values(), *self._ended.values()]:
+            if not fut.done():
+                fut.cancel()
+        self._first_save.clear()
+        self._ended.clear()
