@@ -193,3 +193,43 @@ def test_a_sink_writes_for_more_instances_than_it_may_open_files(tmp_path: Path)
     again = LogSink(tmp_path, "t")  # what the checkpoint vouches for is all there
     assert again.cp.lengths["i42/stdout.log"] == len("i42 line 1\ni42 line 2\n")
     again.close()
+
+
+async def test_a_second_visit_to_a_host_is_kept_whole(bus: EmbeddedNats, tmp_path: Path) -> None:
+    """An instance that left a host and came back captures from a fresh offsets file, so its
+    lines are numbered from 1 again: the stream (dedup ids) and the sink (line numbers) keep
+    them, since each visit is a run of its own; an agent restart within a visit still repeats
+    its batches, and those are dropped."""
+    from corral.telemetry.capture import LogCapture
+
+    nc = await nats.connect(bus.url, token=TOKEN)
+    js = nc.jetstream()
+    await streams.ensure(js, streams.logs_config())
+    out = tmp_path / "stdout.log"
+    runs = []
+    for visit in (1, 2):
+        out.write_text("".join(f"visit{visit} {i}\n" for i in range(1, 4)))
+        state = tmp_path / f"offsets-{visit}.json"  # a new copy: a new instance dir
+        cap = LogCapture(out, state, "h1", "web", "stdout")
+        assert await cap.pump(js) == 3
+        runs.append(cap.pos.run)
+        # the agent restarted before its offsets were saved: the same batch again
+        again = LogCapture(out, state, "h1", "web", "stdout")
+        again.pos.offset, again.pos.next_seq = 0, 1
+        again._save()
+        assert await LogCapture(out, state, "h1", "web", "stdout").pump(js) == 3
+    assert runs[0] != runs[1]
+    info = await js.stream_info(streams.logs_config().name)
+    assert info.state.messages == 2  # one batch per visit; the repeats were dropped
+    await nc.close()
+    sink = LogSink(tmp_path / "sink", "v")
+    sub_nc = await nats.connect(bus.url, token=TOKEN)
+    sub = await sub_nc.jetstream().subscribe(subjects.LOGS_ALL, ordered_consumer=True)
+    for seq in (1, 2):
+        msg = await sub.next_msg(timeout=5)
+        sink.apply(seq, msg.data, msg.subject)
+    await sub_nc.close()
+    sink.checkpoint()
+    assert read_lines(tmp_path / "sink", "web") == [
+        *(f"visit1 {i}" for i in range(1, 4)), *(f"visit2 {i}" for i in range(1, 4))]
+    assert sink.cp.gaps == 0

@@ -158,7 +158,10 @@ class LogBatch(BaseModel):
     """Lines of one source (an instance's stdout, stderr or a tailed file), batched.
 
     ``first_seq`` numbers the first line; line i has ``first_seq + i``. Sequences are per
-    (host, instance, source) and survive agent restarts, so a sink can tell a gap from a repeat.
+    (host, instance, source, run) and survive agent restarts, so a sink can tell a gap from a
+    repeat. ``run`` names one copy's capture on its host (made with its offsets file): an
+    instance that comes back to a host it left numbers its lines from 1 again, and without it
+    those lines would look like repeats of its first visit's and be dropped.
     """
 
     host: str
@@ -167,8 +170,16 @@ class LogBatch(BaseModel):
     first_seq: int = Field(ge=1)
     lines: list[str]
     ts: float
+    run: str = Field(default="", max_length=16, pattern=r"^[0-9a-f]*$")
+
+    @property
+    def key(self) -> str:
+        """What line numbers count within: one source of one copy on one host."""
+        base = f"{self.host}/{self.instance}/{self.source}"
+        return f"{base}/{self.run}" if self.run else base
 
     @property
     def msg_id(self) -> str:
         """JetStream dedup id: a batch re-sent after an agent restart is stored once."""
-        return f"{self.host}:{self.instance}:{self.source}:{self.first_seq}:{len(self.lines)}"
+        return (f"{self.host}:{self.instance}:{self.source}:{self.run}:{self.first_seq}:"
+                f"{len(self.lines)}")

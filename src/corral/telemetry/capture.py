@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +35,8 @@ class Offsets:
     offset: int = 0
     next_seq: int = 1
     inode: int = 0
+    #: this capture's run (see ``LogBatch.run``): made with the offsets file, kept with it
+    run: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
 class LogCapture:
@@ -51,7 +54,9 @@ class LogCapture:
     def _load(self) -> Offsets:
         try:
             raw = json.loads(self.state.read_text())
-            return Offsets(int(raw["offset"]), int(raw["next_seq"]), int(raw.get("inode", 0)))
+            # a file written before runs existed keeps numbering without one
+            return Offsets(int(raw["offset"]), int(raw["next_seq"]), int(raw.get("inode", 0)),
+                           str(raw.get("run", "")))
         except (FileNotFoundError, ValueError, KeyError):
             return Offsets()
 
@@ -115,7 +120,8 @@ class LogCapture:
         if not lines:
             return None, self.pos.offset
         batch = LogBatch(host=self.host, instance=self.instance, source=self.source,
-                         first_seq=self.pos.next_seq, lines=lines, ts=time.time())
+                         first_seq=self.pos.next_seq, lines=lines, ts=time.time(),
+                         run=self.pos.run)
         return batch, self.pos.offset + used
 
     async def pump(self, js: Any) -> int:

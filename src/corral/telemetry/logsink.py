@@ -138,7 +138,7 @@ class LogSink:
             log.warning("sink %s: message %d is not a log batch of its subject: %s",
                         self.name, stream_seq, str(exc)[:200])
             return
-        key = f"{batch.host}/{batch.instance}/{batch.source}"
+        key = batch.key
         last = self.cp.last_line.get(key, 0)
         if batch.first_seq > last + 1:
             self._gap(key, last + 1, batch.first_seq - 1)

@@ -41,11 +41,11 @@ class InstanceTraffic:
         self.rates = {w: RateWindow(w) for w in sorted(set(rate_windows))}
         self.lines = 0
         self.duplicates = 0
-        self._next_seq: dict[tuple[str, str], int] = {}
+        self._next_seq: dict[str, int] = {}
 
     def feed(self, batch: LogBatch) -> int:
         """Count a batch's new lines; returns how many were parsed as requests."""
-        key = (batch.host, batch.source)
+        key = batch.key
         expect = self._next_seq.get(key, 0)
         skip = max(0, min(len(batch.lines), expect - batch.first_seq))
         self.duplicates += skip

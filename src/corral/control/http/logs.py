@@ -71,7 +71,7 @@ async def _stream(js: Any, subject: str, start: float | None, follow: bool, sour
     sub = await js.subscribe(subject, stream=streams.LOGS, ordered_consumer=True, config=config)
     #: last line number sent per (host, source): a batch the agent sent again after a crash
     #: (same numbers) is shown once, as the sinks write it once.
-    last: dict[tuple[str, str], int] = {}
+    last: dict[str, int] = {}
     try:
         idle_since = time.monotonic()
         while True:
@@ -86,7 +86,7 @@ async def _stream(js: Any, subject: str, start: float | None, follow: bool, sour
                 batch = LogBatch.model_validate_json(msg.data)
             except ValidationError:
                 continue
-            key = (batch.host, batch.source)
+            key = batch.key
             skip = max(0, last.get(key, 0) + 1 - batch.first_seq)
             last[key] = max(last.get(key, 0), batch.first_seq + len(batch.lines) - 1)
             out = lines_of(batch, source)[skip:]
