@@ -108,9 +108,33 @@ class Settings:
                                   "corral")
     stream_replicas: int = _doc("server: copies JetStream keeps of the event and log streams "
                                 "(1; 3 in a cluster of three nodes)", 1)
+    failover: str = _doc("timing preset: empty keeps the defaults; 'fast' makes lease_seconds "
+                         "2, heartbeat_seconds 0.5, fence_margin_seconds 0.5 and "
+                         "failover_grace_seconds 0.5 (each still set on its own wins)", "")
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+#: named timing presets (``failover = "fast"``): defaults beneath every layer, so any of these
+#: settings given on its own (file, environment, flag) still wins
+PROFILES: dict[str, dict[str, float]] = {
+    "": {},
+    "fast": {"lease_seconds": 2.0, "heartbeat_seconds": 0.5, "fence_margin_seconds": 0.5,
+             "failover_grace_seconds": 0.5},
+}
+#: the fence keeper's look at ``lease.json`` (``corral.agent.keeper.POLL_SECONDS``)
+KEEPER_POLL_SECONDS = 0.1
+#: the least ``fence_margin_seconds``: the keeper's poll, then killing the instances' cgroups
+#: and deleting their VIPs (``ip addr del``), on a loaded host
+MIN_FENCE_MARGIN = KEEPER_POLL_SECONDS + 0.15
+#: the least ``lease_seconds - fence_margin_seconds``: how long an agent keeps its guarded
+#: instances without an acknowledged heartbeat (a heartbeat's answer is awaited up to 1 s)
+MIN_FENCE_WINDOW = 1.0
+#: the fewest heartbeats a lease must hold (two may be late or lost before the host is down)
+HEARTBEATS_PER_LEASE = 3
+#: the fewest heartbeats the agent's fence window must hold (one may be slow before it fences)
+HEARTBEATS_PER_FENCE_WINDOW = 2
+_EPS = 1e-9
+
 #: durations whose 0 and -1 mean something (the docs define them): what -1 means
 SPECIAL_VALUES = {"shelved_offload_seconds": "never"}
 
@@ -184,7 +208,76 @@ def load(
         merged.update(read_file(Path(path)))
     merged.update(env_values)
     merged.update(from_mapping(set_flags, "the command line"))
-    return Settings(**merged)
+    profile = str(merged.get("failover", "")).strip().lower()
+    if profile == "default":
+        profile = ""
+    if profile not in PROFILES:
+        raise ConfigError(f"setting 'failover' has a bad value {merged['failover']!r}",
+                          hint="failover takes '' (the defaults) or "
+                               + ", ".join(repr(k) for k in PROFILES if k))
+    merged["failover"] = profile
+    for key, value in PROFILES[profile].items():
+        merged.setdefault(key, value)
+    settings = Settings(**merged)
+    check_timing(settings)
+    return settings
+
+
+def timing_problems(s: Settings) -> list[tuple[str, str]]:
+    """What is wrong with the lease timings, as (problem, what to do) pairs; empty when sound.
+
+    The rules (docs/configuration.md, "Lease and fencing timings"):
+
+    1. ``heartbeat_seconds <= lease_seconds / 3``: the server's lease holds three heartbeats;
+    2. ``fence_margin_seconds >= 0.25``: the agent's fence deadline falls at least the margin
+       before the server's (it counts from the heartbeat's send, the server from its arrival),
+       and the margin must cover the fence keeper's poll (0.1 s) and the kill itself, so the
+       old copy is gone before the lease ends -- and ``failover_grace_seconds`` later the
+       server fails it over;
+    3. ``lease_seconds - fence_margin_seconds >= max(2 * heartbeat_seconds, 1.0)``: the agent
+       keeps its instances through a heartbeat answered late, and for at least a second.
+    """
+    out: list[tuple[str, str]] = []
+    lease, hb, margin = s.lease_seconds, s.heartbeat_seconds, s.fence_margin_seconds
+    window = lease - margin
+    if hb * HEARTBEATS_PER_LEASE > lease + _EPS:
+        out.append((f"heartbeat_seconds {hb:g} is more than a third of lease_seconds {lease:g}: "
+                    "a host would lose its lease after fewer than three heartbeats",
+                    f"set heartbeat_seconds to at most {lease / HEARTBEATS_PER_LEASE:.3g}, or "
+                    f"lease_seconds to at least {hb * HEARTBEATS_PER_LEASE:.3g}"))
+    if margin + _EPS < MIN_FENCE_MARGIN:
+        out.append((f"fence_margin_seconds {margin:g} is under {MIN_FENCE_MARGIN:g}: the fence "
+                    "keeper's poll (0.1 s) and the kill may not be over before the server's "
+                    "lease ends",
+                    f"set fence_margin_seconds to at least {MIN_FENCE_MARGIN:g}"))
+    need = max(HEARTBEATS_PER_FENCE_WINDOW * hb, MIN_FENCE_WINDOW)
+    if window + _EPS < need:
+        why = (f"shorter than {HEARTBEATS_PER_FENCE_WINDOW} heartbeats "
+               f"({HEARTBEATS_PER_FENCE_WINDOW} x {hb:g})"
+               if need > MIN_FENCE_WINDOW else f"under {MIN_FENCE_WINDOW:g} s")
+        fixes = []
+        if lease - need >= MIN_FENCE_MARGIN - _EPS:
+            fixes.append(f"fence_margin_seconds to at most {lease - need:.3g}")
+        fixes.append(f"lease_seconds to at least {need + max(margin, MIN_FENCE_MARGIN):.3g}")
+        out.append((f"the fence window lease_seconds - fence_margin_seconds = {lease:g} - "
+                    f"{margin:g} = {window:.3g} s is {why}: one slow heartbeat would make the "
+                    "host fence its own instances",
+                    "set " + ", or ".join(fixes)
+                    + (f", or heartbeat_seconds to at most {window / 2:.3g}"
+                       if need > MIN_FENCE_WINDOW and window / 2 >= 0.01 else "")))
+    return out
+
+
+def check_timing(s: Settings) -> None:
+    """Refuse lease timings that break a rule of :func:`timing_problems`, saying what to do."""
+    problems = timing_problems(s)
+    if problems:
+        raise ConfigError(
+            "bad lease timings: " + "; ".join(p for p, _ in problems),
+            hint="; ".join(h for _, h in problems)
+                 + ("" if s.failover else " (or --set failover=fast: lease 2 s, heartbeat 0.5 s,"
+                    " fence margin 0.5 s, grace 0.5 s)")
+                 + "; see 'Lease and fencing timings' in docs/configuration.md")
 
 
 def ensure_token(settings: Settings) -> str:
