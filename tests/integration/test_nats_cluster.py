@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.js.api import StreamConfig
 from test_leadership import TOKEN, fresh_db, start_servers, stop_servers
@@ -100,10 +101,24 @@ async def test_a_stream_with_three_copies_survives_killing_a_node(three: Nodes) 
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, Exception):
                 assert time.monotonic() < deadline, "the stream did not come back"
                 await asyncio.sleep(0.2)
-        sub = await js.pull_subscribe("r3.a", durable="check")
+        # a consumer is made by the cluster's meta leader: if the kill took that one too, the
+        # two left elect another first (seconds on a loaded machine)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                sub = await js.pull_subscribe("r3.a", durable="check")
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                assert time.monotonic() < deadline, "no consumer could be made"
+                await asyncio.sleep(0.2)
         got: list[int] = []
         while len(got) < 200:
-            for msg in await sub.fetch(100, timeout=5):
+            try:
+                batch = await sub.fetch(100, timeout=5)
+            except nats.errors.TimeoutError:
+                assert time.monotonic() < deadline, f"only {len(got)} of 200 came back"
+                continue
+            for msg in batch:
                 got.append(int(msg.data))
                 await msg.ack()
         assert got[:200] == list(range(200))  # every acknowledged message, in order, once

@@ -54,13 +54,15 @@ def _process_module(*names: str) -> Any:
 
 
 def server(data: Path | None, api_host: str | None, api_port: int | None, nats: str | None,
-           nats_host: str | None, nats_port: int | None, db: str | None, tls: str | None,
+           nats_host: str | None, nats_port: int | None, nats_cluster_port: int | None,
+           nats_routes: str | None, server_name: str | None, db: str | None, tls: str | None,
            token: str | None, log_level: str | None, set_: list[str] | None,
            cfg: Path | None) -> None:
     """The control plane, imported only now: no other command loads the server's packages."""
     settings = _settings(
         {"data_dir": data, "api_host": api_host, "api_port": api_port, "nats_url": nats,
-         "nats_host": nats_host, "nats_port": nats_port, "db_url": db, "tls": tls,
+         "nats_host": nats_host, "nats_port": nats_port, "nats_cluster_port": nats_cluster_port,
+         "nats_routes": nats_routes, "server_name": server_name, "db_url": db, "tls": tls,
          "token": token, "log_level": log_level},
         set_, cfg,
     )

@@ -173,7 +173,13 @@ COMMANDS: dict[str, Command | Group] = {
         opt("--nats", help="external NATS URL"),
         opt("--nats-host", help="embedded NATS address"),
         opt("--nats-port", help="embedded NATS port; 0 = free", type=int),
-        opt("--db", help="SQLAlchemy URL"),
+        opt("--nats-cluster-port", help="embedded NATS: port for the other nodes of its "
+            "cluster (routes); 0 = no cluster", type=int),
+        opt("--nats-routes", help="embedded NATS: the other nodes, comma-separated "
+            "nats-route://HOST:PORT"),
+        opt("--server-name", help="this server's node name in the NATS cluster (default: its "
+            "id)"),
+        opt("--db", help="SQLAlchemy URL (postgresql+psycopg://... for several servers)"),
         opt("--tls", help="on: HTTPS and TLS with the fleet's own CA (DATA/pki); off: "
             "loopback only", choices=("on", "off")),
         TOKEN, LOG_LEVEL, SET, CONFIG,

@@ -73,7 +73,7 @@ def _quiet(_: str) -> None:
 #: settings a fleet's processes take from the caller's environment (timings, logging); the
 #: rest (addresses, ports, data dirs, the token) are set by ``up`` itself.
 PASSED_SETTINGS = ("HEARTBEAT_SECONDS", "LEASE_SECONDS", "SAMPLE_SECONDS", "STOP_TIMEOUT",
-                   "LOG_LEVEL", "FAILOVER_GRACE_SECONDS", "FENCE_MARGIN_SECONDS")
+                   "LOG_LEVEL", "FAILOVER_GRACE_SECONDS", "FENCE_MARGIN_SECONDS", "FAILOVER")
 
 
 def child_env(token: str = "") -> dict[str, str]:
@@ -282,6 +282,31 @@ def _start_servers(data: Path, env: dict[str, str], net: netns.FleetNetwork | No
     readies = [_wait_ready(proc, sdir / "server.json", opts.timeout)
                for proc, sdir in zip(servers, dirs, strict=True)]
     return servers, readies
+
+
+def respawn_server(ctx: FleetContext, old: ProcInfo, timeout: float = 120.0,
+                   context: Path | None = None) -> ProcInfo:
+    """Start a server of the fleet again with its recorded command and the environment ``up``
+    gave it (token, database URL), on the same ports (a rolling restart, or one after a
+    crash), wait until it is ready, and record it in place of ``old`` in the context."""
+    if procs.alive(old):
+        raise CorralError(f"{old.name} (pid {old.pid}) still runs",
+                          hint="stop it first; a server is restarted, never doubled")
+    env = child_env(ctx.token)
+    if ctx.postgres is not None and ctx.data_dir:
+        from corral.rig import postgres
+
+        env["CORRAL_DB_URL"] = postgres.url_of(ctx.postgres, Path(ctx.data_dir) / "postgres")
+    sdir = Path(old.argv[old.argv.index("--data") + 1])
+    (sdir / "server.json").unlink(missing_ok=True)
+    proc = procs.spawn(old.name, old.argv, Path(old.log), env=env)
+    _wait_ready(proc, sdir / "server.json", timeout)
+    if ctx.server is not None and ctx.server.name == old.name:
+        ctx.server = proc
+    else:
+        ctx.servers = [proc if p.name == old.name else p for p in ctx.servers]
+    save_context(ctx, context)
+    return proc
 
 
 def _wait_ready(server: ProcInfo, ready_file: Path, timeout: float) -> dict[str, Any]:

@@ -153,3 +153,11 @@ def _ensure_database(port: int, password: str) -> None:
             conn.execute(f"CREATE DATABASE {DATABASE}")
     finally:
         conn.close()
+
+
+def url_of(proc: ProcInfo, top: Path) -> str:
+    """The database URL of a PostgreSQL :func:`start` started (its port from its argv, the
+    password from ``top/password``): what a server restarted later is given again."""
+    port = proc.argv[proc.argv.index("-p") + 1]
+    password = (top / "password").read_text().strip()
+    return f"postgresql+psycopg://{USER}:{password}@127.0.0.1:{port}/{DATABASE}"
