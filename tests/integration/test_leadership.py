@@ -30,20 +30,22 @@ import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
+from nats.aio.msg import Msg
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from test_api import FakeAgent, wait_for
 from test_postgres import pg_url  # noqa: F401  (the module's PostgreSQL server)
 
-from corral.bus import identity
-from corral.bus.connect import connect
+from corral.bus import codec, identity, subjects
+from corral.bus.connect import connect, request
 from corral.bus.embedded import free_port
+from corral.bus.messages import Capacity, Command, JoinReply, JoinRequest, Reply, WireSpec
 from corral.config import Settings
 from corral.control.db import Host, open_db
 from corral.control.leader import Leadership
 from corral.control.pki import Authority
 from corral.control.server import ControlPlane
-from corral.errors import NotLeader
+from corral.errors import CorralError, NotFound, NotLeader
 from corral.ops.store import OperationStore, OpRecord
 
 pytestmark = pytest.mark.postgres
@@ -156,7 +158,9 @@ def db(pg_url: str, tmp_path: Path) -> Iterator[str]:  # noqa: F811
 
 async def test_one_server_takes_the_lease_and_a_deposed_one_cannot_commit(db: str) -> None:
     ea, eb = sa.create_engine(db), sa.create_engine(db)
-    a, b = Leadership(ea, "a", 1.5), Leadership(eb, "b", 1.5)
+    # a's clock stands still (a paused process, a clock off): by its own count its lease is
+    # always sure, so only the database's fence can stop it
+    a, b = Leadership(ea, "a", 1.5, clock=lambda: 0.0), Leadership(eb, "b", 1.5)
     sessions_a = sessionmaker(ea)
     a.install(sessions_a)
     try:
@@ -325,7 +329,8 @@ class Proc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         for name in ("data_dir", "token", "db_url", "nats_port", "nats_cluster_port",
                      "nats_routes", "server_name", "lease_seconds", "heartbeat_seconds",
-                     "leader_lease_seconds", "stream_replicas", "tls"):
+                     "leader_lease_seconds", "stream_replicas", "tls",
+                     "failover_grace_seconds"):
             env[f"CORRAL_{name.upper()}"] = str(getattr(self.settings, name))
         env["CORRAL_API_PORT"] = str(self.settings.api_port)
         (self.data / "server.json").unlink(missing_ok=True)
@@ -347,7 +352,6 @@ class Proc:
 
     def kill(self) -> None:
         assert self.proc is not None
-        print("KILL", time.time(), self.settings.server_name)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
@@ -368,10 +372,14 @@ class Proc:
 
 @pytest.fixture
 def procs(pg_url: str, tmp_path: Path) -> Iterator[list[Proc]]:  # noqa: F811
+    yield from _procs(pg_url, tmp_path, lease_seconds=10.0, heartbeat_seconds=2.0,
+                      leader_lease_seconds=3.0)
+
+
+def _procs(pg_url: str, tmp_path: Path, **kw: Any) -> Iterator[list[Proc]]:  # noqa: F811
     url = fresh_db(pg_url, "procs")
-    out = [Proc(s) for s in cluster_settings(tmp_path, url, 3, stream_replicas=3,
-                                             lease_seconds=10.0, heartbeat_seconds=2.0,
-                                             leader_lease_seconds=3.0, tls="on")]
+    out = [Proc(s) for s in cluster_settings(tmp_path, url, 3, stream_replicas=3, tls="on",
+                                             **kw)]
     for p in out:
         p.settings.api_port = free_port("127.0.0.1")
     try:
@@ -511,8 +519,7 @@ async def test_a_killed_leader_is_replaced_and_its_operation_resumed(
     print(f"\ntakeover after kill -9 (s): {[round(t, 2) for t in took]}, "
           f"median {statistics.median(took):.2f}; longest stretch without an answered "
           f"heartbeat {beats.longest if beats else 0:.2f}s")
-    s = nodes[0]
-    assert statistics.median(took) < 2 * s.leader_lease_seconds
+    s = nodes[0]  # (how fast: bench/takeover.py; here, that no host went without a lease)
     assert beats is not None and beats.longest < s.lease_seconds - s.fence_margin_seconds
 
 
@@ -557,3 +564,266 @@ async def test_a_rolling_restart_keeps_every_host_up(procs: list[Proc]) -> None:
     print(f"\nrolling restart: longest stretch without an answered heartbeat "
           f"{beats.longest if beats else 0:.2f}s; failures {beats.failures if beats else []}")
     assert beats is not None and beats.longest < s.lease_seconds - s.fence_margin_seconds
+
+
+# --- kill -9 of the leader at every step of a migration and of a failover ------------------------
+
+
+class MoveAgent(FakeAgent):
+    """A fake agent that also moves disks, as far as the server can tell: it keeps its slots
+    (incoming, standby) and its adopted disks in sets, so that what an operation leaves behind
+    shows, and it answers not_found for an instance it does not hold, as a real one does."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.slots: set[tuple[str, str]] = set()
+        self.disks: set[str] = set()
+
+    async def join(self) -> JoinReply:
+        req = JoinRequest(host=self.name, address="127.0.0.1",
+                          capacity=Capacity(cores=self.cores, memory_bytes=self.memory,
+                                            disk_bytes=10 * GiB),
+                          drivers={d: {"can_freeze": True} for d in self.drivers},
+                          agent_version="fake", instances=list(self.instances.values()),
+                          data_port=1)
+        return await request(self.nc, subjects.join(self.name), req, JoinReply, 5)
+
+    async def _on_cmd(self, msg: Msg) -> None:
+        cmd = codec.decode(msg.data, Command)
+        self.calls.append(cmd)
+        try:
+            result = self._do(cmd.verb, cmd.args)
+        except CorralError as err:
+            await msg.respond(codec.encode(Reply(ok=False, error=err.to_dict())))
+            return
+        await msg.respond(codec.encode(Reply(ok=True, result=result)))
+
+    def _do(self, verb: str, args: dict[str, Any]) -> Any:
+        name = args.get("name") or ""
+        if verb == "disk_recv":
+            self.slots.add((name, args["slot"]))
+            return {"address": "127.0.0.1", "port": 1, "path": f"/slots/{name}"}
+        if verb == "disk_send":
+            if name not in self.instances:
+                raise NotFound(f"no instance {name} on {self.name}")
+            if args["mode"] == "frozen" and args.get("keep_frozen"):
+                self.set_state(name, "frozen")
+            return {"bytes": 1000, "files": 1, "seconds": 0.01, "full": True, "gen": "g",
+                    "freeze_ms": 1.0 if args["mode"] == "frozen" else None,
+                    "data_at": time.time()}
+        if verb in ("disk_discard", "disk_commit"):
+            if verb == "disk_discard":
+                self.slots.discard((name, args["slot"]))
+            return None
+        if verb == "disk_adopt":
+            if (name, args["slot"]) not in self.slots:
+                raise NotFound(f"no {args['slot']} copy of {name} on {self.name}")
+            self.slots.discard((name, args["slot"]))
+            self.disks.add(name)
+            return {"path": f"/disks/{name}"}
+        if verb == "disk_demote":
+            self.disks.discard(name)
+            self.slots.add((name, "standby"))
+            return {"path": f"/slots/{name}"}
+        if verb in ("status", "start", "stop", "kill", "freeze", "thaw") and (
+                name not in self.instances):
+            raise NotFound(f"no instance {name} on {self.name}")
+        if verb in ("kill", "delete") and args.get("if_epoch") is not None and (
+                name in self.instances and self.instances[name].epoch != args["if_epoch"]):
+            return self.instances[name].model_dump() if verb == "kill" else None
+        if verb == "delete":
+            self.disks.discard(name)
+        if verb == "create":
+            self.disks.add(WireSpec.model_validate(args["spec"]).name)
+        return super()._do(verb, args)
+
+
+#: the steps of a (warm) migration and of a failover (control/operations/migrate.py,
+#: failover.py); each operation's record is checked against them
+STEPS = {"migrate": ["plan", "prepare", "copy", "freeze-copy", "stop", "adopt", "create",
+                     "start", "cleanup"],
+         "failover": ["plan", "adopt", "create", "start", "finish"]}
+
+
+def _steps(kind: str) -> list[str]:
+    return STEPS[kind]
+
+
+async def test_a_leader_killed_at_every_step_of_a_migration_and_a_failover(
+        pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """One fleet of three server processes and three fake agents. For every step of a
+    migration, then of a failover: hold the step on the leader (a drill), kill -9 the leader,
+    and check that another server takes over and ends the operation succeeded or rolled back,
+    that its record holds each step once, that exactly one copy of the instance runs (where the
+    database says), and that no disk slot or copy is left behind."""
+    gen = _procs(pg_url, tmp_path, lease_seconds=6.0, heartbeat_seconds=1.0,
+                 leader_lease_seconds=2.0, failover_grace_seconds=0.5)
+    procs = next(gen)
+    try:
+        await _kill_at_every_step(procs)
+    finally:
+        gen.close()
+
+
+async def _kill_at_every_step(procs: list[Proc]) -> None:
+    ca = ca_of(procs[0].data)
+    nc = await connect([str(p.info["nats_url"]) for p in procs if p.info],
+                       identity.admin(TOKEN, ca), "fake-agents", reconnect_time_wait=0.1)
+    agents = {n: MoveAgent(nc, n, cores=4, memory=8 * GiB) for n in ("h1", "h2", "h3")}
+    beats: Heartbeats | None = None
+    engine = sa.create_engine(procs[0].settings.db_url)
+    restarting: asyncio.Task[None] | None = None
+    try:
+        for a in agents.values():
+            await a.start()
+        beats = Heartbeats(list(agents.values()), 1.0)
+        async with httpx.AsyncClient(timeout=30, verify=verify(ca), headers={
+                "Authorization": f"Bearer {TOKEN}"}) as c:
+            leader = await _leader_of(procs)
+            r = await c.post(leader.api + "/v1/instances", json={
+                "name": "web", "command": ["sleep", "9"], "cpus": 0.5, "host": "h1"})
+            assert r.status_code == 201, r.text
+            seen: dict[str, list[str]] = {}
+
+            async def kill_at(kind: str, step: str, start: Any) -> dict[str, Any]:
+                """Hold ``kind`` at ``step`` on the leader, start it, kill the leader; the
+                operation's record once another server has ended it."""
+                nonlocal restarting
+                if restarting is not None:
+                    await restarting  # three servers again before the next kill
+                leader = await _leader_of(procs)
+                drill = leader.data / "drills" / f"{kind}.{step}.before"
+                drill.parent.mkdir(exist_ok=True)
+                drill.write_text("")
+                reached = drill.with_name(drill.name + ".reached")
+                try:
+                    await start(leader)
+                    await wait_for(_exists(reached), timeout=30)
+                    op_id = reached.read_text()
+                    await asyncio.to_thread(leader.kill)
+                finally:
+                    drill.unlink(missing_ok=True)
+                    reached.unlink(missing_ok=True)
+                # another server takes over; then the killed one comes back (as a follower,
+                # or it may lead again later: a new term all the same)
+                new = await _wait_new_leader([p for p in procs if p is not leader])
+                restarting = asyncio.create_task(_restart(leader))
+                op = await _wait_finished(c, new, op_id)
+                assert op["state"] in ("succeeded", "rolled_back"), (kind, step, op)
+                assert [st["name"] for st in op["steps"]] == _steps(kind), op
+                seen.setdefault(kind, []).append(f"{step}:{op['state']}")
+                return op
+
+            async def one_copy(c: httpx.AsyncClient) -> None:
+                """Exactly one copy of web, running where the database says; no residue."""
+                api = (await _leader_of(procs)).api
+
+                async def settled() -> bool:
+                    web = (await c.get(api + "/v1/instances/web")).json()
+                    holders = [a.name for a in agents.values() if "web" in a.instances]
+                    return bool(web["state"] == "running" and holders == [web["host"]])
+
+                await wait_for(settled, timeout=60)
+                web = (await c.get(api + "/v1/instances/web")).json()
+                where = agents[web["host"]]
+                assert where.instances["web"].state == "running", where.instances
+                assert where.instances["web"].epoch == web["epoch"]
+                assert [a.name for a in agents.values() if a.slots] == [], {
+                    a.name: a.slots for a in agents.values()}
+                assert [a.name for a in agents.values() if "web" in a.disks] == [web["host"]]
+                with engine.connect() as conn:
+                    busy = conn.execute(sa.text(
+                        "SELECT count(*) FROM operations WHERE target = 'web' AND state "
+                        "NOT IN ('succeeded', 'rolled_back')")).scalar()
+                assert busy == 0
+
+            agents["h1"].disks.add("web")
+            for step in _steps("migrate"):
+                leader = await _leader_of(procs)
+                web = (await c.get(leader.api + "/v1/instances/web")).json()
+                to = "h2" if web["host"] != "h2" else "h1"
+
+                async def migrate(leader: Proc, to: str = to) -> None:
+                    r = await c.post(leader.api + "/v1/instances/web/migrate",
+                                     json={"to": to})
+                    assert r.status_code == 202, r.text
+
+                await kill_at("migrate", step, migrate)
+                await one_copy(c)
+
+            for step in _steps("failover"):
+                leader = await _leader_of(procs)
+                web = (await c.get(leader.api + "/v1/instances/web")).json()
+                primary = agents[web["host"]]
+                spare = agents[next(n for n in agents if n != web["host"])]
+                with engine.begin() as conn:  # a complete standby copy on the spare
+                    conn.execute(sa.text(
+                        "INSERT INTO standbys (instance, host, every_seconds, state, "
+                        "last_sync_at, data_at, total_bytes, syncs, last_error, created_at) "
+                        "VALUES ('web', :h, 3600, 'ready', :t, :t, 0, 1, '', :t)"),
+                        {"h": spare.name, "t": time.time()})
+                spare.slots.add(("web", "standby"))
+
+                async def host_dies(leader: Proc, primary: MoveAgent = primary) -> None:
+                    assert beats is not None
+                    beats.agents.remove(primary)  # no heartbeats, no answers
+                    await primary.leave()
+
+                await kill_at("failover", step, host_dies)
+                # the instance ends up on the spare (a failover rolled back is tried again by
+                # the new leader), and the dead host, back, loses its stale copy
+                api = (await _leader_of(procs)).api
+
+                async def on_spare(spare: MoveAgent = spare, api: str = api) -> bool:
+                    web = (await c.get(api + "/v1/instances/web")).json()
+                    return bool(web["host"] == spare.name and web["state"] == "running")
+
+                await wait_for(on_spare, timeout=30)
+                await primary.start()
+                assert beats is not None
+                beats.agents.append(primary)
+                await one_copy(c)
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("SELECT count(*) FROM standbys")).scalar() == 0
+            print(f"\nkilled the leader at: {seen}")
+            assert set(seen) == {"migrate", "failover"}
+    finally:
+        if restarting is not None:
+            with contextlib.suppress(Exception):
+                await restarting
+        if beats is not None:
+            await beats.stop()
+        await nc.close()
+        engine.dispose()
+
+
+async def _restart(p: Proc) -> None:
+    await asyncio.to_thread(p.start)
+    await asyncio.to_thread(p.wait_ready)
+
+
+async def _wait_new_leader(live: list[Proc]) -> Proc:
+    """The one of ``live`` that leads, once one does (they may name a killed one a while)."""
+    deadline = time.monotonic() + 30
+    while True:
+        for p in live:
+            async with httpx.AsyncClient(timeout=5, verify=verify(ca_of(p.data)), headers={
+                    "Authorization": f"Bearer {TOKEN}"}) as c:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    lead = (await c.get(p.api + "/v1/status")).json().get("leader")
+                    for q in live:
+                        if lead and q.info and q.info["server_id"] == lead["id"]:
+                            return q
+        assert time.monotonic() < deadline, "no server took over"
+        await asyncio.sleep(0.1)
+
+
+async def _wait_finished(c: httpx.AsyncClient, p: Proc, op_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            r = await c.get(p.api + f"/v1/ops/{op_id}")
+            if r.status_code == 200 and r.json()["finished"]:
+                return dict(r.json())
+        assert time.monotonic() < deadline, f"operation {op_id} did not end"
+        await asyncio.sleep(0.1)

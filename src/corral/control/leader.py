@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -60,6 +61,12 @@ _FENCED = "corral_fenced"
 
 _NOW = {"postgresql": "extract(epoch from clock_timestamp())",
         "sqlite": "((julianday('now') - 2440587.5) * 86400.0)"}
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A poll no one waits for any more (a stop): its error is not worth a warning."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def server_id(data_dir: Path) -> str:
@@ -141,17 +148,35 @@ class Leadership:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        #: the poll in flight (a worker thread), awaited again rather than doubled while the
+        #: database does not answer
+        self._polling: asyncio.Future[Poll] | None = None
+        self._polling_since = 0.0
+        #: another server could take over (a shared database): only then does a lease this
+        #: server's clock cannot vouch for stop it at once. SQLite is one server's file: a
+        #: loop held up on a loaded machine must not make it refuse its own writes
+        self._shared = self._dialect != "sqlite"
+        if self._dialect == "postgresql":  # a database that never answers a connect: bounded
+            event.listen(engine, "do_connect", self._connect_timeout)
 
     @property
     def is_leader(self) -> bool:
-        return self.generation is not None
+        """This server leads: it took the lease, and by its own clock the lease is still
+        sure (a leader whose renewals hang stops leading when it runs out, even before its
+        loop gets to step down)."""
+        return self.generation is not None and (not self._shared
+                                                or self.clock() < self.valid_until)
+
+    def _connect_timeout(self, _dialect: Any, _rec: Any, _args: Any,
+                         params: dict[str, Any]) -> None:
+        params.setdefault("connect_timeout", max(2, math.ceil(self.lease / 3)))
 
     @property
     def every(self) -> float:
         """How often to poll: a leader renews every third of the lease, a follower looks
         twice as often (so a lease given back is taken within a fraction of it) and, besides,
         just as the lease it saw runs out (so a dead leader's is taken at once)."""
-        return self.lease / 3 if self.is_leader else self.lease / 6
+        return self.lease / 3 if self.generation is not None else self.lease / 6
 
     # -- the database side (worker threads) ---------------------------------------------------
     def _now(self) -> str:
@@ -220,10 +245,7 @@ class Leadership:
         """In a write transaction, before it writes: raise :class:`NotLeader` unless this
         server still holds the lease with the generation it took. On PostgreSQL the row is
         read ``FOR SHARE``, held until the transaction ends, so a takeover waits for it."""
-        gen = self.generation
-        if gen is None:
-            raise NotLeader("this server does not lead the fleet: it writes nothing",
-                            hint="send the request to the leader (GET /v1/status names it)")
+        gen = self._sure()
         lock = " FOR SHARE" if self._dialect == "postgresql" else ""
         row = conn.execute(text(
             f"SELECT generation, holder FROM leadership WHERE id = 1{lock}")).one_or_none()
@@ -234,6 +256,19 @@ class Leadership:
                 + ("" if row is None else f" by {row.holder} (generation {row.generation})"),
                 hint="the new leader answers; try again")
 
+    def _sure(self) -> int:
+        """The generation this server holds; :class:`NotLeader` if none, or if the lease is no
+        longer sure by this server's clock (its renewals failed or hang)."""
+        gen = self.generation
+        if gen is None:
+            raise NotLeader("this server does not lead the fleet: it writes nothing",
+                            hint="send the request to the leader (GET /v1/status names it)")
+        if self._shared and self.clock() >= self.valid_until:
+            self._lost()
+            raise NotLeader(f"this server's lease (generation {gen}) could not be renewed in "
+                            "time: it writes nothing", hint="the new leader answers; try again")
+        return gen
+
     def install(self, sessions: sessionmaker[Session]) -> None:
         """Fence every write made with ``sessions``: once per transaction, before its first
         flush (reads never flush, so followers read freely)."""
@@ -242,6 +277,7 @@ class Leadership:
             tx = session.get_transaction()
             if tx is not None and session.info.get(_FENCED) is tx:
                 return
+            self._sure()  # before a connection: one to a database that hangs can wait long
             self.fence(session.connection())
             session.info[_FENCED] = tx
 
@@ -274,19 +310,18 @@ class Leadership:
 
     def _sleep(self) -> float:
         wait = self.every
-        if self.is_leader:  # never sleep past the point where the lease is no longer sure
+        if self.generation is not None:  # never sleep past the point where it is not sure
             wait = min(wait, max(0.0, self.valid_until - self.clock()))
         elif self._expires > self.clock():  # a follower tries again just as it runs out
             wait = min(wait, self._expires - self.clock() + EXPIRY_SLACK)
         return max(0.01, wait)
 
     async def _step(self) -> None:
-        started = self.clock()
         try:
-            found = await asyncio.to_thread(self.poll)
+            found, started = await self._poll_bounded()
         except Exception as exc:
-            log.warning("leadership poll failed: %s", exc)
-            if self.is_leader and self.clock() >= self.valid_until:
+            log.warning("leadership poll failed: %s", exc or type(exc).__name__)
+            if self.generation is not None and self.clock() >= self.valid_until:
                 log.error("could not renew the leader's lease for %.1fs: stepping down",
                           self.lease)
                 await self._depose()
@@ -295,11 +330,11 @@ class Leadership:
         self._expires = started + found.remaining  # started: never later than it is
         if self._stopping:
             return
-        if self.is_leader and not found.held:
+        if self.generation is not None and not found.held:
             log.error("the lease (generation %s) is no longer ours: stepping down",
                       self.generation)
             await self._depose()
-        elif self.is_leader:
+        elif self.generation is not None:
             self.valid_until = started + self.lease
         elif found.held:
             self.generation, self.valid_until = found.generation, started + self.lease
@@ -313,6 +348,24 @@ class Leadership:
                     await self._depose()
                     with contextlib.suppress(Exception):
                         await asyncio.to_thread(self._release_gen, found.generation)
+
+    async def _poll_bounded(self) -> tuple[Poll, float]:
+        """The poll, with when it started (what a lease it takes or renews counts from). A
+        leader waits for it only until its lease is no longer sure (at least a sixth of the
+        lease): a database that accepts but never answers must not hold up the step-down. A
+        poll still in flight is waited for again, never started twice."""
+        if self._polling is None or self._polling.done():
+            self._polling_since = self.clock()
+            self._polling = asyncio.ensure_future(asyncio.to_thread(self.poll))
+            self._polling.add_done_callback(_retrieved)
+        fut, since = self._polling, self._polling_since
+        if self.generation is None:
+            return await asyncio.shield(fut), since
+        wait = max(self.lease / 6, self.valid_until - self.clock())
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait), since
+        except TimeoutError:
+            raise TimeoutError(f"no answer from the database in {wait:.1f}s") from None
 
     def _release_gen(self, gen: int) -> None:
         """Give the lease back (a clean stop, a failed takeover): a follower takes it at its
