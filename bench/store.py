@@ -484,7 +484,6 @@ def http_corral(url: str, token: str, n: int, per: int, clients: int, rounds: in
         return local.c  # type: ignore[no-any-return]
 
     cctx = zstandard.ZstdCompressor(level=3)
-    dctx = zstandard.ZstdDecompressor()
     put_rates, get_rates = [], []
     size = max(per, n // rounds)
     for r0 in range(offset, offset + n, size):
@@ -508,7 +507,9 @@ def http_corral(url: str, token: str, n: int, per: int, clients: int, rounds: in
         def fetch(part: list[int]) -> None:
             records, _ = client().fetch_chunks([chunk_id(obj(i)) for i in part])
             for (cid, raw_len, comp), i in zip(records, part, strict=True):
-                data = dctx.decompress(comp, max_output_size=raw_len)
+                # a decompression context per call: one shared by the client threads
+                # corrupts (zstd contexts are not thread-safe)
+                data = zstandard.ZstdDecompressor().decompress(comp, max_output_size=raw_len)
                 if chunk_id(data) != cid or data != obj(i):
                     raise SystemExit("corral over HTTP returned a wrong object")
 

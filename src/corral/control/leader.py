@@ -321,7 +321,8 @@ class Leadership:
             found, started = await self._poll_bounded()
         except Exception as exc:
             log.warning("leadership poll failed: %s", exc or type(exc).__name__)
-            if self.generation is not None and self.clock() >= self.valid_until:
+            if self.generation is not None and self._shared \
+                    and self.clock() >= self.valid_until:
                 log.error("could not renew the leader's lease for %.1fs: stepping down",
                           self.lease)
                 await self._depose()
@@ -359,7 +360,7 @@ class Leadership:
             self._polling = asyncio.ensure_future(asyncio.to_thread(self.poll))
             self._polling.add_done_callback(_retrieved)
         fut, since = self._polling, self._polling_since
-        if self.generation is None:
+        if self.generation is None or not self._shared:
             return await asyncio.shield(fut), since
         wait = max(self.lease / 6, self.valid_until - self.clock())
         try:
