@@ -119,3 +119,28 @@ def test_second_up_is_refused(local_fleet: Fleet) -> None:
     assert proc.returncode == 5
     assert "already running" in proc.stderr
     assert "corral down" in proc.stderr
+
+
+def test_restart_policy_through_the_cli(local_fleet: Fleet) -> None:
+    """A workload that exits 1 is restarted by its agent twice, then stays failed; `show`
+    and `ls` say so; bad policies and checks are refused before anything is made."""
+    f = local_fleet
+    f.ok("run", "crashy", "--restart", "on-failure", "--restart-attempts", "2",
+         "--restart-interval", "10m", "--restart-delay", "0.2", "--", "sh", "-c", "exit 1")
+    deadline = time.monotonic() + 60
+    view = f.instance("crashy")
+    while not (view["state"] == "failed" and view["restarts"] == 2):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+        view = f.instance("crashy")
+    assert view["restart"]["mode"] == "on-failure" and view["health"] is None
+    shown = f.ok("show", "crashy")
+    assert "on-failure, 2 in 600s" in shown and "restarts: 2" in shown
+    assert "HEALTH" in f.ok("ls")
+    for bad in (("--restart", "sometimes"), ("--restart-interval", "0"),
+                ("--check", "udp::53"), ("--check", "tcp::80", "--check-interval", "0")):
+        refused = f.cli("run", "bad", *bad, "--", "true")
+        assert refused.returncode != 0 and refused.stderr.startswith(("error: ", "usage: ")), \
+            refused.stderr
+    assert "bad" not in {i["name"] for i in f.json("ls")}
+    f.ok("rm", "crashy")

@@ -29,13 +29,16 @@ from corral.agent import identity
 from corral.agent.capture import CaptureManager
 from corral.agent.disks import HostDisks
 from corral.agent.fence import FenceKeeper, Guarded, LeaseClock, fence_all
-from corral.agent.handlers import HANDLERS
+from corral.agent.handlers import HANDLERS, restart_ended
+from corral.agent.health import HealthMonitor
 from corral.agent.identity import Identity
 from corral.agent.imagecache import ImageCache
 from corral.agent.report import is_alive
+from corral.agent.restart import Restarter
 from corral.agent.sampler import sample_pass
 from corral.agent.scope import driver_scope
 from corral.agent.state import AgentState
+from corral.agent.store import InstanceRecord
 from corral.agent.vips import Vips
 from corral.bus import subjects
 from corral.bus.codec import decode, encode
@@ -154,6 +157,18 @@ class Agent:
         #: the process that fences this host whether or not the agent lives (agent/keeper.py)
         self.keeper = FenceKeeper(self.data_dir, self.state, self.lease, self.guarded,
                                   self.vips)
+        #: restart policies (agent/restart.py): never one the server would fail over once
+        #: this host has fenced itself
+        self.restarter = Restarter(self._restart, self.state.save, self._may_restart)
+        self.state.on_end.append(self.restarter.noticed)
+        #: health checks (agent/health.py), run while instances run
+        self.health = HealthMonitor(self.state)
+
+    def _may_restart(self, rec: InstanceRecord) -> bool:
+        return not (self.lease.fenced and self.guarded.covers(rec.name))
+
+    async def _restart(self, rec: InstanceRecord) -> None:
+        await restart_ended(self.state, rec, self.restarter.made)
 
     # --- bus -----------------------------------------------------------------------------------
     def _identity(self) -> Identity | None:
@@ -358,6 +373,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.identity = await asyncio.to_thread(self._identity)
         await self.state.recover_all()
+        for rec in list(self.state.records.values()):
+            self.restarter.resume(rec)  # a restart the previous agent had not made yet
         await self.disks.start()
         # from here, a lease we cannot renew ends in a fence; a restart renews nothing, so a
         # deadline the previous agent left stands if it is the earlier one
@@ -376,8 +393,10 @@ class Agent:
                  asyncio.create_task(self.heartbeat_loop(stop)),
                  asyncio.create_task(self.sample_loop(stop)),
                  asyncio.create_task(self.capture.run(self.nc, stop)),
-                 asyncio.create_task(self.images.sweep_loop(stop))]
+                 asyncio.create_task(self.images.sweep_loop(stop)),
+                 asyncio.create_task(self.health.run(stop))]
         await stop.wait()
+        self.restarter.cancel_all()  # a pending restart is resumed by the next agent
         for t in [*loops, *self._inflight]:
             t.cancel()
         await asyncio.gather(*loops, *self._inflight, return_exceptions=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal as signals
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from corral.agent import imagecache, rootfs
+from corral.agent import imagecache, restart, rootfs
 from corral.agent.busybox import copy_template
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
@@ -26,6 +27,7 @@ from corral.bus.messages import InstanceReport, WireSpec
 from corral.drivers.base import Spec
 from corral.drivers.runs import KILL_WAIT
 from corral.errors import Conflict, DriverError, InvalidRequest
+from corral.lifecycle import ENDED, State
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +170,37 @@ async def start(st: AgentState, args: rpc.StartArgs) -> InstanceReport:
             rec.epoch = epoch
         rec.stop_requested = False
         rec.extra.pop("fenced_at", None)
+        restart.reset(rec)  # an operator's start: the policy's attempts start over
         rec.handle = await st.call(drv.start, rec.handle)
         st.save(rec)
         report = await st.refresh(rec)
         if rec.spec.vip and st.vips is not None and is_alive(rec):
             await _vip_up(st, rec)
         return report
+
+
+async def restart_ended(st: AgentState, rec: InstanceRecord,
+                        made: Callable[[InstanceRecord], None]) -> bool:
+    """The agent's own start of an instance that ended and that its restart policy covers
+    (agent/restart.py): only if it is still that record, still ended and not stopped on
+    purpose meanwhile. ``made`` counts the attempt; False when nothing was done."""
+    name = rec.name
+    async with st.lock(name):
+        if (st.records.get(name) is not rec or rec.stop_requested or rec.state not in ENDED
+                or "restart_due" not in rec.extra):
+            return False
+        made(rec)
+        st.save(rec)
+        log.info("restarting %s under its policy (restart %d)", name,
+                 restart.restarts(rec))
+        rec.handle = await st.call(st.driver(rec.driver).start, rec.handle)
+        rec.state = State.RUNNING.value  # started: an end seen next is a new end
+        st.save(rec)
+        await st.refresh(rec)
+        if rec.spec.vip and st.vips is not None and is_alive(rec):
+            await _vip_up(st, rec)
+        st.changed.set()
+        return True
 
 
 async def _vip_up(st: AgentState, rec: InstanceRecord) -> None:

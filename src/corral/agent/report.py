@@ -37,6 +37,11 @@ def observed_state(status: Status, stop_requested: bool) -> State:
 def apply_status(record: InstanceRecord, status: Status) -> bool:
     """Update ``record`` from ``status``; True when the observed state changed."""
     new = observed_state(status, record.stop_requested).value
+    if new == State.STOPPED and not record.stop_requested and record.extra.get(
+            "ended_unhealthy"):
+        # the agent ended it for failing its health check (agent/health.py): the driver
+        # remembers a requested end, but nobody asked; it failed, for its restart policy
+        new = State.FAILED.value
     changed = new != record.state
     record.state = new
     record.pid = status.pid if new in ALIVE else None
@@ -55,6 +60,15 @@ def is_alive(record: InstanceRecord) -> bool:
     return record.state in ALIVE
 
 
+def health_of(record: InstanceRecord) -> str | None:
+    """None without a check; unknown when not running (see agent/health.py)."""
+    if record.spec.check is None:
+        return None
+    if record.state not in ALIVE:
+        return "unknown"
+    return str(record.extra.get("health", "unknown"))
+
+
 def to_report(record: InstanceRecord) -> InstanceReport:
     return InstanceReport(
         name=record.name,
@@ -64,4 +78,6 @@ def to_report(record: InstanceRecord) -> InstanceReport:
         exit_code=record.exit_code,
         signal=record.signal,
         epoch=record.epoch,
+        restarts=int(record.extra.get("restarts", 0)),
+        health=health_of(record),
     )

@@ -18,6 +18,7 @@ from corral.agent.store import InstanceRecord, Store
 from corral.bus.messages import InstanceReport
 from corral.drivers.base import Driver
 from corral.errors import InvalidRequest, NotFound
+from corral.lifecycle import ENDED
 
 if TYPE_CHECKING:
     from corral.agent.disks import HostDisks
@@ -53,6 +54,9 @@ class AgentState:
         self.disks: HostDisks | None = None
         #: this host's virtual IPs (set by the agent; None in bare tests: no addresses added)
         self.vips: Vips | None = None
+        #: told of a record just seen ending (exited or failed; its restart policy, see
+        #: agent/restart.py); called under the instance's lock, must not block
+        self.on_end: list[Callable[[InstanceRecord], None]] = []
 
     def lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -90,6 +94,9 @@ class AgentState:
         status = await self.call(self.driver(rec.driver).status, rec.handle)
         if apply_status(rec, status):
             self.changed.set()
+            if rec.state in ENDED:
+                for cb in self.on_end:
+                    cb(rec)
         self.save(rec)
         return to_report(rec)
 

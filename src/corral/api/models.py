@@ -52,6 +52,65 @@ def check_tail_path(source: str, path: str) -> None:
                          "itself: give a file in it, e.g. logs/access.log")
 
 
+class RestartSpec(BaseModel):
+    """``restart``: what the instance's agent does when it ends by itself (Nomad's restart
+    block). ``on-failure`` restarts a failed one (crash, non-zero exit, killed behind corral's
+    back), ``always`` an exited one too; each after ``delay`` seconds, at most ``attempts``
+    within ``interval`` seconds, then it stays ``failed``. A stop or kill is never undone."""
+
+    mode: Literal["no", "on-failure", "always"] = Field(
+        default="no", description="no (default), on-failure or always")
+    attempts: int = Field(default=3, ge=1, le=1000,
+                          description="restarts allowed within interval before giving up")
+    interval: float = Field(default=300.0, gt=0, le=30 * 86400,
+                            description="the window attempts are counted in, seconds (> 0)")
+    delay: float = Field(default=1.0, ge=0, le=3600,
+                         description="seconds to wait before each restart")
+
+
+#: ``--check`` targets: http://[HOST]:PORT[/PATH], tcp:[HOST]:PORT, exec:CMD
+_CHECK_HTTP = re.compile(r"^http://(?P<host>[A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})"
+                         r"(?P<path>/[^\s]*)?$")
+_CHECK_TCP = re.compile(r"^tcp:(?P<host>[A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+CHECK_HINT = ("write it as http://:PORT/PATH, tcp::PORT or exec:CMD (an empty host is the "
+              "instance's own 127.0.0.1)")
+
+
+def check_problem(target: str) -> str | None:
+    """Why ``target`` is not a health check the agent can run (None: it is one)."""
+    if "\0" in target or "\n" in target:
+        return "contains a NUL or a newline"
+    if target.startswith("exec:"):
+        return None if target[5:].strip() else "has no command after exec:"
+    m = _CHECK_HTTP.match(target) or _CHECK_TCP.match(target)
+    if m is None:
+        return "is not http://[HOST]:PORT/PATH, tcp:[HOST]:PORT or exec:CMD"
+    if not 1 <= int(m.group("port")) <= 65535:
+        return f"has port {m.group('port')}, not 1-65535"
+    return None
+
+
+class CheckSpec(BaseModel):
+    """``check``: a health check the instance's agent runs while it runs. Health (unknown,
+    healthy, unhealthy) shows in the view and the events; with restart on-failure or always
+    an unhealthy instance is killed and restarted under its restart policy."""
+
+    target: str = Field(max_length=4096, description="http://:PORT/PATH (2xx/3xx is healthy), "
+                        "tcp::PORT (a connection is accepted) or exec:CMD (sh -c CMD exits 0)")
+    interval: float = Field(default=10.0, gt=0, le=86400, description="seconds between checks")
+    timeout: float = Field(default=2.0, gt=0, le=3600, description="seconds one check may take")
+    threshold: int = Field(default=3, ge=1, le=1000,
+                           description="failures in a row that make it unhealthy")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        problem = check_problem(v)
+        if problem is not None:
+            raise ValueError(f"check {v[:80]!r} {problem}: {CHECK_HINT}")
+        return v
+
+
 class CreateInstance(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and dashes")
     cpus: float = Field(default=0.1, gt=0, le=4096, description="CPU reservation, in cores")
@@ -89,6 +148,11 @@ class CreateInstance(BaseModel):
                     "contain '..'. An absolute path is inside the rootfs when the instance has "
                     "one, else on the host, e.g. {'access': '/var/log/access.log'}",
     )
+
+    restart: RestartSpec = Field(default_factory=RestartSpec,
+                                 description="restart policy, run by the instance's agent")
+    check: CheckSpec | None = Field(default=None,
+                                    description="health check, run by the instance's agent")
 
     @field_validator("tail")
     @classmethod
@@ -191,6 +255,12 @@ class InstanceView(BaseModel):
     #: shelving: the host still keeping its disk, and the shelved manifest (when shelved)
     disk_host: str | None = None
     shelf: str | None = None
+    restart: RestartSpec = Field(default_factory=RestartSpec, description="restart policy")
+    restarts: int = Field(default=0, description="restarts its agent made of the current "
+                          "copy under the policy")
+    check: CheckSpec | None = Field(default=None, description="health check")
+    health: str | None = Field(default=None, description="unknown, healthy or unhealthy (none "
+                               "without a check)")
     image_config: dict[str, Any] | None = Field(
         default=None, description="what the image's config decided when it was created: user "
         "(as the image names it), uid, gid, additional_gids, cwd, stop_signal (0: SIGTERM), "
@@ -219,6 +289,17 @@ class HostView(BaseModel):
     last_heartbeat: float | None = None
     lease_expires_at: float | None = None
     agent_version: str = ""
+    #: ``corral host drain``: the scheduler places nothing new here
+    draining: bool = False
+
+
+class DrainRequest(BaseModel):
+    """``POST /v1/hosts/{name}/drain``."""
+
+    #: members not done this many seconds after the start fail the drain (None: no deadline)
+    deadline_seconds: float | None = Field(default=None, gt=0)
+    #: members in flight at once
+    parallel: int = Field(default=4, ge=1, le=64)
 
 
 class LeaderView(BaseModel):

@@ -6,7 +6,7 @@ error instead of a half-applied message. Encoding is JSON (see :mod:`corral.bus.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,10 @@ class InstanceReport(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     epoch: int = 0
+    #: restarts the agent made of this copy under its restart policy (see agent/restart.py)
+    restarts: int = 0
+    #: unknown, healthy or unhealthy (agent/health.py); None: the instance has no check
+    health: str | None = None
 
 
 #: a host's name, as ``bus.identity.HOST_RE`` and ``api.names.HOST_PATTERN`` have it: a
@@ -105,6 +109,33 @@ class MetricsSample(BaseModel):
     log_lag_bytes: int | None = None
 
 
+class RestartPolicy(BaseModel):
+    """What the agent does when an instance ends by itself (Nomad's ``restart`` block): with
+    ``on-failure`` it starts a failed one again (a crash, a non-zero exit, a kill behind
+    corral's back), with ``always`` an exited one too, each time after ``delay`` seconds, at
+    most ``attempts`` times within ``interval`` seconds; past that it gives up and leaves the
+    instance ``failed``. ``no``: the old behaviour, nothing is restarted. An end that was
+    asked for (stop, kill, a fence) is never restarted."""
+
+    mode: Literal["no", "on-failure", "always"] = "no"
+    attempts: int = Field(default=3, ge=1, le=1000)
+    interval: float = Field(default=300.0, gt=0, le=30 * 86400)
+    delay: float = Field(default=1.0, ge=0, le=3600)
+
+
+class HealthCheck(BaseModel):
+    """A health check the agent runs while the instance runs (agent/health.py): ``target``
+    is ``http://[HOST]:PORT/PATH`` (healthy on a 2xx or 3xx answer), ``tcp:[HOST]:PORT``
+    (a connection is accepted) or ``exec:CMD`` (``sh -c CMD`` exits 0); an empty HOST is
+    127.0.0.1 in the instance's network namespace. ``threshold`` failures in a row make it
+    unhealthy, one success healthy again."""
+
+    target: str = Field(min_length=1, max_length=4096)
+    interval: float = Field(default=10.0, gt=0, le=86400)
+    timeout: float = Field(default=2.0, gt=0, le=3600)
+    threshold: int = Field(default=3, ge=1, le=1000)
+
+
 class WireSpec(BaseModel):
     """What the server asks an agent to create."""
 
@@ -131,6 +162,10 @@ class WireSpec(BaseModel):
     additional_gids: list[int] = []
     cwd: str = Field(default="", max_length=4096)
     stop_signal: int = Field(default=0, ge=0, le=64)
+    #: what the agent does when it ends by itself (default: nothing; an older agent ignores it)
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    #: run by the agent while it runs; None: no check (an older agent ignores it)
+    check: HealthCheck | None = None
 
 
 #: the fields of :class:`WireSpec` an instance's ``image_config`` fills

@@ -17,15 +17,38 @@ from corral.errors import InvalidRequest
 def run(name: str, command: list[str], cpus: float, memory: str, host: str | None,
         driver: str | None, rootfs: Path | None, image: str | None, entrypoint: str | None,
         env: list[str] | None, no_start: bool, tail: list[str] | None, vip: str | None,
-        json_out: bool) -> None:
+        json_out: bool, restart: str = "no", restart_attempts: int | None = None,
+        restart_interval: str | None = None, restart_delay: str | None = None,
+        check: str | None = None, check_interval: str | None = None,
+        check_timeout: str | None = None, check_threshold: int | None = None) -> None:
     """The request is checked here against the wire model (a bad name or size is refused
     before any connection is made). With an image the command may be left out: the server
     lays the image's config under what is given (entrypoint, command, ``-e``)."""
     if not command and image is None and not entrypoint:
         raise InvalidRequest("no command given", hint="put the workload after --, e.g. "
                              "corral run web -- python3 -m http.server")
-    from corral.api.models import CreateInstance
-    from corral.cli.parse import parse_cpus, parse_env, parse_memory, parse_tail
+    from corral.api.models import CheckSpec, CreateInstance, RestartSpec
+    from corral.cli.parse import parse_cpus, parse_duration, parse_env, parse_memory, parse_tail
+
+    policy: dict[str, Any] = {"mode": restart}
+    if restart_attempts is not None:
+        policy["attempts"] = restart_attempts
+    if restart_interval is not None:
+        policy["interval"] = parse_duration(restart_interval)
+    if restart_delay is not None:
+        policy["delay"] = parse_duration(restart_delay)
+    probe: dict[str, Any] | None = None
+    if check is not None:
+        probe = {"target": check}
+        if check_interval is not None:
+            probe["interval"] = parse_duration(check_interval)
+        if check_timeout is not None:
+            probe["timeout"] = parse_duration(check_timeout)
+        if check_threshold is not None:
+            probe["threshold"] = check_threshold
+    elif check_interval or check_timeout or check_threshold is not None:
+        raise InvalidRequest("--check-interval, --check-timeout and --check-threshold need "
+                             "--check", hint="e.g. --check http://:8080/health")
 
     spec = CreateInstance(
         name=name,
@@ -41,6 +64,8 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
         tail=parse_tail(tail or []),
         start=not no_start,
         vip=vip,
+        restart=_option(RestartSpec, policy, "--restart"),
+        check=None if probe is None else _option(CheckSpec, probe, "--check"),
     )
     with client() as c:
         view = c.create(spec)
@@ -50,6 +75,22 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
     render.say(f"{view.name}: {view.state} on {view.host or '-'} "
                f"({view.driver}, {render.fmt_cpus(view.cpus)} cpus, "
                f"{render.fmt_bytes(view.memory_bytes)})")
+
+
+def _option(model: Any, values: dict[str, Any], prefix: str) -> Any:
+    """``values`` as ``model``, a refusal naming the option (--restart-interval, not
+    'interval', which --check has too)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first.get("loc", ("",))[0])
+        option = prefix if field in ("mode", "target") else f"{prefix}-{field}"
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        raise InvalidRequest(f"{option}: {msg}", hint=f"see 'corral run --help' for what "
+                             f"{option} takes") from None
 
 
 def ls(json_out: bool) -> None:

@@ -176,7 +176,7 @@ def instances_table(items: Instances, title: str | None = None) -> Table:
     from rich.table import Table
 
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "HOST", "DRIVER", "STATE"):
+    for col in ("NAME", "HOST", "DRIVER", "STATE", "HEALTH"):
         table.add_column(col, no_wrap=True)
     for col in ("CPUS", "CPU%core", "CPU%host", "MEM", "MEM RES"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -185,7 +185,7 @@ def instances_table(items: Instances, title: str | None = None) -> Table:
         usage = i.get("usage") or {}
         table.add_row(
             i["name"], i.get("host") or "-", i["driver"], state_text(i["state"]),
-            fmt_cpus(i["cpus"]), fmt_pct(usage.get("cpu_core_pct")),
+            health_text(i.get("health")), fmt_cpus(i["cpus"]), fmt_pct(usage.get("cpu_core_pct")),
             fmt_pct(usage.get("cpu_host_pct")), fmt_bytes(usage.get("memory_bytes")),
             fmt_bytes(i["memory_bytes"]), " ".join(i["command"]),
         )
@@ -204,7 +204,9 @@ def hosts_table(hosts: Hosts) -> Table:
     for h in map(plain, hosts):
         reserved, free = h["reserved"], h["free"]
         table.add_row(
-            h["name"], h["address"], state_text(h["state"]), str(h["cores"]),
+            h["name"], h["address"],
+            state_text(h["state"]) + (" (draining)" if h.get("draining") else ""),
+            str(h["cores"]),
             f"{fmt_cpus(reserved['cpus'])}/{fmt_cpus(free['cpus'])}",
             f"{fmt_bytes(reserved['memory_bytes'])}/{fmt_bytes(free['memory_bytes'])}",
             str(h["instances"]), fmt_pct((h.get("usage") or {}).get("cpu_host_pct")),
@@ -243,6 +245,34 @@ def fmt_age(ts: Any) -> str:
     return f"{max(0.0, time.time() - float(ts)):.0f}s ago"
 
 
+def _restart_text(policy: dict[str, Any], restarts: int) -> str:
+    mode = policy.get("mode") or "no"
+    if mode == "no":
+        return "no" + (f" ({restarts} restarts)" if restarts else "")
+    return (f"{mode}, {policy.get('attempts')} in {fmt_seconds(policy.get('interval'))}, "
+            f"delay {fmt_seconds(policy.get('delay'))}; restarts: {restarts}")
+
+
+def _check_text(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "-"
+    return (f"{check.get('target')} every {fmt_seconds(check.get('interval'))}, timeout "
+            f"{fmt_seconds(check.get('timeout'))}, unhealthy after {check.get('threshold')}")
+
+
+def health_text(health: str | None) -> Text:
+    from rich.text import Text
+
+    return Text(health or "-", style={"healthy": "green", "unhealthy": "red"}.get(
+        health or "", ""))
+
+
+def fmt_seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:g}s"
+
+
 def instance_details(item: InstanceLike) -> Table:
     from rich.table import Table
 
@@ -261,6 +291,8 @@ def instance_details(item: InstanceLike) -> Table:
         ("pid", str(i["pid"]) if i.get("pid") else "-"),
         ("exit code", "-" if exit_code is None else str(exit_code)),
         ("epoch", str(i.get("epoch", 0))),
+        ("restart", _restart_text(i.get("restart") or {}, i.get("restarts") or 0)),
+        ("check", _check_text(i.get("check"))), ("health", health_text(i.get("health"))),
         ("cpu", f"{fmt_pct(usage.get('cpu_core_pct'))}% of a core, "
                 f"{fmt_pct(usage.get('cpu_host_pct'))}% of its host"),
         ("mem used", fmt_bytes(usage.get("memory_bytes"))),

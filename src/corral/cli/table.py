@@ -245,8 +245,39 @@ COMMANDS: dict[str, Command | Group] = {
         Arg(("--tail",), "capture a file too: SOURCE=PATH (inside the rootfs), repeatable",
             "append"),
         opt("--vip", help="virtual IP ADDR/PREFIX held while it runs; moves with failover"),
+        opt("--restart", help="when its agent starts it again after it ends by itself: no "
+            "(default), on-failure (crash, non-zero exit) or always",
+            choices=("no", "on-failure", "always"), default="no"),
+        opt("--restart-attempts", help="restarts allowed within --restart-interval, then it "
+            "stays failed (default 3)", type=int),
+        opt("--restart-interval", help="the window attempts are counted in: 30s, 5m, 1h "
+            "(default 5m)"),
+        opt("--restart-delay", help="wait before each restart: 0, 0.5, 10s, 1m "
+            "(default 1s)"),
+        opt("--check", help="health check run by its agent: http://:PORT/PATH, tcp::PORT or "
+            "exec:CMD (with --restart on-failure/always an unhealthy one is restarted)"),
+        opt("--check-interval", help="between checks: 5s, 1m (default 10s)"),
+        opt("--check-timeout", help="one check's limit (default 2s)"),
+        opt("--check-threshold", help="failures in a row that make it unhealthy (default 3)",
+            type=int),
         JSON,
     )),
+    "apply": Command("apply_cmd", "apply", (
+        "Make the fleet match a fleet file: show the plan (create, recreate, migrate, "
+        "standby), then act once confirmed.\n\nInstances the file does not list are never "
+        "touched. A recreate (stop, rm, create: the disk starts empty) needs --yes. See "
+        "docs/operations.md (Declarative fleet)."), (
+        opt("-f", "--file", help="the fleet file (TOML, or JSON from 'corral export --json'; "
+            "'-': stdin)", type=Path, dest="file",
+            metavar="FILE"),
+        flag("--schema", help="print the file's JSON Schema and exit"),
+        flag("--yes", "-y", help="act without asking (needed for a recreate)"),
+        flag("--dry-run", help="show the plan only"),
+        wait(600.0, help="seconds to follow each operation (migrate, standby)"),
+        JSON,
+    )),
+    "export": Command("apply_cmd", "export", "Write today's fleet as a fleet file that "
+                      "'corral apply' accepts (and plans to nothing).", (JSON,)),
     "ls": Command("instances", "ls",
                   "List instances with their CPU (% of a core, % of the host) and memory.",
                   (JSON,)),
@@ -339,7 +370,19 @@ COMMANDS: dict[str, Command | Group] = {
             pos("name", "the host's name"), JSON)),
         "rm": Command("fleet_cmds", "host_rm",
                       "Revoke a host (its bus connection is closed) and forget it; refused "
-                      "while instances or standbys are there.", (pos("name", "the host's name"),)),
+                      "while it is up or instances, standbys or kept disks are there (drain "
+                      "it first).", (pos("name", "the host's name"),)),
+        "drain": Command("drain_cmd", "drain", (
+            "Mark a host draining (nothing new is placed there) and move everything off it: "
+            "instances (warm migration), standbys, kept disks (once safe in the store)."), (
+            pos("name", "the host's name", type=HOST_NAME),
+            opt("--deadline", help="fail what is not moved by then (10m, 1h); it stays "
+                "where it is, running"),
+            opt("--parallel", help="moves in flight", type=int_range(1, 64), default=4),
+            wait(86400.0, "seconds to follow it (it goes on on the server after)"), JSON)),
+        "undrain": Command("drain_cmd", "undrain", "Clear a host's drain mark: the scheduler "
+                           "may place on it again.", (pos("name", "the host's name",
+                                                          type=HOST_NAME), JSON)),
     }),
     "image": Group("Images: content-addressed root filesystems.", {
         "import": Command("images", "import_", "Import a directory or tarball as an image "
@@ -424,5 +467,14 @@ COMMANDS: dict[str, Command | Group] = {
                       "secrets; the fleet token is not listed).", (JSON,)),
         "rm": Command("tokens_cmd", "rm", "Revoke a token: the next request carrying it is "
                       "refused.", (pos("name", "the token's name", type=named("token")),)),
+    }),
+    "systemd": Group("The systemd units corral ships (see docs/operations.md).", {
+        "print": Command("systemd_cmd", "print_unit", (
+            "Write a shipped unit to stdout: corral systemd print corral-agent > "
+            "/etc/systemd/system/corral-agent.service\n\nUnits: corral-server, corral-agent. "
+            "Without 'UNIT', lists them."), (
+            pos("unit", "corral-server or corral-agent (.service optional)", kind="rest"),
+            opt("--bin", help="the corral executable ExecStart= runs "
+                              "[default: /usr/local/bin/corral]", dest="corral_bin"))),
     }),
 }

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -27,12 +28,13 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    false,
     text,
 )
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from corral.bus.messages import WireSpec, process_fields
+from corral.bus.messages import HealthCheck, RestartPolicy, WireSpec, process_fields
 from corral.config import Settings
 from corral.errors import ConfigError
 
@@ -65,6 +67,8 @@ class Host(Base):
     data_port: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: where instance disks live on this host: ``dir`` or ``btrfs`` (migration 0005)
     disk_backend: Mapped[str] = mapped_column(String(16), default="dir", server_default="dir")
+    #: ``corral host drain``: the scheduler places nothing new here (migration 0011)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class HostIdentity(Base):
@@ -129,6 +133,14 @@ class Instance(Base):
     #: the process's ids, working directory and stop signal, and what ``show`` shows of it;
     #: kept here so every later copy (migrated, recreated, unshelved) runs the same process
     image_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: restart policy (migration 0012, ``RestartPolicy`` fields; NULL: "no"), enforced by the
+    #: agent, and how many restarts the agent made of the current copy (from its reports)
+    restart_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: health check (migration 0012, ``HealthCheck`` fields; NULL: none) and the health its
+    #: agent last reported (unknown, healthy, unhealthy; NULL without a check)
+    check_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    health: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     def wire_spec(self, epoch: int | None = None) -> WireSpec:
         """What an agent is asked to create (the one place a row becomes a spec)."""
@@ -137,6 +149,9 @@ class Instance(Base):
                         cpus=self.cpus, memory_bytes=self.memory_bytes,
                         epoch=self.epoch if epoch is None else epoch,
                         tail=dict(self.tail or {}), vip=self.vip,
+                        restart=RestartPolicy.model_validate(self.restart_policy or {}),
+                        check=(HealthCheck.model_validate(self.check_spec)
+                               if self.check_spec else None),
                         **process_fields(self.image_config))
 
 

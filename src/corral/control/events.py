@@ -40,8 +40,12 @@ TYPES: dict[str, str] = {
     "instance.created": "a new instance was recorded (data: driver, cpus, memory_bytes)",
     "instance.placed": "the scheduler put an instance on a host (data: cpus, memory_bytes)",
     "instance.state": "an instance's observed state changed (data: from, to, desired, "
-                      "exit_code, cause: verb, observed or lease)",
+                      "exit_code, cause: verb, observed, restart or lease)",
     "instance.deleted": "an instance was removed (data: state it had)",
+    "instance.health": "an instance's health check result changed (data: from, to: unknown, "
+                       "healthy or unhealthy)",
+    "instance.restarted": "its agent restarted an instance under its restart policy (data: "
+                          "restarts (of this copy), mode, state (now), exit_code (of the end))",
     "instance.error": "a verb on an instance failed (data: verb, code, message)",
     "host.joined": "a host joined the fleet for the first time (data: address, cores)",
     "host.up": "a host came back (re-joined or heartbeat after being down)",
@@ -114,19 +118,40 @@ def events_for_flush(session: Session, busy: Collection[str] = (),
             if old != obj.state:
                 kind = "host.down" if obj.state == "down" else "host.up"
                 out.append(make(kind, host=obj.name, ts=now, previous=old))
-        elif isinstance(obj, Instance) and _changed(obj, "state"):
-            old = _old(obj, "state")
-            if old == obj.state:
-                continue
-            cause = ("lease" if obj.state == State.LOST.value
-                     else "verb" if obj.name in busy else "observed")
-            out.append(make("instance.state", host=obj.host, instance=obj.name, ts=now,
-                            **{"from": old, "to": obj.state, "desired": obj.desired_state,
-                               "exit_code": obj.exit_code, "cause": cause}))
+        elif isinstance(obj, Instance):
+            out.extend(_instance_changes(obj, busy, now))
     for obj in session.deleted:
         if isinstance(obj, Instance):
             out.append(make("instance.deleted", host=obj.host, instance=obj.name, ts=now,
                             state=obj.state))
+    return out
+
+
+def _instance_changes(obj: Instance, busy: Collection[str], now: float) -> list[Event]:
+    out: list[Event] = []
+    restarted = False
+    if _changed(obj, "restarts"):
+        old_n = _old(obj, "restarts")
+        if obj.restarts and obj.restarts > (old_n or 0):
+            restarted = True
+            out.append(make("instance.restarted", host=obj.host, instance=obj.name, ts=now,
+                            restarts=obj.restarts,
+                            mode=(obj.restart_policy or {}).get("mode", "no"),
+                            state=obj.state, exit_code=_old(obj, "exit_code")))
+    if _changed(obj, "health"):
+        was = _old(obj, "health")
+        if obj.health is not None and (was or "unknown") != obj.health:
+            out.append(make("instance.health", host=obj.host, instance=obj.name, ts=now,
+                            **{"from": was or "unknown", "to": obj.health}))
+    if _changed(obj, "state"):
+        old = _old(obj, "state")
+        if old != obj.state:
+            cause = ("lease" if obj.state == State.LOST.value
+                     else "verb" if obj.name in busy
+                     else "restart" if restarted else "observed")
+            out.append(make("instance.state", host=obj.host, instance=obj.name, ts=now,
+                            **{"from": old, "to": obj.state, "desired": obj.desired_state,
+                               "exit_code": obj.exit_code, "cause": cause}))
     return out
 
 

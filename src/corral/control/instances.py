@@ -138,6 +138,9 @@ class InstanceService:
                     name=req.name, host=target, driver=req.driver, command=run.command,
                     rootfs=req.rootfs, image=req.image, env=run.env, tail=dict(req.tail),
                     cpus=req.cpus, vip=req.vip, image_config=run.process,
+                    restart_policy=(req.restart.model_dump() if req.restart.mode != "no"
+                                    else None),
+                    check_spec=req.check.model_dump() if req.check is not None else None,
                     memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
                     desired_state=(State.RUNNING if req.start else State.CREATED).value,
                     state=State.PENDING.value,

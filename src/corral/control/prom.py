@@ -53,9 +53,15 @@ class FleetCollector(Collector):
         state = GaugeMetricFamily("corral_instance_state",
                                   "1 for the instance's observed state",
                                   labels=[*ilabels, "state"])
+        health = GaugeMetricFamily("corral_instance_healthy",
+                                   "1 healthy, 0 unhealthy, -1 unknown (instances with a "
+                                   "health check)", labels=ilabels)
         for i in instances:
             lv = [i.name, i.host or "", i.driver]
             ires_c.add_metric(lv, i.cpus)
+            if i.check_spec:
+                health.add_metric(lv, {"healthy": 1.0, "unhealthy": 0.0}.get(i.health or "",
+                                                                             -1.0))
             state.add_metric([*lv, i.state], 1.0)
             u = instance_usage(self.fleet, i)
             if u.cpu_core_pct is not None:
@@ -72,7 +78,7 @@ class FleetCollector(Collector):
             sample = m.by_name.get(i.name) if m else None
             if sample is not None:
                 cpu_total.add_metric([i.name, i.host or "", i.driver], sample.cpu_ns / 1e9)
-        yield from (core, hpct, mem, ires_c, state, cpu_total)
+        yield from (core, hpct, mem, ires_c, state, health, cpu_total)
         yield from self._standbys()
         yield from self._operations()
 
