@@ -195,3 +195,34 @@ def test_preferred_choice_fits_and_has_the_best_score(scores: dict[str, float],
     chosen = place(req, hosts)
     assert fits(req, next(h for h in hosts if h.name == chosen))
     assert req.preference(chosen) == max(req.preference(h.name) for h in ok)
+
+
+def draining(name: str, **kw: object) -> HostSnapshot:
+    from dataclasses import replace
+
+    return replace(host(name, **kw), draining=True)  # type: ignore[arg-type]
+
+
+def test_a_draining_host_takes_nothing_new() -> None:
+    hosts = [draining("h1"), host("h2", rc=1.5)]  # h1 is empty, h2 nearly full: still h2
+    assert place(Request(0.5, MiB, "process"), hosts) == "h2"
+    assert [h.name for h in candidates(Request(0.1, MiB, "process"), hosts)] == ["h2"]
+    assert not fits(Request(0.1, MiB, "process"), draining("h1"))
+
+
+def test_a_draining_host_refuses_a_pinned_request_and_says_why() -> None:
+    with pytest.raises(NoCapacity) as exc:
+        place(Request(0.5, MiB, "process", host="h1"), [draining("h1"), host("h2")])
+    assert exc.value.details["shortfall"] == {"h1": "draining"}
+
+
+def test_only_draining_hosts_left_is_no_capacity_naming_them() -> None:
+    with pytest.raises(NoCapacity) as exc:
+        place(Request(0.5, MiB, "process"), [draining("h1"), draining("h2")])
+    assert exc.value.details["shortfall"] == {"h1": "draining", "h2": "draining"}
+    assert "h1: draining" in exc.value.message
+
+
+def test_a_preference_never_outweighs_the_drain_mark() -> None:
+    req = Request(0.5, MiB, "process", prefer={"h1": 1.0})
+    assert place(req, [draining("h1"), host("h2")]) == "h2"

@@ -104,6 +104,17 @@ class Client:
         """Revoke host ``name`` and forget it (``corral host rm``)."""
         self._http.request("DELETE", f"/v1/hosts/{name}")
 
+    def host_drain(self, name: str, deadline: float | None = None, parallel: int = 4
+                   ) -> dict[str, Any]:
+        """Start draining host ``name`` (one server-side operation group); its record as
+        first saved."""
+        body = {"deadline_seconds": deadline, "parallel": parallel}
+        return dict(self._json("POST", f"/v1/hosts/{name}/drain", json_body=body))
+
+    def host_undrain(self, name: str) -> dict[str, Any]:
+        """Clear host ``name``'s drain mark (``corral host undrain``)."""
+        return dict(self._json("POST", f"/v1/hosts/{name}/undrain", json_body={}))
+
     def host_data(self, name: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/hosts/{name}"))
 

@@ -56,6 +56,13 @@ class UnshelveGroupParams(Params):
     parallel: int = Field(default=8, ge=1, le=256)
 
 
+class DrainParams(Params):
+    #: seconds from the start: members not done by then fail the drain (None: no deadline)
+    deadline_seconds: float | None = Field(default=None, gt=0)
+    #: members (migrations, standby moves, kept-disk checks) in flight at once
+    parallel: int = Field(default=4, ge=1, le=64)
+
+
 # -- results -----------------------------------------------------------------------------------
 class RecreateResult(Result):
     host: str | None = None
@@ -125,3 +132,20 @@ class UnshelveGroupResult(Result):
     @property
     def failed(self) -> list[GroupMember]:
         return [m for m in self.members if m.state != "succeeded"]
+
+
+class DrainMember(BaseModel):
+    """One thing a drain moved off its host: an instance (migrated), a standby (placed again
+    elsewhere) or a kept disk (dropped once its shelf is whole in the store)."""
+
+    kind: str
+    name: str
+    op: str | None = None
+    state: str
+    host: str | None = None
+    error: str = ""
+
+
+class DrainResult(Result):
+    host: str
+    members: list[DrainMember] = []

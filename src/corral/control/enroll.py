@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.bus.identity import HostKey, check_host, check_public_key
@@ -141,15 +141,27 @@ class Enrollment:
             known = s.get(HostIdentity, host) or s.get(Host, host) or s.get(JoinToken, host)
             if known is None:
                 raise NotFound(f"no host named {host}", hint="see 'corral host ls'")
-            left = s.scalar(select(func.count()).select_from(Instance).where(
-                (Instance.host == host) | (Instance.disk_host == host))) or 0
-            standbys = s.scalar(select(func.count()).select_from(Standby).where(
-                Standby.host == host)) or 0
-            if left or standbys:
-                raise Conflict(f"host {host} still holds {left} instance(s) and "
-                               f"{standbys} standby(s)",
-                               hint="move or remove them first (corral migrate, corral rm, "
-                                    "corral standby rm)")
+            h = s.get(Host, host)
+            up = h is not None and h.state == "up"
+            on = list(s.scalars(select(Instance.name).where(Instance.host == host)))
+            kept = list(s.scalars(select(Instance.name).where(
+                Instance.disk_host == host, Instance.host.is_(None) | (Instance.host != host))))
+            standbys = list(s.scalars(select(Standby.instance).where(Standby.host == host)))
+            parts = [f"{what}: {', '.join(sorted(names)[:10])}"
+                     + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+                     for what, names in (("instances", on), ("standbys", standbys),
+                                         ("kept disks", kept)) if names]
+            if up or parts:
+                why = [*(["is up (its agent still runs)"] if up else []),
+                       *([f"still holds {'; '.join(parts)}"] if parts else [])]
+                steps = [*([f"drain it ('corral host drain {host}')"] if parts else []),
+                         *(["stop its agent and wait until 'corral host ls' shows it down"]
+                           if up else [])]
+                raise Conflict(f"host {host} {' and '.join(why)}",
+                               hint=f"{', then '.join(steps)}, then remove it" + (
+                                   " (a host that is down: bring its agent back to drain "
+                                   "it, or move or remove them: corral migrate, corral "
+                                   "standby rm, corral rm)" if parts and not up else ""))
             for row in (s.get(HostIdentity, host), s.get(JoinToken, host), s.get(Host, host)):
                 if row is not None:
                     s.delete(row)

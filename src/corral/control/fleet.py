@@ -106,7 +106,8 @@ class Fleet:
         new = observed(report, inst.desired_state)
         pid = report.pid if new in ALIVE else None
         exit_code = report.exit_code if new in ENDED | {State.STOPPED} else None
-        if new == current and pid == inst.pid and exit_code == inst.exit_code:
+        if (new == current and pid == inst.pid and exit_code == inst.exit_code
+                and report.restarts == inst.restarts and report.health == inst.health):
             return False
         if new != current:
             try:
@@ -118,6 +119,8 @@ class Fleet:
         inst.state = new.value
         inst.pid = pid
         inst.exit_code = exit_code
+        inst.restarts = report.restarts  # the agent's count for this copy (agent/restart.py)
+        inst.health = report.health  # None without a check (agent/health.py)
         inst.updated_at = self.clock()
         return True
 
@@ -303,6 +306,6 @@ class Fleet:
                          memory_bytes=h.memory_bytes,
                          reserved_cpus=sums.get(h.name, (0.0, 0))[0],
                          reserved_memory=sums.get(h.name, (0.0, 0))[1],
-                         drivers=frozenset(h.drivers))
+                         drivers=frozenset(h.drivers), draining=bool(h.draining))
             for h in s.scalars(select(Host).order_by(Host.name))
         ]

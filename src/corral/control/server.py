@@ -46,6 +46,7 @@ from corral.control.agents import AgentCaller
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.enroll import Enrollment
 from corral.control.fleet import Fleet
+from corral.control.http import drain as drain_http
 from corral.control.http import hosts as hosts_http
 from corral.control.http import logs as logs_http
 from corral.control.http import ops as ops_http
@@ -290,6 +291,8 @@ class ControlPlane:
         routers.append(lambda auth: ops_http.router(ops, service, auth))
         routers.append(lambda auth: hosts_http.router(enrollment, auth))
         standbys = self.standbys = Standbys(fleet, service.agents, ops)
+        ops.standbys = standbys  # a drain moves the standbys its host keeps
+        routers.append(lambda auth: drain_http.router(ops, fleet, auth))
         service.before_delete.append(standbys.discard_for_deleted)
         routers.append(lambda auth: standbys_http.router(ops, service, standbys, auth))
         service.before_delete.append(shelves.discard_for_deleted)

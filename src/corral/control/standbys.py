@@ -66,6 +66,9 @@ class Standbys:
                 raise InvalidRequest(f"a standby of '{name}' cannot live on {host}, where it "
                                      "runs", hint="name another host with --host")
             target = DiskOps.host_up(s, host, "standby")
+            if target.draining:
+                raise InvalidRequest(f"host {host} is draining: it takes no new standby",
+                                     hint=f"name another host, or 'corral host undrain {host}'")
             DiskOps.check_pair(primary, target)
             s.add(Standby(instance=name, host=host, every_seconds=every, state="new",
                           created_at=time.time(), total_bytes=0, syncs=0, last_error=""))

@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from sqlalchemy import select
 
 import corral
-from corral.api.models import FleetStatus, HostView, InstanceView, Resources, Usage
+from corral.api.models import (
+    CheckSpec,
+    FleetStatus,
+    HostView,
+    InstanceView,
+    Resources,
+    RestartSpec,
+    Usage,
+)
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
 from corral.lifecycle import ALIVE, State, allowed_verbs
@@ -41,6 +49,10 @@ def instance_view(fleet: Fleet, inst: Instance) -> InstanceView:
         updated_at=inst.updated_at, usage=instance_usage(fleet, inst),
         allowed=[v.value for v in allowed_verbs(State(inst.state))],
         disk_host=inst.disk_host, shelf=inst.shelf, image_config=inst.image_config,
+        restart=RestartSpec.model_validate(inst.restart_policy or {}),
+        restarts=inst.restarts or 0,
+        check=CheckSpec.model_validate(inst.check_spec) if inst.check_spec else None,
+        health=inst.health if inst.health or not inst.check_spec else "unknown",
     )
 
 
@@ -74,7 +86,7 @@ def host_view(fleet: Fleet, host: Host, instances: Sequence[Instance]) -> HostVi
         free=Resources(cpus=round(host.cores - rc, 6), memory_bytes=host.memory_bytes - rm),
         instances=len(mine), usage=usage, rest_host_pct=rest,
         last_heartbeat=host.last_heartbeat, lease_expires_at=host.lease_expires_at,
-        agent_version=host.agent_version,
+        agent_version=host.agent_version, draining=bool(host.draining),
     )
 
 

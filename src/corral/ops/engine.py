@@ -191,12 +191,23 @@ class Engine:
         return out
 
     async def resume_all(self) -> list[OpRecord]:
-        """Finish or roll back every operation a crash left unfinished."""
-        out = []
-        for rec in self.store.unfinished():
+        """Finish or roll back every operation a crash left unfinished, all at once: an
+        operation group (unshelve-group, drain) waits for its members, which are records of
+        their own resumed here too, so one after the other would never end."""
+        recs = self.store.unfinished()
+        for rec in recs:
             log.warning("resuming operation %s (%s on %s, %s)", rec.id, rec.kind, rec.target,
                         rec.state.value)
-            out.append(await self._drive(rec, fresh=False))
+        ended = await asyncio.gather(*(self._drive(rec, fresh=False) for rec in recs),
+                                     return_exceptions=True)
+        out = []
+        for rec, got in zip(recs, ended, strict=True):
+            if isinstance(got, OpRecord):
+                out.append(got)
+            elif isinstance(got, asyncio.CancelledError):
+                raise got
+            else:
+                log.error("operation %s could not be resumed: %s", rec.id, got)
         return out
 
     # -- the machine -------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class HostSnapshot:
     reserved_cpus: float = 0.0
     reserved_memory: int = 0
     drivers: frozenset[str] = frozenset()
+    #: ``corral host drain``: takes nothing new, pinned or not
+    draining: bool = False
 
     @property
     def free_cpus(self) -> float:
@@ -85,6 +87,8 @@ def why_not(req: Request, host: HostSnapshot) -> str | None:
         return "excluded (anti-affinity)"
     if not host.up:
         return "down"
+    if host.draining:
+        return "draining"
     if req.driver not in host.drivers:
         return f"no {req.driver} driver"
     short: list[str] = []

@@ -33,6 +33,8 @@ from corral.control.agents import AgentCaller
 from corral.control.db import Host
 from corral.control.fleet import Fleet
 from corral.control.operations.base import OpBase
+from corral.control.operations.drain import KIND as DRAIN
+from corral.control.operations.drain import Drain, StandbysLike
 from corral.control.operations.failover import KIND as FAILOVER
 from corral.control.operations.failover import Failover
 from corral.control.operations.migrate import KIND as MIGRATE
@@ -74,6 +76,7 @@ def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
     shelve = Shelve(fleet, agents, settings, images)
     unshelve = Unshelve(fleet, agents, settings, images)
     group = UnshelveGroup(fleet, agents, settings, ops)
+    drain = Drain(fleet, agents, settings, ops, images)
     held = OpBase(fleet, agents, settings).held
     return [
         Kind(RECREATE, recreate.build, wire.ToParams, recreate.check, held, recreate.result),
@@ -86,6 +89,7 @@ def kinds(fleet: Fleet, agents: AgentCaller, settings: Settings,
         Kind(UNSHELVE, unshelve.build, wire.ToParams, unshelve.check, held, unshelve.result),
         Kind(UNSHELVE_GROUP, group.build, wire.UnshelveGroupParams, group.check, group.held,
              group.result),
+        Kind(DRAIN, drain.build, wire.DrainParams, drain.check, drain.held, drain.result),
     ]
 
 
@@ -100,6 +104,8 @@ class Operations:
         # the table comes from migration 0003, never create_all; ``fence`` refuses the saves
         # of a server that no longer leads (control/leader.py)
         self.store = OperationStore(db, fence=fence)
+        #: the standby service (set by the server once built): a drain moves standbys
+        self.standbys: StandbysLike | None = None
         self.hooks_dir = hooks_dir(settings)
         self.engine = Engine(self.store, Hooks(self.hooks_dir), on_change=self._changed,
                              pause_dir=Path(settings.data_dir) / "drills", locks=fleet.locks)
