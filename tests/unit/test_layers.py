@@ -35,6 +35,8 @@ CLI_EXCEPTIONS = {
     ("corral.cli.images", "corral.images.transfer"): "image import uploads what is missing",
     ("corral.cli.images", "corral.images.oci"): "image pull/push: skopeo, the layers and the "
                                                 "upload run next to the operator's files",
+    ("corral.cli.systemd_cmd", "corral.systemd"): "corral systemd print writes a unit shipped "
+                                                  "as package data",
 }
 
 

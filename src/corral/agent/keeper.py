@@ -17,12 +17,12 @@ field 22) is the one recorded, so a reused pid is never taken for it. An exclusi
 ``keeper.lock``, held for the keeper's life, makes a second keeper on the same directory exit at
 once: never two. It is not put in any of the agent's instance cgroups (an instance stop or
 ``corral down`` removing those must not take it along); it stays in the agent's own cgroup, which
-is where an agent run by hand or by ``corral up`` lives. The alternative is a systemd unit per
-host (``Restart=always``, ``WatchdogSec=`` with the keeper notifying), the production choice: it
-keeps the keeper out of the agent unit's cgroup, whose default ``KillMode=control-group`` would
-otherwise stop the keeper whenever the agent unit stops; test machines have no systemd, and a
-keeper the agent starts needs no install step, so this variant is the one built here (see
-docs/operations.md).
+is where an agent run by hand or by ``corral up`` lives -- and under systemd, where the shipped
+``corral-agent.service`` has ``KillMode=process`` so that a stop or restart of the unit signals
+the agent alone, not the keeper (nor the runc and qemu shims) in its cgroup. A keeper unit of
+its own (``WatchdogSec=`` with the keeper notifying) was the alternative; it would need a keeper
+that stays up with nothing to guard and an agent that never starts one, and one design serves
+every way an agent runs (see "From two bare machines to a fleet" in docs/operations.md).
 
 **The interface** is two files in the agent's data dir, both 0600, each replaced by a rename:
 
