@@ -164,3 +164,58 @@ async def test_connection_survives_a_server_restart(tmp_path: Path) -> None:
             n2.stop()
     finally:
         await nc.close()
+
+
+def test_reloads_from_many_threads_at_once_each_see_their_own(tmp_path: Path) -> None:
+    """Hosts enrolled together reload the bus from several worker threads (and the server's
+    watch from another): every reload must write a whole config and be seen by nats-server,
+    never trip over another's temp file, and the last config must hold every identity."""
+    import threading
+
+    from corral.bus import identity
+    from corral.bus.identity import Credentials
+
+    seeds: list[str] = []
+    lock = threading.Lock()
+
+    def auth() -> str:
+        with lock:
+            users = [f'{{ nkey: "{identity.public_key(s)}" }}' for s in seeds]
+        return "authorization { users: [ " + ", ".join(
+            [f'{{ user: "tool", password: "{TOKEN}" }}', *users]) + " ] }"
+
+    (tmp_path / "nats").mkdir()
+    server = EmbeddedNats(tmp_path, TOKEN, auth=auth)
+    server.start()
+    try:
+        results: list[bool] = []
+        errors: list[BaseException] = []
+
+        def enroll() -> None:
+            with lock:
+                seeds.append(identity.new_seed())
+            try:
+                results.append(server.reload())
+            except BaseException as exc:  # the test reports every one
+                errors.append(exc)
+
+        threads = [threading.Thread(target=enroll) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and results == [True] * 6, (errors, results)
+        assert not list((tmp_path / "nats").glob(".auth.conf.*"))
+
+        async def logs_in(seed: str) -> bool:
+            from nats import connect as nats_connect
+
+            nc = await nats_connect(server.url, allow_reconnect=False, connect_timeout=2,
+                                    **Credentials(seed=seed).options())
+            await nc.close()
+            return True
+
+        for seed in seeds:  # every host's key is in the config nats-server read last
+            assert asyncio.run(logs_in(seed))
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +164,9 @@ class EmbeddedNats:
         self.binary = binary
         self.log_path = self.data_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: one reload at a time: hosts enrolled together reload from several worker threads,
+        #: and two writers of the config (or two SIGHUPs read as one) lost a host's key
+        self._reload_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -234,7 +238,7 @@ class EmbeddedNats:
                      f"key_file: {json.dumps(str(key))} }}\n")
         if self.cluster is not None:
             text += self.cluster.block(self.host, self.token)
-        tmp = path.with_name(".auth.conf.tmp")
+        tmp = path.with_name(f".auth.conf.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -245,19 +249,21 @@ class EmbeddedNats:
         """Write the config again (who may log in changed) and have the server re-read it;
         return once it has (its log says so), so a host told it is enrolled can log in at
         once and a removed one's connections are already closed. False: not seen in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        try:
-            start = self.log_path.stat().st_size
-        except OSError:
-            start = 0
-        self._write_config(self.data_dir / "nats")
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._logged_since(start, RELOADED):
-                return True
-            time.sleep(0.02)
+        with self._reload_lock:
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return False
+            try:
+                start = self.log_path.stat().st_size
+            except OSError:
+                start = 0
+            self._write_config(self.data_dir / "nats")
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self._logged_since(start, RELOADED):
+                    return True
+                time.sleep(0.02)
         log.warning("nats-server did not report its reload within %.0fs", timeout)
         return False
 
