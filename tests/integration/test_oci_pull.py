@@ -30,7 +30,7 @@ from storeserver import served_store
 
 from corral.api.client import Client
 from corral.errors import InvalidRequest, NotFound, TransferFailed
-from corral.images import oci
+from corral.images import oci, oci_push
 from corral.images.oci_config import read_tree_file, resolve
 from corral.images.packstore import PackStore
 from corral.images.store import ImageStore
@@ -243,8 +243,8 @@ def test_push_and_pull_back(images: dict[str, Any], served: tuple[ImageStore, Cl
     host = images["host"]
     pull(c, f"docker://{host}/bb:v1", "orig", insecure=True)
     with PackStore(tmp_path / "push-chunks") as packs:
-        digest = oci.push(c, "orig", f"docker://{host}/pushed:1", tmp_path / "push", packs,
-                          insecure=True)
+        digest = oci_push.push(c, "orig", f"docker://{host}/pushed:1", tmp_path / "push",
+                               packs, insecure=True)
     assert digest.startswith("sha256:")
     back, _ = pull(c, f"docker://{host}/pushed:1", "back", insecure=True)
     _same(store.manifest("orig"), back)

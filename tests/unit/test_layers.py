@@ -33,8 +33,10 @@ CLI_EXCEPTIONS = {
     ("corral.cli.logs", "corral.telemetry.logsink"): "corral logsink is a sink in this process",
     ("corral.cli.images", "corral.images.packstore"): "image import chunks a tree locally",
     ("corral.cli.images", "corral.images.transfer"): "image import uploads what is missing",
-    ("corral.cli.images", "corral.images.oci"): "image pull/push: skopeo, the layers and the "
+    ("corral.cli.images", "corral.images.oci"): "image pull: skopeo, the layers and the "
                                                 "upload run next to the operator's files",
+    ("corral.cli.images", "corral.images.oci_push"): "image push: skopeo and the layer are "
+                                                     "made next to the operator's files",
     ("corral.cli.systemd_cmd", "corral.systemd"): "corral systemd print writes a unit shipped "
                                                   "as package data",
 }

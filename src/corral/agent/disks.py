@@ -66,7 +66,8 @@ class HostDisks:
         #: an older agent kept the fleet's admin token here for the channel: no longer
         (self.data_dir / "data-token").unlink(missing_ok=True)
         self.secure_layout()
-        self.channel = DataServer(host, self.transfer_places, host=listen, port=port)
+        self.channel = DataServer(host, self.transfer_places, host=listen, port=port,
+                                  after_failure=_after_failed_receive)
         self.tls: ChannelTls | None = None
 
     @property
@@ -290,3 +291,12 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+def _after_failed_receive(argv: list[str]) -> list[str]:
+    """A ``btrfs receive`` that failed leaves a writable half-snapshot in its slot: drop it,
+    so a slot never holds one (rsync writes into a temp dir of its own and needs nothing)."""
+    if argv and argv[0] == "btrfs":
+        from corral.disks.btrfs import drop_partial_receives
+
+        return drop_partial_receives(Path(argv[-1]))
+    return []

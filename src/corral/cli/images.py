@@ -141,7 +141,7 @@ def _bytes(packs: Any, manifest: Any) -> int:
 
 
 def push(name: str, ref: str, authfile: str | None, insecure: bool) -> None:
-    from corral.images.oci import push as push_image
+    from corral.images.oci_push import push as push_image
     from corral.images.packstore import PackStore
 
     if name.startswith("@"):

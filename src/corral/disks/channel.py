@@ -167,8 +167,12 @@ class DataServer:
     ``host``/``port`` where it listens. ``ticket_key`` (hex) is set once the host joined."""
 
     def __init__(self, name: str, places: Places, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, after_failure: Callable[[list[str]], list[str]] | None = None
+                 ) -> None:
+        """``after_failure(argv)``: what a backend cleans up after its receiver failed (in a
+        worker thread), e.g. btrfs's half-received snapshots; the names it dropped."""
         self.name = name
+        self.after_failure = after_failure
         self.places = places
         self.host = host
         self.port = port
@@ -259,11 +263,11 @@ class DataServer:
             writer.write(b'{"ok": true}\n')
             await writer.drain()
             code = await _relay(reader, writer, proc)
-            if argv[0] == "btrfs" and code != 0:
-                from corral.disks.btrfs import drop_partial_receives
-
-                dropped = await asyncio.to_thread(drop_partial_receives, Path(argv[-1]))
-                log.warning("data channel: dropped half-received snapshots %s", dropped)
+            if code != 0 and self.after_failure is not None:
+                dropped = await asyncio.to_thread(self.after_failure, argv)
+                if dropped:
+                    log.warning("data channel: dropped what a failed receive left: %s",
+                                dropped)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("data channel from %s ended: %s", peer, exc)
         finally:

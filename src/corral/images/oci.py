@@ -336,28 +336,3 @@ def upload(client: ChunkService, packs: PackStore, manifest: Manifest, name: str
 
 
 # --- the whole push -----------------------------------------------------------------------------
-
-
-def push(client: ChunkService, name: str, ref: str, work: Path, packs: PackStore, *,
-         authfile: str | None = None, insecure: bool = False,
-         on_fetch: OnBytes | None = None, on_layer: OnBytes | None = None) -> str:
-    """Fetch image ``name``'s chunks into ``packs`` (``on_fetch``: bytes moved so far), write
-    it as an OCI layout in ``work/layout`` and have skopeo copy that to ``ref``; returns the
-    manifest digest."""
-    from corral.images.oci_push import write_layout
-    from corral.images.transfer import fetch_missing
-
-    ref = skopeo.check_ref(ref)
-    raw, _ = client.manifest(name)
-    manifest = Manifest.from_json(raw)
-    manifest.check()
-    ids = [bytes.fromhex(i) for i in sorted(manifest.chunk_ids())]
-    moved = 0
-    for start in range(0, len(ids), MAX_BATCH):
-        moved += fetch_missing(client, packs, ids[start:start + MAX_BATCH]).bytes
-        if on_fetch is not None:
-            on_fetch(moved)
-    digest = write_layout(manifest, packs, work / "layout", on_bytes=on_layer)
-    skopeo.copy(f"oci:{work / 'layout'}:latest", ref, dest_authfile=authfile,
-                dest_insecure=insecure)
-    return digest

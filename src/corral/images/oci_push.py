@@ -22,8 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
-from corral.images.oci import LAYER_TYPES, MANIFEST, host_arch
+from corral.images import skopeo
+from corral.images.oci import LAYER_TYPES, MANIFEST, OnBytes, host_arch
 from corral.images.packstore import PackStore
+from corral.images.records import MAX_BATCH
+from corral.images.transfer import ChunkService
 from corral.images.tree import Entry, Manifest
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -166,3 +169,27 @@ def _blob(blobs: Path, raw: bytes, media_type: str) -> dict[str, Any]:
     digest = hashlib.sha256(raw).hexdigest()
     (blobs / digest).write_bytes(raw)
     return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(raw)}
+
+
+def push(client: ChunkService, name: str, ref: str, work: Path, packs: PackStore, *,
+         authfile: str | None = None, insecure: bool = False,
+         on_fetch: OnBytes | None = None, on_layer: OnBytes | None = None) -> str:
+    """Fetch image ``name``'s chunks into ``packs`` (``on_fetch``: bytes moved so far), write
+    it as an OCI layout in ``work/layout`` and have skopeo copy that to ``ref``; returns the
+    manifest digest."""
+    from corral.images.transfer import fetch_missing
+
+    ref = skopeo.check_ref(ref)
+    raw, _ = client.manifest(name)
+    manifest = Manifest.from_json(raw)
+    manifest.check()
+    ids = [bytes.fromhex(i) for i in sorted(manifest.chunk_ids())]
+    moved = 0
+    for start in range(0, len(ids), MAX_BATCH):
+        moved += fetch_missing(client, packs, ids[start:start + MAX_BATCH]).bytes
+        if on_fetch is not None:
+            on_fetch(moved)
+    digest = write_layout(manifest, packs, work / "layout", on_bytes=on_layer)
+    skopeo.copy(f"oci:{work / 'layout'}:latest", ref, dest_authfile=authfile,
+                dest_insecure=insecure)
+    return digest
