@@ -72,11 +72,12 @@ class FakeAgent:
             await self._sub.unsubscribe()
             self._sub = None
 
-    async def heartbeat(self) -> HeartbeatReply:
+    async def heartbeat(self, timeout: float = 5) -> HeartbeatReply:
         self.seq += 1
         hb = Heartbeat(host=self.name, seq=self.seq, sent_at=time.time(),
                        instances=list(self.instances.values()))
-        return await request(self.nc, subjects.heartbeat(self.name), hb, HeartbeatReply, 5)
+        return await request(self.nc, subjects.heartbeat(self.name), hb, HeartbeatReply,
+                             timeout)
 
     async def publish_metrics(self, usage: dict[str, tuple[float, int]],
                               host_cpu_pct: float | None = None) -> None:

@@ -38,7 +38,7 @@ from test_postgres import pg_url  # noqa: F401  (the module's PostgreSQL server)
 
 from corral.bus import codec, identity, subjects
 from corral.bus.connect import connect, request
-from corral.bus.embedded import free_port
+from corral.bus.embedded import stable_port
 from corral.bus.messages import Capacity, Command, JoinReply, JoinRequest, Reply, WireSpec
 from corral.config import Settings
 from corral.control.db import Host, open_db
@@ -100,14 +100,14 @@ def verify(ca: str) -> ssl.SSLContext | bool:
 
 def cluster_settings(tmp: Path, db_url: str, n: int, **kw: Any) -> list[Settings]:
     """Settings of ``n`` servers on ``db_url``, each with a node of one NATS cluster."""
-    routes = [free_port("127.0.0.1") for _ in range(n)]
+    routes = [stable_port("127.0.0.1") for _ in range(n)]
     dirs = [tmp / f"s{i}" for i in range(1, n + 1)]
     _share_secrets(dirs, kw.get("tls") == "on")
     out = []
     for i, d in enumerate(dirs):
         base: dict[str, Any] = dict(
             data_dir=d, token=TOKEN, api_port=0, db_url=db_url,
-            nats_port=free_port("127.0.0.1"), nats_cluster_port=routes[i],
+            nats_port=stable_port("127.0.0.1"), nats_cluster_port=routes[i],
             nats_routes=",".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes)
                                  if j != i),
             server_name=f"s{i + 1}", lease_seconds=30.0, heartbeat_seconds=1.0,
@@ -381,7 +381,7 @@ def _procs(pg_url: str, tmp_path: Path, **kw: Any) -> Iterator[list[Proc]]:  # n
     out = [Proc(s) for s in cluster_settings(tmp_path, url, 3, stream_replicas=3, tls="on",
                                              **kw)]
     for p in out:
-        p.settings.api_port = free_port("127.0.0.1")
+        p.settings.api_port = stable_port("127.0.0.1")
     try:
         for p in out:
             p.start()
@@ -428,7 +428,9 @@ class Heartbeats:
     async def _one(self, a: FakeAgent) -> None:
         sent = time.monotonic()
         try:
-            await a.heartbeat()
+            # as long as a real agent waits for an answer (agent/daemon.py): a request
+            # that went to a leader killed meanwhile is given up as soon, and sent again
+            await a.heartbeat(timeout=max(1.0, 2 * self.every))
         except Exception as exc:
             self.failures.append((round(sent - self.t0, 2), a.name,
                                   f"{type(exc).__name__}: {exc}"[:80],

@@ -22,7 +22,7 @@ from test_postgres import pg_url  # noqa: F401  (the module's PostgreSQL server)
 
 from corral.bus import identity, streams
 from corral.bus.connect import connect
-from corral.bus.embedded import Cluster, EmbeddedNats, free_port
+from corral.bus.embedded import Cluster, EmbeddedNats, stable_port
 from corral.bus.identity import Credentials
 from corral.control.pki import Authority
 from corral.control.server import ControlPlane, route_certificate
@@ -43,7 +43,7 @@ def three(tmp_path: Path) -> Iterator[Nodes]:
     """Three nodes routed to each other, TLS on (client and route), token auth."""
     pki = Authority(tmp_path / "pki")
     pki.ensure(["127.0.0.1"])
-    ports = [free_port("127.0.0.1") for _ in range(3)]
+    ports = [stable_port("127.0.0.1") for _ in range(3)]
     routes = tuple(f"nats-route://127.0.0.1:{p}" for p in ports)  # its own too: harmless
     route = route_certificate(pki, "127.0.0.1")
     nodes = [EmbeddedNats(tmp_path / f"n{i}", TOKEN, tls=(pki.cert_file, pki.key_file),

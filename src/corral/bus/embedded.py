@@ -79,6 +79,33 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def stable_port(host: str) -> int:
+    """A free port below the kernel's ephemeral range, for a process that must listen on the
+    same port again after a restart (the rig's servers, their NATS routes): a port of that
+    range may meanwhile be the local end of any outgoing connection, and the restart then
+    fails with "address in use"."""
+    import random
+
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    return free_port(host)
+
+
 #: the user nodes of one cluster log in to each other's route port as (the token: password)
 ROUTE_USER = "corral-route"
 

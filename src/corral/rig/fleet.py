@@ -21,7 +21,7 @@ from typing import Any
 
 from corral import perms
 from corral.api.client import Client
-from corral.bus.embedded import free_port
+from corral.bus.embedded import stable_port
 from corral.errors import Conflict, CorralError
 from corral.lifecycle import ALIVE
 from corral.rig import netns, procs
@@ -259,15 +259,15 @@ def _start_servers(data: Path, env: dict[str, str], net: netns.FleetNetwork | No
         _share_secrets(dirs, env["CORRAL_TOKEN"])
     # fixed ports (picked free now, not 0): the recorded commands then restart each server on
     # the addresses the agents and the context already know
-    cluster = [free_port(host) for _ in dirs] if n > 1 else []
+    cluster = [stable_port(host) for _ in dirs] if n > 1 else []
     say(f"starting {n} server(s) and their NATS" if n > 1 else "starting the server and its NATS")
     servers: list[ProcInfo] = []
     for i, sdir in enumerate(dirs, start=1):
         (sdir / "server.json").unlink(missing_ok=True)
         argv = procs.corral_argv(
             "server", "--data", str(sdir), "--tls", "on", "--api-host", host,
-            "--api-port", str(free_port(host)),
-            "--nats-host", host, "--nats-port", str(free_port(host)),
+            "--api-port", str(stable_port(host)),
+            "--nats-host", host, "--nats-port", str(stable_port(host)),
         )
         if n > 1:
             routes = ",".join(f"nats-route://{host}:{p}" for j, p in enumerate(cluster)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral import perms
-from corral.bus.embedded import free_port
+from corral.bus.embedded import stable_port
 from corral.errors import ConfigError, CorralError
 from corral.rig import procs
 from corral.rig.context import ProcInfo
@@ -83,7 +83,7 @@ def start(top: Path, say: Callable[[str], None]) -> tuple[ProcInfo, str]:
         _initdb(bindir, data, password, top, owner)
         perms.write_private(password_file, password)
     password = password_file.read_text().strip()
-    port = free_port("127.0.0.1")
+    port = stable_port("127.0.0.1")
     argv = [str(bindir / "postgres"), "-D", str(data), "-k", str(top), "-p", str(port),
             "-h", "127.0.0.1"]
     say("starting PostgreSQL")
