@@ -138,8 +138,21 @@ def restart_agent(fleet: Fleet, name: str) -> None:
     assert ctx is not None
     old = next(a for a in ctx.agents if a.name == name)
     env = {**fleet.env, "CORRAL_TOKEN": ctx.token}
-    new = procs.spawn(old.name, old.argv, Path(old.log), env=env, netns=old.netns,
+    log = Path(old.log)
+    start = log.stat().st_size if log.exists() else 0
+    new = procs.spawn(old.name, old.argv, log, env=env, netns=old.netns,
                       address=old.address)
     ctx.agents = [new if a.name == name else a for a in ctx.agents]
     save_context(ctx, fleet.context_file)
     fleet.ctx = ctx
+    # back only once it has joined: until then the server may still count the killed agent
+    # "up" (its lease has not run out) and a command sent to it finds no one
+    deadline = time.monotonic() + 60
+    while True:
+        with log.open("rb") as fh:
+            fh.seek(start)
+            if b"joined as " in fh.read():
+                return
+        assert procs.alive(new), f"the restarted agent of {name} died:\n{procs.tail(log)}"
+        assert time.monotonic() < deadline, f"the restarted agent of {name} did not join"
+        time.sleep(0.05)
