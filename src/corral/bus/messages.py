@@ -201,7 +201,8 @@ class LogBatch(BaseModel):
 
     host: str
     instance: str
-    source: str
+    #: stdout, stderr or a tail source's name (as the API allows them): no '/', bounded
+    source: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     first_seq: int = Field(ge=1)
     lines: list[str]
     ts: float

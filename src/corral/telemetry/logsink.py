@@ -43,6 +43,14 @@ def _safe(part: str) -> str:
     return _SAFE.sub("_", part) or "_"
 
 
+def _split_run(key: str) -> tuple[str, str]:
+    """(source, run) of a :attr:`LogBatch.key`: host/instance/source[/run] (none has a '/')."""
+    parts = key.split("/")
+    if len(parts) == 4:
+        return "/".join(parts[:3]), parts[3]
+    return key, ""
+
+
 @dataclass
 class Checkpoint:
     stream_seq: int = 0
@@ -74,6 +82,13 @@ class Checkpoint:
             os.close(dfd)
 
 
+#: runs of one source (host, instance, stream) whose last line number the checkpoint keeps, the
+#: most recently written last. A copy that comes back to a host starts a new run, so a few are
+#: legitimate; ``run`` is the host's to choose, and without a cap a host sending each batch
+#: under a new run grew the checkpoint (rewritten after every batch) without end. A run pushed
+#: out that writes again counts from nothing (a gap is recorded if it does not start at 1).
+RUNS_PER_SOURCE = 8
+
 #: files a sink keeps open at once; the least recently written is closed (after an fsync, so
 #: the next checkpoint may vouch for it) and opened again when a line comes for it. One file
 #: per instance and source used to stay open for ever: EMFILE after ~500 instances.
@@ -92,6 +107,12 @@ class LogSink:
         self._files: OrderedDict[str, Any] = OrderedDict()
         self.max_open = max_open
         self.written = 0
+        #: source -> its runs' keys in the checkpoint, least recently written first
+        self._runs: dict[str, list[str]] = {}
+        for key in self.cp.last_line:
+            base, run = _split_run(key)
+            if run:
+                self._runs.setdefault(base, []).append(key)
         self._restore()
 
     def _restore(self) -> None:
@@ -150,8 +171,22 @@ class LogSink:
         fh = self._file(rel)
         fh.write("".join(line.rstrip("\n") + "\n" for line in lines).encode())
         self.cp.lengths[rel] = fh.tell()
-        self.cp.last_line[key] = batch.first_seq + len(batch.lines) - 1
+        self._note(key, batch.run, batch.first_seq + len(batch.lines) - 1)
         self.written += len(lines)
+
+    def _note(self, key: str, run: str, last: int) -> None:
+        """Record a source's last line, keeping at most :data:`RUNS_PER_SOURCE` runs of it."""
+        lines = self.cp.last_line
+        lines.pop(key, None)
+        lines[key] = last  # dicts keep order, in memory and in the checkpoint's JSON
+        if not run:
+            return
+        runs = self._runs.setdefault(_split_run(key)[0], [])
+        if key in runs:
+            runs.remove(key)
+        runs.append(key)
+        while len(runs) > RUNS_PER_SOURCE:
+            lines.pop(runs.pop(0), None)
 
     def _gap(self, key: str, first: int, last: int) -> None:
         self.cp.gaps += 1
