@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from serverproc import ServerProc
 from test_api import Harness, settings_for, start_harness, wait_for
 from test_leadership import Heartbeats, MoveAgent
 
@@ -238,45 +233,21 @@ async def _exists(p: Path) -> bool:
 
 
 # -- a server process killed with -9 mid-drain ------------------------------------------------
-class Server:
+class Server(ServerProc):
     def __init__(self, data: Path) -> None:
-        self.data = data
+        super().__init__(data)
         self.port = free_port("127.0.0.1")
         self.nats_port = free_port("127.0.0.1")
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-        env |= {"CORRAL_DATA_DIR": str(self.data), "CORRAL_TOKEN": TOKEN,
+    def env(self) -> dict[str, str]:
+        return {"CORRAL_DATA_DIR": str(self.data), "CORRAL_TOKEN": TOKEN,
                 "CORRAL_API_PORT": str(self.port), "CORRAL_NATS_PORT": str(self.nats_port),
                 "CORRAL_TLS": "off", "CORRAL_LEASE_SECONDS": "30",
                 "CORRAL_HEARTBEAT_SECONDS": "1"}
-        self.data.mkdir(exist_ok=True)
-        (self.data / "server.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral.control"], env=env,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=(self.data / "server.err").open("ab"))
-        deadline = time.monotonic() + 90
-        while not (self.data / "server.json").exists():
-            assert self.proc.poll() is None, (self.data / "server.err").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        info = json.loads((self.data / "server.json").read_text())
-        self.api, self.nats = info["api_url"], info["nats_url"]
 
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+    def start(self) -> None:
+        super().start()
+        self.wait_ready()
 
 
 @pytest.fixture

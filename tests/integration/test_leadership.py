@@ -14,15 +14,11 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import ssl
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +27,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
+from serverproc import ServerProc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from test_api import FakeAgent, wait_for
@@ -315,59 +312,18 @@ async def _leads(p: ControlPlane) -> bool:
 # --- servers as processes: kill -9 the leader ----------------------------------------------------
 
 
-@dataclass
-class Proc:
-    settings: Settings
-    proc: subprocess.Popen[bytes] | None = None
-    info: dict[str, Any] | None = None
+class Proc(ServerProc):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(Path(settings.data_dir))
+        self.settings = settings
 
-    @property
-    def data(self) -> Path:
-        return Path(self.settings.data_dir)
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-        for name in ("data_dir", "token", "db_url", "nats_port", "nats_cluster_port",
-                     "nats_routes", "server_name", "lease_seconds", "heartbeat_seconds",
-                     "leader_lease_seconds", "stream_replicas", "tls",
-                     "failover_grace_seconds"):
-            env[f"CORRAL_{name.upper()}"] = str(getattr(self.settings, name))
+    def env(self) -> dict[str, str]:
+        env = {f"CORRAL_{name.upper()}": str(getattr(self.settings, name)) for name in (
+            "data_dir", "token", "db_url", "nats_port", "nats_cluster_port", "nats_routes",
+            "server_name", "lease_seconds", "heartbeat_seconds", "leader_lease_seconds",
+            "stream_replicas", "tls", "failover_grace_seconds")}
         env["CORRAL_API_PORT"] = str(self.settings.api_port)
-        (self.data / "server.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral.control"], env=env,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=(self.data / "server.err").open("ab"))
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        path = self.data / "server.json"
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None and self.proc.poll() is None, (
-                (self.data / "server.err").read_text()[-3000:])
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                self.info = json.loads(path.read_text())
-                return
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    @property
-    def api(self) -> str:
-        assert self.info is not None
-        return str(self.info["api_url"])
+        return env
 
 
 @pytest.fixture
