@@ -241,6 +241,18 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+#: libpq settings that bound how long a call waits on a PostgreSQL that went silent (a cut
+#: cable, a host frozen) instead of on the kernel's defaults, where an unanswered send is
+#: retried for ~15 minutes and an idle connection is never probed: a leader stuck in such a
+#: call cannot even notice its lease ran out. Keepalives find a dead peer of an idle
+#: connection in ~11 s, tcp_user_timeout gives up on unacknowledged data after 15 s, and a
+#: connect gives up after 10 s.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+    "keepalives_count": 3, "tcp_user_timeout": 15_000,
+}
+
+
 def make_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         if url.database:
@@ -259,7 +271,9 @@ def make_engine(url: URL) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # a URL's own settings win: they are the operator's
+    args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in url.query}
+    return create_engine(url, pool_pre_ping=True, connect_args=args)
 
 
 def migrate(engine: Engine) -> None:
