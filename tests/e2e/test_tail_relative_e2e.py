@@ -81,6 +81,9 @@ def test_relative_tail_follows_the_instance_across_a_migration(local_fleet: Flee
                                                    if writer(r) == before)
         seen = {number(r) for r in recs}
         assert seen == set(range(1, max(seen) + 1)), sorted(set(range(1, max(seen))) - seen)
+        # and nothing came twice: host2 did not send again the lines host1 wrote and sent
+        numbers = [number(r) for r in recs]
+        assert len(numbers) == len(seen), sorted(n for n in seen if numbers.count(n) > 1)[:10]
     finally:
         f.cli("rm", "--force", name)
 

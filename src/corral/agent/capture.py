@@ -210,6 +210,26 @@ class TailCapture(LogCapture):
         return os.fdopen(fd, "rb")
 
 
+def skip_copied_lines(rec: InstanceRecord, workdir: Path) -> list[str]:
+    """A copy made from a disk that came from another host (a migration, a standby, a shelf)
+    tails files that hold what the copies before it wrote, which their own hosts captured
+    (an agent pumps a copy's last lines before it is deleted). Read from their start, every
+    line came again after each move. Called when such a copy is created, before it runs: each
+    tailed file is read from its end as it is now, so every line this copy writes is captured
+    and none before it. Returns the sources skipped."""
+    cdir = workdir / CAPTURE_DIR
+    cdir.mkdir(parents=True, exist_ok=True)
+    skipped = []
+    for src, path in rec.spec.tail.items():
+        cap = TailCapture(tail_path(rec, workdir, path), cdir / f"{src}.json", "", rec.name, src)
+        try:
+            if cap.skip_existing():
+                skipped.append(src)
+        except OSError as exc:  # the copy runs anyway; its file is then read from its start
+            log.warning("%s/%s: cannot note where its copied file ends: %s", rec.name, src, exc)
+    return skipped
+
+
 @dataclass
 class _Held:
     captures: dict[str, LogCapture]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from corral.agent import imagecache, restart, rootfs
+from corral.agent import capture, imagecache, restart, rootfs
 from corral.agent.busybox import copy_template
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
@@ -116,6 +116,8 @@ async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
             raise
         rec = InstanceRecord(spec=spec, handle=handle, epoch=spec.epoch, state="created",
                              extra=extra)
+        if extra.get("disk") and not made_disk:  # a disk that came from another host
+            await st.call(capture.skip_copied_lines, rec, workdir)  # before capture sees it
         st.save(rec)
         st.records[name] = rec
         return to_report(rec)

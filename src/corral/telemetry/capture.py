@@ -124,6 +124,20 @@ class LogCapture:
                          run=self.pos.run)
         return batch, self.pos.offset + used
 
+    def skip_existing(self) -> bool:
+        """Start past what the file holds now, if this capture has no offsets yet (a file that
+        is not there yet is read from its start when it comes). Returns whether it skipped."""
+        if self.state.exists():
+            return False
+        fh = self.open()
+        if fh is None:
+            return False
+        with fh:
+            st = os.fstat(fh.fileno())
+        self.pos.offset, self.pos.inode = st.st_size, st.st_ino
+        self._save()
+        return True
+
     async def pump(self, js: Any) -> int:
         """Publish everything readable now; returns how many lines went out."""
         sent = 0
