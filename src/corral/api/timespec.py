@@ -15,12 +15,24 @@ from corral.errors import InvalidRequest
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: the latest time a ``since`` may name: what a datetime can hold (the end of the year 9999)
+LATEST = 253402300799.0
 HINT = "use a duration back from now (30s, 10m, 2h, 1d), an ISO time (2026-11-23T12:00:00Z) " \
        "or unix seconds"
 
 
 def parse_since(text: str, now: float | None = None) -> float:
-    """Unix seconds meant by ``text``; a time without a zone is taken as UTC."""
+    """Unix seconds meant by ``text``; a time without a zone is taken as UTC. A time before
+    1970 is 1970 (everything kept); one past :data:`LATEST`, or not a number, is refused: a
+    server reading a stream from it failed after its answer had begun (an empty body)."""
+    value = _parse(text, now)
+    if value != value or value > LATEST:  # NaN, inf, the year 10000
+        raise InvalidRequest(f"bad since {text[:80]!r}: not a time before the year 10000",
+                             hint=HINT)
+    return max(0.0, value)
+
+
+def _parse(text: str, now: float | None) -> float:
     raw = text.strip()
     now = time.time() if now is None else now
     m = _DURATION.match(raw)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: without ``follow``, how long to wait for a first event that may not exist (a ``since`` after
 #: the newest event): the stream cannot say "nothing after this time" before delivering.
 FIRST_WAIT = 0.5
+#: the largest ``after``: the stream's indexes are unsigned 64-bit, and ``after + 1`` must be one
+MAX_INDEX = 2**63 - 2
 
 
 async def read(js: Any, *, since: float | None = None, after: int | None = None,
@@ -99,8 +101,9 @@ def router(js: Any, auth: list[Any]) -> APIRouter:
     async def events(
         since: Annotated[str | None, Query(description="30s, 10m, 2h, 1d, ISO time or unix "
                                                        "seconds")] = None,
-        after: Annotated[int | None, Query(ge=0, description="only events with a larger "
-                                                             "index")] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_INDEX,
+                                           description="only events with a larger index")
+                         ] = None,
         follow: bool = False,
         type: Annotated[list[EventTypeName] | None,
                         Query(description="event type or prefix (repeatable)")] = None,
