@@ -111,6 +111,16 @@ class Settings:
     failover: str = _doc("timing preset: empty keeps the defaults; 'fast' makes lease_seconds "
                          "2, heartbeat_seconds 0.5, fence_margin_seconds 0.5 and "
                          "failover_grace_seconds 0.5 (each still set on its own wins)", "")
+    history_fine_seconds: float = _doc("server: metric history: width of a bucket of the "
+                                       "fine tier (whole seconds, at least 1)", 10.0)
+    history_fine_keep_seconds: float = _doc("server: metric history: how long the fine tier "
+                                            "keeps its buckets", 86400.0)
+    history_coarse_seconds: float = _doc("server: metric history: width of a bucket of the "
+                                         "coarse tier (whole seconds, at least 1)", 300.0)
+    history_coarse_keep_seconds: float = _doc("server: metric history: how long the coarse "
+                                              "tier keeps its buckets", 30 * 86400.0)
+    history_flush_seconds: float = _doc("server: metric history: how often the leader writes "
+                                        "the samples it gathered (one transaction)", 10.0)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

@@ -26,7 +26,7 @@ import pytest
 from fleetkit import Fleet, fleet_for, restart_agent
 
 from corral.rig import procs
-from corral.rig.context import load_context, save_context
+from corral.rig.context import ProcInfo, load_context, save_context
 
 pytestmark = [
     pytest.mark.root,
@@ -51,7 +51,7 @@ def wait_until(pred: Any, what: str, timeout: float, fleet: Fleet) -> Any:
         time.sleep(0.3)
 
 
-def agent_of(fleet: Fleet, name: str) -> procs.ProcInfo:
+def agent_of(fleet: Fleet, name: str) -> ProcInfo:
     ctx = load_context(fleet.context_file)
     assert ctx is not None
     return next(a for a in ctx.agents if a.name == name)

@@ -187,3 +187,29 @@ class FakeAgents:
 
     def _chunks_cached(self, h: FakeHost, host: str, a: rpc.ChunksArgs) -> rpc.ChunksCached:
         return rpc.ChunksCached(have=0, of=len(a.ids))
+
+    # -- live migration ----------------------------------------------------------------------
+    def _live_incoming(self, h: FakeHost, host: str, a: rpc.IncomingArgs) -> rpc.IncomingTarget:
+        c = h.instances[a.name]
+        if c.state not in ("created", "frozen"):
+            raise Conflict(f"instance '{a.name}' is {c.state} here")
+        c.state = "frozen"  # waiting for the stream, as QEMU's -incoming reads
+        c.epoch = a.epoch if a.epoch is not None else c.epoch
+        return rpc.IncomingTarget(address=host, port=5000)
+
+    def _live_send(self, h: FakeHost, host: str, a: rpc.LiveSendArgs) -> rpc.LiveStats:
+        c = h.instances.get(a.name)
+        if c is None or c.state != "running":
+            raise Conflict(f"instance '{a.name}' is not running here")
+        dest = self.hosts[a.address].instances.get(a.name)
+        if dest is None or dest.state != "frozen":
+            raise HostUnavailable("nothing waits for the stream", retryable=True)
+        dest.state, c.state = "running", "frozen"  # the source stays paused for good
+        return rpc.LiveStats(status="completed", total_ms=100.0, downtime_ms=20.0,
+                             setup_ms=1.0, ram_bytes=1000, disk_bytes=500, dirty_syncs=2)
+
+    def _live_abort(self, h: FakeHost, host: str, a: rpc.NameArgs) -> InstanceReport:
+        c = h.instances.get(a.name)
+        if c is not None and c.state == "frozen":
+            c.state = "running"
+        return self._report(h, a.name)

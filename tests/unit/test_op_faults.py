@@ -42,10 +42,13 @@ class Case:
     lands: str | None = None
     down: str | None = None
     shelved: bool = False
+    #: the hosts' driver can migrate a running instance (the live path of migrate)
+    live: bool = False
 
 
 CASES = {
     "migrate-warm": Case("migrate", {"to": "h2"}, lands="h2"),
+    "migrate-live": Case("migrate", {"to": "h2"}, lands="h2", live=True),
     "migrate-cold": Case("migrate", {"to": "h2", "cold": True}, lands="h2"),
     "migrate-stopped": Case("migrate", {"to": "h2"}, state="stopped", lands="h2"),
     "recreate": Case("recreate", {"to": "h3"}, lands="h3"),
@@ -89,7 +92,8 @@ def setup(rig: Rig, case: Case) -> None:
         s.execute(sa.text("DELETE FROM operations"))
         for name in HOSTS:
             s.add(Host(name=name, address="127.0.0.1", cores=2, memory_bytes=4 * GiB,
-                       disk_bytes=10 * GiB, drivers={"process": {}},
+                       disk_bytes=10 * GiB,
+                       drivers={"process": {"can_live_migrate": True} if case.live else {}},
                        state="down" if name == case.down else "up", data_port=7000,
                        disk_backend="dir", lease_expires_at=2e9))
         s.flush()
@@ -165,6 +169,11 @@ async def test_one_failure_anywhere_finishes_or_leaves_no_trace(rig: Rig, case_i
     assert landed is not None and landed["host"] == case.lands
     calls = len(rig.agents.calls)
     assert calls > 0
+    assert (("h1", "live_send") in rig.agents.calls) == case.live
+    if case.live:  # the source's paused copy was ended, and QEMU's figures reported
+        assert rig.agents.hosts["h1"].instances.get("m") is None
+        assert clean.result["live"] is True and clean.result["downtime_ms"] == 20.0
+        assert clean.result["memory_bytes"] == 1000 and clean.result["disk_bytes"] == 500
     ended: set[OpState] = set()
     for at in range(1, calls + 1):
         for when in ("before", "after"):
@@ -180,6 +189,9 @@ async def test_one_failure_anywhere_finishes_or_leaves_no_trace(rig: Rig, case_i
             assert "m" not in rig.fleet.locks.instances, f"{where}: still held"
             if rec.state == OpState.ROLLED_BACK:
                 assert row(rig) == before_row, where
+                if case.live:  # the source ran all along, its epoch still the row's
+                    with rig.sessions() as s:
+                        assert s.get(Instance, "m").epoch == 3, where  # type: ignore[union-attr]
                 assert alive(rig) == [h for h, st in before_hosts.items()
                                       if "m" in st.instances
                                       and st.instances["m"].state == "running"], where
@@ -233,3 +245,20 @@ async def test_an_unshelve_group_refuses_what_is_not_shelved_before_recording(ri
     with pytest.raises(CorralError, match="no instance named 'ghost'"):
         await rig.ops.begin("unshelve-group", "grp", {"names": ["m", "ghost"]})
     assert rig.ops.store.list() == [] and rig.agents.calls == []
+
+
+async def test_a_target_that_cannot_take_a_running_instance_gets_a_warm_migration(
+        rig: Rig) -> None:
+    case = CASES["migrate-live"]
+    setup(rig, case)
+    with rig.sessions.begin() as s:
+        h2 = s.get(Host, "h2")
+        assert h2 is not None
+        h2.drivers = {"process": {}}  # an older agent, say
+    rec = await run(rig, case)
+    assert rec.state == OpState.SUCCEEDED, rec.error
+    verbs = [v for _, v in rig.agents.calls]
+    assert "live_send" not in verbs and "disk_send" in verbs and "start" in verbs
+    assert rec.result is not None and rec.result["live"] is False
+    assert row(rig) == {"host": "h2", "state": "running", "desired_state": "running",
+                        "disk_host": None, "shelf": None}

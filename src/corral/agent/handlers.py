@@ -17,6 +17,7 @@ from typing import Any
 from corral.agent import capture, imagecache, restart, rootfs
 from corral.agent.busybox import copy_template
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
+from corral.agent.live_handlers import HANDLERS as LIVE_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
 from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
 from corral.agent.state import AgentState, Handler
@@ -349,4 +350,5 @@ HANDLERS: dict[str, Handler] = {
     "list": list_,
     **DISK_HANDLERS,
     **SHELF_HANDLERS,
+    **LIVE_HANDLERS,
 }

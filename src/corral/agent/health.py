@@ -3,7 +3,9 @@ away).
 
 A check (``WireSpec.check``) is ``http://[HOST]:PORT/PATH`` (healthy on a 2xx or 3xx answer
 within the timeout), ``tcp:[HOST]:PORT`` (a connection is accepted) or ``exec:CMD`` (``sh -c
-CMD`` exits 0 within the timeout, run on the host in the instance's working directory). An
+CMD`` exits 0 within the timeout; for a container, inside it: every namespace of its main
+process, its root, its working directory, as its own root, so a script the workload wrote never
+runs as the host's root; else on the host in the instance's working directory). An
 empty HOST is 127.0.0.1 *in the instance's network namespace*: the check runs in the network
 namespace of the instance's main process (``/proc/PID/ns/net``, entered with ``setns`` in a
 thread of its own for http and tcp, with ``nsenter --net`` for exec) when it is not the
@@ -123,19 +125,43 @@ def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     return out[0]
 
 
+def _own_userns(pid: int) -> bool:
+    """Whether ``pid`` runs in a user namespace other than the agent's (a runc container)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    except OSError:
+        return False
+
+
+def _run_exec(argv: list[str], cwd: str | None, timeout: float) -> str:
+    """Run a check command; at its timeout its whole process group is killed (``sh -c``'s
+    children, nsenter's forked child), not only the first process, which left them running."""
+    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signals.SIGKILL)
+        p.wait()
+        raise
+    return "" if rc == 0 else f"exit {rc}"
+
+
 def run_probe(probe: Probe, timeout: float, pid: int | None, cwd: str | None) -> str:
     """One check, blocking (bounded by ``timeout``): "" when it passed, else why not."""
     netns = _netns_of(pid)
     try:
         if probe.kind == "exec":
             argv = ["sh", "-c", probe.command]
-            if netns is not None:
+            if pid is not None and _own_userns(pid):
+                # a container: in all its namespaces, at its root and working directory, as
+                # its root (a host id of its range), never as the agent's root in its disk
+                argv = ["nsenter", f"--target={pid}", "--all", "--root", "--wd", *argv]
+                cwd = None
+            elif netns is not None:
                 argv = ["nsenter", f"--net={netns}", *argv]
-            r = subprocess.run(argv, cwd=cwd if cwd and os.path.isdir(cwd) else None,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=timeout, check=False,
-                               start_new_session=True)
-            return "" if r.returncode == 0 else f"exit {r.returncode}"
+            return _run_exec(argv, cwd if cwd and os.path.isdir(cwd) else None, timeout)
         if probe.kind == "tcp":
             def connect() -> None:
                 with socket.create_connection((probe.host, probe.port), timeout=timeout):
@@ -270,6 +296,8 @@ class HealthMonitor:
             log.warning("instance %s is unhealthy; ending it for its restart policy (%s)",
                         name, rec.spec.restart.mode)
             rec.extra["ended_unhealthy"] = time.time()
+            # kept past the end (health turns unknown then): a failover on unhealthy says why
+            rec.extra["unhealthy_reason"] = str(rec.extra.get("health_reason", ""))[:500]
             drv = self.st.driver(rec.driver)
             first = rec.spec.stop_signal or int(signals.SIGTERM)
             with contextlib.suppress(Exception):

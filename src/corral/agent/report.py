@@ -80,4 +80,20 @@ def to_report(record: InstanceRecord) -> InstanceReport:
         epoch=record.epoch,
         restarts=int(record.extra.get("restarts", 0)),
         health=health_of(record),
+        health_reason=health_reason_of(record),
+        gave_up=not is_alive(record) and bool(record.extra.get("restart_gave_up")),
     )
+
+
+def health_reason_of(record: InstanceRecord) -> str:
+    """Why its check failed: while it runs unhealthy, or after the agent ended it for that
+    (the server decides on a failover from it once the restart policy gave up)."""
+    if record.spec.check is None:
+        return ""
+    if is_alive(record):
+        if record.extra.get("health") == "unhealthy":
+            return str(record.extra.get("health_reason", ""))
+        return ""
+    if record.extra.get("ended_unhealthy"):
+        return str(record.extra.get("unhealthy_reason", "") or "unhealthy")
+    return ""

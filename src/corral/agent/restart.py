@@ -64,7 +64,8 @@ def restarts(rec: InstanceRecord) -> int:
 
 def reset(rec: InstanceRecord) -> None:
     """An operator's start: the window starts over, nothing pending, not given up."""
-    for key in ("restart_times", "restart_due", "restart_gave_up", "ended_unhealthy"):
+    for key in ("restart_times", "restart_due", "restart_gave_up", "ended_unhealthy",
+                "unhealthy_reason"):
         rec.extra.pop(key, None)
 
 
@@ -143,6 +144,7 @@ class Restarter:
         rec.extra["restarts"] = restarts(rec) + 1
         rec.extra.pop("restart_due", None)
         rec.extra.pop("ended_unhealthy", None)
+        rec.extra.pop("unhealthy_reason", None)
 
     def cancel_all(self) -> list[asyncio.Task[None]]:
         tasks = list(self.tasks.values())

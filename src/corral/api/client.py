@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         FleetStatus,
         HostView,
         InstanceView,
+        MetricSeries,
         OperationView,
         ShelfView,
         StandbyView,
@@ -231,6 +232,28 @@ class Client:
         from corral.api.models import TrafficView
 
         return TrafficView.model_validate(self.traffic_data(name, url, limit))
+
+    # -- metric history --------------------------------------------------------------------
+
+    def metrics_data(self, name: str, since: float | str | None = None,
+                     until: float | str | None = None, host: bool = False) -> dict[str, Any]:
+        """The server's CPU and memory history of an instance (or, with ``host``, a host)
+        from ``since`` (unix seconds, or 2h, an ISO time...; default an hour ago)."""
+        params = {k: str(v) for k, v in (("since", since), ("until", until)) if v is not None}
+        kind = "hosts" if host else "instances"
+        return dict(self._json("GET", f"/v1/{kind}/{name}/metrics", params=params))
+
+    def metrics(self, name: str, since: float | str | None = None,
+                until: float | str | None = None) -> MetricSeries:
+        from corral.api.models import MetricSeries
+
+        return MetricSeries.model_validate(self.metrics_data(name, since, until))
+
+    def host_metrics(self, name: str, since: float | str | None = None,
+                     until: float | str | None = None) -> MetricSeries:
+        from corral.api.models import MetricSeries
+
+        return MetricSeries.model_validate(self.metrics_data(name, since, until, host=True))
 
     # -- API tokens ------------------------------------------------------------------------
 

@@ -93,7 +93,9 @@ def check_problem(target: str) -> str | None:
 class CheckSpec(BaseModel):
     """``check``: a health check the instance's agent runs while it runs. Health (unknown,
     healthy, unhealthy) shows in the view and the events; with restart on-failure or always
-    an unhealthy instance is killed and restarted under its restart policy."""
+    an unhealthy instance is killed and restarted under its restart policy. ``failover`` is
+    the server's, not the agent's (ha/unhealthy.py): kept here, in the check's JSON, because
+    it only means something with a check."""
 
     target: str = Field(max_length=4096, description="http://:PORT/PATH (2xx/3xx is healthy), "
                         "tcp::PORT (a connection is accepted) or exec:CMD (sh -c CMD exits 0)")
@@ -101,6 +103,9 @@ class CheckSpec(BaseModel):
     timeout: float = Field(default=2.0, gt=0, le=3600, description="seconds one check may take")
     threshold: int = Field(default=3, ge=1, le=1000,
                            description="failures in a row that make it unhealthy")
+    failover: bool = Field(default=False, description=(
+        "fail over to its standby (a promotion) when still unhealthy after its restart "
+        "attempts (restart no: once unhealthy); at most once an hour, kept by the server"))
 
     @field_validator("target")
     @classmethod
@@ -568,3 +573,32 @@ class TokenCreated(TokenView):
     """The answer to ``POST /v1/tokens``: the only time the token itself is shown."""
 
     token: str = Field(description="the bearer token; store it now, it is not kept")
+
+
+# --- metric history (issue 14) -------------------------------------------------------------------
+
+
+class MetricPoint(BaseModel):
+    """One bucket of a series: averages over ``[t, t + step_seconds)``, memory the most seen
+    in it; None where no sample said."""
+
+    t: float = Field(description="the bucket's start (unix seconds)")
+    cpu_core_pct: float | None = Field(default=None, description="average % of one core")
+    cpu_host_pct: float | None = Field(default=None, description="average % of the host")
+    memory_bytes: int | None = Field(default=None, description="the most memory seen")
+    host_busy_pct: float | None = Field(
+        default=None, description="host series only: average % of the whole host busy (every "
+                                  "process, not only the instances)")
+
+
+class MetricSeries(BaseModel):
+    """``GET /v1/instances/{name}/metrics`` and ``GET /v1/hosts/{name}/metrics``: the
+    server's metric history, oldest first; buckets without a sample are left out. A host's
+    series sums its instances."""
+
+    instance: str = Field(description="the instance (or host) the series is of")
+    kind: Literal["instance", "host"] = "instance"
+    step_seconds: int = Field(description="width of each point's bucket")
+    since: float
+    until: float
+    points: list[MetricPoint] = Field(default_factory=list)

@@ -44,6 +44,12 @@ class FailoverParams(Params):
     from_: HostName = Field(alias="from")
 
 
+class PromoteParams(Params):
+    #: why the server promoted the standby by itself (``--failover-on-unhealthy``, see
+    #: ha/unhealthy.py); empty when an operator asked
+    reason: str = Field(default="", max_length=2000)
+
+
 class ShelveParams(Params):
     #: seconds the disk stays on its host (0: at once, -1: never; None: the server's setting)
     offload_after: float | None = None
@@ -81,6 +87,11 @@ class MoveResult(Result):
     downtime_ms: float | None = None
     #: when the copy's content was taken
     data_at: float | None = None
+    #: a live migration (the instance never stopped; downtime_ms is the hypervisor's pause)
+    live: bool = False
+    #: bytes of memory and of disk the live migration's stream carried
+    memory_bytes: int | None = None
+    disk_bytes: int | None = None
 
 
 class SyncResult(Result):

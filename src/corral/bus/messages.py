@@ -31,6 +31,11 @@ class InstanceReport(BaseModel):
     restarts: int = 0
     #: unknown, healthy or unhealthy (agent/health.py); None: the instance has no check
     health: str | None = None
+    #: why its check last failed, while unhealthy or once its agent ended it for that
+    #: (the server's failover on unhealthy quotes it, ha/unhealthy.py)
+    health_reason: str = ""
+    #: its restart policy gave up on this copy: attempts used up, it stays as it ended
+    gave_up: bool = False
 
 
 #: a host's name, as ``bus.identity.HOST_RE`` and ``api.names.HOST_PATTERN`` have it: a

@@ -149,6 +149,42 @@ class ChunksCached(BaseModel):
     of: int
 
 
+class IncomingArgs(NameArgs):
+    """A live migration's destination: start the created instance waiting for the stream."""
+
+    #: the source host: only its certificate may send the stream
+    peer: Name
+    epoch: int | None = None
+
+
+class IncomingTarget(BaseModel):
+    """Where the destination listens, for this one migration."""
+
+    address: str
+    port: int
+
+
+class LiveSendArgs(NameArgs):
+    address: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
+    #: the destination host: its certificate must name it
+    target: Name
+    #: switch over when what is left to copy fits this pause (QEMU's default: 300 ms)
+    downtime_ms: int = Field(default=300, ge=1, le=60_000)
+    #: give up (and cancel) when not converged after this many seconds
+    timeout: float = Field(default=1800.0, ge=1.0, le=6 * 3600.0)
+
+
+class LiveStats(BaseModel):
+    status: str
+    total_ms: float
+    downtime_ms: float | None = None
+    setup_ms: float | None = None
+    ram_bytes: int
+    disk_bytes: int
+    dirty_syncs: int
+
+
 @dataclass(frozen=True)
 class Call(Generic[A, R]):
     verb: str
@@ -223,12 +259,23 @@ DISK_DROP: Call[NameArgs, DropResult] = Call(
 CHUNKS_CACHED: Call[ChunksArgs, ChunksCached] = Call(
     "chunks_cached", 10.0, ChunksArgs, ChunksCached,
     "how many of these chunk ids this host's cache holds (unshelve placement)")
+LIVE_INCOMING: Call[IncomingArgs, IncomingTarget] = Call(
+    "live_incoming", 120.0, IncomingArgs, IncomingTarget,
+    "a live migration's destination: start the created instance waiting for the source's "
+    "stream (TLS, the source's certificate only) on a port of this host's address")
+LIVE_SEND: Call[LiveSendArgs, LiveStats] = Call(
+    "live_send", 6 * 3600.0, LiveSendArgs, LiveStats,
+    "a live migration's source: send memory and disk to the waiting destination; returns "
+    "once the instance runs there (this copy stays paused) or fails, the instance running on")
+LIVE_ABORT: Call[NameArgs, InstanceReport] = Call(
+    "live_abort", 120.0, NameArgs, InstanceReport,
+    "a live migration's undo on the source: cancel it and let the instance run on here")
 
 CALLS: dict[str, Call[Any, Any]] = {
     c.verb: c
     for c in (CREATE, START, STOP, KILL, FREEZE, THAW, DELETE, STATUS, LIST, DISK_RECV,
               DISK_SEND, DISK_DISCARD, DISK_COMMIT, DISK_ADOPT, DISK_DEMOTE, DISK_PUSH,
-              DISK_PULL, DISK_DROP, CHUNKS_CACHED)
+              DISK_PULL, DISK_DROP, CHUNKS_CACHED, LIVE_INCOMING, LIVE_SEND, LIVE_ABORT)
 }
 
 

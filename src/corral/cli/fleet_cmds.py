@@ -9,19 +9,21 @@ command stays a thin client of the API (the CLI never depends on control/ or age
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.cli import render
 from corral.cli.app import client
-from corral.errors import ConfigError
+from corral.errors import ConfigError, CorralError
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.status import Status
 
     from corral import config
+    from corral.rig.context import FleetContext
 
 
 def _settings(flags: dict[str, Any], extra: list[str] | None, cfg: Path | None
@@ -104,10 +106,14 @@ def up(hosts: int, use_netns: bool, data: Path | None, timeout: float, tour: boo
     opts = fleet.UpOptions(hosts=hosts, use_netns=use_netns, data_dir=data, timeout=timeout,
                            disk_backend=disk_backend, disk_root=disk_root, servers=servers,
                            postgres=postgres)
+    if tour and not os.environ.get("CORRAL_FAILOVER"):  # the tour's failover in seconds
+        opts.failover = "fast"
     with console.status("starting the fleet") as spinner:
         ctx = fleet.up(opts, say=_say(console, spinner))
     console.print(f"[green]fleet up[/green]: {ctx.url} with {len(ctx.agents)} hosts "
                   f"(data {ctx.data_dir})")
+    console.print(f"dashboard: {ctx.url.split(',')[0]}/?token={ctx.token}", soft_wrap=True,
+                  highlight=False, markup=False)
     with client() as c:
         console.print(render.hosts_table(c.hosts()))
     if tour:
@@ -117,6 +123,36 @@ def up(hosts: int, use_netns: bool, data: Path | None, timeout: float, tour: boo
     else:
         console.print("next: [bold]corral run demo -- sleep 600[/bold], [bold]corral ls[/bold], "
                       "[bold]corral top[/bold]; [bold]corral down[/bold] when done")
+
+
+def rig_kill_host(name: str) -> None:
+    """Only for a fleet this machine's ``corral up`` started: its processes are known here."""
+    from corral.rig.hostkill import kill_host
+
+    console = render.out()
+    killed = kill_host(_local_fleet(), name, say=lambda m: console.print(m, highlight=False))
+    console.print(f"{name} is dead: agent, {len(killed.keepers)} fence keeper(s) and "
+                  f"{len(killed.workloads)} workload(s) killed; the server marks it down when "
+                  f"its lease runs out and fails over what has a standby.\n"
+                  f"bring it back: [bold]corral rig revive-host {name}[/bold]")
+
+
+def rig_revive_host(name: str, timeout: float) -> None:
+    from corral.rig.hostkill import revive_host
+
+    new = revive_host(_local_fleet(), name, timeout=timeout)
+    render.say(f"{name}: agent started again (pid {new.pid}) and joined")
+
+
+def _local_fleet() -> FleetContext:
+    from corral.rig.context import context_path, load_context
+
+    ctx = load_context()
+    if ctx is None:
+        raise CorralError(f"no local fleet (no context file at {context_path()})",
+                          hint="'corral rig' acts on the fleet 'corral up' started on this "
+                               "machine; set CORRAL_CONTEXT if yours wrote it elsewhere")
+    return ctx
 
 
 def down(timeout: float) -> None:

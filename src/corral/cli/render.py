@@ -257,7 +257,9 @@ def _check_text(check: dict[str, Any] | None) -> str:
     if not check:
         return "-"
     return (f"{check.get('target')} every {fmt_seconds(check.get('interval'))}, timeout "
-            f"{fmt_seconds(check.get('timeout'))}, unhealthy after {check.get('threshold')}")
+            f"{fmt_seconds(check.get('timeout'))}, unhealthy after {check.get('threshold')}"
+            + ("; fails over to its standby when still unhealthy after its restarts"
+               if check.get("failover") else ""))
 
 
 def health_text(health: str | None) -> Text:

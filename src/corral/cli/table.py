@@ -222,6 +222,19 @@ COMMANDS: dict[str, Command | Group] = {
                     "server; remove the fleet's network.", (
         opt("--timeout", help="grace seconds for each instance", type=float, default=10.0),
     )),
+    "rig": Group("The local fleet 'corral up' started: simulate what hosts go through.", {
+        "kill-host": Command("fleet_cmds", "rig_kill_host",
+                             "Kill a host the way a power cut would: its agent, fence keeper "
+                             "and workloads with SIGKILL; the server fails its instances over "
+                             "when its lease runs out. Disks stay.", (
+            pos("name", "the host's name", type=HOST_NAME),)),
+        "revive-host": Command("fleet_cmds", "rig_revive_host",
+                               "Start a killed host's agent again (its recorded command); it "
+                               "rejoins and its stale copies are removed.", (
+            pos("name", "the host's name", type=HOST_NAME),
+            opt("--timeout", help="seconds to wait for it to join", type=float, default=60.0),
+        )),
+    }),
     "status": Command("fleet_cmds", "status", "The fleet at a glance: server, bus, database, "
                       "hosts, instance counts.", (JSON,)),
     "run": Command("instances", "run",
@@ -260,6 +273,9 @@ COMMANDS: dict[str, Command | Group] = {
         opt("--check-timeout", help="one check's limit (default 2s)"),
         opt("--check-threshold", help="failures in a row that make it unhealthy (default 3)",
             type=int),
+        flag("--failover-on-unhealthy", help="with --check and a standby: when still "
+             "unhealthy after its restart attempts, the server promotes its standby (at most "
+             "once an hour; an event says why)"),
         JSON,
     )),
     "apply": Command("apply_cmd", "apply", (
@@ -360,6 +376,17 @@ COMMANDS: dict[str, Command | Group] = {
             default=30),
         opt("--interval", help="seconds between refreshes", type=float, default=1.0),
         flag("--once", help="print one frame and exit"),
+        JSON)),
+    "metrics": Command("metrics_cmd", "metrics", (
+        "CPU and memory of an instance (or, with --host, a host) over time, from the "
+        "server's history: a line of each over the whole range, then the latest points."), (
+        pos("name", "the instance (or the host, with --host)"),
+        opt("--since", help="start: 30m, 2h, 1d, 30d, an ISO time or unix seconds",
+            default="1h"),
+        opt("--until", help="end, in the same forms (default now)"),
+        flag("--host", help="NAME is a host: the sum of its instances", dest="host"),
+        opt("--rows", help="show the latest this many points (0: none)",
+            type=int_range(0, 5000), default=12),
         JSON)),
     "host": Group("Hosts of the fleet.", {
         "ls": Command("fleet_cmds", "host_ls",

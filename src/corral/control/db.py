@@ -23,7 +23,9 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     create_engine,
@@ -222,6 +224,33 @@ class Server(Base):
     started_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     version: Mapped[str] = mapped_column(String(64))
+
+
+class MetricBucket(Base):
+    """One bucket of metric history (migration 0013, ``control/history.py``): an instance's
+    or a host's CPU and memory over ``[t, t + width)`` of one tier. Sums and counts, not
+    averages, so a bucket written by two flushes (or merged into a wider one when a query
+    coarsens) still averages exactly; memory is the most seen."""
+
+    __tablename__ = "metric_history"
+    __table_args__ = (Index("ix_metric_history_tier_t", "tier", "t"),)
+
+    #: ``instance`` or ``host``
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: 0: the fine tier, 1: the coarse one
+    tier: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    #: the bucket's start, unix seconds, a multiple of its tier's width
+    t: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(Integer)
+    #: samples that carried CPU figures, and the sums of those figures
+    cpu_n: Mapped[int] = mapped_column(Integer)
+    cpu_core_sum: Mapped[float] = mapped_column(Float)
+    cpu_host_sum: Mapped[float] = mapped_column(Float)
+    memory_max: Mapped[int] = mapped_column(BigInteger)
+    #: hosts: samples that said how busy the whole host was (every process), and their sum
+    busy_n: Mapped[int] = mapped_column(Integer)
+    busy_sum: Mapped[float] = mapped_column(Float)
 
 
 def db_url(settings: Settings) -> URL:

@@ -51,9 +51,14 @@ TYPES: dict[str, str] = {
     "host.up": "a host came back (re-joined or heartbeat after being down)",
     "host.down": "a host lost its lease",
     "instance.failover": "the HA manager started failing an instance over from a dead host to "
-                         "its standby (data: from, id of the operation)",
+                         "its standby (data: from, id of the operation); or, opted in with "
+                         "--failover-on-unhealthy, promoting the standby of an instance still "
+                         "unhealthy after its restarts (data: also cause: unhealthy, reason)",
+    "instance.failover_skipped": "an instance opted in to failover on unhealthy is still "
+                                 "unhealthy but was not failed over (data: reason, e.g. no "
+                                 "standby, or already failed over within the hour)",
     "instance.failover_failed": "a failover did not succeed (data: id, message); the instance "
-                                "stays lost",
+                                "stays lost (on unhealthy: where it was, rolled back)",
     "instance.lost_needs_restore": "an instance's host is dead and it has no usable standby "
                                    "(data: reason): restore it by hand",
     "instance.stale_copy_removed": "a returning host held a copy that was failed over or "

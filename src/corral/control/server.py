@@ -42,13 +42,16 @@ from corral.bus.embedded import Cluster, EmbeddedNats
 from corral.bus.identity import Credentials
 from corral.bus.messages import Heartbeat, JoinRequest, MetricsSample, Reply
 from corral.config import Settings, ensure_token
+from corral.control import dashboard
 from corral.control.agents import AgentCaller
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.enroll import Enrollment
 from corral.control.fleet import Fleet
+from corral.control.history import MetricHistory
 from corral.control.http import drain as drain_http
 from corral.control.http import hosts as hosts_http
 from corral.control.http import logs as logs_http
+from corral.control.http import metrics as metrics_http
 from corral.control.http import ops as ops_http
 from corral.control.http import shelves as shelves_http
 from corral.control.http import standbys as standbys_http
@@ -206,6 +209,8 @@ class ControlPlane:
         #: the host keys the bus node's config was last written with
         self._bus_keys: frozenset[tuple[str, str]] = frozenset()
         self._ssl: ssl.SSLContext | None = None
+        #: metric history (control/history.py): gathered and written by the leader
+        self.history: MetricHistory | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -297,9 +302,14 @@ class ControlPlane:
         routers.append(lambda auth: standbys_http.router(ops, service, standbys, auth))
         service.before_delete.append(shelves.discard_for_deleted)
         routers.append(lambda auth: shelves_http.router(ops, service, shelves, auth))
+        history = self.history = MetricHistory(sessions, s, fence=lead.fence,
+                                               leads=lambda: self.leads)
+        service.before_delete.append(history.forget)
+        routers.append(lambda auth: metrics_http.router(history, service, fleet, auth))
         app = build_app(fleet, service, self.token, self.nats_url, safe_url(url),
                         routers=routers, collectors=self.live.collectors(),
                         tokens=token_store, cluster=lead, ssl_context=self._ssl_context)
+        dashboard.install(app, token=self.token, tokens=token_store)
         # lead (or not) before saying ready: a lone server answers its agents from the start
         lead.on_elected, lead.on_deposed = self._lead, self._follow
         await lead.start()
@@ -384,6 +394,8 @@ class ControlPlane:
             self._leading.append(asyncio.create_task(self.standbys.loop(), name="standbys"))
         if self.shelves is not None:
             self._leading.append(asyncio.create_task(self.shelves.loop(), name="shelves"))
+        if self.history is not None:
+            self._leading.append(asyncio.create_task(self.history.loop(), name="history"))
         self.ha.reconcile_all()
 
     async def _follow(self) -> None:
@@ -520,6 +532,8 @@ class ControlPlane:
         assert self.fleet is not None
         if sample.host == subjects.host_from_subject(msg.subject):
             self.fleet.record_metrics(sample)
+            if self.history is not None:
+                self.history.record(sample)
 
     async def _lease_loop(self) -> None:
         assert self.fleet is not None
@@ -558,6 +572,9 @@ class ControlPlane:
                 self.info_path.unlink()
         if self._http is not None:
             self._http.should_exit = True
+        if self.history is not None and self.leads:  # what was gathered since the last flush
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.history.flush(), 5)
         if self.leadership is not None:
             await self.leadership.stop()  # steps down (see _follow) and gives the lease back
         for task in reversed(self._tasks):

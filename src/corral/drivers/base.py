@@ -141,6 +141,49 @@ class Driver(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class MigrationTls:
+    """This host's certificate and key and the fleet CA, for a live migration's stream."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """How a live migration went, as the hypervisor counts it."""
+
+    status: str
+    total_ms: float
+    #: how long the guest stood still at the switch-over
+    downtime_ms: float | None
+    setup_ms: float | None
+    ram_bytes: int
+    disk_bytes: int
+    dirty_syncs: int
+
+
+@runtime_checkable
+class LiveMigration(Protocol):
+    """What a driver with ``capabilities.can_live_migrate`` adds: the destination waits for
+    the stream, the source sends it and returns once the guest runs on the destination (or
+    raises, the guest running on at the source), and the source's undo."""
+
+    def incoming(self, handle: Handle, address: str, tls: MigrationTls | None,
+                 peer: str) -> tuple[Handle, int]:
+        """Start the created instance waiting for ``peer``'s stream on ``address``; the new
+        handle and the port."""
+        ...
+
+    def migrate_out(self, handle: Handle, address: str, port: int, tls: MigrationTls | None,
+                    target: str, downtime_ms: int, timeout: float) -> MigrationStats: ...
+
+    def migration_abort(self, handle: Handle) -> None:
+        """Cancel a migration in flight and let the instance run on here."""
+        ...
+
+
 def not_supported(driver: str, verb: str) -> NotSupported:
     return NotSupported(
         f"the {driver} driver cannot {verb}",

@@ -19,8 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from corral.drivers import runs
-from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
-from corral.errors import Conflict, CorralError, InvalidRequest, NotSupported
+from corral.drivers.base import (
+    Capabilities,
+    Handle,
+    MigrationStats,
+    MigrationTls,
+    Spec,
+    Stats,
+    Status,
+)
+from corral.errors import Conflict, CorralError, DriverError, InvalidRequest, NotSupported
 
 
 @dataclass
@@ -42,6 +50,11 @@ class FakeProc:
     stop_requested: bool = False
 
 
+#: destinations waiting for a fake live migration, by port (every world of the process)
+_LISTENING: dict[int, tuple[FakeWorld, str, str]] = {}
+_NEXT_PORT = [40000]
+
+
 @dataclass
 class FakeWorld:
     """What survives a "restart" of the agent: the running fake processes."""
@@ -56,10 +69,12 @@ class FakeDriver:
     name = "fake"
 
     def __init__(self, scope: str = "fake", world: FakeWorld | None = None, *,
-                 can_freeze: bool = True, unavailable: str | None = None) -> None:
+                 can_freeze: bool = True, unavailable: str | None = None,
+                 can_live_migrate: bool = False) -> None:
         self.scope = scope
         self.world = world or FakeWorld()
-        self.capabilities = Capabilities(can_freeze=can_freeze)
+        self.capabilities = Capabilities(can_freeze=can_freeze,
+                                         can_live_migrate=can_live_migrate)
         self._unavailable = unavailable
         self._failures: dict[str, CorralError] = {}
         self.calls: list[tuple[str, str]] = []
@@ -240,3 +255,48 @@ class FakeDriver:
     def recover(self, handle: Handle) -> Status:
         self._enter("recover", handle.name)
         return self.status(handle)
+
+    # -- live migration (only with can_live_migrate) -----------------------------------------
+    def incoming(self, handle: Handle, address: str, tls: MigrationTls | None,
+                 peer: str) -> tuple[Handle, int]:
+        """A paused copy waiting for ``peer``'s stream on a port of this process's table."""
+        self._enter("incoming", handle.name)
+        if not self.capabilities.can_live_migrate:
+            raise NotSupported("the fake driver was made without live migration")
+        with self.world.lock:
+            cur = self._current(handle)
+            if cur is not None and cur.alive:
+                return handle, int(handle.data["incoming_port"])
+        new = self.start(handle)
+        with self.world.lock:
+            self._must(handle.name).frozen = True
+            _NEXT_PORT[0] += 1
+            port = _NEXT_PORT[0]
+            _LISTENING[port] = (self.world, handle.name, peer)
+        return Handle(self.name, handle.name, dict(new.data, incoming_port=port)), port
+
+    def migrate_out(self, handle: Handle, address: str, port: int, tls: MigrationTls | None,
+                    target: str, downtime_ms: int, timeout: float) -> MigrationStats:
+        """The waiting copy takes over (its counters go on); this one stays paused."""
+        self._enter("migrate_out", handle.name)
+        with self.world.lock:
+            p = self._require_alive(handle, "migrate")
+            dest = _LISTENING.pop(port, None)
+            if dest is None:
+                raise DriverError(f"nothing waits for {handle.name} on port {port}",
+                                  hint="the destination is gone", retryable=True)
+            world, name, _ = dest
+            with world.lock:
+                q = world.procs.get(name)
+                if q is None or not q.alive:
+                    raise DriverError(f"the destination of {handle.name} died",
+                                      retryable=True)
+                self._settle(p)
+                p.frozen = True
+                q.cpu_base_ns, q.rate_since, q.frozen = p.cpu_base_ns, world.clock(), False
+                q.cpu_rate, q.memory_bytes = p.cpu_rate, p.memory_bytes
+        return MigrationStats("completed", 10.0, 1.0, 1.0, p.memory_bytes, 0, 1)
+
+    def migration_abort(self, handle: Handle) -> None:
+        self._enter("migration_abort", handle.name)
+        self.thaw(handle)

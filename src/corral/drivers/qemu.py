@@ -37,6 +37,10 @@ network namespace the agent runs in, as a runc container's do (containers share 
 namespace). Nothing on the host is configured, so nothing is left behind, and the same rules
 apply on whichever host the VM runs. Rules come from ``vm.json`` (``"forward"``) or, per
 instance, from ``CORRAL_VM_FORWARD`` in its environment (``tcp::8080-:80,...``; empty: none).
+
+**Live migration** (``incoming``, ``migrate_out``, ``migration_abort``): QEMU's own block
+migration over TLS with the hosts' certificates; the how and the why are in
+:mod:`corral.drivers.qemu_migrate`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.drivers import procfs, qemu_qmp, reaping, runs
+from corral.drivers import qemu_migrate as mig
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, for_process_driver
 from corral.errors import Conflict, DriverError, InvalidRequest
@@ -286,9 +291,10 @@ class QemuDriver:
         finally:
             lock.release()
 
-    def _execute(self, handle: Handle, command: str, timeout: float = QMP_TIMEOUT) -> Any:
+    def _execute(self, handle: Handle, command: str, timeout: float = QMP_TIMEOUT,
+                 arguments: dict[str, Any] | None = None) -> Any:
         with self._qmp(handle, timeout) as q:
-            return q.execute(command)
+            return q.execute(command, arguments)
 
     def _qemu(self, handle: Handle) -> procfs.ProcStat | None:
         """QEMU's stat if that very process is alive (not a zombie)."""
@@ -497,6 +503,11 @@ class QemuDriver:
     def start(self, handle: Handle) -> Handle:
         if self._qemu(handle) is not None:
             return handle
+        return self._launch(handle, ())
+
+    def _launch(self, handle: Handle, extra: Sequence[str]) -> Handle:
+        """Start QEMU for ``handle``; ``extra`` goes after the VM's own options (a live
+        migration's destination adds ``-incoming defer``)."""
         spec = runs.spec_from_handle(handle)
         layout = read_layout(Path(spec.rootfs or ""))
         wd = Path(spec.workdir)
@@ -517,7 +528,7 @@ class QemuDriver:
         (wd / RUN_SCRIPT).write_text(guest_script(spec))
         joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in hier.procs_files(rel))
         script = f"{{ {joins}; }} || exit {_JOIN_FAILED}\n{_SHIM}"
-        argv = ["/bin/sh", "-c", script, "corral-qemu", *self._argv(spec, layout)]
+        argv = ["/bin/sh", "-c", script, "corral-qemu", *self._argv(spec, layout), *extra]
         env = {"PATH": runs.DEFAULT_PATH, "LANG": "C.UTF-8"}
         with open(wd / "stdout.log", "ab") as out, open(wd / "stderr.log", "ab") as err, \
                 reaping.owned() as own:
@@ -541,7 +552,7 @@ class QemuDriver:
         new = Handle(self.name, handle.name, dict(
             handle.data, pid=pid, starttime=starttime, shim=shim.pid,
             shim_starttime=shim_st.starttime if shim_st is not None else None,
-            generation=gen, accel=self.accel))
+            generation=gen, accel=self.accel, incoming_port=None))
         if not runs.wait_until(lambda: self._vm_running(new) is not None
                                or self._qemu(new) is None, START_TIMEOUT, 0.02):
             self._pull_plug(new)
@@ -668,3 +679,108 @@ class QemuDriver:
         if handle.driver != self.name:
             raise InvalidRequest(f"handle of driver {handle.driver!r} given to {self.name!r}")
         return self.status(handle)
+
+    # -- live migration (the mechanism and its reasons: drivers/qemu_migrate.py) ------------
+    def incoming(self, handle: Handle, address: str, tls: mig.TlsFiles | None,
+                 peer: str) -> tuple[Handle, int]:
+        """Start this (created) VM as a migration's destination: QEMU with the VM's own
+        machine, devices and disk and ``-incoming defer``, listening on ``address`` for
+        ``peer``'s stream only. Returns the new handle and the port. Idempotent: a VM already
+        waiting answers with its port."""
+        if self._qemu(handle) is not None:
+            port = handle.data.get("incoming_port")
+            if port:
+                return handle, int(port)
+            raise Conflict(f"VM {handle.name} already runs here",
+                           hint="a migration's destination must not hold a running copy")
+        new = self._launch(handle, ["-incoming", "defer"])
+        wd = runs.workdir(new)
+        try:
+            with self._qmp(new, mig.SETUP_TIMEOUT) as q:
+                if tls is not None:
+                    tls_dir = mig.write_tls_dir(wd, tls, "server")
+                    try:  # QEMU reads the files here; the key's copy goes at once
+                        q.execute("object-add", mig.creds_args(tls_dir, "server"))
+                    finally:
+                        mig.remove_tls_dir(wd)
+                    q.execute("object-add", mig.authz_args(peer))
+                    q.execute("migrate-set-parameters",
+                              {"tls-creds": mig.CREDS_ID, "tls-authz": mig.AUTHZ_ID})
+                q.execute("migrate-set-capabilities", mig.capabilities())
+                port = 0
+                for attempt in range(5):  # a port taken between our pick and QEMU's bind
+                    port = mig.free_port(address)
+                    try:
+                        q.execute("migrate-incoming", {"uri": mig.uri(address, port)})
+                        break
+                    except qemu_qmp.QMPError:
+                        if attempt == 4:
+                            raise
+        except BaseException:
+            self._pull_plug(new)
+            self._wait_gone(new, runs.KILL_WAIT)
+            raise
+        return Handle(new.driver, new.name, dict(new.data, incoming_port=port)), port
+
+    def migrate_out(self, handle: Handle, address: str, port: int, tls: mig.TlsFiles | None,
+                    target: str, downtime_ms: int, timeout: float) -> mig.MigrationStats:
+        """Send the running VM to the destination waiting at ``address:port`` (host
+        ``target``, whose certificate must name it); returns once QEMU says completed (the
+        guest now runs there and this QEMU is paused for good) or raises, the guest running
+        on here."""
+        self._require_alive(handle, "migrate")
+        wd = runs.workdir(handle)
+        with self._qmp(handle, mig.SETUP_TIMEOUT) as q:
+            now = q.execute("query-migrate") or {}
+            if now.get("status") not in (None, "none", *mig.ENDED):
+                raise Conflict(f"VM {handle.name} is already migrating ({now.get('status')})",
+                               hint="wait for it to end, or undo the operation that runs it")
+            mig.cleanup_objects(q.execute)
+            params: dict[str, Any] = {"downtime-limit": int(downtime_ms),
+                                      "max-bandwidth": mig.MAX_BANDWIDTH, "tls-creds": ""}
+            if tls is not None:
+                tls_dir = mig.write_tls_dir(wd, tls, "client")
+                try:
+                    q.execute("object-add", mig.creds_args(tls_dir, "client"))
+                finally:
+                    mig.remove_tls_dir(wd)
+                params.update({"tls-creds": mig.CREDS_ID, "tls-hostname": target})
+            q.execute("migrate-set-capabilities", mig.capabilities())
+            q.execute("migrate-set-parameters", params)
+            q.execute("migrate", {"uri": mig.uri(address, port)})
+        deadline = time.monotonic() + timeout
+        disk: dict[str, Any] = {}
+        while True:
+            info = self._execute(handle, "query-migrate") or {}
+            status = info.get("status")
+            disk = info.get("disk") or disk  # QEMU drops it once block migration is over
+            if status == "completed":
+                return mig.parse_stats({**info, "disk": disk}, completed=True)
+            if status in ("failed", "cancelled"):
+                raise DriverError(f"live migration of {handle.name} to {target} "
+                                  f"{status}: {mig.failure(info)}",
+                                  hint="the VM runs on here; see the destination's QEMU "
+                                       "stderr.log", retryable=True)
+            if time.monotonic() > deadline:
+                with contextlib.suppress(qemu_qmp.QMPError):
+                    self._execute(handle, "migrate_cancel")
+                raise DriverError(f"live migration of {handle.name} did not converge in "
+                                  f"{timeout:.0f} s (QEMU: {status})",
+                                  hint="the guest dirties memory faster than the link sends "
+                                       "it; migrate it cold (--cold) or raise the downtime "
+                                       "limit", retryable=True)
+            time.sleep(mig.POLL_EVERY)
+
+    def migration_abort(self, handle: Handle) -> None:
+        """The source's undo: cancel a migration in flight and let the guest run on here
+        (also after QEMU completed it: the caller has ended the destination first)."""
+        if self._qemu(handle) is None:
+            return
+        info = self._execute(handle, "query-migrate") or {}
+        if info.get("status") not in (None, "none", *mig.ENDED):
+            self._execute(handle, "migrate_cancel")
+            runs.wait_until(lambda: (self._execute(handle, "query-migrate") or {})
+                            .get("status") in mig.ENDED, 30.0, 0.1)
+        mig.cleanup_objects(lambda c, a: self._execute(handle, c, arguments=a))
+        if self._vm_running(handle) is False and not runs.frozen_marked(handle):
+            self._execute(handle, "cont")  # a completed migration left it paused

@@ -39,6 +39,7 @@ from corral.control.db import Host, Instance, Standby
 from corral.control.fleet import Fleet
 from corral.errors import CorralError
 from corral.ha.reconcile import Record, Seen, reconcile
+from corral.ha.unhealthy import UnhealthyFailover
 from corral.lifecycle import ALIVE, State
 from corral.ops.store import FINISHED, OpRecord, OpState
 
@@ -159,6 +160,8 @@ class HaManager:
         self._cleaning: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._run: asyncio.Task[None] | None = None
+        #: failover of opted-in instances still unhealthy after their restarts (ha/unhealthy.py)
+        self.unhealthy = UnhealthyFailover(fleet, ops, self.emit, self._spawn)
 
     def start(self) -> None:
         """Run the failover passes (on the leader only: it starts this when it takes over)."""
@@ -237,9 +240,14 @@ class HaManager:
 
     # -- reconcile on rejoin -------------------------------------------------------------------
     def on_report(self, host: str, reports: list[InstanceReport]) -> list[Cleanup]:
-        """Called with every join and heartbeat; schedules cleanups of stale copies."""
+        """Called with every join and heartbeat; schedules cleanups of stale copies (and
+        failovers of opted-in unhealthy instances, see ha/unhealthy.py)."""
         if not reports:
             return []
+        try:
+            self.unhealthy.on_report(host, reports)
+        except Exception:  # never in the way of the cleanups below
+            log.exception("failover on unhealthy: a pass over %s's report failed", host)
         with self.fleet.sessions() as s:
             rows = s.scalars(select(Instance).where(
                 Instance.name.in_([r.name for r in reports]))).all()

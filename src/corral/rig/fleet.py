@@ -64,6 +64,9 @@ class UpOptions:
     servers: int = 1
     #: a PostgreSQL server for the fleet's database (else SQLite in the server's directory)
     postgres: bool = False
+    #: a timing preset for every server and agent (``failover = "fast"``, config.PROFILES),
+    #: recorded in their commands so restarts keep it; empty: the defaults
+    failover: str = ""
 
 
 def _quiet(_: str) -> None:
@@ -275,6 +278,8 @@ def _start_servers(data: Path, env: dict[str, str], net: netns.FleetNetwork | No
             argv += ["--nats-cluster-port", str(cluster[i - 1]), "--nats-routes", routes,
                      "--server-name", f"s{i}",
                      "--set", f"stream_replicas={3 if n >= 3 else 1}"]
+        if opts.failover:
+            argv += ["--set", f"failover={opts.failover}"]
         proc = procs.spawn("server" if i == 1 else f"server{i}", argv, sdir / "server.log",
                            env=env)
         servers.append(proc)
@@ -365,6 +370,8 @@ def _start_agent(
         argv += ["--set", f"disk_root={disks}"]
     if opts is not None and opts.disk_backend != "dir":
         argv += ["--set", f"disk_backend={opts.disk_backend}"]
+    if opts is not None and opts.failover:
+        argv += ["--set", f"failover={opts.failover}"]
     ns = net.namespace(i) if net else None
     if ns:
         argv = netns.enter_argv(ns) + argv

@@ -8,6 +8,9 @@ Roles (tokens: :mod:`corral.control.tokens`):
 
 - ``admin`` (the fleet token, and tokens made with that role): every route;
 - ``read-only``: GET routes only (a dashboard, a monitoring job); the token routes not at all;
+- a dashboard session (a cookie, :mod:`corral.control.dashboard.sessions`) has its token's
+  role, for GET routes and the dashboard's own writes (``session_write``, CSRF header checked);
+  no other write is taken from a cookie;
 - ``host``: what an agent asks of the image store: a manifest, which chunks are missing,
   fetching and uploading chunks, and naming a *shelved disk* (never an image, never a
   replacement). A host's token on a stolen machine can neither read the fleet nor change it.
@@ -40,6 +43,8 @@ UPLOAD_BODY = MAX_UPLOAD_BYTES
 MANIFEST_BODY = MAX_MANIFEST_BYTES
 #: ``POST /v1/unshelve`` with its 10,000 names
 NAMES_BODY = 1 * MiB
+#: a dashboard form (login, an action with its few fields)
+FORM_BODY = 4 * KiB
 
 #: methods that only read: all a read-only token may use
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -70,6 +75,11 @@ class Rule:
     host_check: HostCheck | None = None
     #: only an admin may call it, GET included (tokens)
     admin_only: bool = False
+    #: a dashboard page: a request without credentials is sent to the login page (303)
+    page: bool = False
+    #: a dashboard write: a session cookie may POST here, with its CSRF header (no other
+    #: write is ever accepted by cookie)
+    session_write: bool = False
 
 
 DEFAULT = Rule()
@@ -87,6 +97,17 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/tokens"): Rule(admin_only=True),
     ("GET", "/v1/tokens"): Rule(admin_only=True),
     ("DELETE", "/v1/tokens/{name}"): Rule(admin_only=True),
+    # the dashboard (corral.control.dashboard): "/" takes ?token= and checks the session itself
+    ("GET", "/"): Rule(public=True),
+    ("GET", "/login"): Rule(public=True),
+    ("POST", "/login"): Rule(public=True, body=FORM_BODY),
+    ("POST", "/logout"): Rule(public=True, body=FORM_BODY),
+    ("GET", "/ui/static/{file}"): Rule(public=True),
+    ("GET", "/instances/{name}"): Rule(page=True),
+    ("GET", "/hosts/{name}"): Rule(page=True),
+    ("GET", "/ops"): Rule(page=True),
+    ("GET", "/events"): Rule(page=True),
+    ("POST", "/ui/act"): Rule(session_write=True, body=FORM_BODY),
 }
 
 #: paths every method of which is answered without a token (a 405 there needs none either)

@@ -8,7 +8,10 @@ last step:
 
 1. the route is found (the same matching the router does), and with it its rule
    (:mod:`corral.control.http.access`);
-2. unless the route is public, the bearer token must name a principal (401);
+2. unless the route is public, the bearer token must name a principal (401), or, without
+   one, the dashboard's session cookie (reads, and the dashboard's own writes with the
+   session's CSRF header: 403 otherwise); a dashboard page without either is sent to the
+   login page;
 3. a path that exists for other methods only answers 405 with ``Allow`` (every method of
    the routes that name that path most exactly: the framework's own 405 listed only the
    first route's);
@@ -26,8 +29,8 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.convertors import Convertor
 from starlette.datastructures import Headers
@@ -41,6 +44,9 @@ from corral.errors import CorralError, Forbidden, HTTPError, PayloadTooLarge, Un
 
 log = logging.getLogger(__name__)
 
+#: the header a dashboard write carries its session's CSRF token in
+CSRF_HEADER = "x-csrf-token"
+SESSION_HINT = "reload the dashboard page (or log in again) and retry from the page"
 TOKEN_HINT = ("send 'Authorization: Bearer <token>' (the fleet token in DATA/token, or "
               "CORRAL_TOKEN, or one made with 'corral token create')")
 
@@ -119,6 +125,14 @@ class Guard:
         if not public:
             token = bearer(headers)
             principal = self.authenticate(token) if token is not None else None
+            if token is None:
+                principal, why = _by_session(scope, headers, method, rule, full is not None)
+                if why is not None:
+                    await _refuse(send, Forbidden(why, hint=SESSION_HINT), unread)
+                    return
+            if principal is None and token is None and rule.page and full is not None:
+                await _to_login(send, scope, unread)
+                return
             if principal is None:
                 who = Unauthorized("missing bearer token", hint=TOKEN_HINT) if token is None \
                     else Unauthorized("wrong token", hint="use the token of this fleet "
@@ -184,6 +198,53 @@ class Guard:
                 return (route.path, params), others
             others.append(route)
         return None, others
+
+
+class SessionAuth(Protocol):
+    """What the dashboard puts on ``app.state.session_auth``
+    (:class:`corral.control.dashboard.sessions.Sessions`): the session a request's cookie
+    stands for, and whether the request carries that session's CSRF header."""
+
+    def from_headers(self, headers: Headers) -> Any: ...
+
+    def csrf_ok(self, session: Any, presented: str | None) -> bool: ...
+
+
+def _by_session(scope: Scope, headers: Headers, method: str, rule: access.Rule,
+                known: bool) -> tuple[Principal | None, str | None]:
+    """(the principal of the request's dashboard session or None, why it is refused or None).
+    A cookie is a credential the browser sends by itself, so it opens reads, and the
+    dashboard's own writes only with the session's CSRF header: never an API write."""
+    auth: SessionAuth | None = getattr(getattr(scope.get("app"), "state", None),
+                                       "session_auth", None)
+    if auth is None or "cookie" not in headers:
+        return None, None
+    session = auth.from_headers(headers)
+    if session is None:
+        return None, None
+    principal: Principal = session.principal
+    if method in access.READ_METHODS:
+        scope.setdefault("state", {})["session"] = session
+        return principal, None
+    if not (known and rule.session_write):
+        return None, (f"{method} {_shown(scope)} is not taken from a dashboard session: "
+                      "the API's writes need a bearer token")
+    if not auth.csrf_ok(session, headers.get(CSRF_HEADER)):
+        return None, "missing or wrong CSRF token for this dashboard session"
+    scope.setdefault("state", {})["session"] = session
+    return principal, None
+
+
+async def _to_login(send: Send, scope: Scope, close: bool) -> None:
+    """A page asked for without a session: to the login page, which comes back here."""
+    path = str(scope["path"])
+    target = "/login?" + urlencode({"next": path}) if path.startswith("/") else "/login"
+    headers = [(b"location", target.encode()), (b"content-length", b"0"),
+               (b"cache-control", b"no-store")]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 303, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _shown(scope: Scope) -> str:

@@ -11,6 +11,18 @@ remove, which is retried, never undone.
 
 Downtime is measured on the server's clock, from the moment the frozen pass began freezing
 (its call's return minus the time the agent reports it was frozen) to the target's start reply.
+
+Live (a running instance whose driver can migrate a running instance on both hosts, e.g. qemu;
+no virtual IP): the instance never stops. The live file pass puts the disk directory in the
+target's slot, which is adopted; the instance is created there and started waiting for the
+stream (``live_incoming``); the source sends memory and disk (``live_send``: QEMU's block
+migration over TLS, see drivers/qemu_migrate.py) and returns once the guest runs on the
+target, the source's copy paused for good. The point of no return is recording the target's
+copy as the instance (with the epoch it was created with); then the source's paused copy is
+killed and reaped, then removed. Before it, the undo kills the target's copy first and only
+then lets the source's run on (``live_abort``, also after QEMU completed): never two copies
+running. Downtime and bytes are QEMU's own (``query-migrate``). The choice is made when the
+operation is built and read back from the recorded steps when it is resumed.
 """
 
 from __future__ import annotations
@@ -24,15 +36,19 @@ from sqlalchemy.orm import Session
 
 from corral.api import operations as wire
 from corral.bus import rpc
-from corral.control.db import Instance, Standby
+from corral.bus.messages import WireSpec
+from corral.control.db import Host, Instance, Standby
 from corral.control.operations.moves import DiskOps
-from corral.errors import Conflict, InvalidRequest, NoCapacity
-from corral.lifecycle import State
+from corral.errors import Conflict, DriverError, InvalidRequest, NoCapacity, NotFound
+from corral.lifecycle import ALIVE, State
 from corral.ops.engine import OpContext, Step
 from corral.ops.store import OpRecord
 from corral.scheduling.placement import HostSnapshot, Request, place
 
 KIND = "migrate"
+#: switch over when what is left fits this pause (QEMU's own default)
+LIVE_DOWNTIME_MS = 300
+LIVE_STEP = "live-send"
 
 
 def pick_target(name: str, req: Request, standby: str | None,
@@ -57,10 +73,26 @@ def pick_target(name: str, req: Request, standby: str | None,
             details={"shortfall": others, "standby": standby}) from exc
 
 
+def live_capable(host: Host | None, driver: str) -> bool:
+    caps = ((host.drivers or {}) if host is not None else {}).get(driver) or {}
+    return bool(caps.get("can_live_migrate"))
+
+
 class Migrate(DiskOps):
     def build(self, rec: OpRecord) -> list[Step]:
         cold = bool(rec.params.get("cold"))
+        live = (any(sr.name == LIVE_STEP for sr in rec.steps) if rec.steps
+                else not cold and self._wants_live(rec.target, rec.params.get("to")))
         steps = [Step("plan", self._plan), Step("prepare", self._prepare, self._unprepare)]
+        if live:
+            return [*steps, Step("copy", self._copy_live),
+                    Step("adopt", self._adopt, self._unadopt),
+                    Step("create", self._create_live, self._unadopt),
+                    Step("incoming", self._incoming, self._unincoming),
+                    Step(LIVE_STEP, self._live_send, self._unlive_send),
+                    Step("switchover", self._switchover, self._unstart, commit=True),
+                    Step("end-source", self._end_source),
+                    Step("cleanup", self._cleanup)]
         if cold:
             steps += [Step("stop", self._stop, self._unstop),
                       Step("copy", self._copy_cold)]
@@ -73,6 +105,17 @@ class Migrate(DiskOps):
                 Step("create", self._create, self._unadopt),
                 Step("start", self._start, self._unstart, commit=True),
                 Step("cleanup", self._cleanup)]
+
+    def _wants_live(self, name: str, to: str | None) -> bool:
+        """A running instance whose driver migrates running instances on its host and on the
+        target named (one the scheduler picks is checked when planning); a virtual IP has no
+        live move yet, so such an instance moves warm."""
+        with self.fleet.sessions() as s:
+            inst = s.get(Instance, name)
+            if inst is None or inst.state != State.RUNNING.value or inst.vip or not inst.host:
+                return False
+            return live_capable(s.get(Host, inst.host), inst.driver) and (
+                to is None or live_capable(s.get(Host, to), inst.driver))
 
     # -- refusals ----------------------------------------------------------------------------
     def check(self, name: str, params: dict[str, Any]) -> None:
@@ -112,10 +155,14 @@ class Migrate(DiskOps):
         d = rec.data
         frozen = [p.get("freeze_ms") for p in d.get("passes", [])
                   if p.get("freeze_ms") is not None]
+        live = d.get("live_stats") or {}
         return wire.MoveResult(source=d.get("source"), target=d.get("target"),
                                bytes=int(d.get("bytes") or 0), passes=len(d.get("passes", [])),
                                freeze_ms=frozen[-1] if frozen else None,
-                               downtime_ms=d.get("downtime_ms"), data_at=d.get("data_at"))
+                               downtime_ms=d.get("downtime_ms"), data_at=d.get("data_at"),
+                               live=bool(d.get("live")),
+                               memory_bytes=live.get("ram_bytes"),
+                               disk_bytes=live.get("disk_bytes"))
 
     # -- steps -------------------------------------------------------------------------------
     async def _plan(self, ctx: OpContext) -> None:
@@ -126,6 +173,17 @@ class Migrate(DiskOps):
             ctx.data.update(source=source, target=target,
                             was_running=state == State.RUNNING, state=state.value,
                             spec=self.spec(inst), bytes=0)
+            if any(sr.name == LIVE_STEP for sr in ctx.record.steps):
+                if state != State.RUNNING or not live_capable(s.get(Host, target),
+                                                               inst.driver):
+                    raise InvalidRequest(
+                        f"'{ctx.record.target}' can no longer be migrated live to {target} "
+                        f"(it is {state.value}, or {target}'s {inst.driver} driver cannot "
+                        "take a running instance)",
+                        hint="run the migration again (a stopped instance moves its disk "
+                             "only), or migrate it --cold")
+                # the target's copy gets the next epoch; the row takes it only at the switch
+                ctx.data.update(live=True, live_epoch=int(inst.epoch) + 1)
 
     async def _prepare(self, ctx: OpContext) -> None:
         ctx.data["recv"] = await self.recv(ctx.data["target"], ctx.record.target, "incoming")
@@ -178,6 +236,8 @@ class Migrate(DiskOps):
             await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
             await self.agents.call(ctx.data["target"], rpc.DELETE,
                                    rpc.DeleteArgs(name=ctx.record.target))
+            if ctx.data.get("live"):  # the source ran all along, and its row never moved
+                return
             self.record(ctx.record.target, ctx.data["source"],
                         State(ctx.data["state"]) if not ctx.data["was_running"]
                         else State.STOPPED, None)
@@ -198,3 +258,75 @@ class Migrate(DiskOps):
         """The source's copy goes (instance record, workdir and disk)."""
         await self.agents.call(ctx.data["source"], rpc.DELETE,
                                rpc.DeleteArgs(name=ctx.record.target))
+
+    # -- live ------------------------------------------------------------------------------
+    async def _create_live(self, ctx: OpContext) -> None:
+        """The target's copy, at the epoch the row takes only at the switch-over: the source
+        keeps its own until then, so a rollback leaves its reports current."""
+        spec = WireSpec.model_validate({**ctx.data["spec"], "epoch": ctx.data["live_epoch"]})
+        await self.agents.call(ctx.data["target"], rpc.CREATE, rpc.CreateArgs(spec=spec))
+
+    async def _incoming(self, ctx: OpContext) -> None:
+        out = await self.agents.call(
+            ctx.data["target"], rpc.LIVE_INCOMING,
+            rpc.IncomingArgs(name=ctx.record.target, peer=ctx.data["source"],
+                             epoch=ctx.data["live_epoch"]))
+        ctx.data["incoming"] = out.model_dump()
+        ctx.save()
+
+    async def _unincoming(self, ctx: OpContext) -> None:
+        if "target" in ctx.data:
+            await self.stop_if_alive(ctx.data["target"], ctx.record.target, signal=9)
+
+    async def _live_send(self, ctx: OpContext) -> None:
+        where = ctx.data["incoming"]
+        stats = await self.agents.call(
+            ctx.data["source"], rpc.LIVE_SEND,
+            rpc.LiveSendArgs(name=ctx.record.target, address=where["address"],
+                             port=where["port"], target=ctx.data["target"],
+                             downtime_ms=LIVE_DOWNTIME_MS))
+        ctx.data["live_stats"] = stats.model_dump()
+        ctx.data["downtime_ms"] = stats.downtime_ms
+        ctx.data["bytes"] = int(ctx.data.get("bytes", 0)) + stats.ram_bytes + stats.disk_bytes
+        ctx.data["data_at"] = time.time()
+        ctx.save()
+
+    async def _unlive_send(self, ctx: OpContext) -> None:
+        """The target's copy is killed and reaped first, then the source's runs on (a
+        migration QEMU completed left it paused): never two copies running."""
+        if "target" not in ctx.data:
+            return
+        name = ctx.record.target
+        await self.stop_if_alive(ctx.data["target"], name, signal=9)
+        try:
+            report = await self.agents.call(ctx.data["source"], rpc.LIVE_ABORT,
+                                            rpc.NameArgs(name=name))
+        except NotFound:
+            return
+        # the row may already name the target (a switch-over cut short): back to the source,
+        # at the source's own epoch, so its reports count again
+        self.record(name, ctx.data["source"], State(report.state), report, epoch=report.epoch)
+
+    async def _switchover(self, ctx: OpContext) -> None:
+        """The point of no return: the target's copy, running with the guest's state, becomes
+        the instance (the source's is paused for good)."""
+        name, target = ctx.record.target, ctx.data["target"]
+        report = await self.agents.call(target, rpc.STATUS, rpc.NameArgs(name=name))
+        if report.state != State.RUNNING.value:
+            raise DriverError(f"'{name}' on {target} is {report.state} after the migration, "
+                              "not running", hint="the operation rolls back; the instance "
+                              "runs on at the source", retryable=True)
+        self.record(name, target, State.RUNNING, report, epoch=ctx.data["live_epoch"],
+                    desired_state=State.RUNNING.value)
+        ctx.data["started_at"] = time.time()
+        ctx.save()
+
+    async def _end_source(self, ctx: OpContext) -> None:
+        """The source's paused copy ends and is reaped before the operation says done."""
+        name, source = ctx.record.target, ctx.data["source"]
+        try:
+            report = await self.agents.call(source, rpc.KILL, rpc.KillArgs(name=name, signal=9))
+        except NotFound:
+            return
+        if State(report.state) in ALIVE:
+            self.ensure_ended(report, source)

@@ -1,0 +1,82 @@
+"""The parts of live migration that need no QEMU: how ``query-migrate`` is read, the private
+TLS directory QEMU loads its credentials from, and the fake driver's model of a migration
+(what the agent's and server's unit tests run against)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from corral.drivers.base import LiveMigration, MigrationTls, Spec
+from corral.drivers.fake import FakeDriver, FakeWorld
+from corral.drivers.qemu_migrate import (
+    TLS_DIR,
+    parse_stats,
+    remove_tls_dir,
+    uri,
+    write_tls_dir,
+)
+from corral.errors import DriverError, NotSupported
+
+
+def test_stats_keep_the_disk_figure_query_migrate_drops_once_done() -> None:
+    running = {"status": "active", "total-time": 900, "ram": {"transferred": 10},
+               "disk": {"transferred": 5, "total": 64}}
+    assert parse_stats(running).disk_bytes == 5
+    done = {"status": "completed", "total-time": 1200, "downtime": 87, "setup-time": 20,
+            "ram": {"transferred": 67_000_000, "dirty-sync-count": 3},
+            "disk": {"transferred": 40, "total": 64}}
+    st = parse_stats(done, completed=True)
+    assert (st.status, st.downtime_ms, st.ram_bytes, st.disk_bytes, st.dirty_syncs) == \
+        ("completed", 87.0, 67_000_000, 64, 3)
+    assert parse_stats({"status": "failed"}).downtime_ms is None
+
+
+def test_uri_brackets_ipv6() -> None:
+    assert uri("10.0.0.2", 4444) == "tcp:10.0.0.2:4444"
+    assert uri("fd00::2", 4444) == "tcp:[fd00::2]:4444"
+
+
+def test_the_tls_directory_is_private_and_named_as_qemu_reads_it(tmp_path: Path) -> None:
+    for name, text in (("ca.crt", "CA"), ("host.crt", "CERT"), ("host.key", "KEY")):
+        (tmp_path / name).write_text(text)
+    tls = MigrationTls(str(tmp_path / "ca.crt"), str(tmp_path / "host.crt"),
+                       str(tmp_path / "host.key"))
+    d = write_tls_dir(tmp_path, tls, "server")
+    assert d == tmp_path / TLS_DIR and stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert sorted(p.name for p in d.iterdir()) == [
+        "ca-cert.pem", "dh-params.pem", "server-cert.pem", "server-key.pem"]
+    assert (d / "server-key.pem").read_text() == "KEY"
+    assert stat.S_IMODE((d / "server-key.pem").stat().st_mode) == 0o600
+    c = write_tls_dir(tmp_path, tls, "client")  # made again from scratch
+    assert sorted(p.name for p in c.iterdir()) == ["ca-cert.pem", "client-cert.pem",
+                                                    "client-key.pem"]
+    remove_tls_dir(tmp_path)
+    assert not c.exists()
+    (tmp_path / "host.key").unlink()
+    with pytest.raises(DriverError, match=r"host\.key"):
+        write_tls_dir(tmp_path, tls, "client")
+
+
+def test_the_fake_driver_hands_a_running_instance_over(tmp_path: Path) -> None:
+    src = FakeDriver("a", FakeWorld(), can_live_migrate=True)
+    dst = FakeDriver("b", FakeWorld(), can_live_migrate=True)
+    assert isinstance(src, LiveMigration) and src.capabilities.can_live_migrate
+    spec = Spec("vm", ["run"], str(tmp_path))
+    hs = src.start(src.create(spec))
+    src.set_cpu(hs.name, 5_000)
+    hd, port = dst.incoming(dst.create(spec), "127.0.0.1", None, "a")
+    assert dst.status(hd).state == "frozen"
+    assert dst.incoming(hd, "127.0.0.1", None, "a") == (hd, port)  # idempotent
+    stats = src.migrate_out(hs, "127.0.0.1", port, None, "b", 300, 10)
+    assert stats.status == "completed"
+    assert (src.status(hs).state, dst.status(hd).state) == ("frozen", "running")
+    assert dst.stats([hd])["vm"].cpu_ns == 5_000  # the counters went with it
+    with pytest.raises(DriverError):  # nothing waits on that port any more
+        src.migrate_out(hs, "127.0.0.1", port, None, "b", 300, 10)
+    src.migration_abort(hs)
+    assert src.status(hs).state == "running"
+    with pytest.raises(NotSupported):
+        FakeDriver().incoming(hd, "127.0.0.1", None, "a")
