@@ -125,7 +125,8 @@ def test_a_probe_in_another_network_namespace(web: int) -> None:
         proc.wait()
 
 
-async def _monitor(tmp_path: Path, target: str, threshold: int = 2, mode: str = "no"
+async def _monitor(tmp_path: Path, target: str, threshold: int = 2, mode: str = "no",
+                   grace: float = 0.0, clock: Any = None
                    ) -> tuple[AgentState, FakeDriver, HealthMonitor]:
     drv = FakeDriver("h1")
     drivers: dict[str, Driver] = {"fake": drv}
@@ -133,10 +134,10 @@ async def _monitor(tmp_path: Path, target: str, threshold: int = 2, mode: str = 
     spec = {"name": "a", "driver": "fake", "command": ["run"], "epoch": 1,
             "restart": {"mode": mode, "delay": 0},
             "check": {"target": target, "interval": 0.05, "timeout": 0.5,
-                      "threshold": threshold}}
+                      "threshold": threshold, "grace": grace}}
     await ok(st, "create", spec=spec)
     await ok(st, "start", name="a", epoch=1)
-    return st, drv, HealthMonitor(st)
+    return st, drv, HealthMonitor(st) if clock is None else HealthMonitor(st, clock=clock)
 
 
 async def _until(mon: HealthMonitor, pred: Any) -> None:
@@ -178,3 +179,25 @@ async def test_unhealthy_under_on_failure_ends_as_failed(tmp_path: Path) -> None
     await _until(mon, lambda: rec.state != "running")
     assert rec.state == "failed" and not rec.stop_requested
     assert seen == ["failed"]
+
+
+async def test_failures_within_the_grace_do_not_count(tmp_path: Path) -> None:
+    """A slow start is not a sick one: failures in the first ``grace`` seconds of a run are
+    not counted; after it, ``threshold`` failures in a row make it unhealthy as always."""
+    now = [1000.0]
+    st, _drv, mon = await _monitor(tmp_path, "exec:exit 1", threshold=1, grace=60.0,
+                                   clock=lambda: now[0])
+    rec = st.records["a"]
+    checked = 0
+    for _ in range(100):  # bounded: several failed checks, each past its interval
+        mon.tick()
+        track = mon.tracks["a"]
+        if track.task is not None:
+            await track.task
+            checked += 1
+        now[0] += 0.1
+        if checked >= 5:
+            break
+    assert checked >= 5 and rec.extra.get("health", UNKNOWN) == UNKNOWN
+    now[0] += 60.0  # the grace is over
+    await _until(mon, lambda: rec.extra.get("health") == UNHEALTHY)

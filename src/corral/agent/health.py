@@ -12,7 +12,8 @@ thread of its own for http and tcp, with ``nsenter --net`` for exec) when it is 
 agent's own; today's runc containers share the agent's, so that is the common case.
 
 Health is ``unknown`` until a first result (and whenever the instance is not running),
-``healthy`` after a success, ``unhealthy`` after ``threshold`` failures in a row. It is kept in
+``healthy`` after a success, ``unhealthy`` after ``threshold`` failures in a row (failures
+within ``grace`` seconds of a start do not count: a slow start is not a sick one). It is kept in
 the record's ``extra["health"]`` and reported with the instance; a change is heartbeated at
 once. When an instance turns unhealthy and its restart policy is ``on-failure`` or
 ``always``, it is killed (its stop signal, then SIGKILL after the stop timeout) without being
@@ -194,6 +195,8 @@ class _Track:
     failures: int = 0
     pid: int | None = None
     task: asyncio.Task[None] | None = None
+    #: when this run was first seen running (its grace counts from here)
+    started: float = 0.0
 
 
 class HealthMonitor:
@@ -234,6 +237,7 @@ class HealthMonitor:
                     self._set(rec, UNKNOWN, "")
                     track.failures = 0
                     track.pid = rec.pid if rec.state == State.RUNNING else None
+                    track.started = now
                     track.due = now + (0.0 if rec.state == State.RUNNING else check.interval)
                 continue
             if track.task is None and now >= track.due:
@@ -252,6 +256,10 @@ class HealthMonitor:
                 track.failures = 0
                 self._set(rec, HEALTHY, "")
                 return
+            if self.clock() - track.started < check.grace:
+                log.info("health check of %s failed within its grace (%gs): %s", rec.name,
+                         check.grace, why)
+                return  # starting up: neither a failure nor healthy yet
             track.failures += 1
             log.info("health check of %s failed (%d of %d): %s", rec.name, track.failures,
                      check.threshold, why)

@@ -103,6 +103,9 @@ class CheckSpec(BaseModel):
     timeout: float = Field(default=2.0, gt=0, le=3600, description="seconds one check may take")
     threshold: int = Field(default=3, ge=1, le=1000,
                            description="failures in a row that make it unhealthy")
+    grace: float = Field(default=0.0, ge=0, le=86400, description=(
+        "seconds after each start in which a failed check does not count (a success does): "
+        "a slow start is not unhealthy (Docker's start period, Nomad's check_restart grace)"))
     failover: bool = Field(default=False, description=(
         "fail over to its standby (a promotion) when still unhealthy after its restart "
         "attempts (restart no: once unhealthy); at most once an hour, kept by the server"))

@@ -133,12 +133,15 @@ class HealthCheck(BaseModel):
     is ``http://[HOST]:PORT/PATH`` (healthy on a 2xx or 3xx answer), ``tcp:[HOST]:PORT``
     (a connection is accepted) or ``exec:CMD`` (``sh -c CMD`` exits 0); an empty HOST is
     127.0.0.1 in the instance's network namespace. ``threshold`` failures in a row make it
-    unhealthy, one success healthy again."""
+    unhealthy, one success healthy again; failures within ``grace`` seconds of a start do
+    not count."""
 
     target: str = Field(min_length=1, max_length=4096)
     interval: float = Field(default=10.0, gt=0, le=86400)
     timeout: float = Field(default=2.0, gt=0, le=3600)
     threshold: int = Field(default=3, ge=1, le=1000)
+    #: seconds after each start in which a failure does not count (a success does)
+    grace: float = Field(default=0.0, ge=0, le=86400)
 
 
 class WireSpec(BaseModel):

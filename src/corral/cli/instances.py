@@ -21,7 +21,7 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
         restart_interval: str | None = None, restart_delay: str | None = None,
         check: str | None = None, check_interval: str | None = None,
         check_timeout: str | None = None, check_threshold: int | None = None,
-        failover_on_unhealthy: bool = False) -> None:
+        failover_on_unhealthy: bool = False, check_grace: str | None = None) -> None:
     """The request is checked here against the wire model (a bad name or size is refused
     before any connection is made). With an image the command may be left out: the server
     lays the image's config under what is given (entrypoint, command, ``-e``)."""
@@ -47,14 +47,17 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
             probe["timeout"] = parse_duration(check_timeout)
         if check_threshold is not None:
             probe["threshold"] = check_threshold
+        if check_grace is not None:
+            probe["grace"] = parse_duration(check_grace)
         if failover_on_unhealthy:
             probe["failover"] = True
     elif failover_on_unhealthy:
         raise InvalidRequest("--failover-on-unhealthy needs --check (unhealthy is what the "
                              "check says)", hint="e.g. --check tcp::5432 "
                              "--failover-on-unhealthy, then 'corral standby add NAME'")
-    elif check_interval or check_timeout or check_threshold is not None:
-        raise InvalidRequest("--check-interval, --check-timeout and --check-threshold need "
+    elif check_interval or check_timeout or check_grace or check_threshold is not None:
+        raise InvalidRequest("--check-interval, --check-timeout, --check-grace and "
+                             "--check-threshold need "
                              "--check", hint="e.g. --check http://:8080/health")
 
     spec = CreateInstance(

@@ -258,6 +258,8 @@ def _check_text(check: dict[str, Any] | None) -> str:
         return "-"
     return (f"{check.get('target')} every {fmt_seconds(check.get('interval'))}, timeout "
             f"{fmt_seconds(check.get('timeout'))}, unhealthy after {check.get('threshold')}"
+            + (f" (not counted {fmt_seconds(check.get('grace'))} after a start)"
+               if check.get("grace") else "")
             + ("; fails over to its standby when still unhealthy after its restarts"
                if check.get("failover") else ""))
 

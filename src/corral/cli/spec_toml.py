@@ -86,8 +86,9 @@ def export(views: Sequence[InstanceView], standbys: Sequence[StandbyView]) -> di
             entry["restart"] = v.restart.model_dump()
         if v.check is not None:
             entry["check"] = v.check.model_dump()
-            if not v.check.failover:  # the default: files stay as they were written
-                del entry["check"]["failover"]
+            for key, default in (("failover", False), ("grace", 0.0)):
+                if entry["check"][key] == default:  # files stay as they were written
+                    del entry["check"][key]
         sb = sbs.get(v.name)
         if sb is not None:
             entry["standby"] = {"host": sb.host, "every": sb.every_seconds}

@@ -273,6 +273,8 @@ COMMANDS: dict[str, Command | Group] = {
         opt("--check-timeout", help="one check's limit (default 2s)"),
         opt("--check-threshold", help="failures in a row that make it unhealthy (default 3)",
             type=int),
+        opt("--check-grace", help="after each start, failures do not count for this long: "
+            "30s, 2m (default 0)"),
         flag("--failover-on-unhealthy", help="with --check and a standby: when still "
              "unhealthy after its restart attempts, the server promotes its standby (at most "
              "once an hour; an event says why)"),
