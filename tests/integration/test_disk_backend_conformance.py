@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -342,3 +343,20 @@ async def test_a_directory_swapped_for_a_symlink_never_brings_a_host_file_in(
             p = Path(dirpath) / f
             if p.is_file() and not p.is_symlink():
                 assert b"HOST SECRET" not in p.read_bytes(), f"host file copied in as {p}"
+
+
+async def test_a_discarded_copy_is_gone_at_once_and_its_files_soon(pair: Pair) -> None:
+    make_disk(pair.a, "web", files=50)
+    await refresh(pair, "web")
+    trash = pair.b.root / ".trash"
+    pair.b.discard("web", "standby")
+    assert not pair.b.slot("web", "standby").exists()  # gone before the call returned
+    deadline = time.monotonic() + 30
+    while trash.is_dir() and any(trash.iterdir()):  # removed by a thread of its own
+        assert time.monotonic() < deadline, list(trash.iterdir())
+        time.sleep(0.05)
+    # what a crash left in the trash goes at the next start
+    (trash / "web.standby.left").mkdir(parents=True)
+    (trash / "web.standby.left" / "f").write_text("x")
+    pair.b.cleanup_leftovers()
+    assert list(trash.iterdir()) == []

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,9 @@ log = logging.getLogger(__name__)
 
 SLOTS = ("incoming", "standby")
 #: directories of the disk root that are not disks: copies, half-made disks, temp files
-PRIVATE_SUBDIRS = (".new", ".incoming", ".standby", ".tmp", ".orphaned")
+PRIVATE_SUBDIRS = (".new", ".incoming", ".standby", ".tmp", ".orphaned", ".trash")
 #: emptied at every start: nothing in them outlives the agent that was filling them
-SCRATCH_SUBDIRS = (".new", ".incoming", ".tmp")
+SCRATCH_SUBDIRS = (".new", ".incoming", ".tmp", ".trash")
 
 Freeze = Hook
 
@@ -69,6 +71,8 @@ class HostDisks:
         self.channel = DataServer(host, self.transfer_places, host=listen, port=port,
                                   after_failure=_after_failed_receive)
         self.tls: ChannelTls | None = None
+        #: one thread at a time empties ``.trash``
+        self._trash_lock = threading.Lock()
 
     @property
     def ticket_key(self) -> str:
@@ -209,8 +213,28 @@ class HostDisks:
         return {"path": str(dest), "temp_dir": str(tmp), "have": have, "backend": self.kind}
 
     def discard(self, name: str, slot: str) -> None:
-        self.backend.remove(self.slot(name, slot))
-        self.backend.remove(self._temp_dir(name, slot))
+        """The slot's copy is gone at once (renamed into ``.trash``) and its files are removed
+        in the background: removing a copy of a million files takes minutes, and the caller
+        (``corral standby rm``, a migration's undo) waited for it, past its client's
+        timeout. Whatever a crash leaves in ``.trash`` goes at the next start."""
+        trash = self.root / ".trash"
+        trash.mkdir(exist_ok=True)
+        moved = False
+        for path in (self.slot(name, slot), self._temp_dir(name, slot)):
+            if path.exists() or path.is_symlink():
+                self.backend.rename(path, trash / f"{name}.{slot}.{uuid.uuid4().hex[:12]}")
+                moved = True
+        if moved:
+            threading.Thread(target=self.empty_trash, name="disk-trash", daemon=True).start()
+
+    def empty_trash(self) -> None:
+        with self._trash_lock:
+            trash = self.root / ".trash"
+            for entry in sorted(trash.iterdir()) if trash.is_dir() else []:
+                try:
+                    self.backend.remove(entry)
+                except OSError as exc:  # tried again at the next discard or start
+                    log.warning("could not remove %s: %s", entry, exc)
 
     def prune_received(self, name: str, slot: str) -> None:
         """A pass into the slot completed: keep only what the next pass builds on."""
