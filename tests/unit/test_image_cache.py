@@ -83,3 +83,16 @@ def test_replies_default_to_no_api_url() -> None:
     """Servers that answer before their API listens (or older ones) send no URL."""
     assert JoinReply(lease_seconds=1, heartbeat_seconds=1, sample_seconds=1).api_url == ""
     assert HeartbeatReply(known=True).api_url == ""
+
+
+def test_chunks_fetched_for_an_unshelve_show_in_the_figures_at_once(tmp_path: Path) -> None:
+    instances = tmp_path / "instances"
+    instances.mkdir()
+    cache = ImageCache(tmp_path, instances, "tok")
+    try:
+        cache.packs.put_many([os.urandom(3000) for _ in range(3)])  # what a pull stored
+        cache.count_fetched(3, 9000)
+        stats = json.loads((tmp_path / STATS_FILE).read_text())
+        assert stats["chunks"] == 3 and stats["fetched_chunks"] == 3
+    finally:
+        cache.close()

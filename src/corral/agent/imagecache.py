@@ -101,10 +101,12 @@ class ImageCache:
         return self._using()
 
     def count_fetched(self, chunks: int, nbytes: int) -> None:
-        """Add chunks fetched outside :meth:`materialize` to the cache's figures."""
+        """Add chunks fetched outside :meth:`materialize` to the cache's figures, and write
+        them out (they said 0 chunks while an unshelve had just filled the cache)."""
         with self._cond:
             self.totals["fetched_chunks"] += chunks
             self.totals["fetched_bytes"] += nbytes
+        self.write_stats()
 
     def client(self) -> Client:
         """The server's image routes, through the one API client; a new one per call, as

@@ -60,6 +60,7 @@ def _cache(st: AgentState) -> ImageCache:
 def _push(cache: ImageCache, root: Path, image: str) -> dict[str, Any]:
     with cache.in_use(), cache.client() as client:
         stats = push_tree(client, cache.packs, root, image)
+    cache.write_stats()  # the push filled the cache too
     return {"uploaded_chunks": stats.chunks, "uploaded_bytes": stats.bytes}
 
 
