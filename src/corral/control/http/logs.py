@@ -60,15 +60,19 @@ async def _last(js: Any, subject: str) -> tuple[int, float] | None:
     return int(msg.seq or 0), when
 
 
-async def _stream(js: Any, subject: str, start: float | None, follow: bool, source: str | None,
-                  end: int) -> AsyncIterator[bytes]:
+async def _subscribe(js: Any, subject: str, start: float | None) -> Any:
     if start is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
     else:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
                                 opt_start_time=datetime.fromtimestamp(start, UTC),
                                 inactive_threshold=30.0)
-    sub = await js.subscribe(subject, stream=streams.LOGS, ordered_consumer=True, config=config)
+    return await js.subscribe(subject, stream=streams.LOGS, ordered_consumer=True,
+                              config=config)
+
+
+async def _stream(sub: Any, follow: bool, source: str | None,
+                  end: int) -> AsyncIterator[bytes]:
     #: last line number sent per (host, source): a batch the agent sent again after a crash
     #: (same numbers) is shown once, as the sinks write it once.
     last: dict[str, int] = {}
@@ -125,7 +129,11 @@ def router(nc: Callable[[], Any], known: Callable[[str], bool],
                                   hint="try again in a moment", retryable=True)
         js = conn.jetstream()
         subject = subjects.instance_logs(name)
-        last = await _last(js, subject)
+        try:
+            last = await _last(js, subject)
+        except TimeoutError:  # a busy bus: say so before the answer begins, not a 500
+            raise HostUnavailable("the bus did not answer in time", hint="try again in a "
+                                  "moment", retryable=True) from None
         if last is None and not known(name):
             raise _not_found(name)
         if not follow and (last is None or (start is not None and last[1] < start)):
@@ -134,8 +142,12 @@ def router(nc: Callable[[], Any], known: Callable[[str], bool],
                 yield b""
             return StreamingResponse(nothing(), media_type=NDJSON)
         end = last[0] if last else 0
-        return StreamingResponse(_stream(js, subject, start, follow, source, end),
-                                 media_type=NDJSON)
+        try:  # subscribed before the answer begins: a failure is still a clean 503
+            sub = await _subscribe(js, subject, start)
+        except TimeoutError:
+            raise HostUnavailable("the bus did not answer in time", hint="try again in a "
+                                  "moment", retryable=True) from None
+        return StreamingResponse(_stream(sub, follow, source, end), media_type=NDJSON)
 
     return r
 
