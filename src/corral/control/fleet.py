@@ -87,6 +87,12 @@ class Fleet:
         self.joins: dict[str, int] = {}
         #: hosts marked down by :meth:`expire_leases` since (up again with a heartbeat/join)
         self.states: dict[str, str] = {}
+        #: the leader's own view of each host's last answered heartbeat and lease end. The
+        #: rows get them only every half lease (see :meth:`heartbeat`): a durable commit per
+        #: heartbeat held the event loop for an fsync each time, and a fleet of a few hundred
+        #: hosts was more than one server could answer (bench/fleet_scale.py).
+        self.last_beat: dict[str, float] = {}
+        self.lease_until: dict[str, float] = {}
         #: signs transfer tickets (disks/tickets.py); agents learn its public half at join
         self.ticket_key: Ed25519PrivateKey = (ticket_key if ticket_key is not None
                                               else Ed25519PrivateKey.generate())
@@ -196,6 +202,8 @@ class Fleet:
         now = self.clock()
         self.joins[req.host] = self.joins.get(req.host, 0) + 1
         self.states[req.host] = "up"
+        self.last_beat[req.host] = now
+        self.lease_until[req.host] = now + self.settings.lease_seconds
         with self.sessions.begin() as s:
             host = s.get(Host, req.host)
             if host is None:
@@ -224,7 +232,11 @@ class Fleet:
                          ticket_key=tickets.public_hex(self.ticket_key))
 
     def heartbeat(self, host_name: str, hb: Heartbeat) -> HeartbeatReply:
+        """Renew ``host_name``'s lease and apply its reports. Nothing is written unless
+        something changed (an instance's state, the host coming back) or the row's lease is
+        past its half: a heartbeat that only says "still here" is a read, no commit."""
         now = self.clock()
+        lease = self.settings.lease_seconds
         with self.sessions.begin() as s:
             host = s.get(Host, host_name)
             if host is None or hb.host != host_name:
@@ -232,12 +244,15 @@ class Fleet:
                 return HeartbeatReply(known=False)
             if host.state != "up":
                 log.info("host %s is back", host_name)
+                host.state = "up"
             self.states[host_name] = "up"
-            host.state = "up"
-            host.last_heartbeat = now
-            host.lease_expires_at = now + self.settings.lease_seconds
+            self.last_beat[host_name] = now
+            self.lease_until[host_name] = now + lease
             self._apply_all(s, host_name, hb.instances)
-            return HeartbeatReply(known=True, lease_expires_at=host.lease_expires_at,
+            if s.dirty or (host.lease_expires_at or 0.0) < now + lease / 2:
+                host.last_heartbeat = now  # a commit there is anyway, or the row's lease is
+                host.lease_expires_at = now + lease  # past its half: followers read it
+            return HeartbeatReply(known=True, lease_expires_at=now + lease,
                                   guarded=self.guarded(s, host_name))
 
     @staticmethod
@@ -271,6 +286,12 @@ class Fleet:
         with self.sessions.begin() as s:
             for host in s.scalars(select(Host).where(
                     Host.state == "up", Host.lease_expires_at < now)):
+                until = self.lease_until.get(host.name, 0.0)
+                if until >= now:
+                    continue  # renewed since the row was written (see heartbeat)
+                host.lease_expires_at = max(host.lease_expires_at or 0.0, until)
+                host.last_heartbeat = max(host.last_heartbeat or 0.0,
+                                          self.last_beat.get(host.name, 0.0))
                 host.state = "down"
                 self.states[host.name] = "down"
                 downed.append(host.name)

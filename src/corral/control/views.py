@@ -85,7 +85,11 @@ def host_view(fleet: Fleet, host: Host, instances: Sequence[Instance]) -> HostVi
         reserved=Resources(cpus=rc, memory_bytes=rm),
         free=Resources(cpus=round(host.cores - rc, 6), memory_bytes=host.memory_bytes - rm),
         instances=len(mine), usage=usage, rest_host_pct=rest,
-        last_heartbeat=host.last_heartbeat, lease_expires_at=host.lease_expires_at,
+        # the leader's own figures are newer than the row's (written every half lease)
+        last_heartbeat=max(host.last_heartbeat or 0.0, fleet.last_beat.get(host.name, 0.0))
+        or None,
+        lease_expires_at=max(host.lease_expires_at or 0.0,
+                             fleet.lease_until.get(host.name, 0.0)) or None,
         agent_version=host.agent_version, draining=bool(host.draining),
     )
 
@@ -94,7 +98,10 @@ def host_views(fleet: Fleet) -> list[HostView]:
     with fleet.sessions() as s:
         hosts = list(s.scalars(select(Host).order_by(Host.name)))
         instances = list(s.scalars(select(Instance)))
-    return [host_view(fleet, h, instances) for h in hosts]
+    by_host: dict[str | None, list[Instance]] = {}
+    for i in instances:  # once: each host scanning every instance grew as hosts x instances
+        by_host.setdefault(i.host, []).append(i)
+    return [host_view(fleet, h, by_host.get(h.name, [])) for h in hosts]
 
 
 def fleet_status(fleet: Fleet, nats_url: str, db: str) -> FleetStatus:

@@ -200,7 +200,8 @@ class Operations:
         while loop.time() < deadline:
             with self.fleet.sessions() as sess:
                 waiting = [h.name for h in sess.scalars(select(Host).where(Host.state == "up"))
-                           if (h.last_heartbeat or 0.0) < started_at]
+                           if max(h.last_heartbeat or 0.0,
+                                  self.fleet.last_beat.get(h.name, 0.0)) < started_at]
             if not waiting:
                 break
             await asyncio.sleep(0.2)
