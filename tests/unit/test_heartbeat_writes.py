@@ -94,3 +94,23 @@ def test_expiry_goes_by_the_newest_heartbeat_and_writes_it_down(
         assert host.state == "down" and web.state == "lost"
         # the failover grace counts from the lease that really ran out
         assert host.lease_expires_at == last + LEASE and host.last_heartbeat == last
+
+
+def test_a_standby_added_is_guarded_at_the_next_heartbeat(
+        world: tuple[Fleet, Clock, sessionmaker[Session], list[int]]) -> None:
+    from corral.control.db import Standby
+
+    fleet, _, _, _ = world
+    _join(fleet)
+    fleet.join(JoinRequest(host="h2", address="127.0.0.2", agent_version="t",
+                           capacity=Capacity(cores=2, memory_bytes=2**30, disk_bytes=0),
+                           drivers={"fake": {}}))
+    assert _beat(fleet).guarded == []
+    with fleet.sessions.begin() as s:
+        s.add(Standby(instance="web", host="h2", every_seconds=60.0, state="new"))
+    assert _beat(fleet).guarded == ["web"]  # no waiting out the cache
+    with fleet.sessions.begin() as s:
+        sb = s.get(Standby, "web")
+        assert sb is not None
+        s.delete(sb)
+    assert _beat(fleet).guarded == []
