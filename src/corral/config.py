@@ -121,6 +121,9 @@ class Settings:
                                               "tier keeps its buckets", 30 * 86400.0)
     history_flush_seconds: float = _doc("server: metric history: how often the leader writes "
                                         "the samples it gathered (one transaction)", 10.0)
+    live_migrate_downtime_ms: int = _doc("server: the longest pause a live migration of a VM "
+                                         "may switch over in (QEMU's downtime-limit, 1 to "
+                                         "60000 ms)", 300)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
@@ -147,6 +150,8 @@ _EPS = 1e-9
 
 #: durations whose 0 and -1 mean something (the docs define them): what -1 means
 SPECIAL_VALUES = {"shelved_offload_seconds": "never"}
+#: integers with bounds: the least and the most
+INT_RANGES: dict[str, tuple[int, int]] = {"live_migrate_downtime_ms": (1, 60_000)}
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:
@@ -157,7 +162,11 @@ def _parse(name: str, raw: Any, source: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind == "int":
-            return int(raw)
+            number = int(raw)
+            low, high = INT_RANGES.get(name, (number, number))
+            if not low <= number <= high:
+                raise ValueError(f"must be between {low} and {high}")
+            return number
         if kind == "float":
             value = float(raw)
             if name in SPECIAL_VALUES:

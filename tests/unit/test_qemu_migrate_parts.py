@@ -1,24 +1,33 @@
 """The parts of live migration that need no QEMU: how ``query-migrate`` is read, the private
-TLS directory QEMU loads its credentials from, and the fake driver's model of a migration
-(what the agent's and server's unit tests run against)."""
+TLS directory QEMU loads its credentials from, the downtime limit's way from the setting to
+QMP, and the fake driver's model of a migration (what the agent's and server's unit tests run
+against)."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from corral.bus import rpc
+from corral.config import Settings, load
+from corral.control.operations.migrate import Migrate
 from corral.drivers.base import LiveMigration, MigrationTls, Spec
 from corral.drivers.fake import FakeDriver, FakeWorld
 from corral.drivers.qemu_migrate import (
+    CREDS_ID,
     TLS_DIR,
     parse_stats,
     remove_tls_dir,
+    set_send_params,
+    settled,
     uri,
     write_tls_dir,
 )
-from corral.errors import DriverError, NotSupported
+from corral.errors import ConfigError, DriverError, NotSupported
 
 
 def test_stats_keep_the_disk_figure_query_migrate_drops_once_done() -> None:
@@ -32,6 +41,15 @@ def test_stats_keep_the_disk_figure_query_migrate_drops_once_done() -> None:
     assert (st.status, st.downtime_ms, st.ram_bytes, st.disk_bytes, st.dirty_syncs) == \
         ("completed", 87.0, 67_000_000, 64, 3)
     assert parse_stats({"status": "failed"}).downtime_ms is None
+
+
+def test_a_completed_answer_without_its_figures_is_asked_again() -> None:
+    """QEMU says completed a moment before it fills in total-time and downtime (0 until then):
+    such an answer is read again, a bounded while."""
+    early = {"status": "completed", "total-time": 0, "downtime": 0}
+    assert not settled(early, since=10.0, now=10.1)
+    assert settled({**early, "total-time": 1500, "downtime": 40}, since=10.0, now=10.1)
+    assert settled(early, since=10.0, now=16.0)  # never filled in: taken as it is
 
 
 def test_uri_brackets_ipv6() -> None:
@@ -80,3 +98,47 @@ def test_the_fake_driver_hands_a_running_instance_over(tmp_path: Path) -> None:
     assert src.status(hs).state == "running"
     with pytest.raises(NotSupported):
         FakeDriver().incoming(hd, "127.0.0.1", None, "a")
+
+
+def test_the_downtime_limit_reaches_qmp_before_the_stream_starts() -> None:
+    sent: list[tuple[str, dict[str, Any]]] = []
+    set_send_params(lambda cmd, args: sent.append((cmd, args)), 1234, "h2")
+    assert [c for c, _ in sent] == ["migrate-set-capabilities", "migrate-set-parameters"]
+    params = sent[1][1]
+    assert params["downtime-limit"] == 1234
+    assert (params["tls-creds"], params["tls-hostname"]) == (CREDS_ID, "h2")
+    sent.clear()
+    set_send_params(lambda cmd, args: sent.append((cmd, args)), 300, None)
+    assert sent[1][1]["downtime-limit"] == 300
+    assert sent[1][1]["tls-creds"] == "" and "tls-hostname" not in sent[1][1]  # plain TCP
+    with pytest.raises(DriverError, match="live_migrate_downtime_ms"):
+        set_send_params(lambda cmd, args: None, 0, None)
+
+
+def test_the_downtime_setting_is_bounded_and_defaults_to_qemus() -> None:
+    assert Settings().live_migrate_downtime_ms == 300
+    assert load(env={"CORRAL_LIVE_MIGRATE_DOWNTIME_MS": "50"}).live_migrate_downtime_ms == 50
+    for bad in ("0", "60001", "fast"):
+        with pytest.raises(ConfigError, match="live_migrate_downtime_ms"):
+            load(env={"CORRAL_LIVE_MIGRATE_DOWNTIME_MS": bad})
+
+
+async def test_the_server_sends_the_setting_to_the_source_agent(tmp_path: Path) -> None:
+    calls: list[tuple[str, str, Any]] = []
+
+    class Agents:
+        async def call(self, host: str, call: rpc.Call[Any, Any], args: Any) -> Any:
+            calls.append((host, call.verb, args))
+            return rpc.LiveStats(status="completed", total_ms=900.0, downtime_ms=40.0,
+                                 ram_bytes=10, disk_bytes=5, dirty_syncs=2)
+
+    op = Migrate(None, Agents(), Settings(data_dir=tmp_path,  # type: ignore[arg-type]
+                                          live_migrate_downtime_ms=75))
+    ctx = SimpleNamespace(
+        data={"source": "h1", "target": "h2", "incoming": {"address": "10.0.0.2", "port": 4444}},
+        record=SimpleNamespace(target="vm"), save=lambda: None)
+    await op._live_send(ctx)  # type: ignore[arg-type]
+    [(host, verb, args)] = calls
+    assert (host, verb) == ("h1", "live_send") and isinstance(args, rpc.LiveSendArgs)
+    assert (args.downtime_ms, args.address, args.port, args.target) == (75, "10.0.0.2", 4444, "h2")
+    assert ctx.data["downtime_ms"] == 40.0

@@ -736,26 +736,26 @@ class QemuDriver:
                 raise Conflict(f"VM {handle.name} is already migrating ({now.get('status')})",
                                hint="wait for it to end, or undo the operation that runs it")
             mig.cleanup_objects(q.execute)
-            params: dict[str, Any] = {"downtime-limit": int(downtime_ms),
-                                      "max-bandwidth": mig.MAX_BANDWIDTH, "tls-creds": ""}
             if tls is not None:
                 tls_dir = mig.write_tls_dir(wd, tls, "client")
                 try:
                     q.execute("object-add", mig.creds_args(tls_dir, "client"))
                 finally:
                     mig.remove_tls_dir(wd)
-                params.update({"tls-creds": mig.CREDS_ID, "tls-hostname": target})
-            q.execute("migrate-set-capabilities", mig.capabilities())
-            q.execute("migrate-set-parameters", params)
+            mig.set_send_params(q.execute, downtime_ms, None if tls is None else target)
             q.execute("migrate", {"uri": mig.uri(address, port)})
         deadline = time.monotonic() + timeout
         disk: dict[str, Any] = {}
+        done_at: float | None = None
         while True:
             info = self._execute(handle, "query-migrate") or {}
             status = info.get("status")
             disk = info.get("disk") or disk  # QEMU drops it once block migration is over
             if status == "completed":
-                return mig.parse_stats({**info, "disk": disk}, completed=True)
+                now = time.monotonic()
+                done_at = now if done_at is None else done_at
+                if mig.settled(info, done_at, now):
+                    return mig.parse_stats({**info, "disk": disk}, completed=True)
             if status in ("failed", "cancelled"):
                 raise DriverError(f"live migration of {handle.name} to {target} "
                                   f"{status}: {mig.failure(info)}",

@@ -70,6 +70,16 @@ SETUP_TIMEOUT = 60.0
 ENDED = frozenset({"completed", "failed", "cancelled"})
 #: how often the source is asked how far it got
 POLL_EVERY = 0.1
+#: how long a ``completed`` without its figures is asked again (see :func:`settled`)
+SETTLE_TIMEOUT = 5.0
+
+
+def settled(info: dict[str, Any], since: float, now: float) -> bool:
+    """Whether a ``completed`` answer carries its figures. QEMU's migration thread sets the
+    state to completed a moment before it computes ``total-time`` and ``downtime``; an answer
+    in between reads 0 for both (a switch-over with no pause, which it was not). Asked again
+    until they are there, for at most :data:`SETTLE_TIMEOUT` after the first such answer."""
+    return bool(info.get("total-time")) or now - since > SETTLE_TIMEOUT
 
 
 def parse_stats(info: dict[str, Any], completed: bool = False) -> MigrationStats:
@@ -147,6 +157,27 @@ def authz_args(peer: str) -> dict[str, Any]:
 def capabilities() -> dict[str, Any]:
     return {"capabilities": [{"capability": "block", "state": True},
                              {"capability": "events", "state": True}]}
+
+
+def send_params(downtime_ms: int, tls_hostname: str | None) -> dict[str, Any]:
+    """The source's ``migrate-set-parameters``: every one set each time (a QEMU that migrated
+    before keeps what the last migration set). ``downtime-limit`` is the pause the switch-over
+    may take (setting ``live_migrate_downtime_ms``); a lower one makes a busy guest take more
+    rounds, or never converge, a higher one ends sooner with a longer pause."""
+    if not 1 <= int(downtime_ms) <= 60_000:
+        raise DriverError(f"downtime limit {downtime_ms} ms is out of range",
+                          hint="set live_migrate_downtime_ms between 1 and 60000")
+    params: dict[str, Any] = {"downtime-limit": int(downtime_ms),
+                              "max-bandwidth": MAX_BANDWIDTH, "tls-creds": ""}
+    if tls_hostname is not None:
+        params.update({"tls-creds": CREDS_ID, "tls-hostname": tls_hostname})
+    return params
+
+
+def set_send_params(execute: Any, downtime_ms: int, tls_hostname: str | None) -> None:
+    """Capabilities, then parameters, on the source's QMP (``execute(command, arguments)``)."""
+    execute("migrate-set-capabilities", capabilities())
+    execute("migrate-set-parameters", send_params(downtime_ms, tls_hostname))
 
 
 def failure(info: dict[str, Any]) -> str:

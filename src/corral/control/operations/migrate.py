@@ -46,7 +46,8 @@ from corral.ops.store import OpRecord
 from corral.scheduling.placement import HostSnapshot, Request, place
 
 KIND = "migrate"
-#: switch over when what is left fits this pause (QEMU's own default)
+#: switch over when what is left fits this pause (QEMU's own default; the setting
+#: ``live_migrate_downtime_ms`` is what the live step sends)
 LIVE_DOWNTIME_MS = 300
 LIVE_STEP = "live-send"
 
@@ -284,7 +285,7 @@ class Migrate(DiskOps):
             ctx.data["source"], rpc.LIVE_SEND,
             rpc.LiveSendArgs(name=ctx.record.target, address=where["address"],
                              port=where["port"], target=ctx.data["target"],
-                             downtime_ms=LIVE_DOWNTIME_MS))
+                             downtime_ms=self.settings.live_migrate_downtime_ms))
         ctx.data["live_stats"] = stats.model_dump()
         ctx.data["downtime_ms"] = stats.downtime_ms
         ctx.data["bytes"] = int(ctx.data.get("bytes", 0)) + stats.ram_bytes + stats.disk_bytes
