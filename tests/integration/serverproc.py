@@ -33,7 +33,6 @@ class ServerProc:
         env |= self.env()
         self.data.mkdir(exist_ok=True)
         (self.data / "server.json").unlink(missing_ok=True)
-        self.info = None
         self.proc = subprocess.Popen([sys.executable, "-m", "corral.control"], env=env,
                                      stdout=subprocess.DEVNULL,
                                      stderr=(self.data / "server.err").open("ab"))
