@@ -18,7 +18,7 @@ import ssl
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +332,7 @@ def procs(pg_url: str, tmp_path: Path) -> Iterator[list[Proc]]:  # noqa: F811
                       leader_lease_seconds=3.0)
 
 
-def _procs(pg_url: str, tmp_path: Path, **kw: Any) -> Iterator[list[Proc]]:  # noqa: F811
+def _procs(pg_url: str, tmp_path: Path, **kw: Any) -> Generator[list[Proc], None, None]:  # noqa: F811
     url = fresh_db(pg_url, "procs")
     out = [Proc(s) for s in cluster_settings(tmp_path, url, 3, stream_replicas=3, tls="on",
                                              **kw)]
