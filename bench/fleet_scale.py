@@ -62,7 +62,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from waiting import wait
 
 from corral.api.client import Client
 from corral.api.models import CreateInstance
@@ -98,15 +98,6 @@ ENROLL_LAST = 10
 RELOADED = b"Reloaded server configuration"
 
 
-def wait(pred: Callable[[], Any], what: str, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import waiting
+
 from corral.api.client import Client
 from corral.errors import CorralError
 from corral.rig import procs
@@ -48,14 +50,7 @@ CLI = [sys.executable, "-m", "corral.cli"]
 
 
 def wait(pred: Callable[[], Any], what: str, timeout: float, every: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
+    return waiting.wait(pred, what, timeout, every)
 
 
 def alive(pid: int | None) -> bool:

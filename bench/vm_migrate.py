@@ -56,6 +56,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import waiting
+
 CLI = [sys.executable, "-m", "corral.cli"]
 MiB = 1024 * 1024
 #: one copy of 1 MiB every 0.1 s over a 64 MiB working set; every tenth count printed
@@ -81,14 +83,7 @@ def ticks(text: str) -> list[tuple[int, float]]:
 
 
 def wait(pred: Callable[[], Any], what: str, timeout: float, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every)
+    return waiting.wait(pred, what, timeout, every)
 
 
 def continuous(text: str, before: int) -> list[int]:
