@@ -42,6 +42,8 @@ class Recorder:
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
         #: client ports seen: one per TCP connection
         self.ports: list[int] = []
+        #: how many more calls a takeover answers "no leader" to
+        self.leaderless = 0
 
 
 def _routes(method: str, path: str) -> tuple[int, Any, str]:
@@ -87,6 +89,11 @@ def server() -> Iterator[tuple[str, Recorder]]:
             rec.requests.append((self.command, self.path, dict(self.headers), body))
             rec.ports.append(self.client_address[1])
             status, payload, ctype = _routes(self.command, path)
+            if rec.leaderless > 0 or path == "/v1/instances/web/kill":
+                rec.leaderless -= 1
+                status, payload = 503, {"error": {
+                    "code": "not_leader", "message": "the leader cannot be reached",
+                    "hint": "try again", "retryable": path != "/v1/instances/web/kill"}}
             data = b"" if payload is None else (
                 payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
             self.send_response(status)
@@ -176,6 +183,33 @@ def test_a_server_that_cannot_be_reached_is_passed_over(server: tuple[str, Recor
             pytest.raises(errors.CorralError) as info:
         c.hosts()
     assert info.value.retryable and dead.split("//")[1] in info.value.message
+
+
+def test_no_leader_for_a_moment_is_waited_out(server: tuple[str, Recorder],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A takeover's seconds (503 not_leader, retryable: nothing was done) are waited out, a
+    POST too; a longer one ends in that error; one that is not retryable (the leader went away
+    mid-answer, the call may have taken effect) is never sent again."""
+    from corral.api import transport
+
+    url, rec = server
+    with Client(url, "t", timeout=2) as c:
+        rec.leaderless = 3
+        assert c.create(CreateInstance(name="web", command=["sleep", "9"], cpus=0.5)).name
+        assert [m for m, *_ in rec.requests] == ["POST"] * 4
+        rec.requests.clear()
+        monkeypatch.setattr(transport, "LEADER_WAIT", 0.5)
+        rec.leaderless = 1000
+        t0 = time.monotonic()
+        with pytest.raises(errors.NotLeader) as info:
+            c.hosts()
+        assert info.value.retryable and time.monotonic() - t0 < 2
+        assert 2 <= len(rec.requests) <= 4
+        rec.leaderless = 0
+        rec.requests.clear()
+        with pytest.raises(errors.NotLeader) as once:
+            c.action("web", "kill")
+        assert not once.value.retryable and len(rec.requests) == 1
 
 
 def test_one_connection_serves_every_request(server: tuple[str, Recorder]) -> None:

@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -39,6 +40,10 @@ UNREACHABLE_HINT = "is the fleet up? run 'corral up' or set CORRAL_URL"
 CONNECT_TIMEOUT = 10.0
 #: methods a request may be sent again for, when a kept-alive connection turns out closed
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: seconds a request answered "no leader right now" (503 ``not_leader``, retryable) is tried
+#: again for: a takeover takes about one leader lease (10 s by default), and until the
+#: followers see the old leader's lease run out they answer that its address is dead
+LEADER_WAIT = 30.0
 
 Params = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
@@ -214,6 +219,8 @@ class Transport:
         target = self._target(path, params)
         again = method in IDEMPOTENT if retry is None else retry
         tried = 1
+        leader_deadline: float | None = None
+        pause = 0.2
         while True:
             try:
                 conn, reused = self._connect()
@@ -251,7 +258,18 @@ class Transport:
             self._release(conn, not resp.will_close)
             answer = Response(resp.status, resp.reason, resp.headers, data, path)
             if check and answer.status >= 400:
-                raise error_from_response(answer)
+                err = error_from_response(answer)
+                if isinstance(err, errors.NotLeader) and err.retryable:
+                    # nothing was done (a follower had no live leader to hand it to, or a
+                    # deposed leader's write was refused): wait for the next leader
+                    now = time.monotonic()
+                    if leader_deadline is None:
+                        leader_deadline = now + LEADER_WAIT
+                    if now + pause < leader_deadline:
+                        time.sleep(pause)
+                        pause = min(pause * 2, 2.0)
+                        continue
+                raise err
             return answer
 
     def _timed_out(self, method: str, path: str, exc: BaseException) -> TransportTimeout:
