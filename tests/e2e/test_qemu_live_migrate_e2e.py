@@ -12,9 +12,11 @@ completed, before the switch-over, and the server is killed -9 and started again
 roll back: the VM runs on where it was (the same QEMU), and nothing of it is left on the other
 host.
 
-A ``hostfwd`` connection does not survive (its host end is a socket of the source QEMU in the
-source host's namespace: see drivers/qemu_migrate.py), so this checks memory continuity, not a
-held connection. Every QEMU of the fleet is killed at the end, whatever happened.
+The VM has a virtual IP, so the address is the guest's own (drivers/qemu_net.py): a client in
+the root namespace holds a TCP connection to the guest's counting stream (port 7000) open
+through the migration and through every rollback, and the numbers it reads never repeat nor
+skip; exactly one host answers ARP for the address, the one the VM runs on. Every QEMU of the
+fleet is killed at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import json
 import os
 import re
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +48,8 @@ from test_qemu_e2e import (
 )
 from test_qemu_e2e import guest as guest
 
-from corral.rig import procs
+from corral.drivers.qemu_guest import COUNT_PORT, SERVICE_PORT
+from corral.rig import netns, procs
 from corral.rig.context import load_context
 
 pytestmark = [
@@ -118,6 +123,66 @@ def paused_migration(f: Fleet, name: str, to: str, step: str,
     return finished(f, op_id)
 
 
+class Stream:
+    """A connection to the guest's counting stream, read by a thread as long as it lasts."""
+
+    def __init__(self, address: str, f: Fleet) -> None:
+        def connect() -> socket.socket | None:
+            try:
+                return socket.create_connection((address, COUNT_PORT), timeout=2)
+            except OSError:
+                return None
+
+        self.sock: socket.socket = wait_until(connect, f"{address}:{COUNT_PORT} answering",
+                                              BOOT, f)
+        self.sock.settimeout(120)  # far above any pause a migration makes
+        self.numbers: list[int] = []
+        self.times: list[float] = []
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                got = [int(x) for x in lines if x.strip()]
+                self.numbers += got
+                self.times += [time.monotonic()] * len(got)
+            self.error = "the guest closed the connection"
+        except (OSError, ValueError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def grows(self, by: int, f: Fleet, timeout: float = 60) -> None:
+        n = len(self.numbers)
+        wait_until(lambda: len(self.numbers) >= n + by or self.error,
+                   f"the counting stream going on ({self.error})", timeout, f)
+        self.check()
+
+    def check(self) -> None:
+        assert self.error is None, f"the held connection broke: {self.error}"
+        nums = self.numbers
+        assert nums and nums == list(range(nums[0], nums[0] + len(nums))), \
+            f"the stream skipped or repeated: {nums[:5]} ... {nums[-5:]}"
+
+    def longest_pause(self) -> float:
+        """The longest wait between two numbers (s): what a client felt of a move."""
+        return max((b - a for a, b in itertools.pairwise(self.times)), default=0.0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(10)
+
+
+def proxied_on(f: Fleet, host: str) -> str:
+    """The addresses ``host`` answers ARP for on a VM's behalf."""
+    return netns.ip("-n", str(agent_of(f, host).netns), "-4", "neigh", "show", "proxy").stdout
+
+
 def qemus_of(f: Fleet, marker: bytes) -> list[int]:
     """The fleet's QEMUs (not their shims) whose command line holds ``marker``."""
     out = []
@@ -136,12 +201,23 @@ def test_a_running_vm_moves_live_and_a_failed_move_leaves_it_running(
         caps = next(x for x in f.json("host", "ls") if x["name"] == h)["drivers"]["qemu"]
         assert caps["can_live_migrate"] is True
     f.ok("image", "import", "lguest", str(guest), timeout=300)
+    assert f.ctx is not None and f.ctx.network is not None
+    vip = f"10.213.{f.ctx.network['subnet']}.60"
     f.ok("run", "lvm", "--driver", "qemu", "--image", "lguest", "--host", "host1",
-         "--cpus", "1", "--memory", "128M", "--", "sh", "-c", COUNTER)
+         "--cpus", "1", "--memory", "128M", "--vip", f"{vip}/24", "--", "sh", "-c", COUNTER)
     f.wait_state("lvm", {"running"}, timeout=60)
-    url1 = f"http://{agent_of(f, 'host1').address}:8080"
-    url2 = f"http://{agent_of(f, 'host2').address}:8080"
+    url1 = url2 = f"http://{vip}:{SERVICE_PORT}"
     boot = wait_until(lambda: get(url1 + "/").split()[-1], "the guest's HTTP service", BOOT, f)
+    stream = Stream(vip, f)
+    try:
+        _moves(f, vip, url1, url2, boot, stream)
+    finally:
+        stream.close()
+
+
+def _moves(f: Fleet, vip: str, url1: str, url2: str, boot: str, stream: Stream) -> None:
+    stream.grows(5, f)
+    assert vip in proxied_on(f, "host1") and vip not in proxied_on(f, "host2")
     wait_until(lambda: len(ticks(f.ok("logs", "lvm"))) >= 5, "the counter counting", 120, f)
     wait_until(lambda: len(records(get(url1 + "/records.log"))) >= 2, "two records", 60, f)
     pid1 = f.instance("lvm")["pid"]
@@ -159,6 +235,10 @@ def test_a_running_vm_moves_live_and_a_failed_move_leaves_it_running(
     with pytest.raises(ProcessLookupError):  # the source's QEMU ended and was reaped
         os.kill(pid1, 0)
     assert len(qemus_of(f, b"lvm")) == 1, "two QEMUs of the VM after the move"
+    stream.grows(10, f)  # the connection held open through the move goes on
+    print(f"held connection: {len(stream.numbers)} numbers, longest pause "
+          f"{stream.longest_pause() * 1000:.0f} ms (one every 100 ms)")
+    assert vip in proxied_on(f, "host2") and vip not in proxied_on(f, "host1")
 
     # the same boot: the service answers on host2 with its boot id, the counter goes on
     assert wait_until(lambda: get(url2 + "/").split()[-1], "the service on host2", 60, f) == boot
@@ -217,6 +297,9 @@ def test_a_running_vm_moves_live_and_a_failed_move_leaves_it_running(
         assert view["host"] == "host2" and view["pid"] == pid2, fault.__name__
         assert qemus_of(f, b"lvm") == [pid2], fault.__name__
         assert get(url2 + "/").split()[-1] == boot
+        stream.grows(5, f)
+        assert vip in proxied_on(f, "host2") and vip not in proxied_on(f, "host1"), \
+            fault.__name__
         seen = len(ticks(f.ok("logs", "lvm")))
         wait_until(lambda seen=seen: len(ticks(f.ok("logs", "lvm"))) >= seen + 3,
                    "the counter going on", 60, f)
@@ -226,6 +309,7 @@ def test_a_running_vm_moves_live_and_a_failed_move_leaves_it_running(
 
     f.ok("stop", "lvm")
     f.wait_state("lvm", {"stopped"}, timeout=60)
+    assert vip not in proxied_on(f, "host2")
     f.ok("rm", "lvm")
     wait_until(lambda: "lvm" not in f.ok("ls"), "lvm removed", 30, f)
     assert not qemus_of(f, b"lvm")

@@ -108,7 +108,7 @@ async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
                          rootfs=root, env=dict(spec.env), cpus=spec.cpus,
                          memory_bytes=spec.memory_bytes, uid=spec.uid, gid=spec.gid,
                          additional_gids=tuple(spec.additional_gids), cwd=spec.cwd,
-                         stop_signal=spec.stop_signal)
+                         stop_signal=spec.stop_signal, vip=spec.vip)
             handle = await st.call(drv.create, dspec)
         except BaseException:
             await st.call(st.store.remove, name)  # no record was written: leave nothing behind

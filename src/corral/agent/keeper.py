@@ -506,13 +506,29 @@ def addresses(interface: str) -> dict[str, str]:
     return found
 
 
+def proxied(interface: str) -> set[str]:
+    """Addresses ``interface`` answers ARP for on another's behalf (a VM's routed VIP)."""
+    out = subprocess.run([_ip(), "-4", "neigh", "show", "proxy", "dev", interface],
+                         capture_output=True, text=True, timeout=10).stdout
+    return {line.split()[0] for line in out.splitlines() if line.split()}
+
+
 def drop_vips(vips: Iterable[Vip]) -> tuple[list[str], list[str]]:
-    """``ip addr del`` each address still on its interface: (removed, errors)."""
+    """``ip addr del`` each address still on its interface, and ``ip neigh del proxy`` each
+    one routed into a VM (its QEMU dies with the fence, but the host would go on answering
+    ARP for the address the new owner announces): (removed, errors)."""
     removed: list[str] = []
     errors: list[str] = []
     for vip in sorted(set(vips), key=lambda v: (v.interface, v.address)):
         ip = vip.address.split("/")[0]
         try:
+            if ip in proxied(vip.interface):
+                r = subprocess.run([_ip(), "neigh", "del", "proxy", ip, "dev", vip.interface],
+                                   capture_output=True, text=True, timeout=10)
+                if r.returncode != 0 and ip in proxied(vip.interface):
+                    errors.append(f"{vip.address} on {vip.interface}: {r.stderr.strip()}")
+                else:
+                    removed.append(f"{vip.address} (routed) on {vip.interface}")
             here = addresses(vip.interface).get(ip)
             if here is None:
                 continue

@@ -10,6 +10,11 @@ channel uses (from enrolment); the server only learns where the destination list
 ``live_send`` does not hold the instance's lock while the stream runs (minutes, for a big
 guest): heartbeats and status calls go on meanwhile, and the server's operation lock keeps the
 operator's verbs away from the instance.
+
+A virtual IP is held by one end at a time (:mod:`corral.agent.vips`): the destination's copy is
+``vip_away`` from ``live_incoming`` until the server's switch-over (``live_claim``), and the
+source lets the address go as soon as QEMU says the guest runs on the destination; an undo
+(``live_abort``) takes it back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import asdict
 
 from corral.agent.state import AgentState, Handler
 from corral.agent.store import InstanceRecord, check_name
+from corral.agent.vips import AWAY
 from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.drivers.base import LiveMigration, MigrationTls
@@ -54,6 +60,8 @@ async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingT
             st.epochs[name] = rec.epoch = args.epoch
         drv = _live(st, rec)
         rec.stop_requested = False
+        rec.extra[AWAY] = True  # the source holds the address until the switch-over
+        st.save(rec)
         rec.handle, port = await st.call(drv.incoming, rec.handle, address, _tls(st),
                                          args.peer)
         st.save(rec)
@@ -71,6 +79,10 @@ async def live_send(st: AgentState, args: rpc.LiveSendArgs) -> rpc.LiveStats:
                           args.target, args.downtime_ms, args.timeout)
     async with st.lock(name):
         if st.records.get(name) is rec:
+            rec.extra[AWAY] = True  # the guest runs there now: let its address go
+            st.save(rec)
+            if st.vips is not None:
+                await st.vips.down(rec, st.records)
             await st.refresh(rec)
     return rpc.LiveStats.model_validate(asdict(stats))
 
@@ -80,11 +92,33 @@ async def live_abort(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
     async with st.lock(name):
         rec = st.record(name)
         await st.call(_live(st, rec).migration_abort, rec.handle)
-        return await st.refresh(rec)
+        report = await st.refresh(rec)
+        if rec.extra.pop(AWAY, None):
+            st.save(rec)
+            if st.vips is not None and report.state in ("running", "frozen"):
+                await st.vips.up(rec)
+        return report
+
+
+async def live_claim(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
+    name = check_name(args.name)
+    async with st.lock(name):
+        rec = st.record(name)
+        report = await st.refresh(rec)
+        if report.state != "running":
+            raise Conflict(f"the copy of '{name}' here is {report.state}, not running",
+                           hint="the migration rolls back; the instance runs on at the "
+                                "source", retryable=True)
+        rec.extra.pop(AWAY, None)
+        st.save(rec)
+        if st.vips is not None:
+            await st.vips.up(rec)
+        return report
 
 
 HANDLERS: dict[str, Handler] = {
     "live_incoming": live_incoming,
     "live_send": live_send,
     "live_abort": live_abort,
+    "live_claim": live_claim,
 }

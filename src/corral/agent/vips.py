@@ -6,6 +6,13 @@ self-fence, an agent restart -- converges with one idempotent :meth:`Vips.sync` 
 remembering to undo its own address. Handlers still call :meth:`Vips.up` / :meth:`Vips.down` at
 once, because a client should not wait for the next heartbeat to reach a new instance.
 
+A VM's address is not on the host at all: it is the guest's own (so its TCP connections move
+with the guest's memory in a live migration), and the host *routes* it, answering ARP for it on
+the interface (a proxy entry) and forwarding to the VM's tap, where the qemu driver put a route.
+During a live migration neither copy's host claims it while it is marked ``vip_away`` (the
+destination until the switch-over, the source from the end of the stream), so exactly one host
+answers for it at any time.
+
 Adding announces the address with gratuitous ARPs (:mod:`corral.ha.vip`), so peers that cached
 the dead host's MAC switch at once; ``sync`` announces only addresses it had to add, never one
 already present, so a heartbeat does not spam the segment.
@@ -28,6 +35,11 @@ from corral.ha import vip as viplib
 from corral.lifecycle import ALIVE
 
 log = logging.getLogger(__name__)
+
+#: drivers whose instances hold their VIP themselves (the host routes it to them)
+ROUTED = frozenset({"qemu"})
+#: ``InstanceRecord.extra`` key: this copy must not hold its VIP (a live migration's other end)
+AWAY = "vip_away"
 
 
 def interface_of(address: str) -> str:
@@ -96,9 +108,10 @@ class Vips:
         if self._state is not None and self.added != before:
             write_atomic(self._state, json.dumps(sorted(self.added)).encode())
 
-    def _add(self, vip: str, present: set[str] | None = None) -> None:
+    def _add(self, vip: str, present: set[str] | None = None, routed: bool = False) -> None:
         """Add (and announce) ``vip``, refusing one already on the interface that corral
-        did not put there: it belongs to someone else."""
+        did not put there: it belongs to someone else. ``routed``: the address is a VM's,
+        answered for and forwarded, not added."""
         ip = str(viplib.parse(vip).ip)
         here = addresses_on(self.interface) if present is None else present
         if ip in here and ip not in self.added:
@@ -106,7 +119,12 @@ class Vips:
                               hint="it is the host's own or another's address: pick another "
                                    "virtual IP")
         self._remember(ip, True)  # before adding: a crash in between leaves it ours
-        viplib.add(self.interface, vip)
+        if routed:
+            viplib.remove(self.interface, vip)  # held the other way before (a recreate)
+            viplib.add_routed(self.interface, vip)
+        else:
+            viplib.remove_routed(self.interface, vip)
+            viplib.add(self.interface, vip)
 
     def _remove(self, vip: str) -> None:
         ip = str(viplib.parse(vip).ip)
@@ -114,6 +132,7 @@ class Vips:
             log.warning("virtual IP %s is not one corral added here; left alone", vip)
             return
         viplib.remove(self.interface, vip)
+        viplib.remove_routed(self.interface, vip)
         self._remember(ip, False)
 
     @property
@@ -124,15 +143,16 @@ class Vips:
 
     async def up(self, rec: InstanceRecord) -> None:
         """Add the instance's address and announce it (call after it started)."""
-        if rec.spec.vip:
+        if rec.spec.vip and not rec.extra.get(AWAY):
             async with self._lock:
-                await asyncio.to_thread(self._add, rec.spec.vip)
+                await asyncio.to_thread(self._add, rec.spec.vip, None, rec.driver in ROUTED)
             log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
 
     async def down(self, rec: InstanceRecord, records: dict[str, InstanceRecord]) -> None:
         """Remove the instance's address unless another alive instance here holds it too."""
         vip = rec.spec.vip
-        if not vip or vip in wanted(records.values(), exclude=rec.name):
+        if not vip or vip in wanted(records.values(), exclude=rec.name) or str(
+                viplib.parse(vip).ip) not in self.added:  # let go already (a live migration)
             return
         try:
             async with self._lock:
@@ -151,18 +171,23 @@ class Vips:
     async def _sync(self, recs: list[InstanceRecord]) -> None:
         want = wanted(recs)
         ours = {r.spec.vip for r in recs if r.spec.vip}
+        routed = {r.spec.vip for r in recs if r.spec.vip and r.driver in ROUTED
+                  and r.state in ALIVE and not r.extra.get(AWAY)}
         try:
             present = await asyncio.to_thread(addresses_on, self.interface)
+            proxied = (await asyncio.to_thread(viplib.proxied, self.interface)
+                       if any(r.driver in ROUTED for r in recs) else set())
         except Exception as exc:
             log.error("cannot list addresses on %s: %s", self._interface or "?", exc)
             return
         for vip in sorted(ours):
             ip = str(viplib.parse(vip).ip)
+            held = proxied if vip in routed else present
             try:
-                if vip in want and ip not in present:
-                    await asyncio.to_thread(self._add, vip, present)
+                if vip in want and ip not in held:
+                    await asyncio.to_thread(self._add, vip, present, vip in routed)
                     log.warning("virtual IP %s was missing; added and announced", vip)
-                elif vip not in want and ip in present and ip in self.added:
+                elif vip not in want and ip in present | proxied and ip in self.added:
                     await asyncio.to_thread(self._remove, vip)
                     log.info("virtual IP %s removed: no instance here runs with it", vip)
             except Exception as exc:
@@ -170,9 +195,9 @@ class Vips:
 
 
 def wanted(records: Iterable[InstanceRecord], exclude: str | None = None) -> set[str]:
-    """VIPs that alive instances hold (but ``exclude``)."""
+    """VIPs that alive instances hold (but ``exclude``, and a live migration's other end)."""
     out: set[str] = set()
     for r in records:
-        if r.spec.vip and r.state in ALIVE and r.name != exclude:
+        if r.spec.vip and r.state in ALIVE and r.name != exclude and not r.extra.get(AWAY):
             out.add(r.spec.vip)
     return out

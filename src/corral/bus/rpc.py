@@ -270,12 +270,17 @@ LIVE_SEND: Call[LiveSendArgs, LiveStats] = Call(
 LIVE_ABORT: Call[NameArgs, InstanceReport] = Call(
     "live_abort", 120.0, NameArgs, InstanceReport,
     "a live migration's undo on the source: cancel it and let the instance run on here")
+LIVE_CLAIM: Call[NameArgs, InstanceReport] = Call(
+    "live_claim", 60.0, NameArgs, InstanceReport,
+    "a live migration's switch-over on the destination: the copy here, running, is the "
+    "instance now (it takes the virtual IP over, the source having let it go)")
 
 CALLS: dict[str, Call[Any, Any]] = {
     c.verb: c
     for c in (CREATE, START, STOP, KILL, FREEZE, THAW, DELETE, STATUS, LIST, DISK_RECV,
               DISK_SEND, DISK_DISCARD, DISK_COMMIT, DISK_ADOPT, DISK_DEMOTE, DISK_PUSH,
-              DISK_PULL, DISK_DROP, CHUNKS_CACHED, LIVE_INCOMING, LIVE_SEND, LIVE_ABORT)
+              DISK_PULL, DISK_DROP, CHUNKS_CACHED, LIVE_INCOMING, LIVE_SEND, LIVE_ABORT,
+              LIVE_CLAIM)
 }
 
 

@@ -54,6 +54,9 @@ class Spec:
     additional_gids: tuple[int, ...] = ()
     cwd: str = ""
     stop_signal: int = 0
+    #: the instance's virtual IP (``ADDR/PREFIX``): a VM holds it itself, on a tap the host
+    #: routes to (drivers sharing the host's network leave it to the agent's interface)
+    vip: str | None = None
 
 
 @dataclass

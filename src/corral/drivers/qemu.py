@@ -37,6 +37,9 @@ network namespace the agent runs in, as a runc container's do (containers share 
 namespace). Nothing on the host is configured, so nothing is left behind, and the same rules
 apply on whichever host the VM runs. Rules come from ``vm.json`` (``"forward"``) or, per
 instance, from ``CORRAL_VM_FORWARD`` in its environment (``tcp::8080-:80,...``; empty: none).
+A VM with a virtual IP (``--vip``) gets a tap instead, and the address is the guest's own, so
+its connections survive a live migration (:mod:`corral.drivers.qemu_net`); forwards do not
+apply then.
 
 **Live migration** (``incoming``, ``migrate_out``, ``migration_abort``): QEMU's own block
 migration over TLS with the hosts' certificates; the how and the why are in
@@ -63,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.drivers import procfs, qemu_qmp, reaping, runs
+from corral.drivers import procfs, qemu_net, qemu_qmp, reaping, runs
 from corral.drivers import qemu_migrate as mig
 from corral.drivers.base import Capabilities, Handle, Spec, Stats, Status
 from corral.drivers.cgroups import Hierarchy, for_process_driver
@@ -445,6 +448,10 @@ class QemuDriver:
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
             ["-accel", f"tcg,tb-size={TB_SIZE_MIB}"]
         net = "user,id=net0" + "".join(f",hostfwd={r}" for r in forwards_for(spec, layout))
+        device = "virtio-net-pci,netdev=net0,romfile="
+        more: list[str] = []
+        if spec.vip:
+            net, device, more = qemu_net.qemu_args(spec.name, spec.vip)
         argv = [
             self.binary, "-name", f"{spec.name},debug-threads=on", "-machine", "pc", *accel,
             "-smp", str(vcpus), "-m", f"{memory_mib(spec)}M",
@@ -456,8 +463,8 @@ class QemuDriver:
             "-chardev", f"file,id=exit,path={GUEST_EXIT}", "-serial", "chardev:exit",
             "-drive", f"file={layout.disk},format={layout.disk_format},if=virtio,"
                       "cache=writeback,discard=unmap",
-            "-netdev", net, "-device", "virtio-net-pci,netdev=net0,romfile=",
-            "-fw_cfg", f"name=opt/corral/run,file={RUN_SCRIPT}",
+            "-netdev", net, "-device", device,
+            "-fw_cfg", f"name=opt/corral/run,file={RUN_SCRIPT}", *more,
         ]
         if layout.kernel is not None:
             argv += ["-kernel", str(layout.kernel),
@@ -485,6 +492,8 @@ class QemuDriver:
 
     def create(self, spec: Spec) -> Handle:
         runs.check_spec(spec, needs_rootfs=True)
+        if spec.vip:
+            qemu_net.address_of(spec.vip)
         layout = read_layout(Path(spec.rootfs or ""))
         forwards_for(spec, layout)
         memory_mib(spec)
@@ -560,6 +569,13 @@ class QemuDriver:
             self._wait_gone(new, runs.KILL_WAIT)
             raise DriverError(f"QEMU of {spec.name} did not come up: {self._stderr_tail(wd)}",
                               hint=f"see {wd}/stderr.log (the command is in the agent log)")
+        if spec.vip:
+            try:
+                qemu_net.plumb(spec.name, spec.vip)
+            except BaseException:
+                self._pull_plug(new)
+                self._wait_gone(new, runs.KILL_WAIT)
+                raise
         return new
 
     @staticmethod

@@ -15,8 +15,10 @@ Debian packages, so the project never depends on a prebuilt image from elsewhere
 
 What the guest runs is the instance's command (the driver hands it over through fw_cfg as a
 small shell script). ``corral-guest-service`` is the workload built in for tests and the tour: an
-HTTP server on port 80 and a writer of numbered, checksummed records to the disk, which is what
-step 2 (live migration) checks for gaps and for a boot id that did not change.
+HTTP server on port 80, a counting stream on port 7000 (a connection held open through a live
+migration must go on without a gap), and a writer of numbered, checksummed records to the disk,
+which live migration checks for gaps and for a boot id that did not change. With a virtual IP
+the guest takes the address its host routes to it (``opt/corral/net`` in fw_cfg).
 
 ``python -m corral.drivers.qemu_guest [--cache DIR]`` builds (or finds) the guest and prints its
 directory; ``scripts/bootstrap`` runs it as root, tests call :func:`build_guest` lazily.
@@ -43,7 +45,7 @@ from pathlib import Path
 from corral.errors import ConfigError
 
 #: bump when anything below changes what is built, so a cached guest is rebuilt
-GUEST_VERSION = "4"
+GUEST_VERSION = "5"
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 DISK_MIB = 32
@@ -52,6 +54,8 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "
            "qemu_fw_cfg")
 #: the port the guest's HTTP service listens on, and what ``vm.json`` forwards to it by default
 SERVICE_PORT = 80
+#: the port of the counting stream (corral-count), for a connection held across a migration
+COUNT_PORT = 7000
 DEFAULT_HOST_PORT = 8080
 #: kernel arguments ``vm.json`` adds to the driver's ``console=ttyS0 panic=-1``: two serial
 #: ports (console, exit status), no probing for a PS/2 mouse, no TSC calibration (slow in TCG)
@@ -70,7 +74,14 @@ while read -r m; do insmod "/lib/modules/$m.ko" || say "cannot load module $m"; 
   < /lib/modules/order
 hostname corral-guest
 ip link set lo up
-if ip link set eth0 up 2>/dev/null; then  # QEMU's user-mode network: fixed addresses
+net=/sys/firmware/qemu_fw_cfg/by_name/opt/corral/net/raw
+if ! ip link set eth0 up 2>/dev/null; then
+  say "no network device"
+elif [ -r "$net" ]; then  # a virtual IP the host routes to this VM's tap (drivers/qemu_net.py)
+  vip=$(cat "$net")
+  ip addr add "$vip/32" dev eth0 && ip route add 169.254.0.1 dev eth0 &&
+    ip route add default via 169.254.0.1 && say "address $vip"
+else  # QEMU's user-mode network: fixed addresses
   ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
   echo "nameserver 10.0.2.3" > /etc/resolv.conf
 fi
@@ -109,8 +120,20 @@ umount /data 2>/dev/null || mount -o remount,ro /data 2>/dev/null
 poweroff -f
 """
 
+COUNT = r"""#!/bin/sh
+# corral-count: 1, 2, 3, ... a line every 0.1 s to whoever connected, counted in this shell's
+# memory: a connection that survives a live migration goes on without a gap or a repeat
+i=0
+while :; do
+  i=$((i + 1))
+  echo "$i" || exit 0
+  sleep 0.1
+done
+"""
+
 SERVICE = r"""#!/bin/sh
-# corral-guest-service: HTTP on port 80 and numbered, checksummed records on the disk.
+# corral-guest-service: HTTP on port 80, a counting stream on port 7000 (one per connection,
+# see corral-count), and numbered, checksummed records on the disk.
 # A record is "SEQ UNIXTIME BOOTID SUM" with SUM the first 16 hex digits of the sha256 of
 # "SEQ UNIXTIME BOOTID"; each one is fsynced before the next is written.
 records=/data/records.log
@@ -132,6 +155,8 @@ ln -sf "$records" /www/records.log
 printf 'corral guest %s\n' "$boot" > /www/index.html
 httpd -f -p __PORT__ -h /www &
 web=$!
+nc -ll -p __COUNT_PORT__ -e /bin/corral-count &
+count=$!
 (
   while :; do
     n=$((n + 1))
@@ -142,10 +167,11 @@ web=$!
   done
 ) &
 writer=$!
-trap 'kill $web $writer 2>/dev/null; sync; exit 0' TERM INT
-echo "corral-guest-service: http on port __PORT__, records from $((n + 1)) (boot $boot)"
+trap 'kill $web $count $writer 2>/dev/null; sync; exit 0' TERM INT
+echo "corral-guest-service: http on port __PORT__, counts on __COUNT_PORT__, records from \
+$((n + 1)) (boot $boot)"
 wait
-""".replace("__PORT__", str(SERVICE_PORT))
+""".replace("__PORT__", str(SERVICE_PORT)).replace("__COUNT_PORT__", str(COUNT_PORT))
 
 
 def default_cache() -> Path:
@@ -313,6 +339,7 @@ def build_initramfs(modules: list[Path], busybox: Path = BUSYBOX) -> bytes:
     a.symlink("bin/sh", "busybox")
     a.file("init", INIT.encode(), 0o755)
     a.file("bin/corral-guest-service", SERVICE.encode(), 0o755)
+    a.file("bin/corral-count", COUNT.encode(), 0o755)
     a.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     a.file("etc/group", b"root:x:0:\n")
     for ko in modules:

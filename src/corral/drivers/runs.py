@@ -67,6 +67,7 @@ def spec_from_handle(handle: Handle) -> Spec:
         additional_gids=tuple(int(g) for g in raw.get("additional_gids") or ()),
         cwd=str(raw.get("cwd") or ""),
         stop_signal=int(raw.get("stop_signal") or 0),
+        vip=None if raw.get("vip") is None else str(raw["vip"]),
     )
 
 

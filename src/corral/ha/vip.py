@@ -51,6 +51,43 @@ def remove(ifname: str, vip: str) -> None:
         _ip("addr", "del", str(parse(vip)), "dev", ifname)
 
 
+def proxied(ifname: str) -> set[str]:
+    """Addresses ``ifname`` answers ARP for on another's behalf (VMs' routed VIPs)."""
+    out = subprocess.run(["ip", "-4", "neigh", "show", "proxy", "dev", ifname],
+                         capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.split()}
+
+
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open(f"/proc/sys/net/{path}", "w") as fh:
+            fh.write(value)
+    except OSError as exc:
+        raise DriverError(f"cannot set net.{path.replace('/', '.')} = {value}: {exc}",
+                          hint="routing a VM's virtual IP needs root") from exc
+
+
+def add_routed(ifname: str, vip: str, announce: int = 3) -> None:
+    """Answer ARP for ``vip`` on ``ifname`` and forward what comes for it (the kernel routes
+    it on to the VM's tap, where the driver put a route): the address lives in the guest, so
+    its TCP connections move with the guest's memory. Forwarding is enabled on ``ifname``
+    only, and proxy replies are sent at once (the kernel's default delays them up to 0.8 s)."""
+    ip = str(parse(vip).ip)
+    _sysctl(f"ipv4/conf/{ifname}/forwarding", "1")
+    _sysctl(f"ipv4/neigh/{ifname}/proxy_delay", "0")
+    _ip("neigh", "replace", "proxy", ip, "dev", ifname)
+    for i in range(max(1, announce)):
+        if i:
+            time.sleep(0.1)
+        gratuitous_arp(ifname, ip)
+
+
+def remove_routed(ifname: str, vip: str) -> None:
+    ip = str(parse(vip).ip)
+    if ip in proxied(ifname):
+        _ip("neigh", "del", "proxy", ip, "dev", ifname)
+
+
 SIOCGIFHWADDR = 0x8927
 
 

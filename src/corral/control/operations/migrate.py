@@ -12,8 +12,8 @@ remove, which is retried, never undone.
 Downtime is measured on the server's clock, from the moment the frozen pass began freezing
 (its call's return minus the time the agent reports it was frozen) to the target's start reply.
 
-Live (a running instance whose driver can migrate a running instance on both hosts, e.g. qemu;
-no virtual IP): the instance never stops. The live file pass puts the disk directory in the
+Live (a running instance whose driver can migrate a running instance on both hosts, e.g. qemu):
+the instance never stops. The live file pass puts the disk directory in the
 target's slot, which is adopted; the instance is created there and started waiting for the
 stream (``live_incoming``); the source sends memory and disk (``live_send``: QEMU's block
 migration over TLS, see drivers/qemu_migrate.py) and returns once the guest runs on the
@@ -21,7 +21,10 @@ target, the source's copy paused for good. The point of no return is recording t
 copy as the instance (with the epoch it was created with); then the source's paused copy is
 killed and reaped, then removed. Before it, the undo kills the target's copy first and only
 then lets the source's run on (``live_abort``, also after QEMU completed): never two copies
-running. Downtime and bytes are QEMU's own (``query-migrate``). The choice is made when the
+running. Downtime and bytes are QEMU's own (``query-migrate``). A virtual IP is the guest's own
+(drivers/qemu_net.py), so its connections move with it: the source's host stops answering for
+it when the stream ends, the destination's takes it over at the switch-over (``live_claim``,
+with gratuitous ARPs), and an undo gives it back to the source. The choice is made when the
 operation is built and read back from the recorded steps when it is resumed.
 """
 
@@ -109,11 +112,10 @@ class Migrate(DiskOps):
 
     def _wants_live(self, name: str, to: str | None) -> bool:
         """A running instance whose driver migrates running instances on its host and on the
-        target named (one the scheduler picks is checked when planning); a virtual IP has no
-        live move yet, so such an instance moves warm."""
+        target named (one the scheduler picks is checked when planning)."""
         with self.fleet.sessions() as s:
             inst = s.get(Instance, name)
-            if inst is None or inst.state != State.RUNNING.value or inst.vip or not inst.host:
+            if inst is None or inst.state != State.RUNNING.value or not inst.host:
                 return False
             return live_capable(s.get(Host, inst.host), inst.driver) and (
                 to is None or live_capable(s.get(Host, to), inst.driver))
@@ -312,7 +314,7 @@ class Migrate(DiskOps):
         """The point of no return: the target's copy, running with the guest's state, becomes
         the instance (the source's is paused for good)."""
         name, target = ctx.record.target, ctx.data["target"]
-        report = await self.agents.call(target, rpc.STATUS, rpc.NameArgs(name=name))
+        report = await self.agents.call(target, rpc.LIVE_CLAIM, rpc.NameArgs(name=name))
         if report.state != State.RUNNING.value:
             raise DriverError(f"'{name}' on {target} is {report.state} after the migration, "
                               "not running", hint="the operation rolls back; the instance "
