@@ -313,3 +313,72 @@ def _moves(f: Fleet, vip: str, url1: str, url2: str, boot: str, stream: Stream) 
     f.ok("rm", "lvm")
     wait_until(lambda: "lvm" not in f.ok("ls"), "lvm removed", 30, f)
     assert not qemus_of(f, b"lvm")
+
+
+def test_a_vm_shelves_keeps_a_standby_and_fails_over_with_its_vip(
+        lfleet: Fleet, guest: Path) -> None:
+    """The rest of what moves a VM, disk only: shelved and brought back (a new boot, its
+    records going on), a warm standby on host2, and host1 dying (agent and QEMU killed -9, its
+    link down): the VM boots on host2 from the standby's disk, its VIP answers from there, and
+    the records are one clean run across every boot. Last in the module: it kills a host."""
+    f = lfleet
+    assert f.ctx is not None and f.ctx.network is not None
+    vip = f"10.213.{f.ctx.network['subnet']}.61"
+    url = f"http://{vip}:{SERVICE_PORT}"
+    f.ok("image", "import", "hguest", str(guest), timeout=300)
+    f.ok("run", "hvm", "--driver", "qemu", "--image", "hguest", "--host", "host1",
+         "--cpus", "1", "--memory", "128M", "--vip", f"{vip}/24", "--",
+         "corral-guest-service")
+    f.wait_state("hvm", {"running"}, timeout=60)
+    boot1 = wait_until(lambda: get(url + "/").split()[-1], "the guest's HTTP service", BOOT, f)
+    wait_until(lambda: len(records(get(url + "/records.log"))) >= 3, "three records", 60, f)
+
+    # shelved: stopped, its disk in the store; back on host1: a new boot, the records go on
+    f.ok("shelve", "hvm", timeout=300)
+    f.wait_state("hvm", {"shelved"}, timeout=120)
+    assert not qemus_of(f, b"hvm")
+    assert vip not in proxied_on(f, "host1")
+    f.ok("unshelve", "hvm", "--to", "host1", timeout=300)
+    f.wait_state("hvm", {"running"}, timeout=120)
+    boot2 = wait_until(lambda: (b := get(url + "/").split()[-1]) != boot1 and b,
+                       "the unshelved guest's HTTP service", BOOT, f)
+    wait_until(lambda: {b for _, b in records(get(url + "/records.log"))} == {boot1, boot2},
+               "records of the second boot", 60, f)
+
+    # a warm standby on host2 (a frozen pass of the disk: the guest paused, not stopped)
+    f.ok("standby", "add", "hvm", "--host", "host2", "--every", "1h", timeout=300)
+    synced = wait_until(lambda: [s for s in f.json("standby", "ls") if s["instance"] == "hvm"
+                                 and s["state"] == "ready"], "the standby synced", 300, f)
+    assert synced[0]["host"] == "host2" and synced[0]["last_freeze_ms"] is not None, synced
+    assert get(url + "/").split()[-1] == boot2  # the same boot: the standby pass froze it
+
+    # host1 dies: the VM boots on host2 from the standby's disk, with its VIP
+    agent1 = agent_of(f, "host1")
+    before = f.instance("hvm")
+    os.kill(agent1.pid, signal.SIGKILL)
+    for pid in qemus_of(f, b"hvm"):
+        os.kill(pid, signal.SIGKILL)
+    netns.ip("-n", str(agent1.netns), "link", "set", "eth0", "down")
+    try:
+        after = wait_until(lambda: (v := f.instance("hvm"))["host"] == "host2"
+                           and v["state"] == "running" and v, "failover to host2", 120, f)
+        assert after["epoch"] > before["epoch"]
+        boot3 = wait_until(lambda: (b := get(url + "/").split()[-1]) not in (boot1, boot2)
+                           and b, "the guest booted on host2, on its VIP", BOOT, f)
+        recs = wait_until(lambda: (r := records(get(url + "/records.log")))
+                          and r[-1][1] == boot3 and r, "records of the boot on host2", 60, f)
+        assert [s for s, _ in recs] == list(range(1, len(recs) + 1)), \
+            "records lost in the middle or repeated"
+        assert [b for _, b in recs] == sorted((b for _, b in recs),
+                                              key=[boot1, boot2, boot3].index)
+        assert vip in proxied_on(f, "host2")
+        assert len(qemus_of(f, b"hvm")) == 1
+    finally:
+        netns.ip("-n", str(agent1.netns), "link", "set", "eth0", "up")
+        restart_and_rejoin(f, "host1")
+    assert f.ctx.data_dir
+    disks1 = Path(f.ctx.data_dir) / "hosts" / "host1" / "disks"
+    wait_until(lambda: not (disks1 / "hvm").exists(), "the stale copy removed from host1", 60, f)
+    assert vip not in proxied_on(f, "host1") and vip in proxied_on(f, "host2")
+    f.ok("rm", "--force", "hvm")
+    wait_until(lambda: not qemus_of(f, b"hvm"), "hvm's QEMU gone", 60, f)
