@@ -14,7 +14,11 @@ copies in its shell's memory and printing every tenth count on its console.
   host1 and each round is ``corral migrate vm --to <the other host> --json`` (the product's
   whole path: plan, the disk directory's file pass, create, ``-incoming``, the stream, the
   switch-over, ending the source). Total = the command's wall time; also the operation's own
-  span (server clock) and QEMU's downtime and bytes from the result.
+  span (server clock) and QEMU's downtime and bytes from the result. The VM has a virtual IP
+  and a client in the root namespace holds a TCP connection to the guest's counting stream
+  (a number every 0.1 s) open through every round: the longest wait between two numbers is
+  what a client of the service felt of the move (QEMU's downtime, the hand-over of the address,
+  TCP's retransmission), and the numbers must never skip or repeat.
 * **baseline (raw QEMU)**: two QEMUs on this machine with the same argv (started by corral's
   qemu driver code, which only builds the command line), the destination with ``-incoming
   defer``; this script copies the guest's directory (kernel, initrd, disk) to the destination
@@ -47,10 +51,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +160,55 @@ def summary(xs: list[float], unit: str, fmt: str = ".2f") -> str:
 
 
 # -- corral ----------------------------------------------------------------------------------
+class Held:
+    """A TCP connection to the guest's counting stream, read by a thread; arrival times kept."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.sock = wait(lambda: _connect(address, port), f"{address}:{port} answering", BOOT,
+                         1.0)
+        self.sock.settimeout(300)
+        self.numbers: list[int] = []
+        self.times: list[float] = []
+        self.error = ""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for x in lines:
+                    if x.strip():
+                        self.numbers.append(int(x))
+                        self.times.append(time.monotonic())
+            self.error = "closed by the guest"
+        except (OSError, ValueError) as exc:
+            self.error = str(exc) or type(exc).__name__
+
+    def pause_since(self, index: int) -> float:
+        """The longest wait between two numbers from ``index`` on (ms); checks the stream."""
+        nums = self.numbers
+        if self.error or nums != list(range(nums[0], nums[0] + len(nums))):
+            raise SystemExit(f"the held connection broke or skipped: {self.error or nums}")
+        ts = self.times[max(0, index - 1):]
+        return max((b - a for a, b in itertools.pairwise(ts)), default=0.0) * 1000
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _connect(address: str, port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection((address, port), timeout=2)
+    except OSError:
+        return None
+
+
 class Fleet:
     def __init__(self, top: Path) -> None:
         self.top = top
@@ -266,14 +321,23 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
     try:
         fleet.offer_qemu("host1")
         fleet.offer_qemu("host2")
+        from corral.drivers.qemu_guest import COUNT_PORT
+        from corral.rig.context import load_context
+
+        ctx = load_context(Path(fleet.env["CORRAL_CONTEXT"]))
+        assert ctx is not None and ctx.network is not None
+        vip = f"10.213.{ctx.network['subnet']}.70"
         fleet.cli("image", "import", "vmguest", str(guest), timeout=300)
         fleet.cli("run", "vm", "--driver", "qemu", "--image", "vmguest", "--host", "host1",
-                  "--cpus", "1", "--memory", f"{memory // MiB}M", "--", "sh", "-c", WRITER)
+                  "--cpus", "1", "--memory", f"{memory // MiB}M", "--vip", f"{vip}/24", "--",
+                  "sh", "-c", "corral-guest-service >/dev/null & " + WRITER)
         wait(lambda: len(ticks(fleet.cli("logs", "vm"))) >= 3, "the writer writing", BOOT, 1.0)
+        held = Held(vip, COUNT_PORT)
         here = "host1"
         for i in range(rounds):
             to = "host2" if here == "host1" else "host1"
             before = ticks(fleet.cli("logs", "vm"))[-1][0]
+            mark = len(held.numbers)
             t0 = time.monotonic()
             op = json.loads(fleet.cli("migrate", "vm", "--to", to, "--json", timeout=1800))
             wall = time.monotonic() - t0
@@ -287,6 +351,9 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
                 got = ticks(fleet.cli("logs", "vm"))
                 return bool(got) and got[-1][0] > b + 10
             wait(went_on, "the counter going on", 120, 1.0)
+            wait(lambda m=mark: len(held.numbers) > m + 20 or held.error,
+                 "the held connection going on", 120, 0.2)
+            pause_ms = held.pause_since(mark)
             nums = continuous(fleet.cli("logs", "vm"), before)
             left = qemus(str(top), "vm")
             if len(left) != 1:
@@ -301,7 +368,7 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
                    "downtime_ms": float(res["downtime_ms"]),
                    "stream_s": float(live.get("total_ms") or 0) / 1000,
                    "memory_mib": float(res["memory_bytes"]) / MiB,
-                   "disk_mib": float(res["disk_bytes"]) / MiB}
+                   "disk_mib": float(res["disk_bytes"]) / MiB, "client_pause_ms": pause_ms}
             for step in op.get("steps") or []:
                 if step.get("started_at") is not None and step.get("ended_at") is not None:
                     row[f"step:{step['name']}"] = step["ended_at"] - step["started_at"]
@@ -309,8 +376,10 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
             print(f"  corral round {i + 1} {here}->{to}: total {wall:.2f} s (op {row['op_s']:.2f}"
                   f" s, QEMU stream {row['stream_s']:.2f} s), downtime {row['downtime_ms']:.0f}"
                   f" ms, memory {row['memory_mib']:.0f} MiB, disk {row['disk_mib']:.0f} MiB;"
-                  f" counter {before} -> {nums[-1]}", flush=True)
+                  f" counter {before} -> {nums[-1]}; held connection: longest pause "
+                  f"{pause_ms:.0f} ms", flush=True)
             here = to
+        held.close()
         print(f"  writer: {rate(fleet.cli('logs', 'vm')):.1f} MiB/s dirtied", flush=True)
         fleet.cli("rm", "--force", "vm", timeout=120)
         if runc:
@@ -524,6 +593,8 @@ def main() -> None:
         print(f"{label:>9}: total {summary([r['wall_s'] for r in rows], 's')}; "
               f"downtime {summary([r['downtime_ms'] for r in rows], 'ms', '.0f')}; "
               f"memory {med(rows, 'memory_mib'):.0f} MiB, disk {med(rows, 'disk_mib'):.0f} MiB")
+    print(f"   corral: a held TCP connection's longest pause "
+          f"{summary([r['client_pause_ms'] for r in cor], 'ms', '.0f')} (none broke)")
     print(f"   corral: operation span (server) {summary([r['op_s'] for r in cor], 's')}; "
           f"QEMU stream {summary([r['stream_s'] for r in cor], 's')} vs raw "
           f"{summary([r['stream_s'] for r in raw], 's')}")
@@ -540,6 +611,7 @@ def main() -> None:
                       "tls": True}))
     print(f"figure: vm_migrate.corral_total {med(cor, 'wall_s'):.2f} s")
     print(f"figure: vm_migrate.corral_downtime {med(cor, 'downtime_ms'):.0f} ms")
+    print(f"figure: vm_migrate.client_pause {med(cor, 'client_pause_ms'):.0f} ms")
     print(f"figure: vm_migrate.raw_qemu_total {med(raw, 'wall_s'):.2f} s")
     print(f"figure: vm_migrate.raw_qemu_downtime {med(raw, 'downtime_ms'):.0f} ms")
     print(f"figure: vm_migrate.corral_memory_moved {med(cor, 'memory_mib'):.0f} MiB")

@@ -120,11 +120,13 @@ class Pair:
         return self.b
 
     async def send(self, name: str, target: dict[str, object], mode: str, gen: str,
-                   freeze: Freeze | None, thaw: Freeze | None) -> SendResult:
+                   freeze: Freeze | None, thaw: Freeze | None,
+                   shape_only: tuple[str, ...] = ()) -> SendResult:
         """A pass from a to what ``target`` names, with the ticket the server would issue."""
         ticket = tickets.issue(self.key, name, str(target["slot"]), source=self.a.host,
                                target=str(target["host"]))
-        return await self.a.send(name, target, mode, gen, freeze, thaw, ticket=ticket)
+        return await self.a.send(name, target, mode, gen, freeze, thaw, ticket=ticket,
+                                 shape_only=shape_only)
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -36,6 +36,7 @@ from diskharness import (
     unmount_all,
 )
 
+from corral.agent.disks import make_shapes
 from corral.disks import registry
 from corral.disks.base import DiskBackend
 from corral.disks.rsync import TransferFailed
@@ -43,7 +44,7 @@ from corral.disks.tree import fs_type
 from corral.drivers.base import Spec
 from corral.drivers.cgroups import remove_scope
 from corral.drivers.process import ProcessDriver
-from corral.errors import ConfigError, InvalidRequest, NotFound
+from corral.errors import ConfigError, Conflict, InvalidRequest, NotFound
 
 #: about 100 writes a second, as bench/standby.py's writer: faster, a loaded loop btrfs can hold
 #: the writer in the kernel (D state) through a commit longer than the freezer waits
@@ -185,6 +186,41 @@ async def test_a_second_refresh_moves_only_what_changed(pair: Pair) -> None:
     assert copy_of(pair.b, "web", "standby") == digest(disk)
     adopted = pair.b.adopt("web", "standby")
     assert digest(adopted) == digest(disk)
+
+
+async def test_a_live_pass_may_send_a_files_size_only(pair: Pair) -> None:
+    """A VM's raw disk in a live migration: QEMU's stream sends every block, so the pass
+    leaves it out and says its size (a backend that cannot leave it out sends it, saying
+    nothing); the receiver's ``make_shapes`` then has a file of that size either way, and
+    refuses to write through anything else in its place."""
+    disk = make_disk(pair.a, "vm", files=5, size=1000)
+    (disk / "disk.raw").write_bytes(os.urandom(4 * MB))
+    tgt = target(pair.b, "vm", "incoming")
+    res = await pair.send("vm", tgt, "live", "", None, None, shape_only=("disk.raw", "gone"))
+    got = pair.b.adopt("vm", "incoming")
+    if res.shapes:
+        assert res.shapes == {"disk.raw": 4 * MB} and res.bytes_sent < MB
+        assert not (got / "disk.raw").exists()
+    else:
+        assert digest(got)["disk.raw"] == digest(disk)["disk.raw"]
+    make_shapes(got, res.shapes)
+    make_shapes(got, res.shapes)  # a retried create: the same file is kept
+    assert (got / "disk.raw").stat().st_size == 4 * MB
+    assert {k: v for k, v in digest(got).items() if k != "disk.raw"} == \
+        {k: v for k, v in digest(disk).items() if k != "disk.raw"}
+    with pytest.raises(Conflict, match="not the 8-byte file"):
+        make_shapes(got, {"disk.raw": 8})
+    outside = pair.a.root.parent / f"outside-{os.getpid()}"
+    outside.write_bytes(b"x" * 100)
+    try:
+        (got / "link").symlink_to(outside)
+        with pytest.raises(Conflict):
+            make_shapes(got, {"link": 8})
+        assert outside.read_bytes() == b"x" * 100  # never truncated through the link
+    finally:
+        outside.unlink()
+    with pytest.raises(InvalidRequest):
+        make_shapes(got, {"../escape": 8})
 
 
 async def test_adopt_demote_and_leftovers(pair: Pair) -> None:

@@ -56,7 +56,7 @@ async def disk_send(st: AgentState, args: rpc.SendArgs) -> rpc.SendResult:
                     await st.call(drv.thaw, handle)
 
         res = await disks.send(name, target, mode, args.gen, freeze, thaw, keep_frozen,
-                               ticket=args.ticket)
+                               ticket=args.ticket, shape_only=args.shape_only)
         if rec is not None:
             await st.refresh(rec)
         return rpc.SendResult.model_validate(res.to_dict())

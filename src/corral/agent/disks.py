@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from corral.disks.base import Hold, Hook, SendResult, Target
 from corral.disks.channel import ChannelTls, DataServer, server_context
 from corral.disks.registry import make_backend
 from corral.disks.rsync import Endpoint
-from corral.errors import InvalidRequest, NotFound
+from corral.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = ["PRIVATE_SUBDIRS", "SLOTS", "HostDisks", "SendResult"]
 
@@ -287,7 +288,7 @@ class HostDisks:
 
     async def send(self, name: str, target: dict[str, Any], mode: str, gen: str,
                    freeze: Freeze | None, thaw: Freeze | None, keep_frozen: bool = False,
-                   ticket: str = "") -> SendResult:
+                   ticket: str = "", shape_only: Iterable[str] = ()) -> SendResult:
         """One pass of ``name``'s disk to ``target`` (what :meth:`recv_prepare` returned there,
         plus ``address``, ``port`` and the receiving ``host``'s name), let in by the server's
         ``ticket``. ``live``: while the instance runs; ``frozen``: the short pass while it is
@@ -303,9 +304,36 @@ class HostDisks:
                 f"{target.get('backend')}", hint="use hosts with the same disk_backend")
         temp_dir = target.get("temp_dir")
         have = frozenset(str(h) for h in target.get("have") or [])
-        to = Target(self.endpoint(target, ticket), have, str(temp_dir) if temp_dir else None)
+        to = Target(self.endpoint(target, ticket), have, str(temp_dir) if temp_dir else None,
+                    frozenset(shape_only) if mode == "live" else frozenset())
         return await self.backend.send(name, to, "live" if mode == "live" else "frozen", gen,
                                        Hold(freeze, thaw, keep_frozen))
+
+
+def make_shapes(root: Path, shapes: dict[str, int]) -> None:
+    """The files the live pass left out, as sparse files of their sizes (QEMU's stream writes
+    every block). One already there with that size is kept (a retried call); anything else
+    there (another size, a symlink) is refused: the stream must not write through it."""
+    for name, size in sorted(shapes.items()):
+        if "/" in name or name.startswith("."):
+            raise InvalidRequest(f"{name!r} is no file name of a disk's top level",
+                                 hint="this is a server bug")
+        path = root / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not (os.path.isfile(path) and not os.path.islink(path) and st.st_size == size):
+                raise Conflict(f"{path} is already there, and not the {size}-byte file the "
+                               "live migration expects", hint="the operation rolls back; run "
+                               "it again") from None
+            continue
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from corral.agent import capture, imagecache, restart, rootfs
 from corral.agent.busybox import copy_template
 from corral.agent.disk_handlers import HANDLERS as DISK_HANDLERS
+from corral.agent.disks import make_shapes
 from corral.agent.live_handlers import HANDLERS as LIVE_HANDLERS
 from corral.agent.report import apply_status, is_alive, to_report
 from corral.agent.shelf import HANDLERS as SHELF_HANDLERS
@@ -98,6 +99,8 @@ async def create(st: AgentState, args: rpc.CreateArgs) -> InstanceReport:
                 root = str(await _disk_root(st, spec, drv.capabilities.needs_rootfs, workdir,
                                             extra, fresh=args.fresh))
                 extra["disk"] = root
+                if args.shapes and not made_disk:  # a live migration's adopted disk
+                    await st.call(make_shapes, Path(root), dict(args.shapes))
                 # a plain process runs *in* its disk; its tail paths stay host paths
                 extra["cwd_disk"] = not drv.capabilities.needs_rootfs and spec.image is None
             elif spec.image is not None:

@@ -22,6 +22,8 @@ R = TypeVar("R")
 
 #: instance names as an agent accepts them (it checks again: see agent.store.check_name)
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+#: sizes of files a live pass left out, by name (a receiver makes them sparse)
+Shapes = Annotated[dict[Name, Annotated[int, Field(ge=0, le=1 << 50)]], Field(max_length=8)]
 Slot = Literal["incoming", "standby"]
 #: a chunk id sample is bounded (the server sends at most 256)
 MAX_CHUNK_IDS = 4096
@@ -46,6 +48,9 @@ class CreateArgs(Args):
     spec: WireSpec
     #: a new instance: a disk left under its name is set aside, never inherited
     fresh: bool = False
+    #: files a live migration's pass left out of the (adopted) disk, made in it as sparse
+    #: files of these sizes before the driver sees it (QEMU's stream fills every block)
+    shapes: Shapes = Field(default_factory=dict)
 
 
 class StartArgs(NameArgs):
@@ -96,6 +101,9 @@ class SendArgs(NameArgs):
     #: the server's signed permission for this pass (disks/tickets.py): the target's data
     #: channel lets nothing in without one
     ticket: str = Field(default="", max_length=4096)
+    #: top-level files a live pass leaves out, sending their sizes only (a VM's raw disk,
+    #: which QEMU's block migration sends whole)
+    shape_only: list[Name] = Field(default_factory=list, max_length=8)
 
 
 class SendResult(BaseModel):
@@ -107,6 +115,7 @@ class SendResult(BaseModel):
     gen: str
     #: when the copy's content was taken
     data_at: float
+    shapes: Shapes = Field(default_factory=dict)
 
 
 class DiskPath(BaseModel):

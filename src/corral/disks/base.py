@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -54,6 +54,10 @@ class Target:
     have: frozenset[str] = frozenset()
     #: where rsync keeps its temp files there, so a slot never shows a half-written file
     temp_dir: str | None = None
+    #: top-level files a live pass leaves out, reporting only their sizes (``SendResult
+    #: .shapes``): a VM's raw disk, which QEMU's block migration sends whole anyway. A backend
+    #: that cannot leave files out (btrfs sends a snapshot) sends them and reports nothing.
+    shape_only: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,13 @@ class SendResult:
     gen: str
     #: when the copy's content was taken (the snapshot, or the end of the frozen pass)
     data_at: float
+    #: sizes of the files left out (``Target.shape_only``), for the receiver to make
+    shapes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"bytes": self.bytes_sent, "files": self.files, "seconds": self.seconds,
                 "freeze_ms": self.freeze_ms, "full": self.full, "gen": self.gen,
-                "data_at": self.data_at}
+                "data_at": self.data_at, "shapes": dict(self.shapes)}
 
 
 class FreezeWindow:

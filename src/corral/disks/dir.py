@@ -134,9 +134,11 @@ class DirBackend:
         if mode == "live":
             entry = self._start_tracking(name)
             entry.tracker.take()  # what changes from here on goes into the frozen pass
+            shapes = _shapes(src, target.shape_only)
+            extra += [f"--exclude=/{n}" for n in sorted(shapes)]
             res = await run_pass(src, ep, extra=extra)
             return SendResult(res.bytes_sent, res.files, res.seconds, None, True, entry.gen,
-                              time.time())
+                              time.time(), shapes)
         current = self._current(name)
         known = current if current is not None and current.gen == gen else None
         prepared: PreparedPass | None = None
@@ -171,6 +173,21 @@ class DirBackend:
                     await prepared.abort()
                 raise
         return SendResult(res.bytes_sent, res.files, res.seconds, freeze_ms, full, gen, data_at)
+
+
+def _shapes(root: Path, names: Iterable[str]) -> dict[str, int]:
+    """Sizes of the top-level regular files ``names`` (lstat: a symlink is sent as one)."""
+    out: dict[str, int] = {}
+    for n in names:
+        if "/" in n or n in ("", ".", ".."):
+            continue
+        try:
+            st = os.lstat(root / n)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[n] = st.st_size
+    return out
 
 
 def through_links(root: Path, paths: Iterable[str]) -> str | None:

@@ -10,10 +10,12 @@ neither ``drive-mirror`` nor ``blockdev-mirror`` takes a dirty bitmap, so a mirr
 and it needs a second listener (the NBD server, with its own TLS) plus the ordering of the
 mirror's completion against the memory switch-over (``pause-before-switchover``). Block
 migration converges disk and memory in one dirty-tracking loop over one authenticated socket,
-and its failure leaves nothing half-switched. Its cost: the disk crosses twice (corral's file
-pass puts kernel, initrd and a disk of the right size in the destination's slot first; the
-block stream then rewrites the disk consistently), and QEMU 8.2 deprecated it (9.1 removed
-it): on a newer QEMU this module is where the mirror goes.
+and its failure leaves nothing half-switched. The disk crosses once: corral's file pass puts the
+rest of the disk directory (kernel, initrd, ``vm.json``) in the destination's slot and only the
+*size* of ``disk.raw``, which the destination makes as a sparse file before QEMU opens it
+(``rpc.SendArgs.shape_only``; a qcow2, whose empty file would not be one, and a btrfs pass,
+which cannot leave a file out, still send it). Its drawback: QEMU 8.2 deprecated block migration
+(9.1 removed it): on a newer QEMU this module is where the mirror goes.
 
 **Encrypted and authenticated.** Both ends get ``tls-creds-x509`` objects made from the host's
 own certificate and key (signed by the fleet's CA at enrolment) and the CA; the source checks

@@ -53,6 +53,10 @@ KIND = "migrate"
 #: ``live_migrate_downtime_ms`` is what the live step sends)
 LIVE_DOWNTIME_MS = 300
 LIVE_STEP = "live-send"
+#: files of a VM's disk directory a live migration's file pass sends the size of only: QEMU's
+#: block migration sends every block of the raw disk anyway (a qcow2 goes with the pass: an
+#: empty file of its size is no qcow2)
+LIVE_SHAPE_ONLY = ("disk.raw",)
 
 
 def pick_target(name: str, req: Request, standby: str | None,
@@ -197,7 +201,13 @@ class Migrate(DiskOps):
                                    rpc.SlotArgs(name=ctx.record.target, slot="incoming"))
 
     async def _copy_live(self, ctx: OpContext) -> None:
-        if ctx.data["was_running"]:
+        if not ctx.data["was_running"]:
+            return
+        if ctx.data.get("live"):  # the stream sends the disk: only its size goes now
+            res = await self.send(ctx, ctx.data["source"], "live", shape_only=LIVE_SHAPE_ONLY)
+            ctx.data["shapes"] = res.get("shapes") or {}
+            ctx.save()
+        else:
             await self.send(ctx, ctx.data["source"], "live")
 
     async def _copy_frozen(self, ctx: OpContext) -> None:
@@ -267,7 +277,8 @@ class Migrate(DiskOps):
         """The target's copy, at the epoch the row takes only at the switch-over: the source
         keeps its own until then, so a rollback leaves its reports current."""
         spec = WireSpec.model_validate({**ctx.data["spec"], "epoch": ctx.data["live_epoch"]})
-        await self.agents.call(ctx.data["target"], rpc.CREATE, rpc.CreateArgs(spec=spec))
+        await self.agents.call(ctx.data["target"], rpc.CREATE, rpc.CreateArgs(
+            spec=spec, shapes=ctx.data.get("shapes") or {}))
 
     async def _incoming(self, ctx: OpContext) -> None:
         out = await self.agents.call(

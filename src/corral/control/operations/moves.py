@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from corral.bus import rpc
@@ -67,7 +68,8 @@ class DiskOps(OpBase):
         return {**out.model_dump(), "host": host, "slot": slot}
 
     async def send(self, ctx: OpContext, host: str, mode: Literal["live", "frozen"],
-                   keep_frozen: bool = False) -> dict[str, Any]:
+                   keep_frozen: bool = False, shape_only: Sequence[str] = ()
+                   ) -> dict[str, Any]:
         """A pass from ``host`` into ``ctx.data['recv']``; the frozen one runs the
         ``pre-freeze`` hook before (a refusal aborts) and ``post-thaw`` after."""
         name = ctx.record.target
@@ -88,7 +90,7 @@ class DiskOps(OpBase):
         ticket = tickets.issue(self.fleet.ticket_key, name, str(recv["slot"]), source=host,
                                target=str(recv["host"]))
         args = rpc.SendArgs(name=name, target=target, mode=mode, gen=ctx.data.get("gen", ""),
-                            keep_frozen=keep_frozen, ticket=ticket)
+                            keep_frozen=keep_frozen, ticket=ticket, shape_only=list(shape_only))
         try:
             res = (await self.agents.call(host, rpc.DISK_SEND, args)).model_dump()
         finally:
