@@ -62,7 +62,6 @@ async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingT
         rec.stop_requested = False
         rec.extra[AWAY] = True  # the source holds the address until the switch-over
         st.save(rec)
-
         rec.handle, port = await st.call(drv.incoming, rec.handle, address, _tls(st),
                                          args.peer)
         st.save(rec)

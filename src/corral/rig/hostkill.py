@@ -26,7 +26,7 @@ from corral.agent import keeper
 from corral.errors import Conflict, CorralError, NotFound
 from corral.rig import procs
 from corral.rig.context import FleetContext, ProcInfo, save_context
-from corral.rig.leftovers import ALIVE_STATES, IN_MEMORY, _Drivers, agent_data_dir, records_of
+from corral.rig.leftovers import ALIVE_STATES, IN_MEMORY, Drivers, agent_data_dir, records_of
 
 Say = Callable[[str], None]
 
@@ -70,7 +70,7 @@ def kill_host(ctx: FleetContext, host: str, say: Say = _quiet) -> KilledHost:
         return killed
     say(f"killed the agent of {host} (pid {agent.pid})")
     killed.keepers = keeper.stop(data / keeper.DIR_NAME, timeout=2.0)
-    drivers = _Drivers()
+    drivers = Drivers()
     for rec in records_of(data).values():
         if rec.driver in IN_MEMORY:
             continue

@@ -69,7 +69,7 @@ def records_of(data_dir: Path) -> dict[str, InstanceRecord]:
     return Store(data_dir).load_all()
 
 
-class _Drivers:
+class Drivers:
     """One driver per (host, name), built as the agent builds it, on first need."""
 
     def __init__(self) -> None:
@@ -92,7 +92,7 @@ def end_leftovers(ctx: FleetContext, timeout: float, say: Say,
     """Stop every instance of the fleet's (stopped) agents that still runs, and delete what its
     driver made; returns what had to be ended. An agent still alive is left alone (it owns its
     instances); ``dead_before`` names the agents that had died before ``down``."""
-    drivers = _Drivers()
+    drivers = Drivers()
     work: list[tuple[str, Path, InstanceRecord]] = []
     for agent in ctx.agents:
         if procs.alive(agent):
