@@ -415,7 +415,7 @@ def test_http_proxy_from_the_environment(scripted: Scripted,
         assert c.instances_data() == []
     thread.join(5)
     request_line = seen[0].split(b"\r\n")[0]
-    assert request_line == b"GET http://fleet.invalid:8080/v1/instances HTTP/1.1"
+    assert request_line == b"GET http://fleet.invalid:8080/v1/instances?limit=1000 HTTP/1.1"
 
     monkeypatch.setenv("no_proxy", "fleet.invalid")
     with Client("http://fleet.invalid:8080", "t", timeout=2) as c, \
@@ -467,3 +467,55 @@ def test_tls_is_verified_against_the_given_ca(tls_server: tuple[str, Path]) -> N
     with Client(url, "t", timeout=5) as c, pytest.raises(TransportError) as info:
         c.status_data()  # not in the system's trust store
     assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+
+
+# -- paging: ``GET /v1/instances`` with a cursor in X-Corral-Next ----------------------------
+
+
+def _page(names: list[str], cursor: str | None) -> bytes:
+    body = json.dumps([{**INSTANCE, "name": n} for n in names]).encode()
+    head = b"X-Corral-Next: %s\r\n" % cursor.encode() if cursor is not None else b""
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head
+            + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def _serve_pages(scripted: Scripted, answers: list[bytes], seen: list[bytes]) -> threading.Thread:
+    """Answers the requests of one kept-alive connection with ``answers``, in order."""
+    def serve() -> None:
+        conn = scripted.accept()
+        for answer in answers:
+            seen.append(Scripted.read_request(conn).split(b"\r\n")[0])
+            conn.sendall(answer)
+        time.sleep(0.2)
+        conn.close()
+
+    return _serve(serve)
+
+
+def test_the_whole_list_comes_page_by_page(scripted: Scripted) -> None:
+    """The client follows the cursor until a page comes without one, sending its filters
+    with each request; a page asked for with a limit is one request."""
+    seen: list[bytes] = []
+    thread = _serve_pages(scripted, [_page(["a", "b"], "b"), _page(["c"], None),
+                                     _page(["x"], "x")], seen)
+    with Client(scripted.url, "t", timeout=5) as c:
+        assert [i["name"] for i in c.instances_data(host="h1", state="running")] == [
+            "a", "b", "c"]
+        page, cursor = c.instances_page(limit=1, after="w")
+        assert [i["name"] for i in page] == ["x"] and cursor == "x"
+    thread.join(5)
+    assert seen == [
+        b"GET /v1/instances?limit=1000&host=h1&state=running HTTP/1.1",
+        b"GET /v1/instances?limit=1000&after=b&host=h1&state=running HTTP/1.1",
+        b"GET /v1/instances?limit=1&after=w HTTP/1.1"]
+
+
+def test_a_cursor_that_does_not_move_ends_the_listing(scripted: Scripted) -> None:
+    """A server that sends the same cursor again would be listed forever: refused."""
+    seen: list[bytes] = []
+    thread = _serve_pages(scripted, [_page(["a"], "a"), _page(["a"], "a")], seen)
+    with Client(scripted.url, "t", timeout=5) as c, \
+            pytest.raises(errors.CorralError, match="cursor 'a' again") as info:
+        c.instances_data()
+    thread.join(5)
+    assert len(seen) == 2 and "corral ls --limit" in info.value.hint

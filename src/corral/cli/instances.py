@@ -6,12 +6,16 @@ They only shape requests and print replies; the server decides what is allowed (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.cli import render
 from corral.cli.app import client
 from corral.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from corral.api.client import Client
 
 
 def run(name: str, command: list[str], cpus: float, memory: str, host: str | None,
@@ -103,16 +107,80 @@ def _option(model: Any, values: dict[str, Any], prefix: str) -> Any:
                              f"{option} takes") from None
 
 
-def ls(json_out: bool) -> None:
+def ls(json_out: bool, limit: int | None = None, host: str | None = None,
+       state: str | None = None) -> None:
+    """Printed page by page as the server sends them (by name), so a fleet of 100k
+    instances shows its first rows at once and neither side holds the whole list."""
     with client() as c:
-        items = sorted(c.instances_data(), key=lambda i: str(i["name"]))
-    if json_out:
-        render.print_json(items)
-        return
-    if not items:
-        render.say("no instances; start one with: corral run NAME -- CMD")
-        return
-    render.out().print(render.instances_table(items))
+        pages = _pages(c, limit, host, state)
+        if json_out:
+            _print_json_list(pages)
+        else:
+            _print_tables(pages, bool(host or state))
+
+
+def _pages(c: Client, limit: int | None, host: str | None, state: str | None
+           ) -> Iterator[list[dict[str, Any]]]:
+    """The server's pages, cut at ``limit`` (a server older than paging sends the whole
+    list in its first answer: cut there too)."""
+    from corral.api.client import PAGE_SIZE
+
+    left = limit
+    size = PAGE_SIZE if limit is None else max(1, min(PAGE_SIZE, limit))
+    for page in c.instance_pages(host=host, state=state, page_size=size):
+        if left is not None:
+            page = page[:left]
+            left -= len(page)
+        yield page
+        if left == 0:
+            return
+
+
+def _print_json_list(pages: Iterator[list[dict[str, Any]]]) -> None:
+    """One JSON list, written as the pages come: the same bytes ``json.dumps(list,
+    indent=2)`` of the whole would be (JSON strings hold no raw newline, so indenting an
+    item's lines is safe)."""
+    import json
+    import sys
+
+    out = sys.stdout
+    sep = "[\n  "
+    for page in pages:
+        for item in page:
+            out.write(sep + json.dumps(item, indent=2).replace("\n", "\n  "))
+            sep = ",\n  "
+        out.flush()
+    out.write("[]\n" if sep.startswith("[") else "\n]\n")
+    out.flush()
+
+
+def _print_tables(pages: Iterator[list[dict[str, Any]]], filtered: bool) -> None:
+    """The first page as a table with its header, each later one as more rows: a table
+    without a header whose columns are at least as wide as those printed before, so the
+    rows line up (a wider cell later widens its column from there on)."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    console = None
+    widths: list[int] = []
+    for page in pages:
+        if not page:
+            continue
+        table = render.instances_table(page)
+        if console is None:
+            console = render.out()
+        else:
+            table.show_header = False
+            for col, width in zip(table.columns[:-1], widths, strict=False):
+                col.min_width = width
+        before = widths or [cell_len(str(col.header)) for col in table.columns[:-1]]
+        widths = [max(width, *(c.cell_len if isinstance(c, Text) else cell_len(str(c))
+                               for c in col.cells))
+                  for col, width in zip(table.columns[:-1], before, strict=True)]
+        console.print(table)
+    if console is None:
+        render.say("no instances match" if filtered
+                   else "no instances; start one with: corral run NAME -- CMD")
 
 
 def show(name: str, json_out: bool) -> None:

@@ -298,7 +298,12 @@ COMMANDS: dict[str, Command | Group] = {
                       "'corral apply' accepts (and plans to nothing).", (JSON,)),
     "ls": Command("instances", "ls",
                   "List instances with their CPU (% of a core, % of the host) and memory.",
-                  (JSON,)),
+                  (opt("--limit", help="show at most this many (the first by name)",
+                       type=int_range(1, 10**9)),
+                   opt("--host", help="only the instances on this host", type=HOST_NAME),
+                   opt("--state", help="only the instances in this state (running, stopped, "
+                       "failed, ...)"),
+                   JSON)),
     "show": Command("instances", "show",
                     "Everything about one instance, including what you can do with it next.",
                     (NAME, JSON)),

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -103,6 +103,25 @@ class InstanceService:
     def list(self) -> list[Instance]:
         with self.fleet.sessions() as s:
             return list(s.scalars(select(Instance).order_by(Instance.name)))
+
+    def page(self, limit: int | None, after: str | None = None, host: str | None = None,
+             state: str | None = None) -> Sequence[Instance]:
+        """At most ``limit`` instances named after ``after``, by name, optionally only those
+        on ``host`` or in ``state``. The order, the cursor and the limit are the database's
+        (a range of the primary key), so a page reads O(page) rows however large the fleet;
+        the order is the database's collation, the same one ``name > after`` compares in,
+        so pages never overlap or skip."""
+        query = select(Instance).order_by(Instance.name)
+        if after is not None:
+            query = query.where(Instance.name > after)
+        if host is not None:
+            query = query.where(Instance.host == host)
+        if state is not None:
+            query = query.where(Instance.state == state)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.fleet.sessions() as s:
+            return list(s.scalars(query))
 
     def _after(self, name: str, target: State, report: InstanceReport | None) -> None:
         """Record a verb's outcome: its target state, then whatever the agent observed."""

@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -38,6 +38,7 @@ from corral.api.models import (
     LeaderView,
     ServerView,
 )
+from corral.api.names import HOST_PATTERN
 from corral.control import prom, views
 from corral.control.fleet import Fleet
 from corral.control.http import tokens as tokens_http
@@ -47,7 +48,7 @@ from corral.control.instances import InstanceService
 from corral.control.leader import LeaderInfo, ServerInfo
 from corral.control.tokens import FLEET, PREFIX, Principal, TokenStore
 from corral.errors import CorralError, HTTPError, InvalidRequest, NotFound, Unauthorized
-from corral.lifecycle import Verb
+from corral.lifecycle import State, Verb
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 VerbName = Literal["start", "stop", "kill", "restart", "freeze", "thaw"]
 #: the longest refused value a validation error echoes back (as JSON)
 ECHO_MAX = 200
+#: ``GET /v1/instances``: the largest page (~650 bytes of JSON an instance: ~3 MB), the
+#: header naming the next page's cursor, and the longest cursor or host filter taken
+PAGE_MAX = 5000
+NEXT_HEADER = "X-Corral-Next"
+AFTER_MAX = 253
+#: a cursor may be any text but NUL, which PostgreSQL refuses in a text value (a 500)
+NO_NUL = r"^[^\x00]*$"
+PAGED: dict[int | str, dict[str, Any]] = {200: {"description": "a page of instances", "headers": {
+    NEXT_HEADER: {"description": "pass as 'after' for the next page; absent on the last",
+                  "schema": {"type": "string"}}}}}
 
 
 bearer = HTTPBearer(auto_error=False, description="the fleet token (DATA/token) or a token "
@@ -227,9 +238,40 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
                 return h
         raise NotFound(f"no host named '{name}'", hint="see 'corral host ls'")
 
-    @app.get("/v1/instances", dependencies=auth, tags=["instances"])
-    async def instances() -> list[InstanceView]:
-        return [views.instance_view(fleet, i) for i in service.list()]
+    @app.get("/v1/instances", dependencies=auth, tags=["instances"], responses=PAGED)
+    async def instances(
+        response: Response,
+        limit: Annotated[int | None, Query(ge=1, le=PAGE_MAX, description=(
+            f"at most this many (1..{PAGE_MAX}); the next page's cursor is in the "
+            f"{NEXT_HEADER} header. Default: every instance in one answer"))] = None,
+        after: Annotated[str | None, Query(max_length=AFTER_MAX, pattern=NO_NUL, description=(
+            f"only instances named after this: the {NEXT_HEADER} of the page before"))
+        ] = None,
+        host: Annotated[str | None, Query(pattern=HOST_PATTERN,
+                                          description="only the instances on this host")
+                        ] = None,
+        state: Annotated[State | None, Query(description="only instances in this state")
+                         ] = None,
+    ) -> list[InstanceView]:
+        """Instances by name, a page at a time when given a ``limit``.
+
+        The cursor is the last name of the page, in ``X-Corral-Next`` (absent on the last
+        page), rather than a ``Link`` header: the body stays the plain list every caller
+        already reads, and a bare name needs neither a URL built here (behind a proxy or a
+        follower the server does not know the address the client used) nor RFC 8288 parsing
+        in the client, which already holds its own filters. Keyset, not offset: a page is a
+        range of the primary key (O(page) rows at any depth), and an instance created or
+        removed between two pages neither shifts nor repeats the others. One row past the
+        limit is read to tell a full last page from one with more after it."""
+        if limit is None and after is None and host is None and state is None:
+            rows = service.list()  # what callers from before paging ask: all, as it was
+        else:
+            rows = list(service.page(None if limit is None else limit + 1, after, host,
+                                     None if state is None else state.value))
+        if limit is not None and len(rows) > limit:
+            rows = rows[:limit]
+            response.headers[NEXT_HEADER] = rows[-1].name
+        return [views.instance_view(fleet, i) for i in rows]
 
     @app.post("/v1/instances", dependencies=auth, tags=["instances"], status_code=201)
     async def create(req: CreateInstance) -> InstanceView:
