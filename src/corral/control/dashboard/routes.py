@@ -218,7 +218,7 @@ def router(sessions: Sessions, token: str) -> APIRouter:
             host = await get(request, path_of("/v1/hosts", name))
         except ApiError as err:
             return render(request, "error.html", err.status, err=err)
-        instances = [i for i in await get(request, "/v1/instances") if i["host"] == name]
+        instances = await get(request, "/v1/instances", host=name)  # filtered by the database
         return render(request, "host.html", h=host, instances=instances)
 
     async def ops_data(request: Request) -> dict[str, Any]:
