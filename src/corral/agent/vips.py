@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 ROUTED = frozenset({"qemu"})
 #: ``InstanceRecord.extra`` key: this copy must not hold its VIP (a live migration's other end)
 AWAY = "vip_away"
+#: seconds after the first gratuitous ARP (sent before ``up`` returns) to send it again, off
+#: the caller's path: a peer that dropped one frame gets the next, and one whose entry was
+#: updated less than its ``locktime`` (1 s) ago, or that heard a live migration's source a
+#: last time, takes the later one
+ANNOUNCE_AGAIN = (0.1, 0.5, 1.5)
 
 
 def interface_of(address: str) -> str:
@@ -97,6 +102,7 @@ class Vips:
         #: one change at a time: a start's add racing a heartbeat's sync would add twice
         self._lock = asyncio.Lock()
         self._state = state
+        self._announcing: set[asyncio.Task[None]] = set()
         self.added: set[str] = set()
         if state is not None:
             with contextlib.suppress(OSError, ValueError, TypeError):
@@ -121,10 +127,28 @@ class Vips:
         self._remember(ip, True)  # before adding: a crash in between leaves it ours
         if routed:
             viplib.remove(self.interface, vip)  # held the other way before (a recreate)
-            viplib.add_routed(self.interface, vip)
+            viplib.add_routed(self.interface, vip, announce=1)
         else:
             viplib.remove_routed(self.interface, vip)
-            viplib.add(self.interface, vip)
+            viplib.add(self.interface, vip, announce=1)
+
+    def _announce_again(self, vip: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._repeat(str(viplib.parse(vip).ip)))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _repeat(self, ip: str) -> None:
+        waited = 0.0
+        for at in ANNOUNCE_AGAIN:
+            await asyncio.sleep(at - waited)
+            waited = at
+            if ip not in self.added:  # let go meanwhile
+                return
+            try:
+                await asyncio.to_thread(viplib.gratuitous_arp, self.interface, ip)
+            except OSError as exc:
+                log.warning("announcing virtual IP %s again failed: %s", ip, exc)
+                return
 
     def _remove(self, vip: str) -> None:
         ip = str(viplib.parse(vip).ip)
@@ -146,6 +170,7 @@ class Vips:
         if rec.spec.vip and not rec.extra.get(AWAY):
             async with self._lock:
                 await asyncio.to_thread(self._add, rec.spec.vip, None, rec.driver in ROUTED)
+            self._announce_again(rec.spec.vip)
             log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
 
     async def down(self, rec: InstanceRecord, records: dict[str, InstanceRecord]) -> None:
@@ -186,6 +211,7 @@ class Vips:
             try:
                 if vip in want and ip not in held:
                     await asyncio.to_thread(self._add, vip, present, vip in routed)
+                    self._announce_again(vip)
                     log.warning("virtual IP %s was missing; added and announced", vip)
                 elif vip not in want and ip in present | proxied and ip in self.added:
                     await asyncio.to_thread(self._remove, vip)
