@@ -10,7 +10,8 @@ before the stream (a fire drill holds them there): one whose destination QEMU is
 it waits, one whose source agent is killed -9 and started again; a third is held after QEMU
 completed, before the switch-over, and the server is killed -9 and started again there. All
 roll back: the VM runs on where it was (the same QEMU), and nothing of it is left on the other
-host.
+host. A fourth is held at the same point and the destination's agent is killed -9 and started
+again: it finds its QEMU running and the move completes.
 
 The VM has a virtual IP, so the address is the guest's own (drivers/qemu_net.py): a client in
 the root namespace holds a TCP connection to the guest's counting stream (port 7000) open
@@ -307,9 +308,26 @@ def _moves(f: Fleet, vip: str, url1: str, url2: str, boot: str, stream: Stream) 
         disks1 = Path(f.ctx.data_dir) / "hosts" / "host1" / "disks"  # nothing left on host1
         assert not (disks1 / "lvm").exists() and not (disks1 / ".incoming" / "lvm").exists()
 
+    # the destination's agent killed -9 after QEMU completed (the guest runs on host1, host2's
+    # copy paused) and started again: it finds its QEMU running, the switch-over goes on, and
+    # the move completes; the held connection goes on from host1
+    def kill_target_agent() -> None:
+        agent = agent_of(f, "host1")
+        os.kill(agent.pid, signal.SIGKILL)
+        wait_until(lambda: not procs.alive(agent), "host1's agent gone", 10, f)
+        restart_and_rejoin(f, "host1")
+
+    op = paused_migration(f, "lvm", "host1", "switchover", kill_target_agent)
+    assert op["state"] == "succeeded", op
+    view = f.wait_state("lvm", {"running"})
+    assert view["host"] == "host1" and len(qemus_of(f, b"lvm")) == 1
+    assert get(url1 + "/").split()[-1] == boot
+    stream.grows(5, f)
+    assert vip in proxied_on(f, "host1") and vip not in proxied_on(f, "host2")
+
     f.ok("stop", "lvm")
     f.wait_state("lvm", {"stopped"}, timeout=60)
-    assert vip not in proxied_on(f, "host2")
+    assert vip not in proxied_on(f, "host1")
     f.ok("rm", "lvm")
     wait_until(lambda: "lvm" not in f.ok("ls"), "lvm removed", 30, f)
     assert not qemus_of(f, b"lvm")
