@@ -8,10 +8,10 @@ console), the uptime keeps growing, the records are a clean prefix of one boot t
 and the operation reports QEMU's downtime and the bytes moved. Then two migrations back fail
 before the stream (a fire drill holds them there): one whose destination QEMU is killed while
 it waits, one whose source agent is killed -9 and started again; a third is held after QEMU
-completed, before the switch-over, and the server is killed -9 and started again there. All
-roll back: the VM runs on where it was (the same QEMU), and nothing of it is left on the other
-host. A fourth is held at the same point and the destination's agent is killed -9 and started
-again: it finds its QEMU running and the move completes.
+completed and the target's copy became the instance, and the server is killed -9 and started
+again there; a fourth the same with the destination's agent killed -9 and started again. The
+first two roll back: the VM runs on where it was (the same QEMU), and nothing of it is left on
+the other host. The last two complete: once QEMU completed, the guest has run on the target.
 
 The VM has a virtual IP, so the address is the guest's own (drivers/qemu_net.py): a client in
 the root namespace holds a TCP connection to the guest's counting stream (port 7000) open
@@ -280,18 +280,7 @@ def _moves(f: Fleet, vip: str, url1: str, url2: str, boot: str, stream: Stream) 
         time.sleep(1.0)
         restart_and_rejoin(f, "host2")
 
-    # and once more after QEMU completed (the guest runs on host1, host2's copy is paused):
-    # the server killed -9 before the switch-over and started again rolls it back, host1's
-    # copy killed first, then host2's runs on from the state it sent
-    def kill_server() -> None:
-        ctx = load_context(f.context_file)
-        assert ctx is not None and ctx.server is not None and ctx.data_dir
-        os.kill(ctx.server.pid, signal.SIGKILL)
-        (Path(ctx.data_dir) / "server" / "drills" / "migrate.switchover.before").unlink()
-        restart_server(f)
-
-    for step, fault in (("live-send", kill_waiting_qemu), ("live-send", kill_source_agent),
-                        ("switchover", kill_server)):
+    for step, fault in (("live-send", kill_waiting_qemu), ("live-send", kill_source_agent)):
         op = paused_migration(f, "lvm", "host1", step, fault)
         assert op["state"] == "rolled_back", (fault.__name__, op)
         view = f.wait_state("lvm", {"running"})
@@ -308,26 +297,39 @@ def _moves(f: Fleet, vip: str, url1: str, url2: str, boot: str, stream: Stream) 
         disks1 = Path(f.ctx.data_dir) / "hosts" / "host1" / "disks"  # nothing left on host1
         assert not (disks1 / "lvm").exists() and not (disks1 / ".incoming" / "lvm").exists()
 
-    # the destination's agent killed -9 after QEMU completed (the guest runs on host1, host2's
-    # copy paused) and started again: it finds its QEMU running, the switch-over goes on, and
-    # the move completes; the held connection goes on from host1
-    def kill_target_agent() -> None:
-        agent = agent_of(f, "host1")
-        os.kill(agent.pid, signal.SIGKILL)
-        wait_until(lambda: not procs.alive(agent), "host1's agent gone", 10, f)
-        restart_and_rejoin(f, "host1")
+    # once QEMU completed, the guest has run on the target (it may have answered clients), so
+    # the move only goes forward: the server killed -9 after that step and started again
+    # finishes it (host2's paused copy ended and removed), and so does one whose destination
+    # agent is killed -9 there and started again (it finds its QEMU running)
+    def kill_server() -> None:
+        ctx = load_context(f.context_file)
+        assert ctx is not None and ctx.server is not None and ctx.data_dir
+        os.kill(ctx.server.pid, signal.SIGKILL)
+        (Path(ctx.data_dir) / "server" / "drills" / "migrate.end-source.before").unlink()
+        restart_server(f)
 
-    op = paused_migration(f, "lvm", "host1", "switchover", kill_target_agent)
-    assert op["state"] == "succeeded", op
-    view = f.wait_state("lvm", {"running"})
-    assert view["host"] == "host1" and len(qemus_of(f, b"lvm")) == 1
-    assert get(url1 + "/").split()[-1] == boot
-    stream.grows(5, f)
-    assert vip in proxied_on(f, "host1") and vip not in proxied_on(f, "host2")
+    def kill_target_agent() -> None:
+        agent = agent_of(f, "host2")
+        os.kill(agent.pid, signal.SIGKILL)
+        wait_until(lambda: not procs.alive(agent), "host2's agent gone", 10, f)
+        restart_and_rejoin(f, "host2")
+
+    for to, fault in (("host1", kill_server), ("host2", kill_target_agent)):
+        op = paused_migration(f, "lvm", to, "end-source", fault)
+        assert op["state"] == "succeeded", (fault.__name__, op)
+        view = f.wait_state("lvm", {"running"})
+        assert view["host"] == to and len(qemus_of(f, b"lvm")) == 1, fault.__name__
+        assert get(url1 + "/").split()[-1] == boot
+        stream.grows(5, f)
+        back = "host2" if to == "host1" else "host1"
+        assert vip in proxied_on(f, to) and vip not in proxied_on(f, back), fault.__name__
+        assert f.ctx is not None and f.ctx.data_dir
+        left = Path(f.ctx.data_dir) / "hosts" / back / "disks" / "lvm"
+        wait_until(lambda left=left: not left.exists(), f"nothing of lvm left on {back}", 60, f)
 
     f.ok("stop", "lvm")
     f.wait_state("lvm", {"stopped"}, timeout=60)
-    assert vip not in proxied_on(f, "host1")
+    assert vip not in proxied_on(f, "host2")
     f.ok("rm", "lvm")
     wait_until(lambda: "lvm" not in f.ok("ls"), "lvm removed", 30, f)
     assert not qemus_of(f, b"lvm")

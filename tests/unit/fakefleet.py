@@ -213,3 +213,9 @@ class FakeAgents:
         if c is not None and c.state == "frozen":
             c.state = "running"
         return self._report(h, a.name)
+
+    def _live_claim(self, h: FakeHost, host: str, a: rpc.NameArgs) -> InstanceReport:
+        c = h.instances.get(a.name)
+        if c is None or c.state != "running":
+            raise Conflict(f"the copy of '{a.name}' here is not running", retryable=True)
+        return self._report(h, a.name)

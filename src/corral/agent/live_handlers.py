@@ -11,14 +11,22 @@ channel uses (from enrolment); the server only learns where the destination list
 guest): heartbeats and status calls go on meanwhile, and the server's operation lock keeps the
 operator's verbs away from the instance.
 
-A virtual IP is held by one end at a time (:mod:`corral.agent.vips`): the destination's copy is
-``vip_away`` from ``live_incoming`` until the server's switch-over (``live_claim``), and the
-source lets the address go as soon as QEMU says the guest runs on the destination; an undo
-(``live_abort``) takes it back.
+A virtual IP follows the guest (:mod:`corral.agent.vips`): the destination's copy is ``vip_away``
+from ``live_incoming`` until its guest runs, which the destination's agent watches for
+(:data:`WATCH_EVERY`) and announces at once: every moment between the guest resuming there and
+peers learning where it is costs its TCP peers a retransmission timeout, and waiting for the
+server's switch-over (``live_claim``, which claims it again) added a few hundred ms. The source
+lets the address go as soon as QEMU says the stream completed; the destination's repeated
+announcements (``vips.ANNOUNCE_AGAIN``) win over a last answer from the source. An undo kills
+the destination's copy (its address goes with it) and ``live_abort`` takes it back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from dataclasses import asdict
 
 from corral.agent.state import AgentState, Handler
@@ -27,7 +35,15 @@ from corral.agent.vips import AWAY
 from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.drivers.base import LiveMigration, MigrationTls
-from corral.errors import Conflict, InvalidRequest, NotSupported
+from corral.errors import Conflict, CorralError, InvalidRequest, NotSupported
+
+log = logging.getLogger(__name__)
+
+#: how often a migration's destination asks its QEMU whether the guest runs yet
+WATCH_EVERY = 0.05
+#: and for how long at most (a live stream's own limit: ``rpc.LIVE_SEND``)
+WATCH_FOR = 6 * 3600.0
+_watches: set[asyncio.Task[None]] = set()
 
 
 def _live(st: AgentState, rec: InstanceRecord) -> LiveMigration:
@@ -66,7 +82,44 @@ async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingT
                                          args.peer)
         st.save(rec)
         await st.refresh(rec)
+        if rec.spec.vip and st.vips is not None:
+            task = asyncio.get_running_loop().create_task(
+                _announce_when_running(st, name, rec.handle.data.get("generation")))
+            _watches.add(task)
+            task.add_done_callback(_watches.discard)
     return rpc.IncomingTarget(address=address, port=port)
+
+
+async def _announce_when_running(st: AgentState, name: str, generation: object) -> None:
+    """Take the VIP over the moment the guest runs here (the stream completed); give up when
+    this copy is gone, replaced, claimed already, or no longer waiting."""
+    deadline = time.monotonic() + WATCH_FOR
+    while time.monotonic() < deadline:
+        await asyncio.sleep(WATCH_EVERY)
+        rec = st.records.get(name)
+        if rec is None or not rec.extra.get(AWAY) or \
+                rec.handle.data.get("generation") != generation:
+            return
+        drv = st.driver(rec.driver)
+        if not isinstance(drv, LiveMigration):
+            return
+        try:
+            runs = await st.call(drv.resumed, rec.handle)
+        except CorralError:
+            continue
+        if runs is None:  # the copy is gone
+            return
+        if not runs:  # waiting for the stream (or in it)
+            continue
+        async with st.lock(name):
+            if st.records.get(name) is not rec or not rec.extra.pop(AWAY, None):
+                return
+            st.save(rec)
+            if st.vips is not None:
+                with contextlib.suppress(CorralError, OSError):
+                    await st.vips.up(rec)
+            log.info("%s runs here now: its virtual IP %s is announced", name, rec.spec.vip)
+        return
 
 
 async def live_send(st: AgentState, args: rpc.LiveSendArgs) -> rpc.LiveStats:

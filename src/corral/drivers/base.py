@@ -186,6 +186,11 @@ class LiveMigration(Protocol):
         """Cancel a migration in flight and let the instance run on here."""
         ...
 
+    def resumed(self, handle: Handle) -> bool | None:
+        """On a migration's destination: whether the guest runs here now (the stream
+        completed); None when the copy is gone (nothing to wait for)."""
+        ...
+
 
 def not_supported(driver: str, verb: str) -> NotSupported:
     return NotSupported(

@@ -300,3 +300,7 @@ class FakeDriver:
     def migration_abort(self, handle: Handle) -> None:
         self._enter("migration_abort", handle.name)
         self.thaw(handle)
+
+    def resumed(self, handle: Handle) -> bool | None:
+        state = self.status(handle).state
+        return None if state not in ("running", "frozen") else state == "running"

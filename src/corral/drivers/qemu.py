@@ -787,6 +787,13 @@ class QemuDriver:
                                        "limit", retryable=True)
             time.sleep(mig.POLL_EVERY)
 
+    def resumed(self, handle: Handle) -> bool | None:
+        """Only QEMU's own ``running`` counts: a QMP that does not answer is not a guest
+        that runs (``status`` would read it as running when not marked frozen)."""
+        if self._qemu(handle) is None:
+            return None
+        return self._vm_running(handle) is True
+
     def migration_abort(self, handle: Handle) -> None:
         """The source's undo: cancel a migration in flight and let the guest run on here
         (also after QEMU completed it: the caller has ended the destination first)."""

@@ -17,14 +17,16 @@ the instance never stops. The live file pass puts the disk directory in the
 target's slot, which is adopted; the instance is created there and started waiting for the
 stream (``live_incoming``); the source sends memory and disk (``live_send``: QEMU's block
 migration over TLS, see drivers/qemu_migrate.py) and returns once the guest runs on the
-target, the source's copy paused for good. The point of no return is recording the target's
-copy as the instance (with the epoch it was created with); then the source's paused copy is
-killed and reaped, then removed. Before it, the undo kills the target's copy first and only
-then lets the source's run on (``live_abort``, also after QEMU completed): never two copies
-running. Downtime and bytes are QEMU's own (``query-migrate``). A virtual IP is the guest's own
+target, the source's copy paused for good; in the same step (the commit) the target's copy is
+claimed (``live_claim``) and recorded as the instance, with the epoch it was created with.
+Then the source's paused copy is killed and reaped, then removed. A failure before the end of
+that step undoes: the target's copy is killed first and only then the source's runs on
+(``live_abort``, also after QEMU completed, if the claim failed): never two copies running.
+Once the step is done the move only goes forward: the guest has run on the target. Downtime
+and bytes are QEMU's own (``query-migrate``). A virtual IP is the guest's own
 (drivers/qemu_net.py), so its connections move with it: the source's host stops answering for
-it when the stream ends, the destination's takes it over at the switch-over (``live_claim``,
-with gratuitous ARPs), and an undo gives it back to the source. The choice is made when the
+it when the stream ends, the destination's announces it as soon as its guest runs (and again
+at the claim), and an undo gives it back to the source. The choice is made when the
 operation is built and read back from the recorded steps when it is resumed.
 """
 
@@ -97,8 +99,7 @@ class Migrate(DiskOps):
                     Step("adopt", self._adopt, self._unadopt),
                     Step("create", self._create_live, self._unadopt),
                     Step("incoming", self._incoming, self._unincoming),
-                    Step(LIVE_STEP, self._live_send, self._unlive_send),
-                    Step("switchover", self._switchover, self._unstart, commit=True),
+                    Step(LIVE_STEP, self._live_send, self._unlive_send, commit=True),
                     Step("end-source", self._end_source),
                     Step("cleanup", self._cleanup)]
         if cold:
@@ -304,6 +305,7 @@ class Migrate(DiskOps):
         ctx.data["bytes"] = int(ctx.data.get("bytes", 0)) + stats.ram_bytes + stats.disk_bytes
         ctx.data["data_at"] = time.time()
         ctx.save()
+        await self._switchover(ctx)
 
     async def _unlive_send(self, ctx: OpContext) -> None:
         """The target's copy is killed and reaped first, then the source's runs on (a
@@ -322,8 +324,12 @@ class Migrate(DiskOps):
         self.record(name, ctx.data["source"], State(report.state), report, epoch=report.epoch)
 
     async def _switchover(self, ctx: OpContext) -> None:
-        """The point of no return: the target's copy, running with the guest's state, becomes
-        the instance (the source's is paused for good)."""
+        """The end of the commit step: the target's copy, running with the guest's state,
+        becomes the instance (the source's is paused for good). In the same step as the
+        stream, because once QEMU completed, the guest has run on the target and may have
+        answered clients (acknowledged a commit): rolling back to the source's paused state
+        from then on would lose what it did. Only a failure right here (the target's copy
+        died after the stream, the server crashed in these milliseconds) goes back."""
         name, target = ctx.record.target, ctx.data["target"]
         report = await self.agents.call(target, rpc.LIVE_CLAIM, rpc.NameArgs(name=name))
         if report.state != State.RUNNING.value:
