@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,20 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_cannot_commit(
     planes = [ControlPlane(s) for s in settings]
     nc: Any = None
     beats: Heartbeats | None = None
+    # until the cut, the lease row stays the proxied server's: both servers share this test's
+    # one loop, and a stall of it past the 1.5 s lease (a busy machine) handed the lead to the
+    # other before the cut came, so the test had nothing to cut (seen under load)
+    unpin = threading.Event()
+
+    def pin() -> None:
+        while not unpin.wait(0.3):
+            with contextlib.suppress(sa.exc.SQLAlchemyError), engine.begin() as conn:
+                conn.execute(sa.text(
+                    "UPDATE leadership SET expires_at = extract(epoch from clock_timestamp())"
+                    " + 60 WHERE id = 1 AND holder = 'cut-off'"))
+
+    pinning = threading.Thread(target=pin, daemon=True)
+    pinning.start()
     try:
         results = await asyncio.gather(*(p.start() for p in planes), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -101,7 +116,7 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_cannot_commit(
                     break
                 await asyncio.sleep(0.2)
             assert r.status_code == 201, r.text
-            assert old.leads, "the proxied server must lead when the cut comes"
+            await wait_for(lambda: _leads(old), timeout=15)  # (sure of its lease again)
             # an operation held mid-way on the leader (a fire drill) when the cut comes
             drill = Path(old.settings.data_dir) / "drills" / "recreate.create.before"
             drill.parent.mkdir(exist_ok=True)
@@ -116,6 +131,14 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_cannot_commit(
             # watched from a thread: with the database silent, the server's loop may sit in
             # a (bounded) connect, and so would this test's, which is the same loop
             watch = _Watch(old)
+            unpin.set()
+            pinning.join(10)
+            with engine.begin() as conn:  # the lease as the leader last renewed it
+                conn.execute(sa.text(
+                    "UPDATE leadership SET expires_at = extract(epoch from clock_timestamp())"
+                    " + :lease WHERE id = 1 AND holder = 'cut-off'"),
+                    {"lease": old.settings.leader_lease_seconds})
+            assert old.leads and not new.leads, "the proxied server must lead when the cut comes"
             proxy.cut(cut)  # type: ignore[arg-type]
             # it stops leading on its own, by its own clock: no later than its lease was sure
             stepped_down, valid_until = await asyncio.to_thread(watch.wait, 60)
@@ -172,6 +195,8 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_cannot_commit(
             where = next(a for a in agents if a.name == web["host"])
             assert where.instances["web"].state == "running"
     finally:
+        unpin.set()
+        pinning.join(10)
         if beats is not None:
             await beats.stop()
         if nc is not None:
