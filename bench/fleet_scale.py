@@ -14,10 +14,11 @@ Phases, in one server's life:
 
 * **enrol** the first ``--enroll-api`` hosts (200) through the API (hosts/s); the middle of a
   larger fleet has its keys written into the server's database, which the server's own
-  identity watch loads in one bus reload (each join through the API reloads the whole bus
-  config: O(hosts) a host, most of an hour for 5000); the last 10 through the API again, one
-  at a time (seconds a host at full size). Then connect and join them all; the server's
-  memory before and after (per host);
+  identity watch loads in one bus reload (each reload rewrites the whole bus config: O(hosts)
+  a reload); then ``ENROLL_BURST`` (50) through the API all at once, 16 at a time (the bus
+  reloads they cause: concurrent joins share one, see ``EmbeddedNats.reload``); the last 10
+  through the API again, one at a time (seconds a host at full size). Then connect and
+  join them all; the server's memory before and after (per host);
 * **heartbeats**, empty hosts: rounds of ``--seconds`` each; per round the round trips of
   every heartbeat (send -> the server's answer, measured in the simulated agent, so they
   include the bus and the simulator's own loop, whose worst lag is printed beside), the
@@ -28,7 +29,9 @@ Phases, in one server's life:
   host's reservations fit its capacity (``GET /v1/hosts``), and every simulated host holds
   exactly the instances the server placed there;
 * **heartbeats** again, with every host reporting its instances;
-* **ls**: ``GET /v1/instances`` ``--ls`` times (latency, size: the API has no paging), with
+* **ls**: ``GET /v1/instances`` ``--ls`` times in one answer (latency, size), and as many
+  times a page at a time as the client and ``corral ls`` read it (time to the first page,
+  time to the whole list), with
   the heartbeats' worst round trip while it ran (the server answers both on one loop).
 
 Each window also reads how long the server's main thread was runnable but waiting for a CPU
@@ -72,7 +75,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from waiting import wait
 
-from corral.api.client import Client
+from corral.api.client import PAGE_SIZE, Client
 from corral.api.models import CreateInstance
 from corral.bus import identity as bus_identity
 from corral.errors import CorralError
@@ -94,6 +97,8 @@ HOSTS_LS = [0.0]
 IDLE = [0.0]
 #: hosts enrolled through the API after the bulk, one at a time (the cost at full size)
 ENROLL_LAST = 10
+#: hosts enrolled through the API at once near full size: how many bus reloads they cost
+ENROLL_BURST = 50
 #: what nats-server logs once it has read its config again
 RELOADED = b"Reloaded server configuration"
 
@@ -573,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [f"sim{i:05d}" for i in range(n)]
         first = min(n, args.enroll_api)
         last = min(ENROLL_LAST, n - first)
+        burst = min(ENROLL_BURST, n - first - last)
+        burst_s, burst_reloads = float("nan"), 0
         t = time.monotonic()
         hosts = enroll(server, names[:first])
         enroll_s = time.monotonic() - t
@@ -581,9 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         last_s = float("nan")
         if n > first:
             t = time.monotonic()
-            hosts += bulk_enroll(server, names[first:n - last], first)
-            print(f"wrote {n - last - first} more hosts' keys into the database in "
+            hosts += bulk_enroll(server, names[first:n - last - burst], first)
+            print(f"wrote {n - last - burst - first} more hosts' keys into the database in "
                   f"{time.monotonic() - t:.1f} s (one bus reload)", flush=True)
+            nlog = server.dir / "nats-server.log"
+            before = nlog.read_bytes().count(RELOADED)
+            t = time.monotonic()
+            hosts += enroll(server, names[n - last - burst:n - last], n - last - burst,
+                            parallel=16)
+            burst_s = time.monotonic() - t
+            burst_reloads = nlog.read_bytes().count(RELOADED) - before
+            print(f"enrolled {burst} through the API at once (16 at a time): "
+                  f"{burst_s:.1f} s ({burst / max(burst_s, 1e-9):.1f} hosts/s), "
+                  f"{burst_reloads} bus reloads", flush=True)
             t = time.monotonic()
             hosts += enroll(server, names[n - last:], n - last, parallel=1)
             last_s = (time.monotonic() - t) / max(1, last)
@@ -647,14 +664,24 @@ def main(argv: list[str] | None = None) -> int:
         full = hb_rounds(server, workers, rounds, seconds, f"heartbeats, {done} instances")
 
         ls_times: list[float] = []
+        ls_first: list[float] = []  # paged: the first page, and the whole list page by page
+        ls_paged: list[float] = []
         ls_size = 0
         workers.ask("mark")
         c0, t0 = server.cpu(), time.monotonic()
         with server.client(timeout=600) as c:
             for _ in range(max(1, args.ls)):
                 t = time.monotonic()
-                got = c.instances_data()
+                got = c.instances_page()[0]  # no limit: the whole list in one answer
                 ls_times.append(time.monotonic() - t)
+                t = time.monotonic()
+                pages = c.instance_pages()
+                paged = next(pages)
+                ls_first.append(time.monotonic() - t)
+                paged += [i for page in pages for i in page]
+                ls_paged.append(time.monotonic() - t)
+                if [i["name"] for i in paged] != [i["name"] for i in got]:
+                    bad.append(f"ls paged listed {len(paged)} instances, one answer {len(got)}")
                 if len(got) != done:
                     bad.append(f"ls listed {len(got)} instances, not {done}")
             ls_size = len(json.dumps(got, separators=(",", ":")))
@@ -702,7 +729,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  placement:                     {mmm(rates, '.0f')}/s per slice, server CPU "
           f"{place_cpu:.0f} %; memory after {(rss2 - rss0) / 2**20:.0f} MiB over idle")
     print(f"  ls (GET /v1/instances):        p50 {pct(ls_times, 50):.2f} s, p99 "
-          f"{pct(ls_times, 99):.2f} s, {ls_size / 1e6:.1f} MB, no paging in the API")
+          f"{pct(ls_times, 99):.2f} s, {ls_size / 1e6:.1f} MB in one answer")
+    print(f"  ls paged ({PAGE_SIZE} a page):        first page p50 "
+          f"{pct(ls_first, 50) * 1000:.0f} ms, p99 {pct(ls_first, 99) * 1000:.0f} ms; the whole "
+          f"list p50 {pct(ls_paged, 50):.2f} s, p99 {pct(ls_paged, 99):.2f} s")
     print(f"  GET /v1/hosts after placement: {HOSTS_LS[0]:.2f} s")
     print(f"  floor (SQLite, same writes):   {floor_beat:.3f} ms CPU per heartbeat, "
           f"{floor_place:.0f} placements/s")
@@ -723,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     out += [f"figure: fleet_scale.hosts {n} hosts",
             f"figure: fleet_scale.enroll_rate_first_{first} {first / enroll_s:.1f} hosts/s",
             *([f"figure: fleet_scale.enroll_seconds_at_full {last_s:.2f} s"] if last else []),
+            *([f"figure: fleet_scale.enroll_burst_{burst}_rate "
+               f"{burst / max(burst_s, 1e-9):.1f} hosts/s",
+               f"figure: fleet_scale.enroll_burst_{burst}_reloads {burst_reloads} count"]
+              if burst else []),
             f"figure: fleet_scale.server_rss_per_host {(rss1 - rss0) / n / 1024:.1f} KiB",
             f"figure: fleet_scale.hb_p50 {med([w['p50'] for w in empty]):.2f} ms",
             f"figure: fleet_scale.hb_p99 {med([w['p99'] for w in empty]):.2f} ms",
@@ -749,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
             f"figure: fleet_scale.ls_p50 {pct(ls_times, 50) * 1000:.0f} ms",
             f"figure: fleet_scale.ls_p99 {pct(ls_times, 99) * 1000:.0f} ms",
             f"figure: fleet_scale.ls_bytes {ls_size} bytes",
+            f"figure: fleet_scale.ls_first_page_p50 {pct(ls_first, 50) * 1000:.0f} ms",
+            f"figure: fleet_scale.ls_first_page_p99 {pct(ls_first, 99) * 1000:.0f} ms",
+            f"figure: fleet_scale.ls_paged_p50 {pct(ls_paged, 50) * 1000:.0f} ms",
+            f"figure: fleet_scale.ls_paged_p99 {pct(ls_paged, 99) * 1000:.0f} ms",
             f"figure: fleet_scale.hosts_ls_seconds {HOSTS_LS[0]:.2f} s",
             f"figure: fleet_scale.hb_max_during_ls {during['max']:.0f} ms",
             f"figure: fleet_scale.hb_unanswered {missed} count",

@@ -192,8 +192,16 @@ class EmbeddedNats:
         self.log_path = self.data_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         #: one reload at a time: hosts enrolled together reload from several worker threads,
-        #: and two writers of the config (or two SIGHUPs read as one) lost a host's key
-        self._reload_lock = threading.Lock()
+        #: and two writers of the config (or two SIGHUPs read as one) lost a host's key.
+        #: Callers that arrive while one runs share the next (see :meth:`reload`)
+        self._reload_cond = threading.Condition()
+        self._reloading = False
+        #: config writes started by :meth:`reload` (each one's number), and the newest one
+        #: nats-server said it applied
+        self._written = 0
+        self._applied = 0
+        #: how many reloads (config writes and SIGHUPs) were made: for tests and benches
+        self.reloads = 0
 
     @property
     def url(self) -> str:
@@ -275,23 +283,58 @@ class EmbeddedNats:
     def reload(self, timeout: float = RELOAD_TIMEOUT) -> bool:
         """Write the config again (who may log in changed) and have the server re-read it;
         return once it has (its log says so), so a host told it is enrolled can log in at
-        once and a removed one's connections are already closed. False: not seen in time."""
-        with self._reload_lock:
-            proc = self.proc
-            if proc is None or proc.poll() is not None:
-                return False
-            try:
-                start = self.log_path.stat().st_size
-            except OSError:
-                start = 0
-            self._write_config(self.data_dir / "nats")
-            proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self._logged_since(start, RELOADED):
-                    return True
-                time.sleep(0.02)
-        log.warning("nats-server did not report its reload within %.0fs", timeout)
+        once and a removed one's connections are already closed. False: not seen in time.
+
+        A group commit: a caller returns True once a reload whose config was written *after*
+        its call began has been applied, so callers that arrive while one runs share the
+        next one (its config has every change made before it was written). Each reload
+        writes a config listing every host, and nats-server re-reads all of it: one per
+        enrolled host made enrolling N hosts O(N²), most of an hour for 5000."""
+        # a reload in flight ends within its timeout: wait that out, then make the next one
+        deadline = time.monotonic() + 2 * timeout + 1.0
+        with self._reload_cond:
+            want = self._written + 1  # a write that starts from now on
+            while self._applied < want:
+                if not self._reloading:
+                    break  # none runs: this caller makes the next one
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("nats-server did not report a reload within %.0fs", timeout)
+                    return False
+                self._reload_cond.wait(left)
+            else:
+                return True  # a reload written after this call was applied meanwhile
+            self._reloading = True
+            self._written += 1
+            number = self._written
+        ok = False
+        try:
+            ok = self._reload_now(time.monotonic() + timeout)
+        finally:
+            with self._reload_cond:
+                self._reloading = False
+                if ok:
+                    self._applied = max(self._applied, number)
+                self._reload_cond.notify_all()
+        if not ok and self.running:
+            log.warning("nats-server did not report its reload within %.0fs", timeout)
+        return ok
+
+    def _reload_now(self, deadline: float) -> bool:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return False
+        try:
+            start = self.log_path.stat().st_size
+        except OSError:
+            start = 0
+        self._write_config(self.data_dir / "nats")
+        self.reloads += 1
+        proc.send_signal(signal.SIGHUP)
+        while time.monotonic() < deadline:
+            if self._logged_since(start, RELOADED):
+                return True
+            time.sleep(0.02)
         return False
 
     def _logged_since(self, offset: int, text: bytes) -> bool:

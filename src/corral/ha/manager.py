@@ -239,20 +239,25 @@ class HaManager:
             await asyncio.sleep(0.2)
 
     # -- reconcile on rejoin -------------------------------------------------------------------
-    def on_report(self, host: str, reports: list[InstanceReport]) -> list[Cleanup]:
+    def on_report(self, host: str, reports: list[InstanceReport],
+                  records: dict[str, tuple[str | None, int]] | None = None) -> list[Cleanup]:
         """Called with every join and heartbeat; schedules cleanups of stale copies (and
-        failovers of opted-in unhealthy instances, see ha/unhealthy.py)."""
+        failovers of opted-in unhealthy instances, see ha/unhealthy.py). ``records``: the
+        reported instances' (host, epoch) as the heartbeat just read them (not read again)."""
         if not reports:
             return []
         try:
             self.unhealthy.on_report(host, reports)
         except Exception:  # never in the way of the cleanups below
             log.exception("failover on unhealthy: a pass over %s's report failed", host)
-        with self.fleet.sessions() as s:
-            rows = s.scalars(select(Instance).where(
-                Instance.name.in_([r.name for r in reports]))).all()
-            records = {i.name: Record(i.name, i.host, i.epoch) for i in rows}
-        todo = [c for c in plan_rejoin(host, reports, records, self.fleet.locks.instances)
+        if records is not None:
+            known = {name: Record(name, h, e) for name, (h, e) in records.items()}
+        else:
+            with self.fleet.sessions() as s:
+                rows = s.scalars(select(Instance).where(
+                    Instance.name.in_([r.name for r in reports]))).all()
+                known = {i.name: Record(i.name, i.host, i.epoch) for i in rows}
+        todo = [c for c in plan_rejoin(host, reports, known, self.fleet.locks.instances)
                 if (host, c.instance) not in self._cleaning]
         for c in todo:
             self._cleaning.add((host, c.instance))
