@@ -14,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 
-from corral.agent import handlers
+from corral.agent import capture, handlers
 from corral.agent.capture import CaptureManager
 from corral.agent.state import AgentState
 from corral.bus import rpc, streams
@@ -107,6 +107,7 @@ async def test_sources_restart_and_delete(nc: Any, tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         # delete: the last lines go out before the workdir is removed
         mgr2.interval = 3600  # no regular pump can take them now: only the final one
+        mgr2.wake_on_write = False
         await asyncio.sleep(0.3)
         (wd / "stderr.log").write_text("err 1\nerr last\n")
         await handlers.delete(st, rpc.DeleteArgs(name="web"))
@@ -136,3 +137,29 @@ async def test_tail_escaping_the_rootfs_is_refused(nc: Any, tmp_path: Path) -> N
     assert mgr.sent == 0
     info = await nc.jetstream().stream_info(streams.LOGS)
     assert info.state.messages == 0
+
+
+async def test_a_write_starts_a_pump_without_waiting_for_the_interval(
+        nc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an interval (and a wait after a busy pump) no test outlives, lines appended after
+    the first pump can only go out because the write woke the manager (inotify on the file it
+    opened). Several writes, each after the last went out: every line once, in order."""
+    monkeypatch.setattr(capture, "BUSY_PUMP_SECONDS", 3600.0)
+    st = AgentState(tmp_path / "agent", {"fake": FakeDriver()}, 5.0)
+    root = tmp_path / "root"
+    (root / "var/log").mkdir(parents=True)
+    await create(st, "web", rootfs=root, tail={"access": "/var/log/access.log"})
+    access = root / "var/log/access.log"
+    access.write_text("")  # opened (and watched) by the first pump, which sends nothing
+    mgr = CaptureManager(st, "h1", interval=3600)
+    async with running(mgr, nc):
+        for want in (1, 2, 4, 7):
+            with access.open("a") as fh:
+                fh.write("".join(f"hit {i}\n" for i in range(mgr.sent + 1, want + 1)))
+            for _ in range(200):  # bounded: 10 s
+                if mgr.sent >= want:
+                    break
+                await asyncio.sleep(0.05)
+            assert mgr.sent == want
+    got = await sink_lines(nc, tmp_path / "sink", 7, "web/access.log")
+    assert got == [f"hit {i}" for i in range(1, 8)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -55,3 +57,14 @@ def test_ndjson_lines_are_numbered_and_filtered() -> None:
         '{"ts": 1.5, "host": "h1", "source": "stderr", "seq": 7, "line": "a"}\n',
         '{"ts": 1.5, "host": "h1", "source": "stderr", "seq": 8, "line": "b"}\n']
     assert lines_of(batch, "stdout") == []
+
+
+def test_ndjson_lines_decode_to_each_line_whatever_it_holds() -> None:
+    lines = ['say "hi"', "back\\slash", "tab\tand\x00nul", "ünïcödé ☃ 𝄞", "", "{}", "x" * 5000]
+    batch = LogBatch(host="h-1", instance="web", source="access", first_seq=41,
+                     lines=lines, ts=1764626400.123456)
+    out = lines_of(batch, "access")
+    assert all(o.endswith(b"\n") and o.count(b"\n") == 1 for o in out)
+    assert [json.loads(o) for o in out] == [
+        {"ts": 1764626400.123456, "host": "h-1", "source": "access", "seq": 41 + i,
+         "line": line} for i, line in enumerate(lines)]

@@ -4,8 +4,9 @@ Each source is one :class:`corral.telemetry.capture.LogCapture` (numbered batche
 CORRAL_LOGS stream, offsets saved only after JetStream acknowledged), with its offsets under
 ``<workdir>/capture/<source>.json``. So an agent killed with -9 and started again publishes the
 unacknowledged batch once more with the same line numbers: nothing lost, and a sink drops the
-repeat by number. The pump runs every ~0.2 s on the agent's own NATS connection; while the bus
-is away it simply fails and tries again, the files keep growing, the offsets hold the place.
+repeat by number. The pump runs every ~0.2 s on the agent's own NATS connection (sooner again
+right after it sent lines: see :data:`BUSY_PUMP_SECONDS`); while the bus is away it simply
+fails and tries again, the files keep growing, the offsets hold the place.
 
 A ``tail`` path is read where the workload sees it, on whichever host it runs. An absolute path
 is inside the instance's root filesystem when it has one (a container's root, a ``--from`` or
@@ -18,6 +19,16 @@ agent open, let alone publish, a file outside; without ``openat2`` the file open
 to lie inside (``/proc/self/fd``) before a byte is read. Only regular files are read (a FIFO
 would block the agent). Before an instance is deleted (its workdir goes with it) the delete
 handler calls :meth:`CaptureManager.before_delete`, which pumps once more and stops.
+
+Between pumps the manager also waits on inotify: each file a capture opened is watched (through
+``/proc/self/fd``, so the watch is on the very file opened, confined like the read), and a write
+to any of them starts the next pump at once (or :data:`LINGER_SECONDS` after a pump that sent
+lines). A line then reaches the bus in tens of milliseconds rather than up to a whole interval
+(the p99 of a line's latency at 2,000 lines/s was the 0.2 s interval). The interval stays, for
+files not there yet and for when inotify is not to be had (no watches left: the pump polls as
+before). A wake pumps every file, so after a pump the manager rests four times what it spent on
+files that had nothing new: one chatty file cannot make an agent with many instances check all
+the others without pause.
 """
 
 from __future__ import annotations
@@ -26,12 +37,17 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
 
 from corral.agent.state import AgentState
 from corral.agent.store import InstanceRecord
@@ -40,6 +56,18 @@ from corral.telemetry.capture import LogCapture
 log = logging.getLogger(__name__)
 
 PUMP_SECONDS = 0.2
+#: the polling wait after a pump that sent lines, doubled after each pump that sent none (0.01,
+#: 0.02, 0.04, 0.08 s) and then the interval again: a burst's next lines are not held for a
+#: whole interval (where inotify is not to be had), while an idle agent still pumps every
+#: ``PUMP_SECONDS`` (each pump opens every captured file)
+BUSY_PUMP_SECONDS = 0.01
+_BUSY_DOUBLINGS_UNTIL = 0.05
+#: after a pump, rest this many times what it spent on files with nothing new
+IDLE_SHARE_FACTOR = 4.0
+#: after a pump that sent lines, the next one waits this long, write or not: the lines written
+#: meanwhile go out as one batch. A batch per write (5 lines each at 2,000 lines/s) cost the
+#: server, the bus and every follower so much per message that they fell seconds behind.
+LINGER_SECONDS = 0.02
 #: a delete waits at most this long for the last lines to reach the bus.
 FINAL_PUMP_TIMEOUT = 5.0
 CAPTURE_DIR = "capture"
@@ -230,6 +258,76 @@ def skip_copied_lines(rec: InstanceRecord, workdir: Path) -> list[str]:
     return skipped
 
 
+class _Wakeup:
+    """Sets ``event`` when a watched file is written. Watches are per file (device and inode),
+    added when a capture opens the file and removed once no capture reads that file."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self._ino: INotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wds: dict[tuple[int, int], int] = {}
+        self._key_of: dict[LogCapture, tuple[int, int]] = {}
+        self._said = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self._ino = INotify(nonblocking=True)
+        except OSError as exc:
+            log.info("no inotify for log capture (%s): files are polled", exc.strerror)
+            return
+        self._loop = loop
+        loop.add_reader(self._ino.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self._ino is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._ino.fileno())
+            self._ino.close()
+            self._ino = None
+        self._wds.clear()
+        self._key_of.clear()
+
+    def _readable(self) -> None:
+        assert self._ino is not None
+        try:
+            events = self._ino.read(timeout=0)
+        except OSError:
+            events = []
+        gone = {ev.wd for ev in events if ev.mask & F.IGNORED}
+        if gone:  # the file was deleted: its inode number may come back as another file
+            for key in [k for k, wd in self._wds.items() if wd in gone]:
+                del self._wds[key]
+        self.event.set()
+
+    def watch(self, cap: LogCapture, fd: int) -> None:
+        if self._ino is None:
+            return
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        self._key_of[cap] = key
+        if key in self._wds:
+            return
+        try:
+            self._wds[key] = self._ino.add_watch(f"/proc/self/fd/{fd}", F.MODIFY)
+        except OSError as exc:  # e.g. out of watches: this file is polled
+            if not self._said:
+                log.warning("cannot watch %s for writes (%s): it is polled", cap.path,
+                            exc.strerror)
+                self._said = True
+
+    def keep(self, caps: set[LogCapture]) -> None:
+        """Forget the captures not in ``caps`` and unwatch the files none of them reads."""
+        for cap in [c for c in self._key_of if c not in caps]:
+            del self._key_of[cap]
+        live = set(self._key_of.values())
+        for key in [k for k in self._wds if k not in live]:
+            wd = self._wds.pop(key)
+            if self._ino is not None:
+                with contextlib.suppress(OSError):  # gone with its file already
+                    self._ino.rm_watch(wd)
+
+
 @dataclass
 class _Held:
     captures: dict[str, LogCapture]
@@ -247,6 +345,12 @@ class CaptureManager:
         #: names whose delete is under way: not captured again until their lock is released.
         self._deleting: set[str] = set()
         self.sent = 0
+        self._wakeup = _Wakeup()
+        #: False: writes do not start a pump (only the interval does)
+        self.wake_on_write = True
+        #: time the pumps spent on files that had nothing new (what a wake costs beyond the
+        #: lines it moves)
+        self._idle_seconds = 0.0
 
     def _hold(self, rec: InstanceRecord) -> _Held:
         workdir = self.state.store.dir_for(rec.name)
@@ -258,6 +362,8 @@ class CaptureManager:
         for src, path in rec.spec.tail.items():
             caps[src] = TailCapture(tail_path(rec, workdir, path), cdir / f"{src}.json",
                                     self.host, rec.name, src)
+        for cap in caps.values():
+            cap.on_open = functools.partial(self._wakeup.watch, cap)
         return _Held(caps)
 
     def sync(self) -> None:
@@ -274,12 +380,17 @@ class CaptureManager:
                     self._held[name] = self._hold(rec)
                 except OSError as exc:  # workdir vanishing under a concurrent delete
                     log.warning("cannot capture %s yet: %s", name, exc)
+        self._wakeup.keep({cap for held in self._held.values()
+                           for cap in held.captures.values()})
 
     async def _pump(self, name: str, held: _Held) -> int:
         sent = 0
         async with held.lock:
             for src, cap in held.captures.items():
+                began = time.monotonic()
                 n = await cap.pump(self.js)
+                if not n:
+                    self._idle_seconds += time.monotonic() - began
                 why = cap.refused if isinstance(cap, TailCapture) else None
                 if why is None:
                     held.refused.discard(src)
@@ -314,15 +425,26 @@ class CaptureManager:
                         exc or type(exc).__name__)
 
     async def run(self, nc: Any, stop: asyncio.Event) -> None:
-        """Pump every ``interval`` until ``stop``; bus failures are retried, never fatal."""
+        """Pump every ``interval``, on a write to a captured file, and soon again after a pump
+        that sent lines, until ``stop``; bus failures are retried, never fatal."""
         # the server makes the stream (a host may not touch the JetStream API): until it is
         # there, a pump fails and the next one tries again
         self.js = nc.jetstream()
+        self._wakeup.start(asyncio.get_running_loop())
+        try:
+            await self._run(stop)
+        finally:
+            self._wakeup.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         failing = False
+        wait = self.interval
         while not stop.is_set():
             self.sync()
+            self._idle_seconds = 0.0
+            self._wakeup.event.clear()  # a write from now on (even during the pump) wakes it
             try:
-                await self.pump_all()
+                sent = await self.pump_all()
                 if failing:
                     log.info("log capture is publishing again")
                 failing = False
@@ -331,10 +453,37 @@ class CaptureManager:
                     log.warning("log capture paused (%s); offsets hold the place",
                                 exc or type(exc).__name__)
                 failing = True
+                sent = 0
                 await _sleep_or_stop(stop, 1.0)
-            await _sleep_or_stop(stop, self.interval)
+            if sent:
+                wait = BUSY_PUMP_SECONDS
+            else:
+                wait = wait * 2 if wait < _BUSY_DOUBLINGS_UNTIL else self.interval
+            # a wake pumps every instance's files: checking the idle ones may take at most a
+            # fifth of the time (a pump's length is no measure: it goes on while lines come,
+            # and resting as long as it took held lines back for up to an interval)
+            rest = min(self.interval, IDLE_SHARE_FACTOR * self._idle_seconds)
+            if sent:
+                rest = max(rest, LINGER_SECONDS)
+            await _sleep_or_stop(stop, rest)
+            if self.wake_on_write:
+                await _wait_any(stop, self._wakeup.event, max(0.0, wait - rest))
+            else:
+                await _sleep_or_stop(stop, max(0.0, wait - rest))
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    """Until ``stop`` or ``wake`` is set, or ``seconds`` passed."""
+    if stop.is_set() or wake.is_set():
+        return
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

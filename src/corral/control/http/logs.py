@@ -40,11 +40,15 @@ def _not_found(name: str) -> NotFound:
 
 
 def lines_of(batch: LogBatch, source: str | None) -> list[bytes]:
-    """One NDJSON line per log line of ``batch`` (only ``source``'s when given)."""
+    """One NDJSON line per log line of ``batch`` (only ``source``'s when given). The fields the
+    batch's lines share are encoded once: a ``json.dumps`` of a whole dict per line was the
+    server's largest cost of a follower (15 us a line)."""
     if source is not None and batch.source != source:
         return []
-    return [json.dumps({"ts": batch.ts, "host": batch.host, "source": batch.source,
-                        "seq": batch.first_seq + i, "line": line}).encode() + b"\n"
+    head = (f'{{"ts": {json.dumps(batch.ts)}, "host": {json.dumps(batch.host)}, '
+            f'"source": {json.dumps(batch.source)}, "seq": ').encode()
+    first = batch.first_seq
+    return [b'%s%d, "line": %s}\n' % (head, first + i, json.dumps(line).encode())
             for i, line in enumerate(batch.lines)]
 
 
