@@ -69,7 +69,7 @@ class Shelves:
         another host with its own disk, and this copy is an old one."""
         now = self.fleet.clock()
         with self.fleet.sessions() as s:
-            up = {h.name for h in s.scalars(select(Host).where(Host.state == "up"))}
+            up = set(s.scalars(select(Host.name).where(Host.state == "up")))  # not the rows
             rows = s.scalars(select(Instance).where(
                 Instance.disk_host.is_not(None), Instance.offload_at.is_not(None),
                 Instance.offload_at <= now))
