@@ -137,7 +137,14 @@ async def test_the_server_sends_the_setting_to_the_source_agent(tmp_path: Path) 
     ctx = SimpleNamespace(
         data={"source": "h1", "target": "h2", "incoming": {"address": "10.0.0.2", "port": 4444}},
         record=SimpleNamespace(target="vm"), save=lambda: None)
+    switched: list[str] = []
+
+    async def switchover(c: Any) -> None:  # the claim and the record (test_op_faults' model)
+        switched.append(c.data["target"])
+
+    op._switchover = switchover  # type: ignore[method-assign,assignment]
     await op._live_send(ctx)  # type: ignore[arg-type]
+    assert switched == ["h2"]  # in the same step, after the stream
     [(host, verb, args)] = calls
     assert (host, verb) == ("h1", "live_send") and isinstance(args, rpc.LiveSendArgs)
     assert (args.downtime_ms, args.address, args.port, args.target) == (75, "10.0.0.2", 4444, "h2")
