@@ -51,7 +51,8 @@ OCTETS = "application/octet-stream"
 #: instances asked for per request when listing them all: ~650 KB of JSON, a fraction of a
 #: second of the server's loop, where the whole list of 100k instances was 63 MB and ~23 s
 PAGE_SIZE = 1000
-#: the response header naming the next page's cursor (``GET /v1/instances``)
+#: the response header naming the next page's cursor (``GET /v1/instances``; the server's
+#: route takes it from here)
 NEXT_HEADER = "X-Corral-Next"
 
 

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
+from corral.api.client import NEXT_HEADER
 from corral.api.models import (
     ActionRequest,
     CreateInstance,
@@ -64,7 +65,6 @@ ECHO_MAX = 200
 #: ``GET /v1/instances``: the largest page (~650 bytes of JSON an instance: ~3 MB), the
 #: header naming the next page's cursor, and the longest cursor or host filter taken
 PAGE_MAX = 5000
-NEXT_HEADER = "X-Corral-Next"
 AFTER_MAX = 253
 #: a cursor may be any text but NUL, which PostgreSQL refuses in a text value (a 500)
 NO_NUL = r"^[^\x00]*$"
