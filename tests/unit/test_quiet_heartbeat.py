@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
+from test_heartbeat_writes import LEASE, Clock  # the same fleet under the same clock
 
 from corral.bus.messages import Capacity, Heartbeat, InstanceReport, JoinRequest
 from corral.config import Settings
@@ -17,17 +18,6 @@ from corral.control.db import Host, Instance, Standby, open_db
 from corral.control.fleet import Fleet
 from corral.ops import locks
 from corral.ops.locks import LockSet
-
-LEASE = 10.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 World = tuple[Fleet, Clock, sessionmaker[Session], list[list[object]]]
 
