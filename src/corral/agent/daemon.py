@@ -149,7 +149,7 @@ class Agent:
                                listen=settings.host_address, port=settings.data_port)
         self.state.disks = self.disks
         self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address,
-                                           self.data_dir / "vips.json")
+                                           self.data_dir / "vips.json", routed=self._routed)
         #: when our lease runs out as far as we can know (armed now; see agent/fence.py)
         self.lease = LeaseClock(settings.lease_seconds, settings.fence_margin_seconds)
         #: what the server would fail over, as it last said (see agent/fence.py)
@@ -163,6 +163,11 @@ class Agent:
         self.state.on_end.append(self.restarter.noticed)
         #: health checks (agent/health.py), run while instances run
         self.health = HealthMonitor(self.state)
+
+    def _routed(self, driver: str) -> bool:
+        """Whether ``driver``'s instances hold their VIP themselves (agent/vips.py)."""
+        drv = self.state.drivers.get(driver)
+        return drv is not None and drv.capabilities.vip_in_guest
 
     def _may_restart(self, rec: InstanceRecord) -> bool:
         return not (self.lease.fenced and self.guarded.covers(rec.name))

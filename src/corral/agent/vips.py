@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from corral.agent.store import InstanceRecord, write_atomic
@@ -36,8 +36,6 @@ from corral.lifecycle import ALIVE
 
 log = logging.getLogger(__name__)
 
-#: drivers whose instances hold their VIP themselves (the host routes it to them)
-ROUTED = frozenset({"qemu"})
 #: ``InstanceRecord.extra`` key: this copy must not hold its VIP (a live migration's other end)
 AWAY = "vip_away"
 #: seconds after the first gratuitous ARP (sent before ``up`` returns) to send it again, off
@@ -96,8 +94,12 @@ class Vips:
     ``sync``'s, touches nothing else. An address that was on the interface before corral came
     (the host's own, one an administrator configured) is refused as a VIP and never deleted."""
 
-    def __init__(self, interface: str, host_address: str, state: Path | None = None) -> None:
+    def __init__(self, interface: str, host_address: str, state: Path | None = None,
+                 routed: Callable[[str], bool] = lambda driver: False) -> None:
+        """``routed(driver)``: whether that driver's instances hold their VIP themselves
+        (``Capabilities.vip_in_guest``): the host routes such an address to them."""
         self._interface = interface
+        self._routed = routed
         self.host_address = host_address
         #: one change at a time: a start's add racing a heartbeat's sync would add twice
         self._lock = asyncio.Lock()
@@ -169,7 +171,7 @@ class Vips:
         """Add the instance's address and announce it (call after it started)."""
         if rec.spec.vip and not rec.extra.get(AWAY):
             async with self._lock:
-                await asyncio.to_thread(self._add, rec.spec.vip, None, rec.driver in ROUTED)
+                await asyncio.to_thread(self._add, rec.spec.vip, None, self._routed(rec.driver))
             self._announce_again(rec.spec.vip)
             log.info("virtual IP %s of %s is up on %s", rec.spec.vip, rec.name, self.interface)
 
@@ -196,12 +198,12 @@ class Vips:
     async def _sync(self, recs: list[InstanceRecord]) -> None:
         want = wanted(recs)
         ours = {r.spec.vip for r in recs if r.spec.vip}
-        routed = {r.spec.vip for r in recs if r.spec.vip and r.driver in ROUTED
+        routed = {r.spec.vip for r in recs if r.spec.vip and self._routed(r.driver)
                   and r.state in ALIVE and not r.extra.get(AWAY)}
         try:
             present = await asyncio.to_thread(addresses_on, self.interface)
             proxied = (await asyncio.to_thread(viplib.proxied, self.interface)
-                       if any(r.driver in ROUTED for r in recs) else set())
+                       if any(self._routed(r.driver) for r in recs) else set())
         except Exception as exc:
             log.error("cannot list addresses on %s: %s", self._interface or "?", exc)
             return

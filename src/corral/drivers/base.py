@@ -29,6 +29,9 @@ class Capabilities:
     #: can move a running instance to another host without stopping it (a VM's memory is
     #: copied while it runs; a process tree's cannot be).
     can_live_migrate: bool = False
+    #: the instance holds its virtual IP itself (a VM's own NIC, on a tap): the host routes the
+    #: address to it and answers ARP for it, rather than holding it (agent/vips.py)
+    vip_in_guest: bool = False
     #: runs guests with hardware virtualisation (KVM); a VM driver without it emulates (TCG),
     #: many times slower. A bool, as the wire carries capabilities as ``dict[str, bool]``.
     kvm: bool = False

@@ -269,7 +269,7 @@ class QemuDriver:
         self.accel = accel
         self.capabilities = Capabilities(can_freeze=True, needs_root=True, cgroup_accounting=True,
                                          needs_rootfs=True, can_live_migrate=True,
-                                         kvm=accel == "kvm")
+                                         vip_in_guest=True, kvm=accel == "kvm")
         self._lock = threading.Lock()
         self._qmp_locks: dict[str, threading.Lock] = {}
         self._shims: dict[str, subprocess.Popen[bytes]] = {}
