@@ -206,7 +206,10 @@ class Migrate(DiskOps):
             return
         if ctx.data.get("live"):  # the stream sends the disk: only its size goes now
             res = await self.send(ctx, ctx.data["source"], "live", shape_only=LIVE_SHAPE_ONLY)
-            ctx.data["shapes"] = res.get("shapes") or {}
+            # only what was asked: a source host does not choose which files of the
+            # target's copy come out empty
+            ctx.data["shapes"] = {k: v for k, v in (res.get("shapes") or {}).items()
+                                  if k in LIVE_SHAPE_ONLY}
             ctx.save()
         else:
             await self.send(ctx, ctx.data["source"], "live")
