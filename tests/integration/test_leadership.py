@@ -219,6 +219,39 @@ async def test_a_clean_stop_gives_the_lease_back_at_once(db: str) -> None:
         eb.dispose()
 
 
+async def test_a_leader_whose_renewal_is_late_settles_before_a_call_is_turned_away(
+        db: str) -> None:
+    ea, eb = sa.create_engine(db), sa.create_engine(db)
+    now = [0.0]
+    a, b = Leadership(ea, "a", 1.5, clock=lambda: now[0]), Leadership(eb, "b", 1.5)
+    try:
+        await a.start()
+        assert a.is_leader
+        now[0] = 2.0  # by a's clock its renewal is late: not sure, though no one else leads
+        assert not a.is_leader and a.generation == 1
+        await a.settle(10)
+        assert a.is_leader and a.generation == 1  # renewed at once, not a 503
+
+        loop = a._task
+        assert loop is not None
+        loop.cancel()  # a's renewals stop (paused, cut off), and b takes the lease meanwhile
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        time.sleep(1.6)
+        await b._step()
+        assert b.is_leader and b.generation == 2
+        now[0] = 4.0
+        a._task = asyncio.create_task(a._run())  # a comes back, late by its own clock
+        await a.settle(10)
+        assert a.generation is None and not a.is_leader  # the poll found out: it follows
+        await a.settle(10)  # a follower never waits
+    finally:
+        await a.stop()
+        await b.stop()
+        ea.dispose()
+        eb.dispose()
+
+
 # --- servers in this process: forwarding and status ----------------------------------------------
 
 

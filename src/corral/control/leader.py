@@ -146,6 +146,8 @@ class Leadership:
         self._dialect = engine.dialect.name
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: set (and replaced) after every poll: what :meth:`settle` waits on
+        self._stepped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         #: the poll in flight (a worker thread), awaited again rather than doubled while the
@@ -166,6 +168,22 @@ class Leadership:
         loop gets to step down)."""
         return self.generation is not None and (not self._shared
                                                 or self.clock() < self.valid_until)
+
+    async def settle(self, timeout: float) -> None:
+        """A leader whose lease is no longer sure only because its renewal is late (a loaded
+        machine, a slow database) polls now and waits for the answer, up to ``timeout``: a
+        call that arrives in that gap is answered, not turned away with a 503 while no other
+        server could lead. Returns at once while this server follows or is sure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.generation is not None and not self.is_leader and not self._stopping:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            stepped = self._stepped
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stepped.wait(), left)
 
     def _connect_timeout(self, _dialect: Any, _rec: Any, _args: Any,
                          params: dict[str, Any]) -> None:
@@ -317,6 +335,13 @@ class Leadership:
         return max(0.01, wait)
 
     async def _step(self) -> None:
+        try:
+            await self._poll_step()
+        finally:
+            stepped, self._stepped = self._stepped, asyncio.Event()
+            stepped.set()
+
+    async def _poll_step(self) -> None:
         try:
             found, started = await self._poll_bounded()
         except Exception as exc:

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: marks a request a follower forwarded (its value: that follower's id)
 FORWARDED_BY = b"x-corral-forwarded-by"
 CONNECT_TIMEOUT = 5.0
+#: how long a call waits for the leader's own late lease renewal before a 503
+SETTLE_TIMEOUT = 5.0
 #: reads that go to the leader too: the image store is the leader's
 LEADER_READS = ("/v1/images", "/v1/chunks")
 #: headers that belong to one connection, not to the request or the answer
@@ -68,6 +70,8 @@ class Leading(Protocol):
     @property
     def leader(self) -> LeaderLike | None: ...
 
+    async def settle(self, timeout: float) -> None: ...
+
 
 def forwarded(method: str, path: str) -> bool:
     """Whether a follower sends this call to the leader."""
@@ -82,8 +86,13 @@ class Forward:
         self.ssl_context = ssl_context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.leadership.is_leader or not forwarded(
-                str(scope["method"]).upper(), str(scope["path"])):
+        if scope["type"] != "http" or not forwarded(str(scope["method"]).upper(),
+                                                    str(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        if not self.leadership.is_leader:  # a leader's late renewal is waited for, bounded
+            await self.leadership.settle(SETTLE_TIMEOUT)
+        if self.leadership.is_leader:
             await self.app(scope, receive, send)
             return
         leader = self.leadership.leader
