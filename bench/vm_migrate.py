@@ -51,12 +51,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,55 +158,6 @@ def summary(xs: list[float], unit: str, fmt: str = ".2f") -> str:
 
 
 # -- corral ----------------------------------------------------------------------------------
-class Held:
-    """A TCP connection to the guest's counting stream, read by a thread; arrival times kept."""
-
-    def __init__(self, address: str, port: int) -> None:
-        self.sock = wait(lambda: _connect(address, port), f"{address}:{port} answering", BOOT,
-                         1.0)
-        self.sock.settimeout(300)
-        self.numbers: list[int] = []
-        self.times: list[float] = []
-        self.error = ""
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        buf = b""
-        try:
-            while chunk := self.sock.recv(4096):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for x in lines:
-                    if x.strip():
-                        self.numbers.append(int(x))
-                        self.times.append(time.monotonic())
-            self.error = "closed by the guest"
-        except (OSError, ValueError) as exc:
-            self.error = str(exc) or type(exc).__name__
-
-    def pause_since(self, index: int) -> float:
-        """The longest wait between two numbers from ``index`` on (ms); checks the stream."""
-        nums = self.numbers
-        if self.error or nums != list(range(nums[0], nums[0] + len(nums))):
-            raise SystemExit(f"the held connection broke or skipped: {self.error or nums}")
-        ts = self.times[max(0, index - 1):]
-        return max((b - a for a, b in itertools.pairwise(ts)), default=0.0) * 1000
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(10)
-
-
-def _connect(address: str, port: int) -> socket.socket | None:
-    try:
-        return socket.create_connection((address, port), timeout=2)
-    except OSError:
-        return None
-
-
 class Fleet:
     def __init__(self, top: Path) -> None:
         self.top = top
@@ -321,7 +270,7 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
     try:
         fleet.offer_qemu("host1")
         fleet.offer_qemu("host2")
-        from corral.drivers.qemu_guest import COUNT_PORT
+        from corral.drivers.qemu_guest import CountStream
         from corral.rig.context import load_context
 
         ctx = load_context(Path(fleet.env["CORRAL_CONTEXT"]))
@@ -332,7 +281,8 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
                   "--cpus", "1", "--memory", f"{memory // MiB}M", "--vip", f"{vip}/24", "--",
                   "sh", "-c", "corral-guest-service >/dev/null & " + WRITER)
         wait(lambda: len(ticks(fleet.cli("logs", "vm"))) >= 3, "the writer writing", BOOT, 1.0)
-        held = Held(vip, COUNT_PORT)
+        held = CountStream(wait(lambda: CountStream.connect(vip), f"{vip} answering", BOOT,
+                                1.0), read_timeout=300)
         here = "host1"
         for i in range(rounds):
             to = "host2" if here == "host1" else "host1"
@@ -351,9 +301,12 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
                 got = ticks(fleet.cli("logs", "vm"))
                 return bool(got) and got[-1][0] > b + 10
             wait(went_on, "the counter going on", 120, 1.0)
-            wait(lambda m=mark: len(held.numbers) > m + 20 or held.error,
-                 "the held connection going on", 120, 0.2)
-            pause_ms = held.pause_since(mark)
+            def held_on(m: int = mark) -> bool:
+                return len(held.numbers) > m + 20 or held.error is not None
+            wait(held_on, "the held connection going on", 120, 0.2)
+            if why := held.broken():
+                raise SystemExit(f"round {i + 1}: {why}")
+            pause_ms = held.longest_pause(mark) * 1000
             nums = continuous(fleet.cli("logs", "vm"), before)
             left = qemus(str(top), "vm")
             if len(left) != 1:

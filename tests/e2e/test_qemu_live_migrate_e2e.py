@@ -28,8 +28,6 @@ import json
 import os
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,7 +47,7 @@ from test_qemu_e2e import (
 )
 from test_qemu_e2e import guest as guest
 
-from corral.drivers.qemu_guest import COUNT_PORT, SERVICE_PORT
+from corral.drivers.qemu_guest import COUNT_PORT, SERVICE_PORT, CountStream
 from corral.rig import netns, procs
 from corral.rig.context import load_context
 
@@ -124,37 +122,13 @@ def paused_migration(f: Fleet, name: str, to: str, step: str,
     return finished(f, op_id)
 
 
-class Stream:
-    """A connection to the guest's counting stream, read by a thread as long as it lasts."""
+class Stream(CountStream):
+    """The guest's counting stream held open by this test (drivers/qemu_guest.py)."""
 
     def __init__(self, address: str, f: Fleet) -> None:
-        def connect() -> socket.socket | None:
-            try:
-                return socket.create_connection((address, COUNT_PORT), timeout=2)
-            except OSError:
-                return None
-
-        self.sock: socket.socket = wait_until(connect, f"{address}:{COUNT_PORT} answering",
-                                              BOOT, f)
-        self.sock.settimeout(120)  # far above any pause a migration makes
-        self.numbers: list[int] = []
-        self.times: list[float] = []
-        self.error: str | None = None
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        buf = b""
-        try:
-            while chunk := self.sock.recv(4096):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                got = [int(x) for x in lines if x.strip()]
-                self.numbers += got
-                self.times += [time.monotonic()] * len(got)
-            self.error = "the guest closed the connection"
-        except (OSError, ValueError) as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+        sock = wait_until(lambda: CountStream.connect(address),
+                          f"{address}:{COUNT_PORT} answering", BOOT, f)
+        super().__init__(sock, read_timeout=120)
 
     def grows(self, by: int, f: Fleet, timeout: float = 60) -> None:
         n = len(self.numbers)
@@ -163,20 +137,8 @@ class Stream:
         self.check()
 
     def check(self) -> None:
-        assert self.error is None, f"the held connection broke: {self.error}"
-        nums = self.numbers
-        assert nums and nums == list(range(nums[0], nums[0] + len(nums))), \
-            f"the stream skipped or repeated: {nums[:5]} ... {nums[-5:]}"
-
-    def longest_pause(self) -> float:
-        """The longest wait between two numbers (s): what a client felt of a move."""
-        return max((b - a for a, b in itertools.pairwise(self.times)), default=0.0)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(10)
+        why = self.broken()
+        assert why is None, why
 
 
 def proxied_on(f: Fleet, host: str) -> str:

@@ -27,18 +27,23 @@ directory; ``scripts/bootstrap`` runs it as root, tests call :func:`build_guest`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -412,6 +417,64 @@ def build_guest(cache: Path | None = None, *, refresh: bool = False) -> Path:
             shutil.rmtree(dest)
         out.rename(dest)
     return dest
+
+
+class CountStream:
+    """A client of the guest's counting stream (``corral-count`` on :data:`COUNT_PORT`),
+    read by a thread as long as the connection lasts, each number with its arrival time: what
+    the live-migration test and bench hold open through a move. ``sock`` is connected (the
+    caller waits for the guest to answer its own way)."""
+
+    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+        self.sock = sock
+        self.sock.settimeout(read_timeout)  # far above any pause a migration makes
+        self.numbers: list[int] = []
+        self.times: list[float] = []
+        #: why reading stopped (None: it goes on)
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def connect(address: str, timeout: float = 2.0) -> socket.socket | None:
+        """A connection to the stream, or None while nothing answers there."""
+        try:
+            return socket.create_connection((address, COUNT_PORT), timeout=timeout)
+        except OSError:
+            return None
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                got = [int(x) for x in lines if x.strip()]
+                self.numbers += got
+                self.times += [time.monotonic()] * len(got)
+            self.error = "the guest closed the connection"
+        except (OSError, ValueError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def broken(self) -> str | None:
+        """Why the stream is not one unbroken count (it stopped, skipped or repeated)."""
+        if self.error is not None:
+            return f"the held connection broke: {self.error}"
+        nums = list(self.numbers)
+        if not nums or nums != list(range(nums[0], nums[0] + len(nums))):
+            return f"the stream skipped or repeated: {nums[:5]} ... {nums[-5:]}"
+        return None
+
+    def longest_pause(self, since: int = 0) -> float:
+        """The longest wait between two numbers from the ``since``-th on (s)."""
+        ts = self.times[max(0, since - 1):]
+        return max((b - a for a, b in itertools.pairwise(ts)), default=0.0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(10)
 
 
 def clone_guest(guest: Path, dest: Path) -> Path:
