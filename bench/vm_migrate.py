@@ -4,8 +4,11 @@
 The same guest (``python -m corral.drivers.qemu_guest``), the same memory (256 MiB; ``--long``:
 512 MiB, the issue's size), the same disk (the guest's 32 MiB data disk, sent by block
 migration in both), one vCPU, the same QEMU and accelerator on the same machine, and **TLS in
-both** (x509 credentials from a CA of the fleet's kind; the destination admits only the
-source's certificate). The guest's command is a writer dirtying memory at a fixed rate: it
+both**: corral's stream goes through the agents' data channel (mutual TLS with the hosts'
+certificates, the server's ticket), the baseline's is QEMU's own (x509 credentials from a CA
+of the fleet's kind; the destination admits only the source's certificate).
+
+The guest's command is a writer dirtying memory at a fixed rate: it
 copies 1 MiB of random bytes into a 64 MiB file of its RAM-backed root (``/tmp``, an
 initramfs) every 0.1 s (about 10 MiB/s at most; the rate reached is printed), counting the
 copies in its shell's memory and printing every tenth count on its console.
@@ -51,6 +54,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -347,14 +351,33 @@ def run_corral(top: Path, guest: Path, memory: int, rounds: int,
 
 
 # -- baseline: QEMU's own migrate, driven by QMP -----------------------------------------------
-def identity(ca: Any, d: Path, host: str) -> Any:
+#: RFC 7919's ffdhe2048 group: without a ``dh-params.pem`` a server-side ``tls-creds-x509``
+#: makes fresh DH parameters when created (seconds of CPU), as QEMU's docs warn
+DH_PARAMS = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+CREDS_ID, AUTHZ_ID = "bench-tls", "bench-authz"
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+def identity(ca: Any, d: Path, host: str) -> TlsFiles:
     """A host's key and certificate from ``ca``, as enrolment leaves them."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-
-    from corral.drivers.qemu_migrate import TlsFiles
 
     d.mkdir(parents=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -369,26 +392,62 @@ def identity(ca: Any, d: Path, host: str) -> Any:
     return TlsFiles(str(ca.ca_file), str(d / "host.crt"), str(d / "host.key"))
 
 
-def qmp_migrate(sock: Path, work: Path, tls: Any, peer: str, port: int) -> dict[str, Any]:
+def tls_creds(q: Any, work: Path, tls: TlsFiles, endpoint: str) -> None:
+    """QEMU's ``tls-creds-x509`` from a directory of its fixed file names (0700, removed once
+    QEMU read it), verifying the peer, as QEMU's migration TLS docs set it up."""
+    d = work / "bench-tls"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(mode=0o700)
+    try:
+        for src, name in ((tls.ca_file, "ca-cert.pem"), (tls.cert_file, f"{endpoint}-cert.pem"),
+                          (tls.key_file, f"{endpoint}-key.pem")):
+            shutil.copyfile(src, d / name)
+        if endpoint == "server":
+            (d / "dh-params.pem").write_text(DH_PARAMS)
+        q.execute("object-add", {"qom-type": "tls-creds-x509", "id": CREDS_ID, "dir": str(d),
+                                 "endpoint": endpoint, "verify-peer": True})
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def incoming(drv: Any, h: Any, tls: TlsFiles, peer: str) -> tuple[Any, int]:
+    """The destination by hand: QEMU with the VM's argv (the driver's) and ``-incoming
+    defer``, TLS credentials, only ``peer``'s certificate admitted, then ``migrate-incoming``
+    on a free loopback port."""
+    from corral.drivers import qemu_migrate as mig
+    from corral.drivers import qemu_qmp, runs
+    from corral.drivers.qemu import QMP_SOCK
+
+    d = drv._launch(h, ["-incoming", "defer"])
+    with qemu_qmp.QMP(runs.workdir(d) / QMP_SOCK, 60.0) as q:
+        tls_creds(q, runs.workdir(d), tls, "server")
+        q.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID,
+                                 "identity": f"CN={peer}"})
+        q.execute("migrate-set-parameters", {"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID})
+        q.execute("migrate-set-capabilities", mig.capabilities())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        q.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+    return d, port
+
+
+def qmp_migrate(sock: Path, work: Path, tls: TlsFiles, peer: str, port: int) -> dict[str, Any]:
     """The source's side by hand: credentials, capabilities, parameters, ``migrate``, then
     ``query-migrate`` until it ends; QEMU's last answer."""
     from corral.drivers import qemu_migrate as mig
     from corral.drivers import qemu_qmp
 
     with qemu_qmp.QMP(sock, 60.0) as q:
-        for oid in (mig.CREDS_ID, mig.AUTHZ_ID):  # a QEMU that came in holds the server's
+        for oid in (CREDS_ID, AUTHZ_ID):  # a QEMU that came in holds the server's
             with contextlib.suppress(qemu_qmp.QMPError):
                 q.execute("object-del", {"id": oid})
-        d = mig.write_tls_dir(work, tls, "client")
-        try:
-            q.execute("object-add", mig.creds_args(d, "client"))
-        finally:
-            mig.remove_tls_dir(work)
+        tls_creds(q, work, tls, "client")
         q.execute("migrate-set-capabilities", mig.capabilities())
         q.execute("migrate-set-parameters", {
             "downtime-limit": DOWNTIME_MS, "max-bandwidth": mig.MAX_BANDWIDTH,
-            "tls-creds": mig.CREDS_ID, "tls-hostname": peer})
-        q.execute("migrate", {"uri": mig.uri("127.0.0.1", port)})
+            "tls-creds": CREDS_ID, "tls-hostname": peer})
+        q.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         deadline = time.monotonic() + 1800
         disk: dict[str, Any] = {}
         done_at: float | None = None
@@ -446,7 +505,7 @@ def run_baseline(top: Path, guest: Path, memory: int, rounds: int) -> list[dict[
             shutil.copytree(Path(spec(here).rootfs or ""), dst_wd / "disk")
             d = drivers[to].create(spec(to))
             handles.append((to, d))
-            d, port = drivers[to].incoming(d, "127.0.0.1", hosts[to], here)
+            d, port = incoming(drivers[to], d, hosts[to], here)
             handles[-1] = (to, d)
             info = qmp_migrate(runs.workdir(h) / QMP_SOCK, runs.workdir(h), hosts[here], to,
                                port)

@@ -1,32 +1,24 @@
-"""The parts of live migration that need no QEMU: how ``query-migrate`` is read, the private
-TLS directory QEMU loads its credentials from, the downtime limit's way from the setting to
-QMP, and the fake driver's model of a migration (what the agent's and server's unit tests run
+"""The parts of live migration that need no QEMU: how ``query-migrate`` is read, the stream's
+socket name, the downtime limit's way from the setting to QMP, the stream's ticket, and the
+fake driver's model of a migration (what the agent's and server's unit tests run
 against)."""
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from corral.bus import rpc
 from corral.config import Settings, load
 from corral.control.operations.migrate import Migrate
-from corral.drivers.base import LiveMigration, MigrationTls, Spec
+from corral.disks import tickets, tunnel
+from corral.drivers.base import LiveMigration, Spec
 from corral.drivers.fake import FakeDriver, FakeWorld
-from corral.drivers.qemu_migrate import (
-    CREDS_ID,
-    TLS_DIR,
-    parse_stats,
-    remove_tls_dir,
-    set_send_params,
-    settled,
-    uri,
-    write_tls_dir,
-)
+from corral.drivers.qemu_migrate import parse_stats, set_send_params, settled, uri
 from corral.errors import ConfigError, DriverError, NotSupported
 
 
@@ -52,30 +44,11 @@ def test_a_completed_answer_without_its_figures_is_asked_again() -> None:
     assert settled(early, since=10.0, now=16.0)  # never filled in: taken as it is
 
 
-def test_uri_brackets_ipv6() -> None:
-    assert uri("10.0.0.2", 4444) == "tcp:10.0.0.2:4444"
-    assert uri("fd00::2", 4444) == "tcp:[fd00::2]:4444"
-
-
-def test_the_tls_directory_is_private_and_named_as_qemu_reads_it(tmp_path: Path) -> None:
-    for name, text in (("ca.crt", "CA"), ("host.crt", "CERT"), ("host.key", "KEY")):
-        (tmp_path / name).write_text(text)
-    tls = MigrationTls(str(tmp_path / "ca.crt"), str(tmp_path / "host.crt"),
-                       str(tmp_path / "host.key"))
-    d = write_tls_dir(tmp_path, tls, "server")
-    assert d == tmp_path / TLS_DIR and stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert sorted(p.name for p in d.iterdir()) == [
-        "ca-cert.pem", "dh-params.pem", "server-cert.pem", "server-key.pem"]
-    assert (d / "server-key.pem").read_text() == "KEY"
-    assert stat.S_IMODE((d / "server-key.pem").stat().st_mode) == 0o600
-    c = write_tls_dir(tmp_path, tls, "client")  # made again from scratch
-    assert sorted(p.name for p in c.iterdir()) == ["ca-cert.pem", "client-cert.pem",
-                                                    "client-key.pem"]
-    remove_tls_dir(tmp_path)
-    assert not c.exists()
-    (tmp_path / "host.key").unlink()
-    with pytest.raises(DriverError, match=r"host\.key"):
-        write_tls_dir(tmp_path, tls, "client")
+def test_the_stream_socket_is_a_plain_name_in_qemus_directory() -> None:
+    assert uri("migrate-in.sock") == "unix:migrate-in.sock"
+    for bad in ("", "../x.sock", "/tmp/x.sock", "a,server=on"):
+        with pytest.raises(DriverError, match="bad migration socket name"):
+            uri(bad)
 
 
 def test_the_fake_driver_hands_a_running_instance_over(tmp_path: Path) -> None:
@@ -85,34 +58,32 @@ def test_the_fake_driver_hands_a_running_instance_over(tmp_path: Path) -> None:
     spec = Spec("vm", ["run"], str(tmp_path))
     hs = src.start(src.create(spec))
     src.set_cpu(hs.name, 5_000)
-    hd, port = dst.incoming(dst.create(spec), "127.0.0.1", None, "a")
+    hd, sock = dst.incoming(dst.create(spec), "a")
     assert dst.status(hd).state == "frozen"
-    assert dst.incoming(hd, "127.0.0.1", None, "a") == (hd, port)  # idempotent
-    stats = src.migrate_out(hs, "127.0.0.1", port, None, "b", 300, 10)
+    assert dst.incoming(hd, "a") == (hd, sock)  # idempotent
+    assert dst.stream_dir(hd) == tmp_path
+    stats = src.migrate_out(hs, sock, "b", 300, 10)
     assert stats.status == "completed"
     assert (src.status(hs).state, dst.status(hd).state) == ("frozen", "running")
     assert dst.stats([hd])["vm"].cpu_ns == 5_000  # the counters went with it
-    with pytest.raises(DriverError):  # nothing waits on that port any more
-        src.migrate_out(hs, "127.0.0.1", port, None, "b", 300, 10)
+    with pytest.raises(DriverError):  # nothing waits on that socket any more
+        src.migrate_out(hs, sock, "b", 300, 10)
     src.migration_abort(hs)
     assert src.status(hs).state == "running"
     with pytest.raises(NotSupported):
-        FakeDriver().incoming(hd, "127.0.0.1", None, "a")
+        FakeDriver().incoming(hd, "a")
 
 
 def test_the_downtime_limit_reaches_qmp_before_the_stream_starts() -> None:
     sent: list[tuple[str, dict[str, Any]]] = []
-    set_send_params(lambda cmd, args: sent.append((cmd, args)), 1234, "h2")
+    set_send_params(lambda cmd, args: sent.append((cmd, args)), 1234)
     assert [c for c, _ in sent] == ["migrate-set-capabilities", "migrate-set-parameters"]
-    params = sent[1][1]
-    assert params["downtime-limit"] == 1234
-    assert (params["tls-creds"], params["tls-hostname"]) == (CREDS_ID, "h2")
+    assert sent[1][1]["downtime-limit"] == 1234
     sent.clear()
-    set_send_params(lambda cmd, args: sent.append((cmd, args)), 300, None)
+    set_send_params(lambda cmd, args: sent.append((cmd, args)), 300)
     assert sent[1][1]["downtime-limit"] == 300
-    assert sent[1][1]["tls-creds"] == "" and "tls-hostname" not in sent[1][1]  # plain TCP
     with pytest.raises(DriverError, match="live_migrate_downtime_ms"):
-        set_send_params(lambda cmd, args: None, 0, None)
+        set_send_params(lambda cmd, args: None, 0)
 
 
 def test_the_downtime_setting_is_bounded_and_defaults_to_qemus() -> None:
@@ -132,8 +103,10 @@ async def test_the_server_sends_the_setting_to_the_source_agent(tmp_path: Path) 
             return rpc.LiveStats(status="completed", total_ms=900.0, downtime_ms=40.0,
                                  ram_bytes=10, disk_bytes=5, dirty_syncs=2)
 
-    op = Migrate(None, Agents(), Settings(data_dir=tmp_path,  # type: ignore[arg-type]
-                                          live_migrate_downtime_ms=75))
+    key = Ed25519PrivateKey.generate()
+    fleet = SimpleNamespace(ticket_key=key)
+    op = Migrate(fleet, Agents(), Settings(data_dir=tmp_path,  # type: ignore[arg-type]
+                                           live_migrate_downtime_ms=75))
     ctx = SimpleNamespace(
         data={"source": "h1", "target": "h2", "incoming": {"address": "10.0.0.2", "port": 4444}},
         record=SimpleNamespace(target="vm"), save=lambda: None)
@@ -148,4 +121,7 @@ async def test_the_server_sends_the_setting_to_the_source_agent(tmp_path: Path) 
     [(host, verb, args)] = calls
     assert (host, verb) == ("h1", "live_send") and isinstance(args, rpc.LiveSendArgs)
     assert (args.downtime_ms, args.address, args.port, args.target) == (75, "10.0.0.2", 4444, "h2")
+    # the stream's ticket: this instance, from the source to the target, for a stream only
+    got = tickets.verify(args.ticket, key.public_key())
+    assert (got.instance, got.slot, got.source, got.target) == ("vm", tunnel.LIVE, "h1", "h2")
     assert ctx.data["downtime_ms"] == 40.0

@@ -33,6 +33,7 @@ from corral.agent.handlers import HANDLERS, restart_ended
 from corral.agent.health import HealthMonitor
 from corral.agent.identity import Identity
 from corral.agent.imagecache import ImageCache
+from corral.agent.live_handlers import tunnels
 from corral.agent.report import is_alive
 from corral.agent.restart import Restarter
 from corral.agent.sampler import sample_pass
@@ -148,6 +149,7 @@ class Agent:
         self.disks = HostDisks(disk_root, settings.disk_backend, self.data_dir, self.host,
                                listen=settings.host_address, port=settings.data_port)
         self.state.disks = self.disks
+        self.disks.channel.tunnels = tunnels(self.state)  # a live migration's stream
         self.vips = self.state.vips = Vips(settings.vip_interface, settings.host_address,
                                            self.data_dir / "vips.json", routed=self._routed)
         #: when our lease runs out as far as we can know (armed now; see agent/fence.py)

@@ -3,9 +3,11 @@
 The server drives it as separate calls so each is one step of the ``migrate`` operation with
 its undo beside it: the destination starts the created instance waiting for the stream
 (``live_incoming``), the source sends it (``live_send``), and the source's undo cancels and
-lets the instance run on (``live_abort``). The stream goes host to host on the address of the
-host's data channel, encrypted and authenticated with the same host certificate the data
-channel uses (from enrolment); the server only learns where the destination listens.
+lets the instance run on (``live_abort``). The stream goes host to host through the agents'
+data channel (:mod:`corral.disks.tunnel`): the hypervisor at each end talks to a unix socket in
+the instance's directory, the source's agent connects to the destination's data channel with
+its host certificate and the server's ticket for this one stream, and the destination's agent
+relays it only into the socket where that instance waits for that source (:func:`tunnels`).
 
 ``live_send`` does not hold the instance's lock while the stream runs (minutes, for a big
 guest): heartbeats and status calls go on meanwhile, and the server's operation lock keeps the
@@ -28,14 +30,17 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from corral.agent.state import AgentState, Handler
 from corral.agent.store import InstanceRecord, check_name
 from corral.agent.vips import AWAY
 from corral.bus import rpc
 from corral.bus.messages import InstanceReport
-from corral.drivers.base import LiveMigration, MigrationTls
-from corral.errors import Conflict, CorralError, InvalidRequest, NotSupported
+from corral.disks import tunnel
+from corral.disks.channel import Tunnels, client_context
+from corral.drivers.base import LiveMigration
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, NotSupported
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,12 @@ WATCH_EVERY = 0.05
 #: and for how long at most (a live stream's own limit: ``rpc.LIVE_SEND``)
 WATCH_FOR = 6 * 3600.0
 _watches: set[asyncio.Task[None]] = set()
+#: the source's end of the tunnel, in the instance's stream directory
+OUT_SOCK = "migrate-out.sock"
+#: the record's note of where, and from which host, a destination waits for its stream
+INCOMING = "incoming"
+#: once the hypervisor is done, the tunnel's last bytes get this long to drain
+DRAIN_TIMEOUT = 10.0
 
 
 def _live(st: AgentState, rec: InstanceRecord) -> LiveMigration:
@@ -54,10 +65,22 @@ def _live(st: AgentState, rec: InstanceRecord) -> LiveMigration:
     return drv
 
 
-def _tls(st: AgentState) -> MigrationTls | None:
-    """The host's identity from enrolment; None on a fleet without TLS (loopback only)."""
-    tls = st.disks.tls if st.disks is not None else None
-    return None if tls is None else MigrationTls(tls.ca_file, tls.cert_file, tls.key_file)
+def tunnels(st: AgentState) -> Tunnels:
+    """For the data channel: the socket a live stream of ``instance`` from ``source`` goes
+    into, only while this host's copy waits for that very source."""
+
+    def where(instance: str, source: str) -> Path:
+        rec = st.records.get(instance)
+        waiting = rec.extra.get(INCOMING) if rec is not None else None
+        if rec is None or not isinstance(waiting, dict):
+            raise NotFound(f"no copy of '{instance}' waits for a live stream here")
+        if waiting.get("peer") != source:
+            raise Conflict(f"the copy of '{instance}' here waits for a stream from "
+                           f"{waiting.get('peer')}, not from {source}")
+        drv = _live(st, rec)
+        return drv.stream_dir(rec.handle) / str(waiting["sock"])
+
+    return where
 
 
 async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingTarget:
@@ -78,8 +101,8 @@ async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingT
         rec.stop_requested = False
         rec.extra[AWAY] = True  # the source holds the address until the switch-over
         st.save(rec)
-        rec.handle, port = await st.call(drv.incoming, rec.handle, address, _tls(st),
-                                         args.peer)
+        rec.handle, sock = await st.call(drv.incoming, rec.handle, args.peer)
+        rec.extra[INCOMING] = {"peer": args.peer, "sock": sock}
         st.save(rec)
         await st.refresh(rec)
         if rec.spec.vip and st.vips is not None:
@@ -87,7 +110,7 @@ async def live_incoming(st: AgentState, args: rpc.IncomingArgs) -> rpc.IncomingT
                 _announce_when_running(st, name, rec.handle.data.get("generation")))
             _watches.add(task)
             task.add_done_callback(_watches.discard)
-    return rpc.IncomingTarget(address=address, port=port)
+    return rpc.IncomingTarget(address=address, port=st.disks.channel.port)
 
 
 async def _announce_when_running(st: AgentState, name: str, generation: object) -> None:
@@ -124,12 +147,32 @@ async def _announce_when_running(st: AgentState, name: str, generation: object) 
 
 async def live_send(st: AgentState, args: rpc.LiveSendArgs) -> rpc.LiveStats:
     name = check_name(args.name)
+    if st.disks is None:
+        raise InvalidRequest("this agent has no data channel to send the stream on",
+                             hint="this is an agent bug")
+    tls = st.disks.tls
+    ctx = None if tls is None else client_context(tls.ca_file, tls.cert_file, tls.key_file)
     async with st.lock(name):
         rec = st.record(name)
         drv = _live(st, rec)
         handle = rec.handle
-    stats = await st.call(drv.migrate_out, handle, args.address, args.port, _tls(st),
-                          args.target, args.downtime_ms, args.timeout)
+        out = tunnel.Outbound(drv.stream_dir(handle) / OUT_SOCK, lambda: tunnel.open_peer(
+            args.address, args.port, ctx, args.target, args.ticket))
+    relay = asyncio.create_task(out.serve(), name=f"live-stream-{name}")
+    try:
+        stats = await st.call(drv.migrate_out, handle, OUT_SOCK, args.target,
+                              args.downtime_ms, args.timeout)
+    except CorralError as exc:
+        why = await _ended(relay, 2.0 if out.accepted else 0.0)
+        if isinstance(why, CorralError):  # what broke the stream, not QEMU's "closed"
+            raise CorralError(f"live migration of {name} to {args.target} failed: {why}",
+                              hint=why.hint or exc.hint, retryable=exc.retryable) from exc
+        raise
+    finally:
+        out.close_listener()
+    why = await _ended(relay, DRAIN_TIMEOUT)
+    if why is not None:
+        log.info("live stream of %s: the tunnel ended with %s", name, why)
     async with st.lock(name):
         if st.records.get(name) is rec:
             rec.extra[AWAY] = True  # the guest runs there now: let its address go
@@ -138,6 +181,19 @@ async def live_send(st: AgentState, args: rpc.LiveSendArgs) -> rpc.LiveStats:
                 await st.vips.down(rec, st.records)
             await st.refresh(rec)
     return rpc.LiveStats.model_validate(asdict(stats))
+
+
+async def _ended(relay: asyncio.Task[int], wait: float) -> BaseException | None:
+    """The tunnel, given ``wait`` seconds to end once the hypervisor is done with it (then
+    cancelled); why it failed, if it did."""
+    if wait > 0:
+        await asyncio.wait({relay}, timeout=wait)
+    if not relay.done():
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await relay
+        return None
+    return None if relay.cancelled() else relay.exception()
 
 
 async def live_abort(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
@@ -163,6 +219,7 @@ async def live_claim(st: AgentState, args: rpc.NameArgs) -> InstanceReport:
                            hint="the migration rolls back; the instance runs on at the "
                                 "source", retryable=True)
         rec.extra.pop(AWAY, None)
+        rec.extra.pop(INCOMING, None)
         st.save(rec)
         if st.vips is not None:
             await st.vips.up(rec)

@@ -167,7 +167,7 @@ class IncomingArgs(NameArgs):
 
 
 class IncomingTarget(BaseModel):
-    """Where the destination listens, for this one migration."""
+    """Where the stream goes: the destination's data channel."""
 
     address: str
     port: int
@@ -182,6 +182,8 @@ class LiveSendArgs(NameArgs):
     downtime_ms: int = Field(default=300, ge=1, le=60_000)
     #: give up (and cancel) when not converged after this many seconds
     timeout: float = Field(default=1800.0, ge=1.0, le=6 * 3600.0)
+    #: the server's ticket for this stream, which the destination's data channel checks
+    ticket: str = Field(default="", max_length=4096)
 
 
 class LiveStats(BaseModel):

@@ -21,6 +21,11 @@ name a path; ``btrfs receive`` into it), checked on real paths so no symlink lea
 Nothing is run through a shell. A host that holds a valid ticket for one instance still cannot
 touch another instance's copy, the live disks, or anything outside the disk root.
 
+A live migration's stream comes the same way (:mod:`corral.disks.tunnel`): the hello is
+``{"tunnel": "live-stream", "ticket": ...}``, the ticket's slot is that stream (a disk ticket
+opens no tunnel, a stream's ticket runs no command), and the bytes go, unframed, to the unix
+socket where the ticket's instance waits for that source (``tunnels``), nowhere else.
+
 There is no nonce any more. It made a captured HMAC of the shared token useless for a second
 connection; a ticket is the server's signature over one pass, legitimately used for more than
 one connection (a prepared pass that falls back to a full one connects again) until it expires,
@@ -45,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.disks import tickets
+from corral.disks import tickets, tunnel
 from corral.errors import CorralError
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,13 @@ NOT_JOINED = "this host has not joined the fleet yet; no transfer can be checked
 
 #: where a ticket lets a command write: ``(instance, slot)`` -> [the slot, its scratch dirs]
 Places = Callable[[str, str], Sequence[Path]]
+#: where a live stream for ``(instance, source host)`` goes: the unix socket its copy here
+#: listens on (CorralError: none waits for that source)
+Tunnels = Callable[[str, str], Path]
+
+
+def _no_tunnels(instance: str, source: str) -> Path:
+    raise CorralError("this host takes no live streams")
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
@@ -182,6 +194,8 @@ class DataServer:
         self._server: asyncio.Server | None = None
         #: connections being served; past MAX_CONNECTIONS new ones are refused at once
         self.active = 0
+        #: where a live stream goes (set by the agent)
+        self.tunnels: Tunnels = _no_tunnels
 
     async def start(self) -> None:
         # a peer still in its TLS handshake is not counted in ``active`` yet (asyncio calls
@@ -199,6 +213,31 @@ class DataServer:
 
     def admit(self, argv: list[str], ticket: str, peer_cert: Any) -> str | None:
         """None when the ticket allows ``argv`` from this peer, else why not."""
+        got = self._ticket(ticket, peer_cert)
+        if isinstance(got, str):
+            return got
+        if got.slot == tunnel.LIVE:
+            return "a live stream's ticket runs no command"
+        try:
+            places = self.places(got.instance, got.slot)
+        except CorralError as exc:
+            return str(exc)
+        return check_argv(argv, places)
+
+    def admit_tunnel(self, ticket: str, peer_cert: Any) -> Path | str:
+        """Where the live stream this ticket allows from this peer goes, else why not."""
+        got = self._ticket(ticket, peer_cert)
+        if isinstance(got, str):
+            return got
+        if got.slot != tunnel.LIVE:
+            return "a disk transfer's ticket opens no live stream"
+        try:
+            return self.tunnels(got.instance, got.source)
+        except CorralError as exc:
+            return str(exc)
+
+    def _ticket(self, ticket: str, peer_cert: Any) -> tickets.Ticket | str:
+        """The ticket, if the server signed it for this host and this peer, else why not."""
         if not self.ticket_key:
             return NOT_JOINED
         if not ticket:
@@ -214,11 +253,7 @@ class DataServer:
         if self.tls is not None and common_name(peer_cert) != got.source:
             return (f"the transfer ticket is for a pass from {got.source}, but the peer's "
                     f"certificate names {common_name(peer_cert)}")
-        try:
-            places = self.places(got.instance, got.slot)
-        except CorralError as exc:
-            return str(exc)
-        return check_argv(argv, places)
+        return got
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= MAX_CONNECTIONS:
@@ -244,8 +279,11 @@ class DataServer:
             line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
             try:
                 hello = json.loads(line)
-                argv = [str(a) for a in hello["argv"]]
                 ticket = str(hello.get("ticket") or "")
+                if hello.get("tunnel") == tunnel.LIVE:
+                    await self._tunnel(reader, writer, ticket)
+                    return
+                argv = [str(a) for a in hello["argv"]]
             except (ValueError, KeyError, TypeError, AttributeError):
                 await _refuse(writer, "malformed handshake")
                 return
@@ -274,6 +312,30 @@ class DataServer:
             with contextlib.suppress(Exception):
                 writer.close()
                 await writer.wait_closed()
+
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      ticket: str) -> None:
+        peer = writer.get_extra_info("peername")
+        where = self.admit_tunnel(ticket, writer.get_extra_info("peercert"))
+        if isinstance(where, str):
+            log.warning("data channel: refused a live stream from %s: %s", peer, where)
+            await _refuse(writer, where)
+            return
+        try:
+            conn = tunnel.connect_unix(where)
+        except OSError as exc:
+            await _refuse(writer, f"nothing listens for the stream here ({exc.strerror}); "
+                                  "the copy waiting for it is gone")
+            return
+        local = await asyncio.open_unix_connection(sock=conn, limit=2 * tunnel.CHUNK)
+        try:
+            writer.write(b'{"ok": true}\n')
+            await writer.drain()
+            got = await tunnel.pipe(local, (reader, writer))
+            log.info("data channel: a live stream from %s ended (%d bytes back)", peer, got)
+        finally:
+            local[1].close()
 
 
 async def _refuse(writer: asyncio.StreamWriter, why: str) -> None:

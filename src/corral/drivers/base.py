@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from corral.errors import NotSupported
@@ -148,15 +149,6 @@ class Driver(Protocol):
 
 
 @dataclass(frozen=True)
-class MigrationTls:
-    """This host's certificate and key and the fleet CA, for a live migration's stream."""
-
-    ca_file: str
-    cert_file: str
-    key_file: str
-
-
-@dataclass(frozen=True)
 class MigrationStats:
     """How a live migration went, as the hypervisor counts it."""
 
@@ -176,14 +168,22 @@ class LiveMigration(Protocol):
     the stream, the source sends it and returns once the guest runs on the destination (or
     raises, the guest running on at the source), and the source's undo."""
 
-    def incoming(self, handle: Handle, address: str, tls: MigrationTls | None,
-                 peer: str) -> tuple[Handle, int]:
-        """Start the created instance waiting for ``peer``'s stream on ``address``; the new
-        handle and the port."""
+    def stream_dir(self, handle: Handle) -> Path:
+        """The private directory where the stream's unix sockets are (the hypervisor's own
+        working directory, so it names them by a short relative name). The agents carry the
+        stream between hosts over their data channel (:mod:`corral.disks.tunnel`)."""
         ...
 
-    def migrate_out(self, handle: Handle, address: str, port: int, tls: MigrationTls | None,
-                    target: str, downtime_ms: int, timeout: float) -> MigrationStats: ...
+    def incoming(self, handle: Handle, peer: str) -> tuple[Handle, str]:
+        """Start the created instance waiting for ``peer``'s stream; the new handle and the
+        name of the unix socket in :meth:`stream_dir` where it listens."""
+        ...
+
+    def migrate_out(self, handle: Handle, sock: str, target: str, downtime_ms: int,
+                    timeout: float) -> MigrationStats:
+        """Send the running instance into the unix socket ``sock`` of :meth:`stream_dir`
+        (the agent's end of the tunnel to ``target``)."""
+        ...
 
     def migration_abort(self, handle: Handle) -> None:
         """Cancel a migration in flight and let the instance run on here."""

@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from corral.drivers import runs
 from corral.drivers.base import (
     Capabilities,
     Handle,
     MigrationStats,
-    MigrationTls,
     Spec,
     Stats,
     Status,
@@ -50,8 +50,8 @@ class FakeProc:
     stop_requested: bool = False
 
 
-#: destinations waiting for a fake live migration, by port (every world of the process)
-_LISTENING: dict[int, tuple[FakeWorld, str, str]] = {}
+#: destinations waiting for a fake live migration, by socket name (every world of the process)
+_LISTENING: dict[str, tuple[FakeWorld, str, str]] = {}
 _NEXT_PORT = [40000]
 
 
@@ -257,33 +257,36 @@ class FakeDriver:
         return self.status(handle)
 
     # -- live migration (only with can_live_migrate) -----------------------------------------
-    def incoming(self, handle: Handle, address: str, tls: MigrationTls | None,
-                 peer: str) -> tuple[Handle, int]:
-        """A paused copy waiting for ``peer``'s stream on a port of this process's table."""
+    def stream_dir(self, handle: Handle) -> Path:
+        return runs.workdir(handle)
+
+    def incoming(self, handle: Handle, peer: str) -> tuple[Handle, str]:
+        """A paused copy waiting for ``peer``'s stream on a socket name of this process's
+        table."""
         self._enter("incoming", handle.name)
         if not self.capabilities.can_live_migrate:
             raise NotSupported("the fake driver was made without live migration")
         with self.world.lock:
             cur = self._current(handle)
             if cur is not None and cur.alive:
-                return handle, int(handle.data["incoming_port"])
+                return handle, str(handle.data["incoming_sock"])
         new = self.start(handle)
         with self.world.lock:
             self._must(handle.name).frozen = True
             _NEXT_PORT[0] += 1
-            port = _NEXT_PORT[0]
-            _LISTENING[port] = (self.world, handle.name, peer)
-        return Handle(self.name, handle.name, dict(new.data, incoming_port=port)), port
+            sock = f"fake-migrate-{_NEXT_PORT[0]}.sock"
+            _LISTENING[sock] = (self.world, handle.name, peer)
+        return Handle(self.name, handle.name, dict(new.data, incoming_sock=sock)), sock
 
-    def migrate_out(self, handle: Handle, address: str, port: int, tls: MigrationTls | None,
-                    target: str, downtime_ms: int, timeout: float) -> MigrationStats:
+    def migrate_out(self, handle: Handle, sock: str, target: str, downtime_ms: int,
+                    timeout: float) -> MigrationStats:
         """The waiting copy takes over (its counters go on); this one stays paused."""
         self._enter("migrate_out", handle.name)
         with self.world.lock:
             p = self._require_alive(handle, "migrate")
-            dest = _LISTENING.pop(port, None)
+            dest = _LISTENING.pop(sock, None)
             if dest is None:
-                raise DriverError(f"nothing waits for {handle.name} on port {port}",
+                raise DriverError(f"nothing waits for {handle.name} at {sock}",
                                   hint="the destination is gone", retryable=True)
             world, name, _ = dest
             with world.lock:

@@ -697,69 +697,47 @@ class QemuDriver:
         return self.status(handle)
 
     # -- live migration (the mechanism and its reasons: drivers/qemu_migrate.py) ------------
-    def incoming(self, handle: Handle, address: str, tls: mig.TlsFiles | None,
-                 peer: str) -> tuple[Handle, int]:
+    def stream_dir(self, handle: Handle) -> Path:
+        return runs.workdir(handle)
+
+    def incoming(self, handle: Handle, peer: str) -> tuple[Handle, str]:
         """Start this (created) VM as a migration's destination: QEMU with the VM's own
-        machine, devices and disk and ``-incoming defer``, listening on ``address`` for
-        ``peer``'s stream only. Returns the new handle and the port. Idempotent: a VM already
-        waiting answers with its port."""
+        machine, devices and disk and ``-incoming defer``, listening on a unix socket in its
+        directory for the stream the agent tunnels in from ``peer``. Returns the new handle
+        and the socket's name. Idempotent: a VM already waiting answers with its socket."""
         if self._qemu(handle) is not None:
-            port = handle.data.get("incoming_port")
-            if port:
-                return handle, int(port)
+            sock = handle.data.get("incoming_sock")
+            if sock:
+                return handle, str(sock)
             raise Conflict(f"VM {handle.name} already runs here",
                            hint="a migration's destination must not hold a running copy")
         new = self._launch(handle, ["-incoming", "defer"])
-        wd = runs.workdir(new)
         try:
+            (runs.workdir(new) / mig.IN_SOCK).unlink(missing_ok=True)
             with self._qmp(new, mig.SETUP_TIMEOUT) as q:
-                if tls is not None:
-                    tls_dir = mig.write_tls_dir(wd, tls, "server")
-                    try:  # QEMU reads the files here; the key's copy goes at once
-                        q.execute("object-add", mig.creds_args(tls_dir, "server"))
-                    finally:
-                        mig.remove_tls_dir(wd)
-                    q.execute("object-add", mig.authz_args(peer))
-                    q.execute("migrate-set-parameters",
-                              {"tls-creds": mig.CREDS_ID, "tls-authz": mig.AUTHZ_ID})
                 q.execute("migrate-set-capabilities", mig.capabilities())
-                port = 0
-                for attempt in range(5):  # a port taken between our pick and QEMU's bind
-                    port = mig.free_port(address)
-                    try:
-                        q.execute("migrate-incoming", {"uri": mig.uri(address, port)})
-                        break
-                    except qemu_qmp.QMPError:
-                        if attempt == 4:
-                            raise
+                q.execute("migrate-incoming", {"uri": mig.uri(mig.IN_SOCK)})
         except BaseException:
             self._pull_plug(new)
             self._wait_gone(new, runs.KILL_WAIT)
             raise
-        return Handle(new.driver, new.name, dict(new.data, incoming_port=port)), port
+        return Handle(new.driver, new.name, dict(new.data, incoming_sock=mig.IN_SOCK)), \
+            mig.IN_SOCK
 
-    def migrate_out(self, handle: Handle, address: str, port: int, tls: mig.TlsFiles | None,
-                    target: str, downtime_ms: int, timeout: float) -> mig.MigrationStats:
-        """Send the running VM to the destination waiting at ``address:port`` (host
-        ``target``, whose certificate must name it); returns once QEMU says completed (the
-        guest now runs there and this QEMU is paused for good) or raises, the guest running
-        on here."""
+    def migrate_out(self, handle: Handle, sock: str, target: str, downtime_ms: int,
+                    timeout: float) -> mig.MigrationStats:
+        """Send the running VM into the unix socket ``sock`` of its directory, the agent's
+        end of the tunnel to host ``target``; returns once QEMU says completed (the guest
+        now runs there and this QEMU is paused for good) or raises, the guest running on
+        here."""
         self._require_alive(handle, "migrate")
-        wd = runs.workdir(handle)
         with self._qmp(handle, mig.SETUP_TIMEOUT) as q:
             now = q.execute("query-migrate") or {}
             if now.get("status") not in (None, "none", *mig.ENDED):
                 raise Conflict(f"VM {handle.name} is already migrating ({now.get('status')})",
                                hint="wait for it to end, or undo the operation that runs it")
-            mig.cleanup_objects(q.execute)
-            if tls is not None:
-                tls_dir = mig.write_tls_dir(wd, tls, "client")
-                try:
-                    q.execute("object-add", mig.creds_args(tls_dir, "client"))
-                finally:
-                    mig.remove_tls_dir(wd)
-            mig.set_send_params(q.execute, downtime_ms, None if tls is None else target)
-            q.execute("migrate", {"uri": mig.uri(address, port)})
+            mig.set_send_params(q.execute, downtime_ms)
+            q.execute("migrate", {"uri": mig.uri(sock)})
         deadline = time.monotonic() + timeout
         disk: dict[str, Any] = {}
         done_at: float | None = None
@@ -804,6 +782,5 @@ class QemuDriver:
             self._execute(handle, "migrate_cancel")
             runs.wait_until(lambda: (self._execute(handle, "query-migrate") or {})
                             .get("status") in mig.ENDED, 30.0, 0.1)
-        mig.cleanup_objects(lambda c, a: self._execute(handle, c, arguments=a))
         if self._vm_running(handle) is False and not runs.frozen_marked(handle):
             self._execute(handle, "cont")  # a completed migration left it paused

@@ -44,6 +44,7 @@ from corral.bus import rpc
 from corral.bus.messages import WireSpec
 from corral.control.db import Host, Instance, Standby
 from corral.control.operations.moves import DiskOps
+from corral.disks import tickets, tunnel
 from corral.errors import Conflict, DriverError, InvalidRequest, NoCapacity, NotFound
 from corral.lifecycle import ALIVE, State
 from corral.ops.engine import OpContext, Step
@@ -298,10 +299,13 @@ class Migrate(DiskOps):
 
     async def _live_send(self, ctx: OpContext) -> None:
         where = ctx.data["incoming"]
+        name, source, target = ctx.record.target, ctx.data["source"], ctx.data["target"]
+        ticket = tickets.issue(self.fleet.ticket_key, name, tunnel.LIVE, source=source,
+                               target=target)
         stats = await self.agents.call(
-            ctx.data["source"], rpc.LIVE_SEND,
-            rpc.LiveSendArgs(name=ctx.record.target, address=where["address"],
-                             port=where["port"], target=ctx.data["target"],
+            source, rpc.LIVE_SEND,
+            rpc.LiveSendArgs(name=name, address=where["address"], port=where["port"],
+                             target=target, ticket=ticket,
                              downtime_ms=self.settings.live_migrate_downtime_ms))
         ctx.data["live_stats"] = stats.model_dump()
         ctx.data["downtime_ms"] = stats.downtime_ms
