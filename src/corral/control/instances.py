@@ -35,7 +35,7 @@ from corral.images.store import ImageStore
 from corral.lifecycle import ALIVE, State, Verb, check_verb
 from corral.ops import locks
 from corral.ops.locks import LockSet
-from corral.scheduling.placement import Request, place
+from corral.scheduling.placement import Request
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ class InstanceService:
                 if s.get(Instance, req.name) is not None:
                     raise Conflict(f"an instance named '{req.name}' already exists",
                                    hint="pick another name, or remove it first ('corral rm')")
-                target = place(Request(req.cpus, req.memory_bytes, req.driver, host=req.host),
-                               self.fleet.snapshot(s))
+                target = self.fleet.place(s, Request(req.cpus, req.memory_bytes, req.driver,
+                                                     host=req.host))
                 inst = Instance(
                     name=req.name, host=target, driver=req.driver, command=run.command,
                     rootfs=req.rootfs, image=req.image, env=run.env, tail=dict(req.tail),
