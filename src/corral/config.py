@@ -74,7 +74,8 @@ class Settings:
                              "disk_root must be on btrfs)", "dir")
     disk_root: str = _doc("agent: directory of instance disks; empty means DATA/disks", "")
     data_port: int = _doc("agent: TCP port of the data channel for host-to-host disk "
-                          "transfers, on host_address; 0 picks a free one", 0)
+                          "transfers and live migration streams, on host_address; 0 picks a "
+                          "free one", 0)
     fence_margin_seconds: float = _doc("agent: stop this host's instances this long before "
                                        "its lease would run out without an acknowledged "
                                        "heartbeat (self-fencing)", 2.0)
