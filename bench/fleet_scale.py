@@ -28,6 +28,10 @@ Phases, in one server's life:
   then checks: every instance is running in the server's view, on a host that is up, every
   host's reservations fit its capacity (``GET /v1/hosts``), and every simulated host holds
   exactly the instances the server placed there;
+* **batch placement** of ``--batch`` more (default 10x ``--instances``) through ``POST
+  /v1/instances/batch``, 500 a call, 2 calls at once: how a job of many instances is placed
+  (one snapshot and one transaction place a call's instances, the agents are asked 64 at a
+  time); the same checks cover them;
 * **heartbeats** again, with every host reporting its instances;
 * **ls**: ``GET /v1/instances`` ``--ls`` times in one answer (latency, size), and as many
   times a page at a time as the client and ``corral ls`` read it (time to the first page,
@@ -76,7 +80,7 @@ from cryptography.x509.oid import NameOID
 from waiting import wait
 
 from corral.api.client import PAGE_SIZE, Client
-from corral.api.models import CreateInstance
+from corral.api.models import MAX_BATCH_CREATE, CreateInstance
 from corral.bus import identity as bus_identity
 from corral.errors import CorralError
 
@@ -89,6 +93,8 @@ SIZES = [(0.1, 64), (0.25, 256), (0.5, 512), (1.0, 1024), (0.2, 128)]
 #: simulated hosts' sizes, cycled: (cores, GiB)
 HOST_SIZES = [(8, 32), (16, 64), (4, 16), (32, 128)]
 CLIENTS = 8
+#: batches in flight at once (each MAX_BATCH_CREATE instances)
+BATCH_CLIENTS = 2
 #: the server's default heartbeat interval (the bench runs the defaults)
 HEARTBEAT_S = 2.0
 #: how long GET /v1/hosts took after placement (seconds)
@@ -422,6 +428,44 @@ def place(server: Server, names: list[str], start: int, deadline: float
     return time.monotonic() - t0, placed, errors
 
 
+def place_batches(server: Server, names: list[str], start: int, deadline: float
+                  ) -> tuple[float, list[str], list[str]]:
+    """Create ``names`` through ``POST /v1/instances/batch`` (``corral``'s batch route: what
+    a job of N instances is), MAX_BATCH_CREATE at a time, BATCH_CLIENTS batches at once,
+    none started after ``deadline``: (seconds, the names placed, errors)."""
+    local = threading.local()
+    errors: list[str] = []
+    placed: list[str] = []
+    chunks = [names[k:k + MAX_BATCH_CREATE] for k in range(0, len(names), MAX_BATCH_CREATE)]
+
+    def one(k_chunk: tuple[int, list[str]]) -> None:
+        k, chunk = k_chunk
+        if time.monotonic() > deadline:
+            return
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = server.client(timeout=600)
+        specs = [CreateInstance(name=name, cpus=SIZES[(start + k * MAX_BATCH_CREATE + i)
+                                                      % len(SIZES)][0],
+                                memory_bytes=SIZES[(start + k * MAX_BATCH_CREATE + i)
+                                                   % len(SIZES)][1] * 1024**2,
+                                driver="fake", command=["sleep", "infinity"])
+                 for i, name in enumerate(chunk)]
+        try:
+            for item in c.create_many(specs):
+                if item.status == 201:
+                    placed.append(item.name)
+                else:
+                    errors.append(f"{item.name}: {item.error}")
+        except CorralError as exc:
+            errors.append(f"batch {k}: {exc}")
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(BATCH_CLIENTS) as pool:
+        list(pool.map(one, enumerate(chunks)))
+    return time.monotonic() - t0, placed, errors
+
+
 def check_placement(server: Server, workers: Workers, want: int) -> list[str]:
     """What is wrong with the fleet after placement (empty: nothing)."""
     bad: list[str] = []
@@ -539,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--place-budget", type=float, default=180.0, metavar="SECONDS",
                     help="stop placing after this long (default 180; the rate and the checks "
                     "are of what was placed)")
+    ap.add_argument("--batch", type=int, metavar="N",
+                    help="then N more through the batch route (default 10x --instances)")
     ap.add_argument("--no-metrics", action="store_true",
                     help="simulated hosts send no metrics samples (to tell their cost apart)")
     ap.add_argument("--profile", metavar="FILE",
@@ -652,6 +698,29 @@ def main(argv: list[str] | None = None) -> int:
         c1 = server.cpu()
         placing = summarise(workers.ask("stats"), t_place, diff(c0, c1))
         place_cpu = placing["server_cpu"]
+        nb = args.batch if args.batch is not None else 10 * m
+        bnames = [f"b{i:07d}" for i in range(nb)]
+        bslices = [bnames[k * nb // rounds:(k + 1) * nb // rounds] for k in range(rounds)]
+        brates: list[float] = []
+        workers.ask("mark")
+        c0, t_batch = server.cpu(), 0.0
+        for k, sl in enumerate(bslices):
+            if not sl:
+                continue
+            secs, placed, errs = place_batches(server, sl, done, time.monotonic() + budget)
+            done += len(placed)
+            t_batch += secs
+            errors += errs
+            brates.append(len(placed) / secs)
+            print(f"  batch placement slice {k + 1}: {len(placed)} of {len(sl)} in "
+                  f"{secs:.1f} s = {brates[-1]:.1f}/s ({done} placed, {len(errs)} errors)",
+                  flush=True)
+        batching = summarise(workers.ask("stats"), max(t_batch, 1e-9),
+                             diff(c0, server.cpu())) if brates else None
+        if batching is not None:
+            print(f"  heartbeats while batch placing: p50 {batching['p50']:.0f} ms, p99 "
+                  f"{batching['p99']:.0f} ms, max {batching['max']:.0f} ms; missed "
+                  f"{batching['missed']}, lapsed {batching['lapsed']}", flush=True)
         print(f"  heartbeats while placing: p50 {placing['p50']:.0f} ms, p99 "
               f"{placing['p99']:.0f} ms, max {placing['max']:.0f} ms; missed "
               f"{placing['missed']}, lapsed {placing['lapsed']}", flush=True)
@@ -690,8 +759,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{pct(ls_times, 50):.2f} s, max {max(ls_times):.2f} s; heartbeats meanwhile "
               f"p99 {during['p99']:.0f} ms, max {during['max']:.0f} ms", flush=True)
 
-        lapsed = sum(w["lapsed"] for w in [*empty, placing, *full, during])
-        missed = sum(w["missed"] for w in [*empty, placing, *full, during])
+        windows = [*empty, placing, *([batching] if batching else []), *full, during]
+        lapsed = sum(w["lapsed"] for w in windows)
+        missed = sum(w["missed"] for w in windows)
         downs = server.lease_misses(top)
         if not hosts_up(server, n):
             bad.append("not every host is up at the end")
@@ -713,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     def col(key: str, ws: list[dict[str, Any]], f: str = ".1f") -> str:
         return mmm([w[key] for w in ws], f)
 
-    print(f"\n{n} hosts, {done} instances placed of {m}; median (min/max) of {rounds} rounds "
+    print(f"\n{n} hosts, {done} instances placed of {m + nb}; median (min/max) of {rounds} rounds "
           f"(total run {time.monotonic() - t_start:.0f} s):")
     print(f"  server idle, no host:          CPU {idle_cpu:.1f} %, RSS {rss0 / 2**20:.0f} MiB "
           f"(nats-server {nrss0 / 2**20:.0f} MiB)")
@@ -728,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{col('cpu_per_beat_ms', ws, '.2f')} ms CPU per heartbeat answered")
     print(f"  placement:                     {mmm(rates, '.0f')}/s per slice, server CPU "
           f"{place_cpu:.0f} %; memory after {(rss2 - rss0) / 2**20:.0f} MiB over idle")
+    if brates and batching is not None:
+        print(f"  batch placement ({MAX_BATCH_CREATE} a call, {BATCH_CLIENTS} at once): "
+              f"{mmm(brates, '.0f')}/s per slice, server CPU {batching['server_cpu']:.0f} %")
     print(f"  ls (GET /v1/instances):        p50 {pct(ls_times, 50):.2f} s, p99 "
           f"{pct(ls_times, 99):.2f} s, {ls_size / 1e6:.1f} MB in one answer")
     print(f"  ls paged ({PAGE_SIZE} a page):        first page p50 "
@@ -777,8 +850,11 @@ def main(argv: list[str] | None = None) -> int:
             f"figure: fleet_scale.placement_rate {med(rates):.1f} instances/s",
             f"figure: fleet_scale.placement_rate_last_slice {rates[-1]:.1f} instances/s",
             f"figure: fleet_scale.placement_rate.baseline {floor_place:.1f} instances/s",
+            *([f"figure: fleet_scale.placement_rate_batch {med(brates):.1f} instances/s",
+               f"figure: fleet_scale.placement_rate_batch_last_slice {brates[-1]:.1f} "
+               "instances/s"] if brates else []),
             f"figure: fleet_scale.instances {done} instances",
-            f"figure: fleet_scale.instances_asked {m} instances",
+            f"figure: fleet_scale.instances_asked {m + nb} instances",
             f"figure: fleet_scale.hb_p99_while_placing {placing['p99']:.0f} ms",
             f"figure: fleet_scale.ls_p50 {pct(ls_times, 50) * 1000:.0f} ms",
             f"figure: fleet_scale.ls_p99 {pct(ls_times, 99) * 1000:.0f} ms",

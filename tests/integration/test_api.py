@@ -49,7 +49,7 @@ class FakeAgent:
         self.drivers = drivers
         self.instances: dict[str, InstanceReport] = {}
         self.calls: list[Command] = []
-        #: verb -> error the next such call answers with
+        #: verb (or "verb:instance") -> error the next such call answers with
         self.fail: dict[str, CorralError] = {}
         self.seq = 0
         self._sub: Any = None
@@ -99,7 +99,8 @@ class FakeAgent:
     async def _on_cmd(self, msg: Msg) -> None:
         cmd = codec.decode(msg.data, Command)
         self.calls.append(cmd)
-        err = self.fail.pop(cmd.verb, None)
+        named = cmd.args.get("name") or (cmd.args.get("spec") or {}).get("name")
+        err = self.fail.pop(f"{cmd.verb}:{named}", None) or self.fail.pop(cmd.verb, None)
         if err is not None:
             await msg.respond(codec.encode(Reply(ok=False, error=err.to_dict())))
             return

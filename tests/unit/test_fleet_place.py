@@ -1,12 +1,13 @@
-"""A plain placement asks the database for a shortlist in the spread's order; it must choose
-what the full rule over the whole snapshot chooses, on fleets of every shape: hosts down,
-draining, full, without the driver, with equal shares (the name decides), and hosts with
-nothing on them."""
+"""A plain placement asks the database for a shortlist in the spread's order, and a batch
+places many over one snapshot; each must choose what the full rule over the whole snapshot
+chooses, on fleets of every shape: hosts down, draining, full, without the driver, with equal
+shares (the name decides), and hosts with nothing on them."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from corral.control import fleet as fleet_mod
 from corral.control.db import Host, Instance, open_db
 from corral.control.fleet import Fleet
 from corral.errors import NoCapacity
-from corral.scheduling.placement import Request, place
+from corral.scheduling.placement import HostSnapshot, Placer, Request, place
 
 GiB = 1024**3
 
@@ -101,3 +102,34 @@ def test_a_full_fleet_still_says_what_each_host_lacks(
         f.place(s, Request(2.0, 1024, "fake"))
     assert "needs 2 cpus, 1 free" in str(no.value.details) and "no fake driver" in \
         str(no.value.details)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_batch_placer_chooses_what_one_placement_after_another_would(seed: int) -> None:
+    """Placer.place for each request == place() over the snapshot updated after each."""
+    rng = random.Random(seed)
+    hosts = [HostSnapshot(name=f"h{i:02d}", up=rng.random() < 0.9,
+                          cores=rng.choice([0, 2, 4, 8]),
+                          memory_bytes=rng.choice([0, 2, 8]) * GiB,
+                          reserved_cpus=rng.choice([0.0, 0.5, 1.0]),
+                          reserved_memory=rng.choice([0, 512]) * 1024**2,
+                          drivers=frozenset(rng.sample(["fake", "runc", "qemu"], 2)),
+                          draining=rng.random() < 0.1)
+             for i in range(rng.choice([1, 5, 30]))]
+    placer, snap = Placer(hosts), {h.name: h for h in hosts}
+    for _ in range(150):
+        pin = rng.choice(list(snap)) if rng.random() < 0.1 else None
+        req = Request(rng.choice([0.25, 0.5, 2.0]), rng.choice([64, 1024]) * 1024**2,
+                      rng.choice(["fake", "runc", "qemu"]), host=pin)
+        try:
+            want: str | None = place(req, list(snap.values()))
+        except NoCapacity as no:
+            with pytest.raises(NoCapacity) as got_no:
+                placer.place(req)
+            assert got_no.value.details == no.details
+            continue
+        assert placer.place(req) == want
+        h = snap[want]
+        snap[want] = replace(h, reserved_cpus=h.reserved_cpus + req.cpus,
+                             reserved_memory=h.reserved_memory + req.memory_bytes)
+    assert placer.hosts == snap

@@ -30,6 +30,7 @@ from corral.api.transport import (
 
 if TYPE_CHECKING:
     from corral.api.models import (
+        BatchItem,
         CreateInstance,
         Event,
         FleetStatus,
@@ -192,6 +193,14 @@ class Client:
 
         raw = self._json("POST", "/v1/instances", json_body=spec.model_dump(mode="json"))
         return InstanceView.model_validate(raw)
+
+    def create_many(self, specs: Sequence[CreateInstance]) -> list[BatchItem]:
+        """Many creates in one call; an item per spec, in order, each with its own outcome."""
+        from corral.api.models import BatchCreated
+
+        raw = self._json("POST", "/v1/instances/batch", json_body={
+            "instances": [s.model_dump(mode="json") for s in specs]})
+        return BatchCreated.model_validate(raw).results
 
     def action_data(self, name: str, verb: str, timeout: float | None = None,
                     signal: int | None = None) -> dict[str, Any]:

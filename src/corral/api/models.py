@@ -354,6 +354,31 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+#: instances in one ``POST /v1/instances/batch``
+MAX_BATCH_CREATE = 500
+
+
+class CreateBatch(BaseModel):
+    """Many creates in one call: placed together, each kept or not on its own."""
+
+    instances: list[CreateInstance] = Field(min_length=1, max_length=MAX_BATCH_CREATE)
+
+
+class BatchItem(BaseModel):
+    name: str
+    #: the HTTP status a single create of this instance would have answered
+    status: int
+    #: the instance as it was kept (null: nothing was kept)
+    instance: InstanceView | None = None
+    error: ErrorBody | None = None
+
+
+class BatchCreated(BaseModel):
+    """One item per instance asked for, in the order asked."""
+
+    results: list[BatchItem]
+
+
 # --- events and live traffic (issue 4) -----------------------------------------------------------
 
 

@@ -13,31 +13,47 @@ so the instance is kept as ``failed`` and the error says so.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.api.models import ActionRequest, CreateInstance
 from corral.bus import rpc
-from corral.bus.messages import InstanceReport
+from corral.bus.messages import InstanceReport, WireSpec
 from corral.config import Settings
 from corral.control.agents import AgentCaller
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
-from corral.errors import Conflict, CorralError, HostUnavailable, NotFound
+from corral.errors import Conflict, CorralError, HostUnavailable, InvalidRequest, NotFound
 from corral.images import oci_config
 from corral.images.store import ImageStore
 from corral.lifecycle import ALIVE, State, Verb, check_verb
 from corral.ops import locks
 from corral.ops.locks import LockSet
-from corral.scheduling.placement import Request
+from corral.scheduling.placement import Placer, Request
 
 log = logging.getLogger(__name__)
+
+#: a batch of creates asks this many agents at once
+BATCH_PARALLEL = 64
+#: the moves a batch records for one instance (state, the agent's report)
+Steps = list[tuple[State, InstanceReport | None]]
+
+
+@dataclass(frozen=True)
+class Created:
+    """One instance of a batch: its row once made (None: nothing was kept), and its error."""
+
+    name: str
+    instance: Instance | None
+    error: CorralError | None
 
 DESIRED: dict[Verb, State] = {
     Verb.START: State.RUNNING,
@@ -153,17 +169,7 @@ class InstanceService:
                                    hint="pick another name, or remove it first ('corral rm')")
                 target = self.fleet.place(s, Request(req.cpus, req.memory_bytes, req.driver,
                                                      host=req.host))
-                inst = Instance(
-                    name=req.name, host=target, driver=req.driver, command=run.command,
-                    rootfs=req.rootfs, image=req.image, env=run.env, tail=dict(req.tail),
-                    cpus=req.cpus, vip=req.vip, image_config=run.process,
-                    restart_policy=(req.restart.model_dump() if req.restart.mode != "no"
-                                    else None),
-                    check_spec=req.check.model_dump() if req.check is not None else None,
-                    memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
-                    desired_state=(State.RUNNING if req.start else State.CREATED).value,
-                    state=State.PENDING.value,
-                )
+                inst = self._row(req, run, target, now)
                 s.add(inst)
                 spec = inst.wire_spec()
             log.info("creating %s on %s", req.name, target)
@@ -184,6 +190,132 @@ class InstanceService:
             if req.start:
                 await self._start(req.name, target, after_create=True)
         return self.get(req.name)
+
+    async def create_many(self, reqs: Sequence[CreateInstance]) -> builtins.list[Created]:
+        """Create (and start) many instances, each as :meth:`create` would, with what they
+        share done once: one snapshot of the fleet and one transaction place them all (each
+        placement seeing the ones before it: :class:`Placer`), the agents are asked
+        :data:`BATCH_PARALLEL` at a time, and their answers are recorded together. Each
+        instance ends as a single create would (running, created, failed, or not kept), and
+        its outcome says which, with the error if any; one instance's failure does not stop
+        the others. The same name twice is refused before anything is done."""
+        names = [r.name for r in reqs]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidRequest(f"the batch names {', '.join(twice)} more than once",
+                                 hint="give every instance of a batch its own name")
+        out: dict[str, Created] = {}
+
+        def failed(name: str, exc: CorralError) -> None:
+            out[name] = Created(name, None, exc)
+            if self.on_error is not None:
+                self.on_error(name, "create", exc)
+
+        with contextlib.ExitStack() as held:
+            todo: list[CreateInstance] = []
+            for req in reqs:
+                try:
+                    held.enter_context(self.fleet.locks.holding(
+                        f"verb:create:{uuid.uuid4().hex[:8]}",
+                        LockSet.of([locks.instance(req.name)]), "'corral create'"))
+                    if req.image is not None:
+                        self._check_image(req.image)
+                    todo.append(req)
+                except CorralError as exc:
+                    failed(req.name, exc)
+            runs = await asyncio.to_thread(lambda: [self._resolve(r) for r in todo])
+            placed: list[tuple[CreateInstance, str, WireSpec]] = []
+            now = self.fleet.clock()
+            with self.fleet.sessions.begin() as s:
+                taken = set(s.scalars(select(Instance.name).where(
+                    Instance.name.in_([r.name for r in todo]))))
+                placer = Placer(self.fleet.snapshot(s))
+                for req, run in zip(todo, runs, strict=True):
+                    if req.name in taken:
+                        failed(req.name, Conflict(
+                            f"an instance named '{req.name}' already exists",
+                            hint="pick another name, or remove it first ('corral rm')"))
+                        continue
+                    try:
+                        target = placer.place(Request(req.cpus, req.memory_bytes, req.driver,
+                                                      host=req.host))
+                    except CorralError as exc:
+                        failed(req.name, exc)
+                        continue
+                    inst = self._row(req, run, target, now)
+                    s.add(inst)
+                    placed.append((req, target, inst.wire_spec()))
+            gate = asyncio.Semaphore(BATCH_PARALLEL)
+
+            async def one(req: CreateInstance, target: str, spec: WireSpec
+                          ) -> tuple[str, Steps]:
+                async with gate:
+                    return req.name, await self._ask(req, target, spec, failed)
+
+            moves = await asyncio.gather(*(one(*p) for p in placed))
+            with self.fleet.sessions.begin() as s:
+                for name, steps in moves:
+                    row = s.get(Instance, name)
+                    if row is None:
+                        continue
+                    if not steps:  # refused by its agent: nothing was made, nothing kept
+                        s.delete(row)
+                    for state, report in steps:
+                        self.fleet.move_in(row, state, report=report)
+            with self.fleet.sessions() as s:
+                for made in s.scalars(select(Instance).where(
+                        Instance.name.in_([n for n, _ in moves]))):
+                    s.expunge(made)
+                    earlier = out.get(made.name)
+                    out[made.name] = Created(made.name, made,
+                                             earlier.error if earlier is not None else None)
+        return [out.get(n) or Created(n, None, CorralError("lost track of it")) for n in names]
+
+    async def _ask(self, req: CreateInstance, target: str, spec: WireSpec,
+                   failed: Callable[[str, CorralError], None]) -> Steps:
+        """A batch's create (and start) of one instance on its host: the moves to record,
+        as :meth:`create` records them one by one (empty: nothing was made)."""
+        name = req.name
+        try:
+            report = await self.agents.call(target, rpc.CREATE,
+                                            rpc.CreateArgs(spec=spec, fresh=True))
+        except HostUnavailable as exc:
+            failed(name, reword(exc, f"instance '{name}' may be half-created on {target}",
+                                f"it is recorded as failed; 'corral rm {name}' cleans up "
+                                "once the host answers"))
+            return [(State.FAILED, None)]
+        except CorralError as exc:
+            failed(name, reword(exc, f"host {target} could not create '{name}'",
+                                exc.hint or "nothing was kept; fix the request and try again"))
+            return []
+        steps: Steps = [(State.CREATED, report)]
+        if req.start:
+            try:
+                started = await self.agents.call(target, rpc.START,
+                                                 rpc.StartArgs(name=name, epoch=spec.epoch))
+                steps.append((State.RUNNING, started))
+            except CorralError as exc:
+                failed(name, reword(exc, f"instance '{name}' was created on {target} but "
+                                         "did not start",
+                                    f"it is recorded as failed; fix the cause, then 'corral "
+                                    f"start {name}' or 'corral rm {name}'"))
+                steps.append((State.FAILED, None))
+        return steps
+
+    @staticmethod
+    def _row(req: CreateInstance, run: oci_config.Resolved, target: str, now: float
+             ) -> Instance:
+        return Instance(
+            name=req.name, host=target, driver=req.driver, command=run.command,
+            rootfs=req.rootfs, image=req.image, env=run.env, tail=dict(req.tail),
+            cpus=req.cpus, vip=req.vip, image_config=run.process,
+            restart_policy=(req.restart.model_dump() if req.restart.mode != "no"
+                            else None),
+            check_spec=req.check.model_dump() if req.check is not None else None,
+            memory_bytes=req.memory_bytes, epoch=1, created_at=now, updated_at=now,
+            desired_state=(State.RUNNING if req.start else State.CREATED).value,
+            state=State.PENDING.value,
+        )
 
     def _resolve(self, req: CreateInstance) -> oci_config.Resolved:
         """The process to run: the request laid over the image's config (when the image has

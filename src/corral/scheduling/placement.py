@@ -17,8 +17,9 @@ sampling wobble (0.51 against 0.50) does not override the spread. When nothing f
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from corral.errors import NoCapacity
 
@@ -143,3 +144,43 @@ def no_capacity(req: Request, hosts: Sequence[HostSnapshot]) -> NoCapacity:
         hint="ask for less, remove or stop-and-remove instances, or add a host",
         details={"shortfall": shortfall},
     )
+
+
+class Placer:
+    """Many placements over one snapshot, each seeing the reservations of the ones before:
+    for each request the choice :func:`place` would make over the snapshot as updated by
+    the previous ones, without sorting every host each time (a batch of creates at 1000
+    hosts sorted 1000 hosts per instance). The hosts that could take anything stay in the
+    spread's order; a placement takes the first that fits and moves only that host."""
+
+    def __init__(self, hosts: Sequence[HostSnapshot]) -> None:
+        self.hosts = {h.name: h for h in hosts}
+        self._order = sorted(self._key(h) for h in hosts if h.up and not h.draining)
+
+    @staticmethod
+    def _key(h: HostSnapshot) -> tuple[float, float, str]:
+        return -h.free_cpu_share, -h.free_memory_share, h.name
+
+    def place(self, req: Request) -> str:
+        """The host for ``req``, its reservation counted from here on; NoCapacity as
+        :func:`place` says it."""
+        if req.host is not None or req.avoid or req.prefer:
+            name = place(req, list(self.hosts.values()))
+        else:
+            hosts = self.hosts
+            found = next((k[2] for k in self._order if fits(req, hosts[k[2]])), None)
+            if found is None:
+                raise no_capacity(req, list(hosts.values()))
+            name = found
+        self._take(name, req)
+        return name
+
+    def _take(self, name: str, req: Request) -> None:
+        old = self.hosts[name]
+        new = replace(old, reserved_cpus=old.reserved_cpus + req.cpus,
+                      reserved_memory=old.reserved_memory + req.memory_bytes)
+        self.hosts[name] = new
+        if old.up and not old.draining:
+            key = self._key(old)
+            del self._order[bisect.bisect_left(self._order, key)]
+            bisect.insort(self._order, self._key(new))

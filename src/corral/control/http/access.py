@@ -45,6 +45,8 @@ MANIFEST_BODY = MAX_MANIFEST_BYTES
 NAMES_BODY = 1 * MiB
 #: a dashboard form (login, an action with its few fields)
 FORM_BODY = 4 * KiB
+#: ``POST /v1/instances/batch``: MAX_BATCH_CREATE creates of a few KiB each
+BATCH_BODY = 4 * MiB
 
 #: methods that only read: all a read-only token may use
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -94,6 +96,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/chunks/upload"): Rule(body=UPLOAD_BODY, host=True),
     ("PUT", "/v1/images/{name}"): Rule(body=MANIFEST_BODY, host=True, host_check=_shelf_only),
     ("POST", "/v1/unshelve"): Rule(body=NAMES_BODY),
+    ("POST", "/v1/instances/batch"): Rule(body=BATCH_BODY),
     ("POST", "/v1/tokens"): Rule(admin_only=True),
     ("GET", "/v1/tokens"): Rule(admin_only=True),
     ("DELETE", "/v1/tokens/{name}"): Rule(admin_only=True),

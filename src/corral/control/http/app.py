@@ -30,6 +30,9 @@ import corral
 from corral.api.client import NEXT_HEADER
 from corral.api.models import (
     ActionRequest,
+    BatchCreated,
+    BatchItem,
+    CreateBatch,
     CreateInstance,
     ErrorBody,
     ErrorResponse,
@@ -276,6 +279,17 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
     @app.post("/v1/instances", dependencies=auth, tags=["instances"], status_code=201)
     async def create(req: CreateInstance) -> InstanceView:
         return views.instance_view(fleet, await service.create(req))
+
+    @app.post("/v1/instances/batch", dependencies=auth, tags=["instances"])
+    async def create_batch(req: CreateBatch) -> BatchCreated:
+        """Create many instances at once (placed together; see ``results`` for each)."""
+        out = await service.create_many(req.instances)
+        return BatchCreated(results=[BatchItem(
+            name=c.name,
+            status=(c.error.http_status if c.error is not None else 201),
+            instance=None if c.instance is None else views.instance_view(fleet, c.instance),
+            error=None if c.error is None else ErrorBody(**c.error.to_dict()))
+            for c in out])
 
     @app.get("/v1/instances/{name}", dependencies=auth, tags=["instances"])
     async def instance(name: str) -> InstanceView:
