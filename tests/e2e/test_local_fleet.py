@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -65,6 +66,31 @@ def test_oversized_request_names_the_shortfall(local_fleet: Fleet) -> None:
     for host in ("host1", "host2", "host3"):
         assert host in proc.stderr
     assert "huge" not in {i["name"] for i in local_fleet.json("ls")}
+
+
+def test_run_count_places_many_real_processes_together(local_fleet: Fleet) -> None:
+    f = local_fleet
+    out = f.ok("run", "many", "--count", "7", "--cpus", "0.1", "--memory", "16M", "--",
+               "sleep", "600")
+    assert [ln.split(":")[0] for ln in out.splitlines()] == [f"many-{i}" for i in range(1, 8)]
+    listed = {i["name"]: i for i in f.json("ls") if i["name"].startswith("many-")}
+    assert len(listed) == 7 and all(i["state"] == "running" and i["pid"] for i in
+                                    listed.values())
+    assert len({i["host"] for i in listed.values()}) == 3  # spread over the three hosts
+    for i in listed.values():  # each a real process of its own
+        assert Path(f"/proc/{i['pid']}").exists()
+    # a batch where some cannot be made: each line says so, the command fails, the rest run
+    again = f.cli("run", "many", "--count", "8", "--json", "--", "sleep", "600")
+    assert again.returncode != 0
+    items = json.loads(again.stdout)
+    assert [x["status"] for x in items] == [409] * 7 + [201]
+    assert items[0]["error"]["code"] == "conflict" and items[7]["instance"]["state"] == \
+        "running"
+    assert "1 of 8" not in again.stderr and "7 of 8 instances were not made" in again.stderr
+    refused = f.cli("run", "shared", "--count", "2", "--vip", "10.9.9.9/32", "--", "true")
+    assert refused.returncode == 2 and "cannot share one virtual IP" in refused.stderr
+    for i in range(1, 9):
+        f.ok("rm", "--force", f"many-{i}")
 
 
 def test_bad_token_is_refused(local_fleet: Fleet) -> None:

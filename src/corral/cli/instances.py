@@ -25,10 +25,12 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
         restart_interval: str | None = None, restart_delay: str | None = None,
         check: str | None = None, check_interval: str | None = None,
         check_timeout: str | None = None, check_threshold: int | None = None,
-        failover_on_unhealthy: bool = False, check_grace: str | None = None) -> None:
+        failover_on_unhealthy: bool = False, check_grace: str | None = None,
+        count: int | None = None) -> None:
     """The request is checked here against the wire model (a bad name or size is refused
     before any connection is made). With an image the command may be left out: the server
-    lays the image's config under what is given (entrypoint, command, ``-e``)."""
+    lays the image's config under what is given (entrypoint, command, ``-e``). ``count``:
+    that many instances NAME-1..NAME-N, placed together (``POST /v1/instances/batch``)."""
     if not command and image is None and not entrypoint:
         raise InvalidRequest("no command given", hint="put the workload after --, e.g. "
                              "corral run web -- python3 -m http.server")
@@ -81,6 +83,9 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
         restart=_option(RestartSpec, policy, "--restart"),
         check=None if probe is None else _option(CheckSpec, probe, "--check"),
     )
+    if count is not None:
+        _run_many(spec, count, json_out)
+        return
     with client() as c:
         view = c.create(spec)
     if json_out:
@@ -89,6 +94,42 @@ def run(name: str, command: list[str], cpus: float, memory: str, host: str | Non
     render.say(f"{view.name}: {view.state} on {view.host or '-'} "
                f"({view.driver}, {render.fmt_cpus(view.cpus)} cpus, "
                f"{render.fmt_bytes(view.memory_bytes)})")
+
+
+def _run_many(spec: Any, count: int, json_out: bool) -> None:
+    """NAME-1..NAME-count, MAX_BATCH_CREATE a call; every instance's outcome is printed, and
+    the command fails (exit 1) when any was not made as asked."""
+    from corral.api.models import MAX_BATCH_CREATE, BatchItem, CreateInstance
+    from corral.errors import CorralError
+
+    if not 1 <= count <= 100_000:
+        raise InvalidRequest(f"--count {count} is out of range",
+                             hint="give 1 to 100000 (instances NAME-1 .. NAME-N)")
+    if spec.vip is not None and count > 1:
+        raise InvalidRequest("--vip with --count: instances cannot share one virtual IP",
+                             hint="run them one by one, each with its own --vip")
+    specs = [CreateInstance.model_validate({**spec.model_dump(), "name": f"{spec.name}-{i}"})
+             for i in range(1, count + 1)]
+    items: list[BatchItem] = []
+    with client() as c:
+        for k in range(0, count, MAX_BATCH_CREATE):
+            items += c.create_many(specs[k:k + MAX_BATCH_CREATE])
+            if count > MAX_BATCH_CREATE and not json_out:
+                render.say(f"created {len(items)} of {count}...", stderr=True)
+    bad = [i for i in items if i.error is not None]
+    if json_out:
+        render.print_json(items)
+    else:
+        for i in items:
+            v = i.instance
+            where = f"{v.state} on {v.host or '-'}" if v is not None else "not made"
+            why = f": {i.error.message}" if i.error is not None else ""
+            render.say(f"{i.name}: {where}{why}")
+    if bad:
+        raise CorralError(f"{len(bad)} of {count} instances were not made as asked "
+                          f"(first: {bad[0].name}: {bad[0].error.message if bad[0].error else ''})",
+                          hint="see each line above; 'corral rm' what failed, or run the "
+                               "missing ones again")
 
 
 def _option(model: Any, values: dict[str, Any], prefix: str) -> Any:

@@ -278,6 +278,8 @@ COMMANDS: dict[str, Command | Group] = {
         flag("--failover-on-unhealthy", help="with --check and a standby: when still "
              "unhealthy after its restart attempts, the server promotes its standby (at most "
              "once an hour; an event says why)"),
+        opt("--count", help="run N such instances, NAME-1 .. NAME-N, placed together (one "
+            "call per 500); each line says how its instance ended", type=int),
         JSON,
     )),
     "apply": Command("apply_cmd", "apply", (
