@@ -65,7 +65,9 @@ _REPORTED = (Instance.name, Instance.host, Instance.epoch, Instance.state,
 #: the two reads of a quiet heartbeat, built once (building a statement cost as much as
 #: running it)
 _HOST_LEASE = select(Host.state, Host.lease_expires_at).where(Host.name == bindparam("host"))
-_REPORTED_ROWS = select(*_REPORTED).where(Instance.name.in_(bindparam("names", expanding=True)))
+#: every instance the host holds, by the indexed host column: one statement compiled once (an
+#: expanding IN of the reported names was compiled again for each heartbeat, half its cost)
+_HOST_ROWS = select(*_REPORTED).where(Instance.host == bindparam("host"))
 
 
 @dataclass(frozen=True)
@@ -320,8 +322,9 @@ class Fleet:
                 return None
             rows: dict[str, Any] = {}
             if hb.instances:
-                rows = {r.name: r for r in conn.execute(
-                    _REPORTED_ROWS, {"names": [r.name for r in hb.instances]})}
+                reported = {r.name for r in hb.instances}
+                rows = {r.name: r for r in conn.execute(_HOST_ROWS, {"host": host_name})
+                        if r.name in reported}
             locked = self.locks.instances
             for report in hb.instances:
                 cur = rows.get(report.name)

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: a batch of creates asks this many agents at once
 BATCH_PARALLEL = 64
+#: and places, records and reads its instances this many to a transaction, letting the loop
+#: answer heartbeats between (500 in one went past a second of the loop at 1000 hosts)
+BATCH_CHUNK = 100
 #: the moves a batch records for one instance (state, the agent's report)
 Steps = list[tuple[State, InstanceReport | None]]
 
@@ -193,9 +196,10 @@ class InstanceService:
 
     async def create_many(self, reqs: Sequence[CreateInstance]) -> builtins.list[Created]:
         """Create (and start) many instances, each as :meth:`create` would, with what they
-        share done once: one snapshot of the fleet and one transaction place them all (each
-        placement seeing the ones before it: :class:`Placer`), the agents are asked
-        :data:`BATCH_PARALLEL` at a time, and their answers are recorded together. Each
+        share done once: one snapshot of the fleet and one transaction place up to
+        :data:`BATCH_CHUNK` of them (each placement seeing the ones before it:
+        :class:`Placer`), the agents are asked :data:`BATCH_PARALLEL` at a time, and their
+        answers are recorded a chunk to a transaction. Each
         instance ends as a single create would (running, created, failed, or not kept), and
         its outcome says which, with the error if any; one instance's failure does not stop
         the others. The same name twice is refused before anything is done."""
@@ -226,25 +230,30 @@ class InstanceService:
             runs = await asyncio.to_thread(lambda: [self._resolve(r) for r in todo])
             placed: list[tuple[CreateInstance, str, WireSpec]] = []
             now = self.fleet.clock()
-            with self.fleet.sessions.begin() as s:
-                taken = set(s.scalars(select(Instance.name).where(
-                    Instance.name.in_([r.name for r in todo]))))
-                placer = Placer(self.fleet.snapshot(s))
-                for req, run in zip(todo, runs, strict=True):
-                    if req.name in taken:
-                        failed(req.name, Conflict(
-                            f"an instance named '{req.name}' already exists",
-                            hint="pick another name, or remove it first ('corral rm')"))
-                        continue
-                    try:
-                        target = placer.place(Request(req.cpus, req.memory_bytes, req.driver,
-                                                      host=req.host))
-                    except CorralError as exc:
-                        failed(req.name, exc)
-                        continue
-                    inst = self._row(req, run, target, now)
-                    s.add(inst)
-                    placed.append((req, target, inst.wire_spec()))
+            pairs = list(zip(todo, runs, strict=True))
+            for k in range(0, len(pairs), BATCH_CHUNK):  # the loop answers heartbeats between
+                if k:
+                    await asyncio.sleep(0)
+                with self.fleet.sessions.begin() as s:
+                    chunk = pairs[k:k + BATCH_CHUNK]
+                    taken = set(s.scalars(select(Instance.name).where(
+                        Instance.name.in_([r.name for r, _ in chunk]))))
+                    placer = Placer(self.fleet.snapshot(s))  # with the chunks before it
+                    for req, run in chunk:
+                        if req.name in taken:
+                            failed(req.name, Conflict(
+                                f"an instance named '{req.name}' already exists",
+                                hint="pick another name, or remove it first ('corral rm')"))
+                            continue
+                        try:
+                            target = placer.place(Request(req.cpus, req.memory_bytes,
+                                                          req.driver, host=req.host))
+                        except CorralError as exc:
+                            failed(req.name, exc)
+                            continue
+                        inst = self._row(req, run, target, now)
+                        s.add(inst)
+                        placed.append((req, target, inst.wire_spec()))
             gate = asyncio.Semaphore(BATCH_PARALLEL)
 
             async def one(req: CreateInstance, target: str, spec: WireSpec
@@ -253,22 +262,26 @@ class InstanceService:
                     return req.name, await self._ask(req, target, spec, failed)
 
             moves = await asyncio.gather(*(one(*p) for p in placed))
-            with self.fleet.sessions.begin() as s:
-                for name, steps in moves:
-                    row = s.get(Instance, name)
-                    if row is None:
-                        continue
-                    if not steps:  # refused by its agent: nothing was made, nothing kept
-                        s.delete(row)
-                    for state, report in steps:
-                        self.fleet.move_in(row, state, report=report)
-            with self.fleet.sessions() as s:
-                for made in s.scalars(select(Instance).where(
-                        Instance.name.in_([n for n, _ in moves]))):
-                    s.expunge(made)
-                    earlier = out.get(made.name)
-                    out[made.name] = Created(made.name, made,
-                                             earlier.error if earlier is not None else None)
+            for k in range(0, len(moves), BATCH_CHUNK):
+                await asyncio.sleep(0)
+                with self.fleet.sessions.begin() as s:
+                    for name, steps in moves[k:k + BATCH_CHUNK]:
+                        row = s.get(Instance, name)
+                        if row is None:
+                            continue
+                        if not steps:  # refused by its agent: nothing was made, nothing kept
+                            s.delete(row)
+                        for state, report in steps:
+                            self.fleet.move_in(row, state, report=report)
+            for k in range(0, len(moves), BATCH_CHUNK):
+                await asyncio.sleep(0)
+                with self.fleet.sessions() as s:
+                    for made in s.scalars(select(Instance).where(
+                            Instance.name.in_([n for n, _ in moves[k:k + BATCH_CHUNK]]))):
+                        s.expunge(made)
+                        earlier = out.get(made.name)
+                        out[made.name] = Created(made.name, made,
+                                                 earlier.error if earlier is not None else None)
         return [out.get(n) or Created(n, None, CorralError("lost track of it")) for n in names]
 
     async def _ask(self, req: CreateInstance, target: str, spec: WireSpec,
