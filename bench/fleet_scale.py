@@ -217,8 +217,9 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:  # too busy to stop: killed with its group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         # the nats-server child, should it outlive its parent
         if self.nats_pid:
@@ -342,7 +343,8 @@ class Workers:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
 
 
@@ -768,10 +770,12 @@ def main(argv: list[str] | None = None) -> int:
 
         load = os.getloadavg()[0]
     finally:
-        if workers is not None:
-            workers.stop()
-        if server is not None:
-            server.stop()
+        try:
+            if workers is not None:
+                workers.stop()
+        finally:  # the server goes whatever stopping the simulators raised
+            if server is not None:
+                server.stop()
     try:  # with the server and the simulators stopped: the floor has the machine to itself
         print("the floor: the same writes straight into SQLite...", flush=True)
         floor_beat, floor_place = sqlite_floor(top / "floor.db", hosts, min(m, 3000),
