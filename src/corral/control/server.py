@@ -46,7 +46,7 @@ from corral.control import dashboard
 from corral.control.agents import AgentCaller
 from corral.control.db import db_url, open_db, safe_url
 from corral.control.enroll import Enrollment
-from corral.control.fleet import Fleet
+from corral.control.fleet import Fleet, queue_lag
 from corral.control.history import MetricHistory
 from corral.control.http import drain as drain_http
 from corral.control.http import hosts as hosts_http
@@ -193,6 +193,9 @@ class ControlPlane:
         #: what runs only while this server leads (see :meth:`_lead`)
         self._leading: list[asyncio.Task[Any]] = []
         self._agent_subs: list[Any] = []
+        #: heartbeats taken off the queue (the lease check's measure of how far behind it is)
+        self._beats_done = 0
+        self._hb_sub: Any = None
         self.info_path = self.data_dir / "server.json"
         self._engine: Engine | None = None
         self.live = Live(settings)
@@ -379,12 +382,11 @@ class ControlPlane:
         log.warning("leading (generation %d): %d host(s) given a fresh lease", generation,
                     renewed)
         ready_at = fleet.clock()
-        self._agent_subs = [
-            await self.nc.subscribe(subjects.JOIN_ALL,
-                                    cb=self._handler(JoinRequest, self._on_join)),
-            await self.nc.subscribe(subjects.HEARTBEAT_ALL,
-                                    cb=self._handler(Heartbeat, self._on_heartbeat)),
-        ]
+        joins = await self.nc.subscribe(subjects.JOIN_ALL,
+                                        cb=self._handler(JoinRequest, self._on_join))
+        self._hb_sub = await self.nc.subscribe(subjects.HEARTBEAT_ALL,
+                                               cb=self._handler(Heartbeat, self._on_heartbeat))
+        self._agent_subs = [joins, self._hb_sub]
         await self.nc.flush()
         self.ops.start(ready_at)  # resumes unfinished operations once the agents heartbeat
         self._leading.append(asyncio.create_task(self._lease_loop(), name="leases"))
@@ -401,7 +403,7 @@ class ControlPlane:
     async def _follow(self) -> None:
         """This server no longer leads: stop answering agents and stop everything that acts,
         leaving unfinished operations to the next leader (their records say where they are)."""
-        subs, self._agent_subs = self._agent_subs, []
+        subs, self._agent_subs, self._hb_sub = self._agent_subs, [], None
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -528,6 +530,7 @@ class ControlPlane:
         assert self.fleet is not None
         if not self.leads:
             return
+        self._beats_done += 1
         host = subjects.host_from_subject(msg.subject)
         quiet = self.fleet.quiet_heartbeat(host, hb)
         if quiet is not None:
@@ -550,10 +553,22 @@ class ControlPlane:
     async def _lease_loop(self) -> None:
         assert self.fleet is not None
         every = max(0.1, min(1.0, self.settings.lease_seconds / 4))
+        loop = asyncio.get_running_loop()
+        seen, at = self._beats_done, loop.time()
         while True:
             await asyncio.sleep(every)
+            done, now = self._beats_done, loop.time()
+            rate = (done - seen) / max(now - at, 1e-3)
+            seen, at = done, now
+            sub = self._hb_sub
+            pending = int(sub.pending_msgs) if sub is not None else 0
+            slack = queue_lag(pending, rate, self.settings.lease_seconds)
+            if slack >= 1.0:
+                log.warning("%d heartbeats wait to be answered here (%.1f s behind): leases "
+                            "run that much longer before a host is marked down", pending,
+                            slack)
             try:
-                self.fleet.expire_leases()  # (with the quiet heartbeats' row renewals)
+                self.fleet.expire_leases(slack)  # (with the quiet heartbeats' row renewals)
             except NotLeader as exc:
                 log.info("lease check not made: %s", exc)
             except Exception:
