@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop placing after this long (default 180; the rate and the checks "
                     "are of what was placed)")
     ap.add_argument("--batch", type=int, metavar="N",
-                    help="then N more through the batch route (default 10x --instances)")
+                    help="then N more through the batch route (default 10x --instances; below 100 "
+                    "hosts, --instances)")
     ap.add_argument("--no-metrics", action="store_true",
                     help="simulated hosts send no metrics samples (to tell their cost apart)")
     ap.add_argument("--profile", metavar="FILE",
@@ -700,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         c1 = server.cpu()
         placing = summarise(workers.ask("stats"), t_place, diff(c0, c1))
         place_cpu = placing["server_cpu"]
-        nb = args.batch if args.batch is not None else 10 * m
+        # (a toy fleet has no room for ten times its instances)
+        nb = args.batch if args.batch is not None else (10 * m if n >= 100 else m)
         bnames = [f"b{i:07d}" for i in range(nb)]
         bslices = [bnames[k * nb // rounds:(k + 1) * nb // rounds] for k in range(rounds)]
         brates: list[float] = []
