@@ -3,6 +3,7 @@ a bounded size per batch, offsets written once per pump (not per batch)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,28 @@ async def test_a_pump_cut_short_keeps_what_was_acknowledged_and_nothing_more(
     assert {b.run for b in first.batches + second.batches} == {again.pos.run}
     again_idle = LogCapture(log, tmp_path / "off", "h1", "web", "stdout")
     assert await again_idle.pump(Bus()) == 0  # a restart after a whole pump resends nothing
+
+
+async def test_a_run_is_on_disk_before_its_first_line_goes_out(tmp_path: Path) -> None:
+    """A capture killed -9 before its first save (no ``finally``) must come back as the same
+    run: the bus sees every line it sent again with the same run and numbers, which every
+    reader drops, and never as new lines."""
+    log = tmp_path / "out.log"
+    log.write_text("".join(f"line {i}\n" for i in range(1, 301)))
+    state = tmp_path / "off"
+    runs_on_disk: list[str] = []
+
+    class Killed(Bus):
+        async def publish(self, subject: str, payload: bytes, **kw: Any) -> None:
+            runs_on_disk.append(json.loads(state.read_text())["run"] if state.exists() else "")
+            await super().publish(subject, payload, **kw)
+
+    first = Killed()
+    await LogCapture(log, state, "h1", "web", "stdout", max_batch=100).pump(first)
+    assert runs_on_disk and runs_on_disk[0] == first.batches[0].run  # named before it went
+    state.write_text(json.dumps({**json.loads(state.read_text()), "offset": 0,
+                                 "next_seq": 1}))  # as the file stood before the first send
+    second = Bus()
+    await LogCapture(log, state, "h1", "web", "stdout", max_batch=100).pump(second)
+    assert {b.run for b in first.batches + second.batches} == {first.batches[0].run}
+    assert [b.first_seq for b in second.batches] == [b.first_seq for b in first.batches]

@@ -171,6 +171,11 @@ class LogCapture:
                 batch, end = self.read_batch()
                 if batch is None:
                     return sent
+                if not self.state.exists():
+                    # the run is named before its first line goes out: a capture killed before
+                    # its first save started a new run, whose lines no reader took for the
+                    # ones it had (the same numbers, another run: 658 lines doubled)
+                    self._save()
                 await js.publish(subjects.logs(self.host, self.instance),
                                  batch.model_dump_json().encode(),
                                  headers={"Nats-Msg-Id": batch.msg_id})
