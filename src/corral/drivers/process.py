@@ -32,6 +32,8 @@ from corral.errors import Conflict, DriverError, InvalidRequest
 
 _JOIN_FAILED = 125
 _KILL_WAIT = runs.KILL_WAIT
+#: how long a freeze waits for the leader itself to show stopped (see ``freeze``)
+LEADER_SETTLE = 1.0
 
 
 class ProcessDriver:
@@ -295,13 +297,17 @@ class ProcessDriver:
             return
 
         def all_stopped() -> bool:
-            # D counts as stopping: it runs no user code, and SIGSTOP is pending for it (a
-            # vfork parent waits in D for a child that was stopped before its exec)
-            running = [s for s in procfs.scan() if s.session == handle.data.get("sid")
-                       and s.alive and s.state not in ("T", "t", "D")]
-            for s in running:
+            # D counts as stopping: it runs no user code, and the SIGSTOP sent to it here
+            # stops it as it leaves D (a vfork parent waits in D for a child that was stopped
+            # before its exec). It is sent one all the same: a leader first seen in D was
+            # once never signalled, woke up and ran on, "frozen"
+            running = False
+            for s in procfs.scan():
+                if s.session != handle.data.get("sid") or not s.alive or s.state in ("T", "t"):
+                    continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(s.pid, sig.SIGSTOP)
+                running = running or s.state != "D"
             return not running
 
         runs.mark_frozen(handle, True)
@@ -310,6 +316,15 @@ class ProcessDriver:
             raise DriverError(f"instance {handle.name} kept forking while being frozen",
                               hint="retry, or run it where a freezer cgroup is usable",
                               retryable=True)
+
+        def leader_still() -> bool:
+            # a leader seen in D with the SIGSTOP pending runs a moment (R) when it leaves D,
+            # before it stops: status read then said "running" right after a freeze
+            leader = self._leader(handle)
+            return leader is None or leader.state in ("T", "t")
+
+        # bounded: a vfork parent stays in D while its child is stopped (status counts that)
+        runs.wait_until(leader_still, LEADER_SETTLE, 0.005)
 
     def thaw(self, handle: Handle) -> None:
         cg = self._cg_of(handle)
