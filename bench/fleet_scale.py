@@ -69,6 +69,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -679,48 +680,42 @@ def main(argv: list[str] | None = None) -> int:
 
         empty = hb_rounds(server, workers, rounds, seconds, "heartbeats, empty hosts")
 
-        names = [f"i{i:07d}" for i in range(m)]
-        slices = [names[k * m // rounds:(k + 1) * m // rounds] for k in range(rounds)]
-        rates: list[float] = []
         errors: list[str] = []
-        workers.ask("mark")
-        c0 = server.cpu()
-        t_place = 0.0
         done = 0
         budget = args.place_budget / rounds
-        for k, sl in enumerate(slices):
-            if not sl:
-                continue
-            secs, placed, errs = place(server, sl, done, time.monotonic() + budget)
-            done += len(placed)
-            t_place += secs
-            errors += errs
-            rates.append(len(placed) / secs)
-            print(f"  placement slice {k + 1}: {len(placed)} of {len(sl)} in {secs:.1f} s = "
-                  f"{rates[-1]:.1f}/s ({done} placed, {len(errs)} errors)", flush=True)
-        c1 = server.cpu()
-        placing = summarise(workers.ask("stats"), t_place, diff(c0, c1))
+
+        def phase(label: str, prefix: str, count: int, how: Callable[..., Any]
+                  ) -> tuple[list[float], dict[str, Any] | None]:
+            """``count`` instances named ``prefix``N placed by ``how`` in ``rounds`` slices:
+            each slice's rate, and the heartbeats' window over all of them."""
+            nonlocal done, errors
+            names = [f"{prefix}{i:07d}" for i in range(count)]
+            rates: list[float] = []
+            workers.ask("mark")
+            c0, spent = server.cpu(), 0.0
+            for k in range(rounds):
+                sl = names[k * count // rounds:(k + 1) * count // rounds]
+                if not sl:
+                    continue
+                secs, placed, errs = how(server, sl, done, time.monotonic() + budget)
+                done += len(placed)
+                spent += secs
+                errors += errs
+                rates.append(len(placed) / secs)
+                print(f"  {label} slice {k + 1}: {len(placed)} of {len(sl)} in {secs:.1f} s = "
+                      f"{rates[-1]:.1f}/s ({done} placed, {len(errs)} errors)", flush=True)
+            if not rates:
+                return rates, None
+            return rates, summarise(workers.ask("stats"), max(spent, 1e-9),
+                                    diff(c0, server.cpu()))
+
+        rates, window_single = phase("placement", "i", m, place)
+        assert window_single is not None  # m >= 1
+        placing = window_single
         place_cpu = placing["server_cpu"]
         # (a toy fleet has no room for ten times its instances)
         nb = args.batch if args.batch is not None else (10 * m if n >= 100 else m)
-        bnames = [f"b{i:07d}" for i in range(nb)]
-        bslices = [bnames[k * nb // rounds:(k + 1) * nb // rounds] for k in range(rounds)]
-        brates: list[float] = []
-        workers.ask("mark")
-        c0, t_batch = server.cpu(), 0.0
-        for k, sl in enumerate(bslices):
-            if not sl:
-                continue
-            secs, placed, errs = place_batches(server, sl, done, time.monotonic() + budget)
-            done += len(placed)
-            t_batch += secs
-            errors += errs
-            brates.append(len(placed) / secs)
-            print(f"  batch placement slice {k + 1}: {len(placed)} of {len(sl)} in "
-                  f"{secs:.1f} s = {brates[-1]:.1f}/s ({done} placed, {len(errs)} errors)",
-                  flush=True)
-        batching = summarise(workers.ask("stats"), max(t_batch, 1e-9),
-                             diff(c0, server.cpu())) if brates else None
+        brates, batching = phase("batch placement", "b", nb, place_batches)
         if batching is not None:
             print(f"  heartbeats while batch placing: p50 {batching['p50']:.0f} ms, p99 "
                   f"{batching['p99']:.0f} ms, max {batching['max']:.0f} ms; missed "

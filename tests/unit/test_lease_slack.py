@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
+from test_heartbeat_writes import LEASE, Clock
 
 from corral.bus.messages import Capacity, Heartbeat, JoinRequest
 from corral.config import Settings
 from corral.control.db import Host, open_db
 from corral.control.fleet import Fleet, queue_lag
-
-LEASE = 10.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -41,11 +41,13 @@ def unix_path(path: Path) -> tuple[str, int]:
     return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
-def connect_unix(path: Path) -> socket.socket:
+def _unix(path: Path, act: Callable[[socket.socket, str], None]) -> socket.socket:
+    """A unix socket that ``act`` connected or bound at ``path`` (non-blocking); closed when
+    ``act`` fails."""
     name, fd = unix_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(name)
+        act(sock, name)
     except OSError:
         sock.close()
         raise
@@ -53,24 +55,22 @@ def connect_unix(path: Path) -> socket.socket:
         os.close(fd)
     sock.setblocking(False)
     return sock
+
+
+def connect_unix(path: Path) -> socket.socket:
+    return _unix(path, lambda sock, name: sock.connect(name))
 
 
 def listen_unix(path: Path) -> socket.socket:
     """A listening socket at ``path`` (a stale one from a crash replaced), for one peer."""
     path.unlink(missing_ok=True)
-    name, fd = unix_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def bind(sock: socket.socket, name: str) -> None:
         sock.bind(name)
         os.chmod(path, 0o600)
         sock.listen(1)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.close(fd)
-    sock.setblocking(False)
-    return sock
+
+    return _unix(path, bind)
 
 
 async def pipe(local: tuple[asyncio.StreamReader, asyncio.StreamWriter],
