@@ -561,7 +561,7 @@ class QemuDriver:
         new = Handle(self.name, handle.name, dict(
             handle.data, pid=pid, starttime=starttime, shim=shim.pid,
             shim_starttime=shim_st.starttime if shim_st is not None else None,
-            generation=gen, accel=self.accel, incoming_port=None))
+            generation=gen, accel=self.accel, incoming_sock=None))
         if not runs.wait_until(lambda: self._vm_running(new) is not None
                                or self._qemu(new) is None, START_TIMEOUT, 0.02):
             self._pull_plug(new)
