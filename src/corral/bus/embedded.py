@@ -202,6 +202,13 @@ class EmbeddedNats:
         self._applied = 0
         #: how many reloads (config writes and SIGHUPs) were made: for tests and benches
         self.reloads = 0
+        #: SIGHUPs this server process was sent, and the "Reloaded" lines counted in its log
+        #: so far (from ``_scan_at``): reload N is applied once N lines are there. Looking
+        #: for "a line after my offset" took a late line of an earlier, timed-out reload as
+        #: this one's, before this one's config was read.
+        self._hups = 0
+        self._seen = 0
+        self._scan_at = 0
 
     @property
     def url(self) -> str:
@@ -235,6 +242,11 @@ class EmbeddedNats:
     def _spawn(self, binary: str, store: Path) -> None:
         argv = [binary, "-a", self.host, "-p", str(self.port),
                 "-c", str(self._write_config(store))]
+        try:
+            self._scan_at = self.log_path.stat().st_size  # the log is appended to
+        except OSError:
+            self._scan_at = 0
+        self._hups = self._seen = 0
         with self.log_path.open("ab") as logf:
             self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -290,8 +302,9 @@ class EmbeddedNats:
         next one (its config has every change made before it was written). Each reload
         writes a config listing every host, and nats-server re-reads all of it: one per
         enrolled host made enrolling N hosts O(N²), most of an hour for 5000."""
-        # a reload in flight ends within its timeout: wait that out, then make the next one
-        deadline = time.monotonic() + 2 * timeout + 1.0
+        # a reload in flight ends within twice its timeout (catching up, then its own):
+        # wait that out, then make the next one
+        deadline = time.monotonic() + 3 * timeout + 1.0
         with self._reload_cond:
             want = self._written + 1  # a write that starts from now on
             while self._applied < want:
@@ -309,7 +322,7 @@ class EmbeddedNats:
             number = self._written
         ok = False
         try:
-            ok = self._reload_now(time.monotonic() + timeout)
+            ok = self._reload_now(timeout)
         finally:
             with self._reload_cond:
                 self._reloading = False
@@ -320,30 +333,42 @@ class EmbeddedNats:
             log.warning("nats-server did not report its reload within %.0fs", timeout)
         return ok
 
-    def _reload_now(self, deadline: float) -> bool:
+    def _reload_now(self, timeout: float) -> bool:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return False
-        try:
-            start = self.log_path.stat().st_size
-        except OSError:
-            start = 0
+        if not self._caught_up(time.monotonic() + timeout):
+            # an earlier reload's SIGHUP never showed (nats-server keeps one pending signal,
+            # so a SIGHUP sent while another waited can merge into it): count it as lost
+            log.warning("nats-server never reported %d earlier reload(s); resynchronising",
+                        self._hups - self._seen)
+            self._hups = self._seen
         self._write_config(self.data_dir / "nats")
         self.reloads += 1
+        self._hups += 1
         proc.send_signal(signal.SIGHUP)
-        while time.monotonic() < deadline:
-            if self._logged_since(start, RELOADED):
-                return True
-            time.sleep(0.02)
-        return False
+        return self._caught_up(time.monotonic() + timeout)
 
-    def _logged_since(self, offset: int, text: bytes) -> bool:
+    def _caught_up(self, deadline: float) -> bool:
+        """True once nats-server has logged a reload for every SIGHUP sent (bounded)."""
+        while True:
+            self._count_reloaded()
+            if self._seen >= self._hups:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def _count_reloaded(self) -> None:
         try:
             with self.log_path.open("rb") as fh:
-                fh.seek(offset)
-                return text in fh.read()
+                fh.seek(self._scan_at)
+                chunk = fh.read()
         except OSError:
-            return False
+            return
+        whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        self._seen += chunk[:whole].count(RELOADED)
+        self._scan_at += whole
 
     def _accepts(self) -> bool:
         """True once the server greets a TCP client with its INFO line."""
