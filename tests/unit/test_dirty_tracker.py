@@ -67,3 +67,31 @@ def test_too_many_paths_overflows(tmp_path: Path) -> None:
         assert tr.take().overflowed
     finally:
         tr.stop()
+
+
+def test_a_directory_made_while_a_new_one_is_being_watched_is_not_lost(
+        tmp_path: Path) -> None:
+    """A workload makes ``var/`` and at once ``var/lib/db``: the tracker watches ``var`` when
+    it hears of it, and what is made in it before that watch exists must still be listed
+    (here: made just as the watch is being added, the worst moment)."""
+    tr = DirtyTracker(tmp_path)
+    tr.start()
+    real = tr._ino.add_watch
+
+    def racing(path: str, mask: int) -> int:
+        if path == str(tmp_path / "var") and not (tmp_path / "var" / "lib").exists():
+            (tmp_path / "var" / "lib").mkdir()
+            (tmp_path / "var" / "lib" / "db").write_text("x")
+        return real(path, mask)
+
+    tr._ino.add_watch = racing  # type: ignore[method-assign]
+    try:
+        (tmp_path / "var").mkdir()
+        settle(tr)
+        got = tr.take()
+        assert {"var", "var/lib", "var/lib/db"} <= got.paths, got.paths
+        (tmp_path / "var" / "lib" / "db").write_text("y")  # and var/lib is watched
+        settle(tr)
+        assert tr.take().paths == {"var/lib/db"}
+    finally:
+        tr.stop()

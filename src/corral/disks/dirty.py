@@ -78,23 +78,34 @@ class DirtyTracker:
             self._overflow = self._overflow or why
 
     def _watch_tree(self, rel: str) -> None:
-        base = self.root / rel if rel else self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            rel_dir = os.path.relpath(dirpath, self.root)
-            rel_dir = "" if rel_dir == "." else rel_dir
+        """Watch ``rel`` and every directory under it. Each directory is watched *before* it
+        is listed: listed first, a subdirectory made between the listing and the watch was
+        in neither (a new ``var/`` with ``var/lib/db`` made at once lost ``var/lib``, and a
+        refresh built on the list would have left it out of the standby)."""
+        todo = [rel]
+        while todo:
+            rel_dir = todo.pop()
+            path = self.root / rel_dir if rel_dir else self.root
             try:
-                wd = self._ino.add_watch(dirpath, WATCH)
+                wd = self._ino.add_watch(str(path), WATCH)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     self._mark_overflow("out of inotify watches (fs.inotify.max_user_watches)")
                     return
-                if exc.errno == errno.ENOENT:
-                    continue
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # gone (or replaced) already: its parent's events say so
                 raise
             self._wds[wd] = rel_dir
+            try:
+                with os.scandir(path) as it:
+                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            except OSError:
+                entries = []  # gone since: its removal is an event of its parent
+            names = [os.path.join(rel_dir, n) if rel_dir else n for n, _ in entries]
+            todo += [n for n, (_, is_dir) in zip(names, entries, strict=True) if is_dir]
             if rel:  # a directory that appeared while we watch: everything in it is new
                 with self._lock:
-                    self._add({rel_dir, *(os.path.join(rel_dir, n) for n in dirnames + filenames)})
+                    self._add({rel_dir, *names})
 
     def _run(self) -> None:
         fd = self._ino.fileno()
