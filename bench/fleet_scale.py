@@ -3,7 +3,9 @@
 round trips, the server's CPU and memory per host, placement rate, and ``ls`` at that size.
 
 One real ``corral server`` (a subprocess, TLS on, SQLite, its embedded nats-server, default
-timings: heartbeat 2 s, lease 10 s, samples 1 s) and N simulated hosts
+timings: heartbeat 2 s, lease 10 s, samples 1 s, stretched past ``max_heartbeats_per_second``
+hosts a second (500; ``--max-heartbeats``): 4 s, 20 s and 2 s at 2000 hosts, and the bench
+prints the pace the server chose) and N simulated hosts
 (``bench/simagent.py``), several hundred per process, each with its own NATS connection and
 its own identity: every host is enrolled through the product's path (``POST /v1/hosts`` for
 a join token, then ``POST /v1/hosts/NAME/join`` with the host's nkey and a certificate
@@ -167,16 +169,17 @@ def mmm(xs: list[float], f: str = ".1f") -> str:
 class Server:
     """One ``corral server``, its own session, its own data dir; stopped with its group."""
 
-    def __init__(self, top: Path, profile: str = "") -> None:
+    def __init__(self, top: Path, profile: str = "", budget: float | None = None) -> None:
         self.dir = top / "server"
         prof = ["-m", "cProfile", "-o", profile] if profile else []
+        pace = ["--set", f"max_heartbeats_per_second={budget:g}"] if budget is not None else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         env["CORRAL_LOG_LEVEL"] = "warning"
         self.log = (top / "server.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, *prof, "-m", "corral.cli", "server", "--data", str(self.dir),
              "--tls", "on", "--api-host", "127.0.0.1", "--api-port", "0",
-             "--nats-host", "127.0.0.1", "--nats-port", "0"],
+             "--nats-host", "127.0.0.1", "--nats-port", "0", *pace],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
         ready = self.dir / "server.json"
@@ -593,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated hosts send no metrics samples (to tell their cost apart)")
     ap.add_argument("--profile", metavar="FILE",
                     help="run the server under cProfile, its stats written to FILE at the end")
+    ap.add_argument("--max-heartbeats", type=float, metavar="RATE",
+                    help="the server's max_heartbeats_per_second (default: the product's, "
+                    "500; 0 = no limit: every host at the 2 s heartbeat)")
     ap.add_argument("--keep", action="store_true", help="keep the bench's directory")
     args = ap.parse_args(argv)
     n = args.hosts or (5000 if args.long else 1000)
@@ -615,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"fleet_scale: {n} simulated hosts, {m} instances, {rounds} rounds of "
               f"{seconds:g} s, in {top}", flush=True)
-        server = Server(top, str(Path(args.profile).resolve()) if args.profile else "")
+        server = Server(top, str(Path(args.profile).resolve()) if args.profile else "",
+                        args.max_heartbeats)
         time.sleep(min(2.0, seconds))
         c0, t0 = server.cpu(), time.monotonic()
         time.sleep(min(5.0, 2 * seconds))
@@ -669,7 +676,13 @@ def main(argv: list[str] | None = None) -> int:
             wait(lambda: hosts_up(server, n), f"{n} hosts up", 120, every=1)
         except SystemExit as exc:  # measured anyway: what an overloaded server does
             early.append(str(exc))
-        hb_s = HEARTBEAT_S
+        time.sleep(min(6.0, seconds))  # the leader fits its pace to the size every 5 s
+        status = server.client().status()
+        hb_s = status.heartbeat_seconds or HEARTBEAT_S
+        lease_s = status.lease_seconds
+        budget = "default" if args.max_heartbeats is None else f"{args.max_heartbeats:g}"
+        print(f"the fleet's pace: heartbeat every {hb_s:g} s, lease {lease_s:g} s "
+              f"(max_heartbeats_per_second {budget})", flush=True)
         print(f"{len(workers.procs)} simulator process(es): connected in "
               f"{max(j['connect_s'] for j in workers.joined):.1f} s, joined in "
               f"{max(j['join_s'] for j in workers.joined):.1f} s (all up {joined_s:.1f} s "
@@ -825,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  (anchor, quoted not measured: Nomad placed 1 M containers on 5,000 hosts at "
           "3,750/s with 5 servers)")
     out += [f"figure: fleet_scale.hosts {n} hosts",
+            f"figure: fleet_scale.heartbeat_period {hb_s:g} s",
+            f"figure: fleet_scale.lease {lease_s:g} s",
             f"figure: fleet_scale.enroll_rate_first_{first} {first / enroll_s:.1f} hosts/s",
             *([f"figure: fleet_scale.enroll_seconds_at_full {last_s:.2f} s"] if last else []),
             *([f"figure: fleet_scale.enroll_burst_{burst}_rate "

@@ -168,6 +168,10 @@ class SimHost:
                     if sent - self.last_ack > self.lease_s:
                         w.lapsed.add(self.name)
                     self.last_ack = sent
+                    if reply.heartbeat_seconds > 0:  # the fleet's pace (control/pace.py)
+                        self.heartbeat_s = reply.heartbeat_seconds
+                        self.lease_s = reply.lease_seconds
+                        self.sample_s = reply.sample_seconds
                 else:
                     await self.join()
             if time.monotonic() - self.last_ack > self.lease_s:

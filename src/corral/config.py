@@ -53,6 +53,10 @@ class Settings:
     heartbeat_seconds: float = _doc("how often agents heartbeat", 2.0)
     lease_seconds: float = _doc("how long a heartbeat keeps a host's lease", 10.0)
     sample_seconds: float = _doc("how often agents sample CPU and memory counters", 1.0)
+    max_heartbeats_per_second: float = _doc(
+        "server: the most heartbeats a second the leader asks of the whole fleet; a larger "
+        "fleet heartbeats, samples and holds its leases proportionally longer than the three "
+        "settings above (0 = no limit)", 500.0)
     stop_timeout: float = _doc("seconds between SIGTERM and SIGKILL when stopping", 10.0)
     host_name: str = _doc("agent: this host's name (default: the machine's hostname)", "")
     host_address: str = _doc("agent: address other hosts reach this one at", "127.0.0.1")
@@ -151,6 +155,8 @@ _EPS = 1e-9
 
 #: durations whose 0 and -1 mean something (the docs define them): what -1 means
 SPECIAL_VALUES = {"shelved_offload_seconds": "never"}
+#: floats for which 0 means something (no limit): 0 or more
+ZERO_MEANS = {"max_heartbeats_per_second": "no limit"}
 #: integers with bounds: the least and the most
 INT_RANGES: dict[str, tuple[int, int]] = {"live_migrate_downtime_ms": (1, 60_000)}
 
@@ -173,6 +179,9 @@ def _parse(name: str, raw: Any, source: str) -> Any:
             if name in SPECIAL_VALUES:
                 if value < 0 and value != -1:
                     raise ValueError(f"must be 0 or more, or -1 ({SPECIAL_VALUES[name]})")
+            elif name in ZERO_MEANS:
+                if value < 0:
+                    raise ValueError(f"must be 0 ({ZERO_MEANS[name]}) or more")
             elif value <= 0:
                 raise ValueError("must be positive")
             return value
@@ -285,6 +294,10 @@ def timing_problems(s: Settings) -> list[tuple[str, str]]:
                     "set " + ", or ".join(fixes)
                     + (f", or heartbeat_seconds to at most {window / 2:.3g}"
                        if need > MIN_FENCE_WINDOW and window / 2 >= 0.01 else "")))
+    if s.max_heartbeats_per_second < 0:
+        out.append((f"max_heartbeats_per_second {s.max_heartbeats_per_second:g} is negative",
+                    "set it to 0 (no limit) or to the heartbeats a second the leader should "
+                    "answer at most, e.g. 500"))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -127,6 +128,12 @@ class FakeServer:
         self.heartbeats: list[Heartbeat] = []
         self.samples: list[MetricsSample] = []
         self.known = True
+        #: (heartbeat, lease, sample seconds) each heartbeat's answer asks for (None: none)
+        self.pace: tuple[float, float, float] | None = None
+        #: heartbeats go unanswered (the server is away)
+        self.silent = False
+        #: when each heartbeat arrived (this loop's clock)
+        self.beat_times: list[float] = []
 
     async def start(self) -> None:
         await self.nc.subscribe(subjects.JOIN_ALL, cb=self._join)
@@ -141,7 +148,13 @@ class FakeServer:
 
     async def _hb(self, msg: Any) -> None:
         self.heartbeats.append(decode(msg.data, Heartbeat))
-        await msg.respond(encode(HeartbeatReply(known=self.known, lease_expires_at=0)))
+        self.beat_times.append(asyncio.get_running_loop().time())
+        if self.silent:
+            return
+        reply = HeartbeatReply(known=self.known, lease_expires_at=0)
+        if self.pace is not None:
+            reply.heartbeat_seconds, reply.lease_seconds, reply.sample_seconds = self.pace
+        await msg.respond(encode(reply))
 
     async def _metrics(self, msg: Any) -> None:
         self.samples.append(decode(msg.data, MetricsSample))
@@ -353,6 +366,35 @@ async def test_agent_kill9_and_restart_reattaches(
     assert (await server.ok("stop", name="keep", timeout=5))["state"] == "stopped"
     assert marked_pids(marker) == []
     await server.ok("delete", name="keep")
+
+
+async def test_the_agent_takes_the_pace_and_the_lease_each_heartbeat_answer_asks_for(
+    fleet: tuple[FakeServer, AgentProc], marker: str
+) -> None:
+    """A large fleet's server stretches the heartbeat and sample periods and the lease in
+    its answers (control/pace.py): the agent beats and samples at the new period, and fences
+    by the lease of the answer, not the one its join brought (10 s)."""
+    server, _ = fleet
+    await server.wait_for("join", lambda: server.joins)
+    await server.ok("create", spec=_spec("paced", ["sleep", "3600"], marker))
+    await server.ok("start", name="paced", epoch=1)
+    await server.wait_for("heartbeats", lambda: len(server.heartbeats) >= 2)
+    server.pace = (1.5, 4.0, 1.5)
+    asked_at = len(server.beat_times)
+    await server.wait_for("four paced heartbeats",
+                          lambda: len(server.beat_times) >= asked_at + 5, timeout=30)
+    gaps = [b - a for a, b in itertools.pairwise(server.beat_times[asked_at + 1:])]
+    assert statistics.median(gaps) >= 1.2, gaps  # 0.5 s before
+    wall = [s.wall_ns / 1e9 for s in server.samples[-3:]]
+    assert statistics.median(b - a for a, b in itertools.pairwise(wall)) >= 1.2, wall
+    assert marked_pids(marker) != []
+
+    server.silent = True  # the server goes away: fence at lease 4 - margin 2 = 2 s
+    loop = asyncio.get_running_loop()
+    gone_at = loop.time()
+    await server.wait_for("the fence", lambda: marked_pids(marker) == [], timeout=30)
+    # by the join's lease it would be 8 s after the last answered heartbeat
+    assert loop.time() - gone_at < 6.5
 
 
 async def test_sigterm_leaves_instances_running_and_unknown_host_rejoins(

@@ -98,6 +98,11 @@ def test_the_offload_delay_takes_the_values_its_docs_define() -> None:
         from_mapping({"shelved_offload_seconds": -5}, "test")
     with pytest.raises(ConfigError, match="must be positive"):
         from_mapping({"lease_seconds": 0}, "test")
+    # the heartbeat budget: 0 is no limit, a negative one is refused
+    assert from_mapping({"max_heartbeats_per_second": "0"}, "t") == {
+        "max_heartbeats_per_second": 0.0}
+    with pytest.raises(ConfigError, match="no limit"):
+        from_mapping({"max_heartbeats_per_second": -5}, "test")
 
 
 def test_an_empty_token_file_refuses_to_start(tmp_path: Path) -> None:

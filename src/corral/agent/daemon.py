@@ -277,6 +277,16 @@ class Agent:
             log.warning("heartbeat %d not acknowledged: %s", self.seq, exc or "timeout")
             return None
 
+    def _repace(self, reply: HeartbeatReply) -> None:
+        """Take the pace the server asks of this host (control/pace.py: a large fleet
+        heartbeats less often); the lease granted with this very reply comes with it."""
+        if reply.heartbeat_seconds > 0 and reply.heartbeat_seconds != self.heartbeat_s:
+            log.info("the server asks for a heartbeat every %.1fs (lease %.1fs)",
+                     reply.heartbeat_seconds, reply.lease_seconds)
+            self.heartbeat_s = reply.heartbeat_seconds
+        if reply.sample_seconds > 0:
+            self.sample_s = reply.sample_seconds
+
     # --- loops ---------------------------------------------------------------------------------
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -290,7 +300,8 @@ class Agent:
                 log.warning("the server does not know this host; joining again")
                 await self.join(stop)
             elif reply is not None:
-                self.lease.acked(sent_at=self.hb_sent)
+                self._repace(reply)
+                self.lease.acked(reply.lease_seconds or None, sent_at=self.hb_sent)
                 self.guarded.update(reply.guarded)
                 await self.vips.sync(self.state.records)
 

@@ -340,6 +340,10 @@ class FleetStatus(BaseModel):
     servers: list[ServerView] = Field(default_factory=list)
     #: every node of the bus this server knows (its own first)
     nats: list[str] = Field(default_factory=list)
+    #: how often hosts heartbeat and how long a lease runs, for this fleet's size: past
+    #: ``max_heartbeats_per_second`` both grow with the host count (control/pace.py)
+    heartbeat_seconds: float = 0.0
+    lease_seconds: float = 0.0
 
 
 class ErrorBody(BaseModel):

@@ -85,6 +85,11 @@ class HeartbeatReply(BaseModel):
     api_url: str = ""
     #: see :attr:`JoinReply.guarded`
     guarded: list[str] | None = None
+    #: the fleet's pace now (control/pace.py): a large fleet heartbeats, samples and holds
+    #: its leases longer than the settings say. 0: keep what the join said (older server)
+    heartbeat_seconds: float = 0.0
+    lease_seconds: float = 0.0
+    sample_seconds: float = 0.0
 
 
 class InstanceSample(BaseModel):

@@ -230,7 +230,9 @@ def status_lines(status: FleetStatus | Mapping[str, Any], url: str) -> list[str]
     lines.append(f"nats     {', '.join(nodes) if len(nodes) > 1 else st['nats_url']}")
     lines += [
         f"db       {st['db']}",
-        f"hosts    {st['hosts_up']} up, {st['hosts_down']} down",
+        f"hosts    {st['hosts_up']} up, {st['hosts_down']} down"
+        + (f" (heartbeat every {st['heartbeat_seconds']:g}s, lease {st['lease_seconds']:g}s)"
+           if st.get("heartbeat_seconds") else ""),
         f"instances {counts}",
     ]
     return lines

@@ -210,6 +210,9 @@ class LeaderLease(Base):
     holder: Mapped[str] = mapped_column(String(64))
     holder_api_url: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[float] = mapped_column(Float)
+    #: the longest host lease any leader granted (migration 0014, control/pace.py): a new
+    #: leader's fresh leases are at least this long
+    lease_ceiling: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Server(Base):

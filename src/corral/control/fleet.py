@@ -38,7 +38,8 @@ from corral.bus.messages import (
     MetricsSample,
 )
 from corral.config import Settings
-from corral.control.db import Host, Instance, Standby
+from corral.control.db import Host, Instance, LeaderLease, Standby
+from corral.control.pace import Pace, pace_for, repace
 from corral.disks import tickets
 from corral.errors import InvalidTransition
 from corral.lifecycle import ALIVE, ENDED, TRANSITIONS, State, transition
@@ -144,6 +145,50 @@ class Fleet:
         #: signs transfer tickets (disks/tickets.py); agents learn its public half at join
         self.ticket_key: Ed25519PrivateKey = (ticket_key if ticket_key is not None
                                               else Ed25519PrivateKey.generate())
+        #: the heartbeat, lease and sample periods this leader asks of its hosts now, and
+        #: the longest lease it knows was ever granted (control/pace.py)
+        self.pace: Pace = pace_for(settings, 0)
+        self.lease_ceiling = self.pace.lease_seconds
+
+    # --- pace -------------------------------------------------------------------------------
+
+    def repace(self) -> Pace:
+        """Fit the pace to the fleet's size (control/pace.py). A longer lease than any
+        granted before is first written to the database as the new ceiling (fenced: only the
+        leader), so a server that takes over gives every host at least as long a lease as
+        any it may still hold; only then is it granted."""
+        with self._connect() as conn:
+            hosts = int(conn.execute(select(func.count()).select_from(Host)).scalar_one())
+        new = repace(self.pace, self.settings, hosts)
+        if new == self.pace:
+            return new
+        if new.lease_seconds > self.lease_ceiling:
+            with self.sessions.begin() as s:
+                row = s.get(LeaderLease, 1)
+                if row is not None:
+                    row.lease_ceiling = max(row.lease_ceiling or 0.0, new.lease_seconds)
+            self.lease_ceiling = new.lease_seconds
+        log.warning("%d hosts: heartbeat every %.1fs, lease %.1fs, samples every %.1fs "
+                    "(max_heartbeats_per_second %g)", hosts, new.heartbeat_seconds,
+                    new.lease_seconds, new.sample_seconds,
+                    self.settings.max_heartbeats_per_second)
+        self.pace = new
+        return new
+
+    def _grant(self, host: str, now: float) -> float:
+        """Renew ``host``'s lease from ``now`` at the current pace; never shorter than one
+        granted before (a shorter pace must not cut a lease an agent holds). Its end."""
+        until = max(self.lease_until.get(host, 0.0), now + self.pace.lease_seconds)
+        self.lease_until[host] = until
+        return until
+
+    def _answer(self, until: float, guarded: list[str]) -> HeartbeatReply:
+        """A heartbeat's answer: the lease's end, and the pace the host is to keep."""
+        pace = self.pace
+        return HeartbeatReply(known=True, lease_expires_at=until, guarded=guarded,
+                              heartbeat_seconds=pace.heartbeat_seconds,
+                              lease_seconds=pace.lease_seconds,
+                              sample_seconds=pace.sample_seconds)
 
     # --- observed state -------------------------------------------------------------------
 
@@ -263,7 +308,7 @@ class Fleet:
         self.joins[req.host] = self.joins.get(req.host, 0) + 1
         self.states[req.host] = "up"
         self.last_beat[req.host] = now
-        self.lease_until[req.host] = now + self.settings.lease_seconds
+        until = self._grant(req.host, now)
         with self.sessions.begin() as s:
             host = s.get(Host, req.host)
             if host is None:
@@ -282,13 +327,13 @@ class Fleet:
             host.disk_backend = req.disk_backend
             host.state = "up"
             host.last_heartbeat = now
-            host.lease_expires_at = now + self.settings.lease_seconds
+            host.lease_expires_at = until
             s.flush()
             self._apply_all(s, req.host, req.instances)
             guarded = self.guarded(s, req.host)
-        return JoinReply(lease_seconds=self.settings.lease_seconds,
-                         heartbeat_seconds=self.settings.heartbeat_seconds,
-                         sample_seconds=self.settings.sample_seconds, guarded=guarded,
+        return JoinReply(lease_seconds=self.pace.lease_seconds,
+                         heartbeat_seconds=self.pace.heartbeat_seconds,
+                         sample_seconds=self.pace.sample_seconds, guarded=guarded,
                          ticket_key=tickets.public_hex(self.ticket_key))
 
     def heartbeat(self, host_name: str, hb: Heartbeat) -> HeartbeatReply:
@@ -296,7 +341,7 @@ class Fleet:
         something changed (an instance's state, the host coming back) or the row's lease is
         past its half: a heartbeat that only says "still here" is a read, no commit."""
         now = self.clock()
-        lease = self.settings.lease_seconds
+        lease = self.pace.lease_seconds
         with self.sessions.begin() as s:
             host = s.get(Host, host_name)
             if host is None or hb.host != host_name:
@@ -307,13 +352,12 @@ class Fleet:
                 host.state = "up"
             self.states[host_name] = "up"
             self.last_beat[host_name] = now
-            self.lease_until[host_name] = now + lease
+            until = self._grant(host_name, now)
             self._apply_all(s, host_name, hb.instances)
             if s.dirty or (host.lease_expires_at or 0.0) < now + lease / 2:
                 host.last_heartbeat = now  # a commit there is anyway, or the row's lease is
-                host.lease_expires_at = now + lease  # past its half: followers read it
-            return HeartbeatReply(known=True, lease_expires_at=now + lease,
-                                  guarded=self.guarded_now(s, host_name))
+                host.lease_expires_at = until  # past its half: followers read it
+            return self._answer(until, self.guarded_now(s, host_name))
 
     def quiet_heartbeat(self, host_name: str, hb: Heartbeat) -> QuietBeat | None:
         """:meth:`heartbeat` for the common case, cheaply: the host is up and every report
@@ -328,7 +372,7 @@ class Fleet:
         if hb.host != host_name:
             return None
         now = self.clock()
-        lease = self.settings.lease_seconds
+        lease = self.pace.lease_seconds
         with self._connect() as conn:  # Core, not the ORM's execute: half the cost of a read
             row = conn.execute(_HOST_LEASE, {"host": host_name}).first()
             if row is None or row.state != "up":
@@ -349,11 +393,10 @@ class Fleet:
             if self.states.get(host_name, "up") != "up":
                 return None  # marked down (memory ahead of the row): the ORM pass says "back"
             self.last_beat[host_name] = now
-            self.lease_until[host_name] = now + lease
+            until = self._grant(host_name, now)
             if (row.lease_expires_at or 0.0) < now + lease / 2:
                 self._renew.add(host_name)  # followers read the row: see write_leases
-            reply = HeartbeatReply(known=True, lease_expires_at=now + lease,
-                                   guarded=self.guarded_now(conn, host_name))
+            reply = self._answer(until, self.guarded_now(conn, host_name))
         return QuietBeat(reply, {name: (r.host, r.epoch) for name, r in rows.items()})
 
     @staticmethod
@@ -379,7 +422,7 @@ class Fleet:
         of the server's work for it."""
         read_at, by_host = self._guarded
         now = self.clock()
-        if not 0 <= now - read_at < self.settings.heartbeat_seconds / 2:
+        if not 0 <= now - read_at < self.pace.heartbeat_seconds / 2:
             by_host = {}
             for h, name in s.execute(select(Instance.host, Standby.instance).join(
                     Instance, Instance.name == Standby.instance)
@@ -395,13 +438,22 @@ class Fleet:
     def fresh_leases(self) -> int:
         """A server that just took the lead gives every host that is up a whole lease from
         now, before it expires anything: the seconds no server led (no heartbeat was
-        answered) must not count against the hosts. How many hosts it renewed."""
+        answered) must not count against the hosts. How many hosts it renewed.
+
+        The lease is the longest any leader granted (the ceiling in the database), so an
+        agent that heard a longer lease from the last leader than this one would grant is
+        never counted out before its own deadline (control/pace.py)."""
+        with self.sessions() as s:
+            row = s.get(LeaderLease, 1)
+            ceiling = float(row.lease_ceiling or 0.0) if row is not None else 0.0
+        self.lease_ceiling = max(self.lease_ceiling, ceiling)
+        self.repace()
         now = self.clock()
+        lease = max(self.lease_ceiling, self.pace.lease_seconds)
         with self.sessions.begin() as s:
             hosts = list(s.scalars(select(Host).where(Host.state == "up")))
             for host in hosts:
-                host.lease_expires_at = max(host.lease_expires_at or 0.0,
-                                            now + self.settings.lease_seconds)
+                host.lease_expires_at = max(host.lease_expires_at or 0.0, now + lease)
         return len(hosts)
 
     def _connect(self) -> Connection:
@@ -469,7 +521,7 @@ class Fleet:
 
     def fresh_metrics(self, host: str) -> HostMetrics | None:
         m = self.metrics.get(host)
-        if m is None or self.clock() - m.received_at > self.settings.lease_seconds:
+        if m is None or self.clock() - m.received_at > self.pace.lease_seconds:
             return None
         return m
 

@@ -78,6 +78,8 @@ IDENTITIES = f"{subjects.PREFIX}.identities"
 #: how often a server compares its bus node's identities with the database (a missed
 #: broadcast is caught up within this)
 IDENTITIES_EVERY = 5.0
+#: how often the leader fits the heartbeat pace to the fleet's size (control/pace.py)
+REPACE_SECONDS = 5.0
 
 
 class _Uvicorn(uvicorn.Server):
@@ -555,14 +557,23 @@ class ControlPlane:
         every = max(0.1, min(1.0, self.settings.lease_seconds / 4))
         loop = asyncio.get_running_loop()
         seen, at = self._beats_done, loop.time()
+        paced = loop.time()
         while True:
             await asyncio.sleep(every)
             done, now = self._beats_done, loop.time()
             rate = (done - seen) / max(now - at, 1e-3)
             seen, at = done, now
+            if now - paced >= REPACE_SECONDS:
+                paced = now
+                try:
+                    self.fleet.repace()  # the fleet's size sets how often its hosts beat
+                except NotLeader as exc:
+                    log.info("pace not checked: %s", exc)
+                except Exception:
+                    log.exception("pace check failed; trying again")
             sub = self._hb_sub
             pending = int(sub.pending_msgs) if sub is not None else 0
-            slack = queue_lag(pending, rate, self.settings.lease_seconds)
+            slack = queue_lag(pending, rate, self.fleet.pace.lease_seconds)
             if slack >= 1.0:
                 log.warning("%d heartbeats wait to be answered here (%.1f s behind): leases "
                             "run that much longer before a host is marked down", pending,

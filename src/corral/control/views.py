@@ -24,6 +24,7 @@ from corral.api.models import (
 )
 from corral.control.db import Host, Instance
 from corral.control.fleet import Fleet
+from corral.control.pace import repace
 from corral.lifecycle import ALIVE, State, allowed_verbs
 
 
@@ -109,5 +110,9 @@ def fleet_status(fleet: Fleet, nats_url: str, db: str) -> FleetStatus:
         hosts = list(s.scalars(select(Host)))
         states = Counter(s.scalars(select(Instance.state)))
     up = sum(1 for h in hosts if h.state == "up")
+    # the leader's own pace; a follower works out the same from the fleet's size
+    pace = repace(fleet.pace, fleet.settings, len(hosts))
     return FleetStatus(version=corral.__version__, hosts_up=up, hosts_down=len(hosts) - up,
-                       instances=dict(sorted(states.items())), nats_url=nats_url, db=db)
+                       instances=dict(sorted(states.items())), nats_url=nats_url, db=db,
+                       heartbeat_seconds=pace.heartbeat_seconds,
+                       lease_seconds=pace.lease_seconds)

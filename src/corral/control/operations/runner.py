@@ -194,9 +194,9 @@ class Operations:
             self._spawn(self._resume(started_at), "ops-resume")
 
     async def _resume(self, started_at: float) -> None:
-        s = self.settings
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.lease_seconds + 2 * s.heartbeat_seconds
+        pace = self.fleet.pace  # a large fleet beats less often (control/pace.py)
+        deadline = loop.time() + pace.lease_seconds + 2 * pace.heartbeat_seconds
         while loop.time() < deadline:
             with self.fleet.sessions() as sess:
                 waiting = [h.name for h in sess.scalars(select(Host).where(Host.state == "up"))

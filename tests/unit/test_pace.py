@@ -1,0 +1,129 @@
+"""A large fleet heartbeats less often (control/pace.py): past ``max_heartbeats_per_second``
+the heartbeat, lease and sample periods grow with the host count, the timing rules still
+hold, a lease granted is never cut short by a shorter pace, and a new leader's fresh leases
+are as long as the longest any leader granted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from test_heartbeat_writes import Clock
+
+from corral.bus.messages import Capacity, Heartbeat, JoinRequest
+from corral.config import Settings, timing_problems
+from corral.control.db import Host, LeaderLease, open_db
+from corral.control.fleet import Fleet
+from corral.control.pace import HYSTERESIS, pace_for, repace
+
+BUDGET = 10.0  # heartbeats a second: 20 hosts at the default 2 s heartbeat
+
+
+def _settings(**kw: float) -> Settings:
+    return Settings(max_heartbeats_per_second=kw.pop("budget", BUDGET), **kw)
+
+
+def test_below_the_budget_the_settings_hold_and_above_it_every_period_stretches() -> None:
+    s = _settings()
+    for hosts in (0, 1, 20):
+        p = pace_for(s, hosts)
+        assert (p.heartbeat_seconds, p.lease_seconds, p.sample_seconds, p.factor) == (
+            s.heartbeat_seconds, s.lease_seconds, s.sample_seconds, 1.0)
+    p = pace_for(s, 100)  # 100 hosts at 10 a second: one heartbeat each every 10 s
+    assert p.heartbeat_seconds == pytest.approx(10.0)
+    assert p.factor == pytest.approx(5.0)
+    assert p.lease_seconds == pytest.approx(5 * s.lease_seconds)
+    assert p.sample_seconds == pytest.approx(5 * s.sample_seconds)
+    assert pace_for(_settings(budget=0), 100_000).factor == 1.0  # no budget: no stretch
+
+
+@pytest.mark.parametrize("preset", [{}, {"lease_seconds": 2.0, "heartbeat_seconds": 0.5,
+                                         "fence_margin_seconds": 0.5}])
+@pytest.mark.parametrize("hosts", [50, 1000, 5000])
+def test_a_stretched_pace_keeps_the_timing_rules(preset: dict[str, float], hosts: int) -> None:
+    s = _settings(**preset)
+    assert timing_problems(s) == []
+    p = pace_for(s, hosts)
+    assert p.factor > 1.0
+    stretched = replace(s, heartbeat_seconds=p.heartbeat_seconds,
+                        lease_seconds=p.lease_seconds)  # the margin stays as set
+    assert timing_problems(stretched) == []
+
+
+def test_small_moves_keep_the_pace_and_large_ones_change_it() -> None:
+    s = _settings()
+    p = pace_for(s, 100)
+    assert repace(p, s, int(100 * (1 + HYSTERESIS / 2))) is p
+    assert repace(p, s, int(100 * (1 - HYSTERESIS / 2))) is p
+    assert repace(p, s, 200).factor == pytest.approx(10.0)
+    assert repace(p, s, 5).factor == 1.0  # back under the budget: the settings again
+
+
+def test_a_negative_budget_is_refused_with_what_to_set() -> None:
+    problems = timing_problems(_settings(budget=-1))
+    assert len(problems) == 1 and "max_heartbeats_per_second" in problems[0][0]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Settings, Clock, sessionmaker[Session]]]:
+    settings = _settings(data_dir=tmp_path)  # type: ignore[arg-type]
+    engine, sessions = open_db(settings)
+    try:
+        yield settings, Clock(), sessions
+    finally:
+        engine.dispose()
+
+
+def _join(fleet: Fleet, name: str) -> float:
+    reply = fleet.join(JoinRequest(host=name, address="127.0.0.1", agent_version="t",
+                                   capacity=Capacity(cores=1, memory_bytes=2**30, disk_bytes=0),
+                                   drivers={"fake": {}}))
+    return reply.lease_seconds
+
+
+def test_the_leader_stretches_its_leases_keeps_the_ceiling_and_never_cuts_a_lease(
+        world: tuple[Settings, Clock, sessionmaker[Session]]) -> None:
+    settings, clock, sessions = world
+    fleet = Fleet(sessions, settings, clock)
+    assert _join(fleet, "h000") == settings.lease_seconds
+    for i in range(1, 100):
+        _join(fleet, f"h{i:03d}")
+    long = fleet.repace()
+    assert long.factor == pytest.approx(5.0)
+    with sessions() as s:  # written before any agent heard it
+        lease_row = s.get(LeaderLease, 1)
+        assert lease_row is not None and lease_row.lease_ceiling == pytest.approx(50.0)
+    reply = fleet.heartbeat("h000", Heartbeat(host="h000", seq=1, sent_at=0.0, instances=[]))
+    assert (reply.heartbeat_seconds, reply.lease_seconds) == (10.0, 50.0)
+    assert reply.lease_expires_at == pytest.approx(clock.now + 50.0)
+    granted = reply.lease_expires_at
+
+    with sessions.begin() as s:  # the fleet shrinks: the pace is the settings' again
+        for h in s.query(Host).filter(Host.name != "h000"):
+            s.delete(h)
+    clock.now += 5.0
+    assert fleet.repace().factor == 1.0
+    quiet = fleet.quiet_heartbeat("h000", Heartbeat(host="h000", seq=2, sent_at=0.0,
+                                                    instances=[]))
+    assert quiet is not None
+    assert quiet.reply.lease_seconds == settings.lease_seconds
+    # the agent may not have heard this reply: the lease it holds (50 s) still counts here
+    assert quiet.reply.lease_expires_at == pytest.approx(granted)
+    clock.now += settings.lease_seconds + 1.0
+    assert fleet.expire_leases() == []
+    clock.now = granted + 0.5
+    assert fleet.expire_leases() == ["h000"]
+
+    # a new leader, whose own pace is short, grants the ceiling at its takeover
+    new = Fleet(sessions, settings, clock)
+    with sessions.begin() as s:
+        host = s.get(Host, "h000")
+        assert host is not None
+        host.state = "up"
+    assert new.fresh_leases() == 1
+    with sessions() as s:
+        host = s.get(Host, "h000")
+        assert host is not None and host.lease_expires_at == pytest.approx(clock.now + 50.0)
