@@ -615,10 +615,10 @@ async def test_a_bug_is_a_500_in_the_error_shape(h: Harness, monkeypatch: pytest
                                                  ) -> None:
     from corral.control.instances import InstanceService
 
-    def broken(self: InstanceService) -> list[Any]:
+    def broken(self: InstanceService, *args: Any) -> list[Any]:
         raise RuntimeError("oops")
 
-    monkeypatch.setattr(InstanceService, "list", broken)
+    monkeypatch.setattr(InstanceService, "page", broken)  # what the list reads with
     r = await h.http.get("/v1/instances")
     assert r.status_code == 500
     err = r.json()["error"]

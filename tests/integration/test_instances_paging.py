@@ -184,3 +184,25 @@ async def test_corral_ls_pages_and_prints_one_list(fleet: Harness,
     assert [line.split()[0] for line in out.splitlines()[1:]] == want
     code, out, err = await asyncio.to_thread(cli, "ls", "--host", "nowhere")
     assert code == 0 and "no instances match" in out
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+async def test_a_list_read_in_chunks_is_the_same_list(
+        fleet: Harness, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """A long list is read a chunk a turn of the event loop (app.LIST_CHUNK): whatever the
+    chunk, the answers are those of one read, with and without filters and pages, and the
+    hosts' list counts every instance of every host."""
+    from corral.control.http import app as app_module
+
+    h = fleet
+    whole = (await h.http.get("/v1/instances")).json()
+    hosts = (await h.http.get("/v1/hosts")).json()
+    monkeypatch.setattr(app_module, "LIST_CHUNK", chunk)
+    assert (await h.http.get("/v1/instances")).json() == whole
+    assert [i["name"] for i in whole] == sorted(NAMES)
+    assert await walk(h, 4) == [sorted(NAMES)[k:k + 4] for k in range(0, len(NAMES), 4)]
+    on_h2 = [n for page in await walk(h, 3, host="h2") for n in page]
+    assert on_h2 == sorted(ON_H2)
+    assert (await h.http.get("/v1/hosts")).json() == hosts
+    assert {x["name"]: x["instances"] for x in hosts} == {
+        "h1": len(NAMES) - len(ON_H2), "h2": len(ON_H2)}

@@ -119,10 +119,6 @@ class InstanceService:
         with self.fleet.sessions() as s:
             return s.get(Instance, name) is not None
 
-    def list(self) -> list[Instance]:
-        with self.fleet.sessions() as s:
-            return list(s.scalars(select(Instance).order_by(Instance.name)))
-
     def page(self, limit: int | None, after: str | None = None, host: str | None = None,
              state: str | None = None) -> Sequence[Instance]:
         """At most ``limit`` instances named after ``after``, by name, optionally only those

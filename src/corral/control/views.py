@@ -95,10 +95,22 @@ def host_view(fleet: Fleet, host: Host, instances: Sequence[Instance]) -> HostVi
     )
 
 
-def host_views(fleet: Fleet) -> list[HostView]:
+def host_views(fleet: Fleet, after: str | None = None, limit: int | None = None
+               ) -> list[HostView]:
+    """Hosts by name (``limit`` of them after ``after``; default all), each with its
+    instances: one read of the hosts, one of their instances."""
+    query = select(Host).order_by(Host.name)
+    if after is not None:
+        query = query.where(Host.name > after)
+    if limit is not None:
+        query = query.limit(limit)
     with fleet.sessions() as s:
-        hosts = list(s.scalars(select(Host).order_by(Host.name)))
-        instances = list(s.scalars(select(Instance)))
+        hosts = list(s.scalars(query))
+        if limit is None and after is None:
+            instances = list(s.scalars(select(Instance)))
+        else:
+            instances = list(s.scalars(select(Instance).where(
+                Instance.host.in_([h.name for h in hosts]))))
     by_host: dict[str | None, list[Instance]] = {}
     for i in instances:  # once: each host scanning every instance grew as hosts x instances
         by_host.setdefault(i.host, []).append(i)

@@ -85,14 +85,11 @@ bearer = HTTPBearer(auto_error=False, description="the fleet token (DATA/token) 
 #: the two long lists' serialisers (built once)
 INSTANCES_JSON: TypeAdapter[list[InstanceView]] = TypeAdapter(list[InstanceView])
 HOSTS_JSON: TypeAdapter[list[HostView]] = TypeAdapter(list[HostView])
-
-
-async def off_loop(adapter: TypeAdapter[Any], build: Callable[[], Any]) -> Response:
-    """A long list built and serialised in a worker thread, not on the event loop: the
-    loop also answers every host's heartbeat, and a list of the whole fleet held it for
-    seconds. The thread still shares the GIL, but it gives it up every few milliseconds."""
-    body = await asyncio.to_thread(lambda: adapter.dump_json(build()))
-    return Response(body, media_type="application/json")
+#: rows a long list reads and shapes in one turn of the event loop (tens of ms), which
+#: answers heartbeats between turns. Not a worker thread: under the GIL the loop then got
+#: a turn only every switch interval, and heartbeats waited 15 s behind a list of 25,000
+#: (bench/fleet_scale.py, 5000 hosts)
+LIST_CHUNK = 250
 
 
 def error_response(err: CorralError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -247,7 +244,17 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
 
     @app.get("/v1/hosts", dependencies=auth, tags=["fleet"], response_model=list[HostView])
     async def hosts() -> Response:
-        return await off_loop(HOSTS_JSON, lambda: views.host_views(fleet))
+        parts: list[bytes] = []
+        after: str | None = None
+        while True:  # a chunk of hosts a turn of the loop (see LIST_CHUNK)
+            got = views.host_views(fleet, after, LIST_CHUNK)
+            if got:
+                parts.append(HOSTS_JSON.dump_json(got)[1:-1])
+            if len(got) < LIST_CHUNK:
+                break
+            after = got[-1].name
+            await asyncio.sleep(0)
+        return Response(b"[" + b",".join(parts) + b"]", media_type="application/json")
 
     @app.get("/v1/hosts/{name}", dependencies=auth, tags=["fleet"])
     async def host(name: str) -> HostView:
@@ -282,24 +289,34 @@ def build_app(fleet: Fleet, service: InstanceService, token: str, nats_url: str,
         removed between two pages neither shifts nor repeats the others. One row past the
         limit is read to tell a full last page from one with more after it.
 
-        Read and serialised in a worker thread: a list of 20,000 held the event loop for
-        6.5 s, and every heartbeat waited behind it (bench/fleet_scale.py at 2000 hosts)."""
+        Read and shaped :data:`LIST_CHUNK` rows a turn of the event loop (keyset pages of
+        the same order): the loop also answers every host's heartbeat, and one answer of
+        20,000 instances had held it for 6.5 s (bench/fleet_scale.py at 2000 hosts). So
+        a long list is not one snapshot: an instance made or removed while it is read may
+        be in it or not, as between two pages."""
+        need = None if limit is None else limit + 1
+        rows: list[Any] = []
+        cursor = after
+        while need is None or len(rows) < need:
+            n = LIST_CHUNK if need is None else min(LIST_CHUNK, need - len(rows))
+            got = service.page(n, cursor, host, None if state is None else state.value)
+            rows += got
+            if len(got) < n:
+                break
+            cursor = got[-1].name
+            await asyncio.sleep(0)
         headers: dict[str, str] = {}
-
-        def build() -> list[InstanceView]:
-            if limit is None and after is None and host is None and state is None:
-                rows = service.list()  # what callers from before paging ask: all, as it was
-            else:
-                rows = list(service.page(None if limit is None else limit + 1, after, host,
-                                         None if state is None else state.value))
-            if limit is not None and len(rows) > limit:
-                rows = rows[:limit]
-                headers[NEXT_HEADER] = rows[-1].name
-            return [views.instance_view(fleet, i) for i in rows]
-
-        out = await off_loop(INSTANCES_JSON, build)
-        out.headers.update(headers)
-        return out
+        if limit is not None and len(rows) > limit:
+            rows = rows[:limit]
+            headers[NEXT_HEADER] = rows[-1].name
+        parts: list[bytes] = []
+        for k in range(0, len(rows), LIST_CHUNK):
+            if k:
+                await asyncio.sleep(0)
+            parts.append(INSTANCES_JSON.dump_json(
+                [views.instance_view(fleet, i) for i in rows[k:k + LIST_CHUNK]])[1:-1])
+        return Response(b"[" + b",".join(parts) + b"]", media_type="application/json",
+                        headers=headers)
 
     @app.post("/v1/instances", dependencies=auth, tags=["instances"], status_code=201)
     async def create(req: CreateInstance) -> InstanceView:
