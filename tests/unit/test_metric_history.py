@@ -395,3 +395,37 @@ async def test_a_range_far_past_what_is_kept_keeps_the_buckets_as_stored(
     assert wide.step_seconds == 600 and len(wide.points) == 1  # the coarse month, widened
     ahead = h.series(INSTANCE, "a", T0 - 60, 1e11, now=T0 + 5)
     assert ahead.step_seconds == 10 and len(ahead.points) == 1
+
+
+@pytest.mark.parametrize(("fine", "coarse"), [(10.0, 300.0), (7.0, 30.0)])
+def test_coarse_buckets_made_from_the_fine_ones_equal_adding_each_sample_to_both(
+        db: tuple[Engine, sessionmaker[Session]], fine: float, coarse: float) -> None:
+    """The leader adds a sample to the fine tier only and sums the coarse buckets from the
+    fine ones when it takes a batch (when each fine bucket lies in one coarse bucket: 10 and
+    300; 7 and 30 do not, and add every sample to both): either way the batch is what adding
+    every sample to both tiers gives, across coarse buckets, hosts and unknown CPU."""
+    import random
+
+    _, sessions = db
+    rnd = random.Random(7)
+    settings = Settings(history_fine_seconds=fine, history_coarse_seconds=coarse)
+    clock = Clock(T0)
+    h = MetricHistory(sessions, settings, clock=clock)
+    expected: dict[hist.Key, Acc] = {}
+    for _ in range(400):
+        clock.t += rnd.uniform(0.0, 4.0)
+        usage = {f"i{k}": (rnd.choice([None, rnd.uniform(0, 200)]), rnd.randrange(1, 1 << 30))
+                 for k in range(rnd.randrange(0, 4))}
+        s = sample(usage, host=rnd.choice(["h1", "h2"]), busy=rnd.uniform(0, 100))
+        h.record(s)
+        accumulate(expected, s, clock.t, h.tiers)
+    got = h.take()
+    assert got.keys() == expected.keys()
+    for key, acc in expected.items():
+        other = got[key]
+        assert (other.samples, other.cpu_n, other.memory_max, other.busy_n) == (
+            acc.samples, acc.cpu_n, acc.memory_max, acc.busy_n), key
+        for a, b in ((other.cpu_core_sum, acc.cpu_core_sum),
+                     (other.cpu_host_sum, acc.cpu_host_sum), (other.busy_sum, acc.busy_sum)):
+            assert a == pytest.approx(b)
+    assert h.take() == {}
