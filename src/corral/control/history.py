@@ -227,8 +227,8 @@ class MetricHistory:
         self._pending: dict[Key, Acc] = {}
         #: the tiers a sample is added to: the fine one only when every fine bucket lies in
         #: one coarse bucket, the coarse ones then made from the fine ones at each flush
-        #: (:meth:`take`): adding every sample to both tiers was half of what a metrics
-        #: sample cost the leader (bench/fleet_scale.py, 10 instances a host)
+        #: (:meth:`take`): adding every sample to both tiers cost a third more (86 against
+        #: 57 us for a sample of 10 instances)
         fine, coarse = self.tiers
         self._rolled = coarse.step % fine.step == 0
         self._gather: tuple[Tier, ...] = (fine,) if self._rolled else self.tiers
