@@ -21,16 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from corral.agent.disks import HostDisks
 from corral.control.pki import Authority
 from corral.disks import rsh
-from corral.disks.channel import (
-    DATA,
-    ERR,
-    EXIT,
-    NOT_JOINED,
-    ChannelTls,
-    client_context,
-    frame,
-    server_context,
-)
+from corral.disks.channel import NOT_JOINED, ChannelTls, server_context
+from corral.disks.frames import DATA, ERR, EXIT, client_context, frame
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/rsync").exists(), reason="rsync not installed")
 MB = 1024 * 1024

@@ -21,7 +21,8 @@ from channelkit import Receiver, authority, host_tls, receiver, rsync
 
 from corral.control.pki import Authority
 from corral.disks import tunnel
-from corral.disks.channel import ChannelTls, client_context
+from corral.disks.channel import ChannelTls
+from corral.disks.frames import client_context
 from corral.errors import Conflict, CorralError, NotFound
 
 MB = 1024 * 1024

@@ -38,7 +38,8 @@ from corral.agent.vips import AWAY
 from corral.bus import rpc
 from corral.bus.messages import InstanceReport
 from corral.disks import tunnel
-from corral.disks.channel import Tunnels, client_context
+from corral.disks.channel import Tunnels
+from corral.disks.frames import client_context
 from corral.drivers.base import LiveMigration
 from corral.errors import Conflict, CorralError, InvalidRequest, NotFound, NotSupported
 

@@ -149,16 +149,22 @@ class Fleet:
         #: the longest lease it knows was ever granted (control/pace.py)
         self.pace: Pace = pace_for(settings, 0)
         self.lease_ceiling = self.pace.lease_seconds
+        #: whether this server is sure it leads now (the server sets it from its lease): the
+        #: leader's background loops skip a pass when not, rather than sit in a connect to a
+        #: database that went silent, on the loop that must also answer, and step down
+        self.sure: Callable[[], bool] = lambda: True
 
     # --- pace -------------------------------------------------------------------------------
 
-    def repace(self) -> Pace:
-        """Fit the pace to the fleet's size (control/pace.py). A longer lease than any
-        granted before is first written to the database as the new ceiling (fenced: only the
-        leader), so a server that takes over gives every host at least as long a lease as
-        any it may still hold; only then is it granted."""
-        with self._connect() as conn:
-            hosts = int(conn.execute(select(func.count()).select_from(Host)).scalar_one())
+    def repace(self, hosts: int | None = None) -> Pace:
+        """Fit the pace to the fleet's size (control/pace.py): ``hosts``, or by default the
+        hosts this server has granted a lease (no database read: the lease loop calls this,
+        and a leader cut off from its database must not sit in a connect on its event loop).
+        A longer lease than any granted before is first written to the database as the new
+        ceiling (fenced: only the leader), so a server that takes over gives every host at
+        least as long a lease as any it may still hold; only then is it granted."""
+        if hosts is None:
+            hosts = len(self.lease_until)
         new = repace(self.pace, self.settings, hosts)
         if new == self.pace:
             return new
@@ -446,8 +452,9 @@ class Fleet:
         with self.sessions() as s:
             row = s.get(LeaderLease, 1)
             ceiling = float(row.lease_ceiling or 0.0) if row is not None else 0.0
+            known = int(s.scalar(select(func.count()).select_from(Host)) or 0)
         self.lease_ceiling = max(self.lease_ceiling, ceiling)
-        self.repace()
+        self.repace(known)
         now = self.clock()
         lease = max(self.lease_ceiling, self.pace.lease_seconds)
         with self.sessions.begin() as s:

@@ -263,6 +263,7 @@ class ControlPlane:
             creds = Credentials(seed=seed, ca_file=str(self.pki.ca_file) if self.pki else "")
         self.nc = await connect(self.nats_url, creds, "corral-server")
         fleet = self.fleet = Fleet(sessions, s, ticket_key=ticket_key)
+        fleet.sure = lambda: self.leads
         lead = self.leadership = Leadership(engine, self.server_id, s.leader_lease_seconds,
                                             nats_url=self.nats_url, version=corral.__version__)
         lead.install(sessions)  # from here, every write checks that this server leads
@@ -563,6 +564,10 @@ class ControlPlane:
             done, now = self._beats_done, loop.time()
             rate = (done - seen) / max(now - at, 1e-3)
             seen, at = done, now
+            if not self.fleet.sure():
+                # not sure of its lease (its database may be away): no read that could sit
+                # in a connect on the loop the API and the step-down share
+                continue
             if now - paced >= REPACE_SECONDS:
                 paced = now
                 try:

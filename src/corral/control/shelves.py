@@ -58,6 +58,8 @@ class Shelves:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(OFFLOAD_EVERY)
+            if not self.fleet.sure():
+                continue  # its database may be away: see Fleet.sure
             try:
                 await self.offload_due()
             except Exception:

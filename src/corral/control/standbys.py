@@ -119,6 +119,8 @@ class Standbys:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(TICK)
+            if not self.fleet.sure():
+                continue  # its database may be away: see Fleet.sure
             try:
                 for name in due(self.fleet.sessions, time.time(), self._tried):
                     if name in self.fleet.locks.instances:

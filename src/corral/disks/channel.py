@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.disks import tickets, tunnel
+from corral.disks.frames import DATA, ERR, EXIT, FRAME, MAX_FRAME, frame
 from corral.errors import CorralError
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,6 @@ HANDSHAKE_TIMEOUT = 10.0
 #: connections served at once (each is one pass, or a peer still in its handshake): a flood
 #: of idle connections cannot take every task and file of the agent
 MAX_CONNECTIONS = 64
-FRAME = struct.Struct(">BI")
-DATA, EOF, ERR, EXIT = 1, 2, 3, 4
-MAX_FRAME = 4 * 1024 * 1024
 NOT_JOINED = "this host has not joined the fleet yet; no transfer can be checked"
 
 #: where a ticket lets a command write: ``(instance, slot)`` -> [the slot, its scratch dirs]
@@ -75,10 +73,6 @@ Tunnels = Callable[[str, str], Path]
 
 def _no_tunnels(instance: str, source: str) -> Path:
     raise CorralError("this host takes no live streams")
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return FRAME.pack(kind, len(payload)) + payload
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -95,13 +89,6 @@ def server_context(tls: ChannelTls) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
     ctx.load_cert_chain(tls.cert_file, tls.key_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def client_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file)  # checks the receiver's name
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file or None)
     return ctx
 
 

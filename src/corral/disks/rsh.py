@@ -18,7 +18,7 @@ import ssl
 import struct
 import sys
 
-from corral.disks.channel import DATA, EOF, ERR, EXIT, FRAME, client_context, frame
+from corral.disks.frames import DATA, EOF, ERR, EXIT, FRAME, client_context, frame
 
 TICKET_ENV = "CORRAL_TICKET"
 READY_ENV = "CORRAL_RSH_READY"

@@ -177,6 +177,8 @@ class HaManager:
         await asyncio.sleep(self.settings.lease_seconds)
         while True:
             await asyncio.sleep(every)
+            if not self.fleet.sure():
+                continue  # its database may be away: see Fleet.sure
             try:
                 self.tick()
             except Exception:
