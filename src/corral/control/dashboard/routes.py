@@ -114,7 +114,11 @@ def router(sessions: Sessions, token: str) -> APIRouter:
 
     def login_page(request: Request, error: str = "", status: int = 200,
                    target: str = "/") -> HTMLResponse:
-        return render(request, "login.html", status, error=error, next=target)
+        # login_form: no live parts (dash.js reads an empty role so), even for someone
+        # still logged in: its event stream would outlive the cookie a new login replaces,
+        # and its reconnect was refused (401) while the browser logged in again
+        return render(request, "login.html", status, error=error, next=target,
+                      login_form=True)
 
     def logged_in(session_value: str, request: Request, target: str) -> Response:
         resp = RedirectResponse(_safe_next(target), status_code=303)
