@@ -119,7 +119,15 @@ class Dash:
         (the page refreshes its parts on every event)."""
         def clicked(drv: Any) -> bool:
             try:
-                drv.find_element(By.CSS_SELECTOR, selector).click()
+                el = drv.find_element(By.CSS_SELECTOR, selector)
+                # a button htmx just swapped in does nothing until htmx has processed it
+                # (its hx- handlers attached): a click in between was lost (CI)
+                if not drv.execute_script(
+                        "const e = arguments[0];"
+                        "return !e.getAttributeNames().some(n => n.startsWith('hx-'))"
+                        " || !!(e['htmx-internal-data'] || {}).initHash;", el):
+                    return False
+                el.click()
                 return True
             except (StaleElementReferenceException, NoSuchElementException):
                 return False
