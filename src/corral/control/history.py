@@ -259,14 +259,8 @@ class MetricHistory:
             fine, coarse = self.tiers
             rolled: dict[Key, Acc] = {}
             for (kind, name, tier, t), acc in batch.items():
-                if tier != fine.index:
-                    continue
-                key = (kind, name, coarse.index, coarse.bucket(t))
-                got = rolled.get(key)
-                if got is None:
-                    rolled[key] = Acc(**vars(acc))
-                else:
-                    got.merge(acc)
+                if tier == fine.index:  # a fine bucket lies in the coarse bucket of its start
+                    _add(rolled, kind, name, acc, t, (coarse,))
             batch.update(rolled)
         return batch
 
