@@ -139,3 +139,82 @@ def test_a_standby_added_is_guarded_at_the_next_quiet_heartbeat(world: World) ->
         s.add(Standby(instance="web", host="h2", every_seconds=60.0, state="new"))
     quiet = fleet.quiet_heartbeat("h1", _hb())
     assert quiet is not None and quiet.reply.guarded == ["web"]
+
+
+def _reads(sessions: sessionmaker[Session]) -> list[str]:
+    """Every statement the fleet's engine runs from now on (the test's own too)."""
+    seen: list[str] = []
+    event.listen(sessions.kw["bind"], "before_cursor_execute",
+                 lambda _c, _cur, stmt, *_a: seen.append(stmt))
+    return seen
+
+
+def test_a_heartbeat_saying_what_the_last_one_said_reads_nothing(world: World) -> None:
+    fleet, clock, sessions, flushed = world
+    seen = _reads(sessions)
+    first = fleet.quiet_heartbeat("h1", _hb())
+    assert first is not None and len(seen) >= 2  # the host's row and its instances'
+    seen.clear()
+    clock.now += 0.5
+    again = fleet.quiet_heartbeat("h1", _hb())
+    assert again is not None and seen == [] and flushed == []
+    assert again.records == {"web": ("h1", 2)}
+    assert again.reply.lease_expires_at == clock.now + LEASE  # renewed all the same
+    assert fleet.quiet_heartbeat("h1", _hb(pid=8)) is None  # a different report reads
+
+
+def test_a_write_of_an_instance_makes_its_host_compare_again(world: World) -> None:
+    fleet, _, _, _ = world
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None
+    fleet.move("web", pid=8)  # e.g. a verb's reply: the row no longer says what h1 said
+    assert fleet.quiet_heartbeat("h1", _hb()) is None
+    assert fleet.quiet_heartbeat("h2", Heartbeat(host="h2", seq=1, sent_at=0.0)) is not None
+    fleet.move("web", pid=7)
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None  # agreed again
+    fleet.move("web", host="h2")  # moved away: h1's stale word about it is not "quiet"
+    assert fleet.quiet_heartbeat("h1", _hb()) is None
+    fleet.move("web", host="h1")
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None
+
+
+def test_a_host_row_removed_or_marked_down_ends_its_agreement(world: World) -> None:
+    fleet, _, sessions, _ = world
+    assert fleet.quiet_heartbeat("h2", Heartbeat(host="h2", seq=1, sent_at=0.0)) is not None
+    with sessions.begin() as s:
+        s.delete(s.get(Host, "h2"))
+    assert fleet.quiet_heartbeat("h2", Heartbeat(host="h2", seq=1, sent_at=0.0)) is None
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None
+    with sessions.begin() as s:  # what another writer (a takeover's) could leave
+        h1 = s.get(Host, "h1")
+        assert h1 is not None
+        h1.state = "down"
+    assert fleet.quiet_heartbeat("h1", _hb()) is None
+
+
+def test_a_write_flushed_before_the_heartbeat_and_committed_after_counts(world: World
+                                                                           ) -> None:
+    fleet, _, sessions, _ = world
+    with sessions.begin() as s:  # a session held open across an await, say
+        web = s.get(Instance, "web")
+        assert web is not None
+        web.pid = 8
+        s.flush()
+        # the heartbeat reads the committed row (pid 7): it agrees, for now
+        assert fleet.quiet_heartbeat("h1", _hb()) is not None
+    assert fleet.quiet_heartbeat("h1", _hb()) is None  # committed: compared again
+
+
+def test_a_report_let_pass_for_a_lock_is_compared_again_after_it(world: World) -> None:
+    fleet, _, _, _ = world
+    with fleet.locks.holding("stop-web", LockSet.of([locks.instance("web")])):
+        assert fleet.quiet_heartbeat("h1", _hb(state="exited", pid=None)) is not None
+    assert fleet.quiet_heartbeat("h1", _hb(state="exited", pid=None)) is None
+
+
+def test_a_takeover_compares_every_heartbeat_again(world: World) -> None:
+    fleet, _, sessions, _ = world
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None
+    seen = _reads(sessions)
+    fleet.fresh_leases()  # this server takes the lead: another may have written meanwhile
+    seen.clear()
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None and len(seen) >= 2
