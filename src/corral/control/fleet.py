@@ -493,19 +493,23 @@ class Fleet:
         removed, drops that host's agreed heartbeat (:meth:`quiet_heartbeat`): its next one
         compares its reports with the rows again. A renewal of the lease columns alone drops
         nothing."""
-        touched: set[str] = session.info.setdefault(_TOUCHED, set())
-        for obj in (*session.new, *session.dirty, *session.deleted):
-            if isinstance(obj, Standby | Instance):
-                self._guarded = (float("-inf"), {})
-            if isinstance(obj, Instance):
-                hist = inspect(obj).attrs.host.history
-                touched.update(h for h in (obj.host, *hist.deleted) if h)
-            elif isinstance(obj, Host):
-                if obj in session.dirty and not inspect(obj).attrs.state.history.has_changes():
-                    continue
-                touched.add(obj.name)
-        for host in touched:
-            self._agreed.pop(host, None)
+        now: set[str] = set()
+        for group, written in ((session.new, True), (session.dirty, False),
+                               (session.deleted, True)):  # each built once: O(identity map)
+            for obj in group:
+                if isinstance(obj, Standby | Instance):
+                    self._guarded = (float("-inf"), {})
+                if isinstance(obj, Instance):
+                    # committed_state: the loaded value of each attribute set since
+                    was = inspect(obj).committed_state.get("host")
+                    now.update(h for h in (obj.host, was) if isinstance(h, str) and h)
+                elif isinstance(obj, Host) and (
+                        written or "state" in inspect(obj).committed_state):
+                    now.add(obj.name)
+        if now:
+            session.info.setdefault(_TOUCHED, set()).update(now)
+            for host in now:
+                self._agreed.pop(host, None)
 
     def _on_commit(self, session: Session) -> None:
         """Drop the hosts :meth:`_on_flush` saw written again once the write is visible: a
