@@ -429,3 +429,50 @@ def test_coarse_buckets_made_from_the_fine_ones_equal_adding_each_sample_to_both
                      (other.cpu_host_sum, acc.cpu_host_sum), (other.busy_sum, acc.busy_sum)):
             assert a == pytest.approx(b)
     assert h.take() == {}
+
+
+def test_accumulate_adds_each_instance_as_one_bucket_merged_would() -> None:
+    """accumulate adds an instance into its buckets in place (the loop's hot path): the same
+    as merging a bucket of that one sample, for known and unknown CPU, an agent's own host
+    share or none, a name said twice in one sample, and instances being deleted."""
+    import random
+
+    rnd = random.Random(11)
+    tiers = hist.tiers_of(Settings())
+    got: dict[hist.Key, Acc] = {}
+    want: dict[hist.Key, Acc] = {}
+    t = T0
+    for _ in range(300):
+        t += rnd.uniform(0.0, 6.0)
+        cores = rnd.choice([1, 4])
+        names = [f"i{rnd.randrange(5)}" for _ in range(rnd.randrange(0, 5))]
+        insts = [InstanceSample(name=n, cpu_ns=1, memory_bytes=rnd.randrange(-5, 1 << 20),
+                                generation="g", cpu_core_pct=rnd.choice([None, 37.5]),
+                                cpu_host_pct=rnd.choice([None, 9.0])) for n in names]
+        s = MetricsSample(host="h1", wall_ns=0, host_cores=cores, interval_s=1.0,
+                          instances=insts, host_cpu_pct=rnd.choice([None, 50.0]))
+        skip = {"i3"}
+        accumulate(got, s, t, tiers, skip)
+        host, seen = Acc(samples=1, cpu_n=0 if insts else 1), set()
+        for i in insts:
+            if i.name in seen:
+                continue
+            seen.add(i.name)
+            one = Acc(samples=1, memory_max=max(0, i.memory_bytes))
+            if i.cpu_core_pct is not None:
+                share = i.cpu_host_pct if i.cpu_host_pct is not None else i.cpu_core_pct / cores
+                one.cpu_n, one.cpu_core_sum, one.cpu_host_sum = 1, i.cpu_core_pct, share
+                host.cpu_n, host.cpu_core_sum = 1, host.cpu_core_sum + i.cpu_core_pct
+                host.cpu_host_sum += share
+            host.memory_max += one.memory_max
+            if i.name not in skip:
+                for tier in tiers:
+                    want.setdefault((INSTANCE, i.name, tier.index, tier.bucket(t)),
+                                    Acc()).merge(one)
+        if s.host_cpu_pct is not None:
+            host.busy_n, host.busy_sum = 1, s.host_cpu_pct
+        for tier in tiers:
+            want.setdefault((hist.HOST, "h1", tier.index, tier.bucket(t)), Acc()).merge(host)
+    assert got.keys() == want.keys() and not any(k[1] == "i3" for k in got)
+    for key, acc in want.items():
+        assert vars(got[key]) == pytest.approx(vars(acc)), key

@@ -153,26 +153,44 @@ def accumulate(pending: dict[Key, Acc], sample: MetricsSample, at: float,
     """Add one agent sample, received at ``at``, to the buckets of each tier: one per instance
     (but those in ``skip``: being deleted) and one for the host (the sum of every instance it
     runs, and how busy the whole host was). The server's clock places it, not the agent's:
-    hosts' clocks may disagree, and pruning goes by the server's."""
+    hosts' clocks may disagree, and pruning goes by the server's.
+
+    Runs on the leader's loop for every sample of every host (a thousand a second at a
+    thousand hosts): each instance is added into its buckets in place, without an
+    :class:`Acc` of its own to merge (21 against 11 us a sample of 10 instances)."""
+    starts = [(tier.index, tier.bucket(at)) for tier in tiers]
     host = Acc(samples=1)
     cpu_known = not sample.instances  # a host without instances uses no CPU for them
     cores = max(1, sample.host_cores)
     seen: set[str] = set()
     for inst in sample.instances:
-        if inst.name in seen:
+        name = inst.name
+        if name in seen:
             continue
-        seen.add(inst.name)
-        one = Acc(samples=1, memory_max=max(0, inst.memory_bytes))
-        if inst.cpu_core_pct is not None:
-            host_pct = (inst.cpu_host_pct if inst.cpu_host_pct is not None
-                        else inst.cpu_core_pct / cores)
-            one.cpu_n, one.cpu_core_sum, one.cpu_host_sum = 1, inst.cpu_core_pct, host_pct
-            host.cpu_core_sum += inst.cpu_core_pct
+        seen.add(name)
+        memory = max(0, inst.memory_bytes)
+        core = inst.cpu_core_pct
+        host_pct = 0.0
+        if core is not None:
+            host_pct = inst.cpu_host_pct if inst.cpu_host_pct is not None else core / cores
+            host.cpu_core_sum += core
             host.cpu_host_sum += host_pct
             cpu_known = True
-        host.memory_max += one.memory_max
-        if inst.name not in skip:
-            _add(pending, INSTANCE, inst.name, one, at, tiers)
+        host.memory_max += memory
+        if name in skip:
+            continue
+        for index, start in starts:
+            key = (INSTANCE, name, index, start)
+            got = pending.get(key)
+            if got is None:
+                got = pending[key] = Acc()
+            got.samples += 1
+            if memory > got.memory_max:
+                got.memory_max = memory
+            if core is not None:
+                got.cpu_n += 1
+                got.cpu_core_sum += core
+                got.cpu_host_sum += host_pct
     host.cpu_n = 1 if cpu_known else 0
     if sample.host_cpu_pct is not None:
         host.busy_n, host.busy_sum = 1, sample.host_cpu_pct
