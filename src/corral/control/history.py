@@ -39,11 +39,10 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from sqlalchemy import Connection, case, delete, select
+from sqlalchemy import Connection, delete, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
-from sqlalchemy.sql.dml import Insert
 
 from corral.api.models import MetricPoint, MetricSeries
 from corral.bus.messages import MetricsSample
@@ -371,10 +370,11 @@ class MetricHistory:
             known: dict[str, set[str]] = {
                 INSTANCE: self._known(conn, Instance.name, batch, INSTANCE),
                 HOST: self._known(conn, Host.name, batch, HOST)}
-            rows = [{"kind": kind, "name": name, "tier": tier, "t": t, **vars(acc)}
-                    for (kind, name, tier, t), acc in batch.items() if name in known[kind]]
+            rows = [(kind, name, tier, t, a.samples, a.cpu_n, a.cpu_core_sum, a.cpu_host_sum,
+                     a.memory_max, a.busy_n, a.busy_sum)
+                    for (kind, name, tier, t), a in batch.items() if name in known[kind]]
             if rows:
-                conn.execute(_upsert(conn.dialect.name), rows)
+                conn.exec_driver_sql(_upsert_sql(conn.dialect.paramstyle), rows)
         return len(rows)
 
     @staticmethod
@@ -468,27 +468,22 @@ class MetricHistory:
                             step_seconds=step, since=since, until=until, points=points)
 
 
-def _upsert(dialect: str) -> Insert:
-    """INSERT of buckets that adds to a bucket already stored (SQLite and PostgreSQL spell
-    ``ON CONFLICT`` the same way)."""
-    stmt: Any
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+#: a bucket's columns, in the order :meth:`MetricHistory.write` gives them
+_COLUMNS = ("kind", "name", "tier", "t", "samples", "cpu_n", "cpu_core_sum", "cpu_host_sum",
+            "memory_max", "busy_n", "busy_sum")
+_SUMMED = ("samples", "cpu_n", "cpu_core_sum", "cpu_host_sum", "busy_n", "busy_sum")
 
-        stmt = pg_insert(MetricBucket)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        stmt = sqlite_insert(MetricBucket)
-    mb, new = MetricBucket, stmt.excluded
-    upsert: Insert = stmt.on_conflict_do_update(
-        index_elements=[mb.kind, mb.name, mb.tier, mb.t],
-        set_={"samples": mb.samples + new.samples,
-              "cpu_n": mb.cpu_n + new.cpu_n,
-              "cpu_core_sum": mb.cpu_core_sum + new.cpu_core_sum,
-              "cpu_host_sum": mb.cpu_host_sum + new.cpu_host_sum,
-              "memory_max": case((new.memory_max > mb.memory_max, new.memory_max),
-                                 else_=mb.memory_max),
-              "busy_n": mb.busy_n + new.busy_n,
-              "busy_sum": mb.busy_sum + new.busy_sum})
-    return upsert
+def _upsert_sql(paramstyle: str) -> str:
+    """INSERT of buckets that adds to a bucket already stored, as the driver's own SQL
+    (SQLite and PostgreSQL spell ``ON CONFLICT`` the same way): a flush writes a row per
+    instance and tier, and SQLAlchemy's compiled statement spent more of the GIL building
+    each row's parameters than the database spent storing it (py-spy, 10,000 instances)."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    table = MetricBucket.__tablename__
+    sets = [f"{c} = {table}.{c} + excluded.{c}" for c in _SUMMED]
+    sets.append(f"memory_max = CASE WHEN excluded.memory_max > {table}.memory_max "
+                f"THEN excluded.memory_max ELSE {table}.memory_max END")
+    return (f"INSERT INTO {table} ({', '.join(_COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(_COLUMNS))}) "
+            f"ON CONFLICT (kind, name, tier, t) DO UPDATE SET {', '.join(sets)}")
