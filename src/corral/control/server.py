@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -659,8 +660,27 @@ def _check_timing(s: Settings) -> None:
                     "fence_margin_seconds)", s.leader_lease_seconds, s.lease_seconds)
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
+#: the cyclic collector's thresholds in a server process (Python's: 700, 10, 10)
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the event loop's back in a busy server: what was
+    made at start (modules, the ORM's mappers, the app) is frozen out of its scans, and it runs
+    far less often. At 1000 hosts and 10,000 instances (bench/fleet_scale.py) Python's own
+    thresholds spent 18 % of the server's CPU in collections, each full one 0.3 s of the loop
+    (every sample and heartbeat is a few dozen objects that live a second or two, long enough
+    to be promoted); with these, 2.4 %, heartbeat p50 95 -> 34 ms and p99 605 -> 271 ms. The
+    objects die by their reference counts either way; only cycles wait longer."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None, *,
+              own_process: bool = False) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). ``own_process``: the process is this
+    server's alone (``corral server``), so its garbage collector is tuned for it."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -669,6 +689,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     plane = ControlPlane(settings)
     try:
         await plane.start()
+        if own_process:
+            tune_gc()
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -677,4 +699,4 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 def serve(settings: Settings) -> None:
     """Blocking entry point of ``corral server``."""
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, own_process=True))
