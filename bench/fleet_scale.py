@@ -95,6 +95,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 SIZES = [(0.1, 64), (0.25, 256), (0.5, 512), (1.0, 1024), (0.2, 128)]
 #: simulated hosts' sizes, cycled: (cores, GiB)
 HOST_SIZES = [(8, 32), (16, 64), (4, 16), (32, 128)]
+#: every simulated host this many times larger (--host-scale): a dense fleet
+HOST_SCALE = [1]
+
+
+def host_size(i: int) -> tuple[int, int]:
+    """The ``i``-th simulated host's (cores, GiB)."""
+    cores, gib = HOST_SIZES[i % len(HOST_SIZES)]
+    return cores * HOST_SCALE[0], gib * HOST_SCALE[0]
 CLIENTS = 8
 #: batches in flight at once (each MAX_BATCH_CREATE instances)
 BATCH_CLIENTS = 2
@@ -255,7 +263,7 @@ def enroll(server: Server, names: list[str], offset: int = 0, parallel: int = 4
         seed = bus_identity.new_seed()
         token = str(c.host_add(name)["token"])
         c.host_join(name, token, bus_identity.public_key(seed), csr_pem(name), "127.0.0.1")
-        cores, gib = HOST_SIZES[i % len(HOST_SIZES)]
+        cores, gib = host_size(i)
         return {"name": name, "seed": seed, "cores": cores, "memory_bytes": gib * 1024**3}
 
     with ThreadPoolExecutor(parallel) as pool:
@@ -275,7 +283,7 @@ def bulk_enroll(server: Server, names: list[str], offset: int) -> list[dict[str,
     now = time.time()
     for i, name in enumerate(names, start=offset):
         seed = bus_identity.new_seed()
-        cores, gib = HOST_SIZES[i % len(HOST_SIZES)]
+        cores, gib = host_size(i)
         hosts.append({"name": name, "seed": seed, "cores": cores,
                       "memory_bytes": gib * 1024**3})
         rows.append((name, bus_identity.public_key(seed), now))
@@ -592,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, metavar="N",
                     help="then N more through the batch route (default 10x --instances; below 100 "
                     "hosts, --instances)")
+    ap.add_argument("--host-scale", type=int, default=1, metavar="K",
+                    help="simulated hosts K times larger (cores and memory): room for 100 "
+                    "instances a host with K=4, as --hosts 1000 --instances 100000 needs")
     ap.add_argument("--no-metrics", action="store_true",
                     help="simulated hosts send no metrics samples (to tell their cost apart)")
     ap.add_argument("--profile", metavar="FILE",
@@ -601,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                     "500; 0 = no limit: every host at the 2 s heartbeat)")
     ap.add_argument("--keep", action="store_true", help="keep the bench's directory")
     args = ap.parse_args(argv)
+    HOST_SCALE[0] = max(1, args.host_scale)
     n = args.hosts or (5000 if args.long else 1000)
     m = args.instances if args.instances is not None else (100_000 if args.long else 10_000)
     seconds = args.seconds or (60.0 if args.long else 20.0)
