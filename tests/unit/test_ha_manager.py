@@ -257,3 +257,23 @@ def test_a_shelved_instance_reported_late_is_deleted_by_its_epoch() -> None:
     the epoch (the agent then leaves the kept disk alone, see the agent's delete)."""
     plan = plan_rejoin("h1", [_rep("arch", 6, "stopped")], {"arch": Record("arch", None, 6)})
     assert [(c.instance, c.kill, c.delete, c.epoch) for c in plan] == [("arch", False, True, 6)]
+
+
+async def test_a_pass_over_a_dead_host_reads_it_once_however_many_it_held(
+        sessions: sessionmaker[Session]) -> None:
+    """The pass runs every second while a host stays down: one read of the dead host's
+    instances with their standbys, not lookups per instance (30,000 of them held the loop)."""
+    from sqlalchemy import event
+
+    many = [_inst(f"bare{i:03d}", "h1") for i in range(60)]
+    _setup(sessions, *many, _inst("web", "h1"), _standby("web", "h2"))
+    ha = _manager(sessions, Clock(), FakeOps(), events=Events())
+    seen: list[str] = []
+    event.listen(sessions.kw["bind"], "before_cursor_execute",
+                 lambda _c, _cur, stmt, *_a: seen.append(stmt))
+    found = {c.instance: (c.standby, c.reason) for c in ha.tick()}
+    assert len(found) == 61 and found["web"] == ("h2", "")
+    assert found["bare000"] == (None, "it has no standby")
+    assert len([q for q in seen if q.lstrip().upper().startswith("SELECT")]) <= 3
+    await _settle()
+    await ha.stop()
