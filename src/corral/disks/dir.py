@@ -132,12 +132,18 @@ class DirBackend:
         src, ep = self.root / name, target.endpoint
         extra = [f"--temp-dir={target.temp_dir}"] if target.temp_dir else []
         if mode == "live":
-            entry = self._start_tracking(name)
-            entry.tracker.take()  # what changes from here on goes into the frozen pass
+            gen = ""  # no frozen pass can build on it: one after would be a full pass
+            if not target.shape_only:
+                entry = self._start_tracking(name)
+                entry.tracker.take()  # what changes from here on goes into the frozen pass
+                gen = entry.gen
+            # else a VM's live migration: its stream moves the disk and the memory, and no
+            # frozen pass follows (it would send the files left out whole, while frozen), so
+            # no tracker is started, to be read by nothing
             shapes = _shapes(src, target.shape_only)
             extra += [f"--exclude=/{n}" for n in sorted(shapes)]
             res = await run_pass(src, ep, extra=extra)
-            return SendResult(res.bytes_sent, res.files, res.seconds, None, True, entry.gen,
+            return SendResult(res.bytes_sent, res.files, res.seconds, None, True, gen,
                               time.time(), shapes)
         current = self._current(name)
         known = current if current is not None and current.gen == gen else None
