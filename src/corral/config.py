@@ -57,6 +57,10 @@ class Settings:
         "server: the most heartbeats a second the leader asks of the whole fleet; a larger "
         "fleet heartbeats, samples and holds its leases proportionally longer than the three "
         "settings above (0 = no limit)", 500.0)
+    max_instance_samples_per_second: float = _doc(
+        "server: the most instance figures a second the leader takes from the fleet's "
+        "samples (each sample carries every instance of its host); a denser fleet samples "
+        "less often, at most every half lease (0 = no limit)", 20000.0)
     stop_timeout: float = _doc("seconds between SIGTERM and SIGKILL when stopping", 10.0)
     host_name: str = _doc("agent: this host's name (default: the machine's hostname)", "")
     host_address: str = _doc("agent: address other hosts reach this one at", "127.0.0.1")
@@ -156,7 +160,8 @@ _EPS = 1e-9
 #: durations whose 0 and -1 mean something (the docs define them): what -1 means
 SPECIAL_VALUES = {"shelved_offload_seconds": "never"}
 #: floats for which 0 means something (no limit): 0 or more
-ZERO_MEANS = {"max_heartbeats_per_second": "no limit"}
+ZERO_MEANS = {"max_heartbeats_per_second": "no limit",
+              "max_instance_samples_per_second": "no limit"}
 #: integers with bounds: the least and the most
 INT_RANGES: dict[str, tuple[int, int]] = {"live_migrate_downtime_ms": (1, 60_000)}
 
@@ -298,6 +303,10 @@ def timing_problems(s: Settings) -> list[tuple[str, str]]:
         out.append((f"max_heartbeats_per_second {s.max_heartbeats_per_second:g} is negative",
                     "set it to 0 (no limit) or to the heartbeats a second the leader should "
                     "answer at most, e.g. 500"))
+    if s.max_instance_samples_per_second < 0:
+        out.append((f"max_instance_samples_per_second {s.max_instance_samples_per_second:g} "
+                    "is negative", "set it to 0 (no limit) or to the instance figures a "
+                    "second the leader should take at most, e.g. 20000"))
     return out
 
 

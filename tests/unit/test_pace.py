@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from test_heartbeat_writes import Clock
 
-from corral.bus.messages import Capacity, Heartbeat, JoinRequest
+from corral.bus.messages import Capacity, Heartbeat, InstanceReport, JoinRequest
 from corral.config import Settings, timing_problems
 from corral.control.db import Host, LeaderLease, open_db
 from corral.control.fleet import Fleet
@@ -60,6 +60,42 @@ def test_small_moves_keep_the_pace_and_large_ones_change_it() -> None:
     assert repace(p, s, int(100 * (1 - HYSTERESIS / 2))) is p
     assert repace(p, s, 200).factor == pytest.approx(10.0)
     assert repace(p, s, 5).factor == 1.0  # back under the budget: the settings again
+
+
+def test_a_dense_fleet_samples_less_often_but_at_least_every_half_lease() -> None:
+    s = _settings(max_instance_samples_per_second=1000.0)
+    assert pace_for(s, 10, 1000).sample_seconds == s.sample_seconds  # within the budget
+    p = pace_for(s, 10, 3000)  # 3000 instances at 1000 figures a second: every 3 s
+    assert p.sample_seconds == pytest.approx(3.0)
+    assert (p.heartbeat_seconds, p.lease_seconds) == (s.heartbeat_seconds, s.lease_seconds)
+    assert pace_for(s, 10, 10**6).sample_seconds == pytest.approx(s.lease_seconds / 2)
+    big = pace_for(s, 100, 10**6)  # stretched by hosts too: half the stretched lease
+    assert big.sample_seconds == pytest.approx(big.lease_seconds / 2)
+    assert pace_for(_settings(max_instance_samples_per_second=0.0), 10,
+                    10**6).sample_seconds == s.sample_seconds  # 0: no limit
+    # the pace moves the samples alone, past the hysteresis only, leases untouched
+    now = pace_for(s, 10, 3000)
+    assert repace(now, s, 10, 3100) is now
+    moved = repace(now, s, 10, 4000)
+    assert moved.sample_seconds == pytest.approx(4.0)
+    assert (moved.heartbeat_seconds, moved.lease_seconds) == (now.heartbeat_seconds,
+                                                                now.lease_seconds)
+    assert timing_problems(replace(s, max_instance_samples_per_second=-1.0))
+
+
+def test_the_leader_counts_the_instances_its_hosts_report(
+        world: tuple[Settings, Clock, sessionmaker[Session]]) -> None:
+    settings, clock, sessions = world
+    fleet = Fleet(sessions, replace(settings, max_instance_samples_per_second=4.0), clock)
+    for name in ("h0", "h1"):
+        _join(fleet, name)
+    reports = [InstanceReport(name=f"i{k}", driver="fake", state="running") for k in range(6)]
+    fleet.heartbeat("h0", Heartbeat(host="h0", seq=1, sent_at=0.0, instances=reports))
+    fleet.heartbeat("h1", Heartbeat(host="h1", seq=1, sent_at=0.0, instances=reports[:2]))
+    assert sum(fleet.reported.values()) == 8
+    assert fleet.repace().sample_seconds == pytest.approx(2.0)  # 8 instances at 4 a second
+    fleet.heartbeat("h0", Heartbeat(host="h0", seq=2, sent_at=0.0))  # h0 emptied
+    assert fleet.repace().sample_seconds == settings.sample_seconds
 
 
 def test_a_negative_budget_is_refused_with_what_to_set() -> None:

@@ -174,6 +174,8 @@ class Fleet:
         #: hosts was more than one server could answer (bench/fleet_scale.py).
         self.last_beat: dict[str, float] = {}
         self.lease_until: dict[str, float] = {}
+        #: how many instances each host's last join or heartbeat reported (the pace's count)
+        self.reported: dict[str, int] = {}
         #: (when read, host -> guarded instances) of every host: see :meth:`guarded_now`
         self._guarded: tuple[float, dict[str, list[str]]] = (float("-inf"), {})
         #: hosts whose row's lease a quiet heartbeat found past its half: :meth:`write_leases`
@@ -204,16 +206,19 @@ class Fleet:
 
     # --- pace -------------------------------------------------------------------------------
 
-    def repace(self, hosts: int | None = None) -> Pace:
+    def repace(self, hosts: int | None = None, instances: int | None = None) -> Pace:
         """Fit the pace to the fleet's size (control/pace.py): ``hosts``, or by default the
-        hosts this server has granted a lease (no database read: the lease loop calls this,
-        and a leader cut off from its database must not sit in a connect on its event loop).
+        hosts this server has granted a lease, and ``instances``, or by default as many as
+        their last heartbeats reported (no database read: the lease loop calls this, and a
+        leader cut off from its database must not sit in a connect on its event loop).
         A longer lease than any granted before is first written to the database as the new
         ceiling (fenced: only the leader), so a server that takes over gives every host at
         least as long a lease as any it may still hold; only then is it granted."""
         if hosts is None:
             hosts = len(self.lease_until)
-        new = repace(self.pace, self.settings, hosts)
+        if instances is None:
+            instances = sum(self.reported.values())
+        new = repace(self.pace, self.settings, hosts, instances)
         if new == self.pace:
             return new
         if new.lease_seconds > self.lease_ceiling:
@@ -222,10 +227,12 @@ class Fleet:
                 if row is not None:
                     row.lease_ceiling = max(row.lease_ceiling or 0.0, new.lease_seconds)
             self.lease_ceiling = new.lease_seconds
-        log.warning("%d hosts: heartbeat every %.1fs, lease %.1fs, samples every %.1fs "
-                    "(max_heartbeats_per_second %g)", hosts, new.heartbeat_seconds,
-                    new.lease_seconds, new.sample_seconds,
-                    self.settings.max_heartbeats_per_second)
+        log.warning("%d hosts, %d instances: heartbeat every %.1fs, lease %.1fs, samples "
+                    "every %.1fs (max_heartbeats_per_second %g, "
+                    "max_instance_samples_per_second %g)", hosts, instances,
+                    new.heartbeat_seconds, new.lease_seconds, new.sample_seconds,
+                    self.settings.max_heartbeats_per_second,
+                    self.settings.max_instance_samples_per_second)
         self.pace = new
         return new
 
@@ -360,6 +367,7 @@ class Fleet:
     def join(self, req: JoinRequest) -> JoinReply:
         now = self.clock()
         self.joins[req.host] = self.joins.get(req.host, 0) + 1
+        self.reported[req.host] = len(req.instances)
         self.states[req.host] = "up"
         self.last_beat[req.host] = now
         until = self._grant(req.host, now)
@@ -407,6 +415,7 @@ class Fleet:
                 host.state = "up"
             self.states[host_name] = "up"
             self.last_beat[host_name] = now
+            self.reported[host_name] = len(hb.instances)
             until = self._grant(host_name, now)
             self._apply_all(s, host_name, hb.instances)
             if s.dirty or (host.lease_expires_at or 0.0) < now + lease / 2:
@@ -446,6 +455,7 @@ class Fleet:
                     self._agreed[host_name] = Agreed(key, records)
                 guarded = self.guarded_now(conn, host_name)
         self.last_beat[host_name] = now
+        self.reported[host_name] = len(hb.instances)
         until = self._grant(host_name, now)
         if self._row_lease.get(host_name, 0.0) < now + self.pace.lease_seconds / 2:
             self._renew.add(host_name)  # followers read the row: see write_leases

@@ -32,25 +32,42 @@ class Pace:
     factor: float = 1.0
 
 
-def pace_for(settings: Settings, hosts: int) -> Pace:
-    """The pace for a fleet of ``hosts``: the settings' own below the budget
-    (``max_heartbeats_per_second``; 0 = no budget), stretched in proportion above it."""
+def pace_for(settings: Settings, hosts: int, instances: int = 0) -> Pace:
+    """The pace for a fleet of ``hosts`` running ``instances``: the settings' own below the
+    budget (``max_heartbeats_per_second``; 0 = no budget), stretched in proportion above it.
+    Samples also keep within ``max_instance_samples_per_second`` (each carries every instance
+    of its host: a dense fleet's samples were most of what the leader read, and at 1000 hosts
+    and 30,000 instances it fell so far behind that the bus cut it off as a slow consumer),
+    but never further apart than half a lease (the last sample counts as fresh for a lease)."""
     budget = settings.max_heartbeats_per_second
     factor = 1.0
     if budget > 0 and hosts > 0:
         factor = max(1.0, hosts / budget / settings.heartbeat_seconds)
-    return Pace(heartbeat_seconds=settings.heartbeat_seconds * factor,
-                lease_seconds=settings.lease_seconds * factor,
-                sample_seconds=settings.sample_seconds * factor, factor=factor)
+    lease = settings.lease_seconds * factor
+    sample = settings.sample_seconds * factor
+    figures = settings.max_instance_samples_per_second
+    if figures > 0 and instances > 0:
+        sample = max(sample, min(instances / figures, lease / 2))
+    return Pace(heartbeat_seconds=settings.heartbeat_seconds * factor, lease_seconds=lease,
+                sample_seconds=sample, factor=factor)
 
 
-def repace(current: Pace, settings: Settings, hosts: int) -> Pace:
+def _near(new: float, old: float) -> bool:
+    return abs(new - old) <= HYSTERESIS * old
+
+
+def repace(current: Pace, settings: Settings, hosts: int, instances: int = 0) -> Pace:
     """:func:`pace_for`, or ``current`` when that is within :data:`HYSTERESIS` of it (and
-    both stretch the settings, or both do not)."""
-    new = pace_for(settings, hosts)
-    if new.factor == current.factor:
+    both stretch the settings, or both do not; the same for the sample period)."""
+    new = pace_for(settings, hosts, instances)
+    if new == current:
         return current
-    if new.factor > 1.0 and current.factor > 1.0 and (
-            abs(new.factor - current.factor) <= HYSTERESIS * current.factor):
+    same_factor = new.factor == current.factor or (
+        new.factor > 1.0 and current.factor > 1.0 and _near(new.factor, current.factor))
+    same_sample = _near(new.sample_seconds, current.sample_seconds)
+    if same_factor and same_sample:
         return current
+    if same_factor:  # only the samples move: the lease and heartbeat stay as they are
+        return Pace(current.heartbeat_seconds, current.lease_seconds, new.sample_seconds,
+                    current.factor)
     return new
