@@ -203,9 +203,6 @@ class Fleet:
         #: leader's background loops skip a pass when not, rather than sit in a connect to a
         #: database that went silent, on the loop that must also answer, and step down
         self.sure: Callable[[], bool] = lambda: True
-        #: whether heartbeats wait to be answered here now (the server sets it from its
-        #: heartbeat subscription): bulk work (a batch of creates) lets them go first
-        self.behind: Callable[[], bool] = lambda: False
 
     # --- pace -------------------------------------------------------------------------------
 

@@ -46,8 +46,6 @@ BATCH_PARALLEL = 64
 #: and places, records and reads its instances this many to a transaction, letting the loop
 #: answer heartbeats between (500 in one went past a second of the loop at 1000 hosts)
 BATCH_CHUNK = 100
-#: the longest a batch's next step waits for the heartbeats queued before it
-BREATHE_SECONDS = 5.0
 #: the moves a batch records for one instance (state, the agent's report)
 Steps = list[tuple[State, InstanceReport | None]]
 
@@ -192,18 +190,6 @@ class InstanceService:
                 await self._start(req.name, target, after_create=True)
         return self.get(req.name)
 
-    async def _breathe(self) -> None:
-        """Between a batch's steps: let the loop turn, and while heartbeats wait to be
-        answered (``Fleet.behind``), let them go first, for at most :data:`BREATHE_SECONDS`.
-        A batch of 40,000 at 1000 hosts left heartbeats unanswered for whole leases (a real
-        agent would have fenced its guarded instances), though the loop turned between its
-        chunks: its agents' answers and its events kept the loop as busy as its own work."""
-        await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BREATHE_SECONDS
-        while self.fleet.behind() and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-
     async def create_many(self, reqs: Sequence[CreateInstance]) -> builtins.list[Created]:
         """Create (and start) many instances, each as :meth:`create` would, with what they
         share done once: one snapshot of the fleet and one transaction place up to
@@ -243,7 +229,7 @@ class InstanceService:
             pairs = list(zip(todo, runs, strict=True))
             for k in range(0, len(pairs), BATCH_CHUNK):  # the loop answers heartbeats between
                 if k:
-                    await self._breathe()
+                    await asyncio.sleep(0)
                 with self.fleet.sessions.begin() as s:
                     chunk = pairs[k:k + BATCH_CHUNK]
                     taken = set(s.scalars(select(Instance.name).where(
@@ -269,12 +255,11 @@ class InstanceService:
             async def one(req: CreateInstance, target: str, spec: WireSpec
                           ) -> tuple[str, Steps]:
                 async with gate:
-                    await self._breathe()
                     return req.name, await self._ask(req, target, spec, failed)
 
             moves = await asyncio.gather(*(one(*p) for p in placed))
             for k in range(0, len(moves), BATCH_CHUNK):
-                await self._breathe()
+                await asyncio.sleep(0)
                 with self.fleet.sessions.begin() as s:
                     for name, steps in moves[k:k + BATCH_CHUNK]:
                         row = s.get(Instance, name)

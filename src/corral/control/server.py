@@ -81,10 +81,6 @@ IDENTITIES = f"{subjects.PREFIX}.identities"
 IDENTITIES_EVERY = 5.0
 #: how often the leader fits the heartbeat pace to the fleet's size (control/pace.py)
 REPACE_SECONDS = 5.0
-#: heartbeats waiting past this many seconds of the fleet's pace (and at least
-#: BEHIND_AT_LEAST of them) make bulk work wait for them (Fleet.behind)
-BEHIND_SECONDS = 0.1
-BEHIND_AT_LEAST = 10
 
 
 class _Uvicorn(uvicorn.Server):
@@ -269,7 +265,6 @@ class ControlPlane:
         self.nc = await connect(self.nats_url, creds, "corral-server")
         fleet = self.fleet = Fleet(sessions, s, ticket_key=ticket_key)
         fleet.sure = lambda: self.leads
-        fleet.behind = self._heartbeats_behind
         lead = self.leadership = Leadership(engine, self.server_id, s.leader_lease_seconds,
                                             nats_url=self.nats_url, version=corral.__version__)
         lead.install(sessions)  # from here, every write checks that this server leads
@@ -558,15 +553,6 @@ class ControlPlane:
             self.fleet.record_metrics(sample)
             if self.history is not None:
                 self.history.record(sample)
-
-    def _heartbeats_behind(self) -> bool:
-        """Whether more heartbeats wait in this server's queue than :data:`BEHIND_SECONDS`
-        of the fleet's pace brings (at least :data:`BEHIND_AT_LEAST`): bulk work waits."""
-        sub, fleet = self._hb_sub, self.fleet
-        if sub is None or fleet is None:
-            return False
-        rate = len(fleet.lease_until) / max(fleet.pace.heartbeat_seconds, 1e-3)
-        return int(sub.pending_msgs) > max(BEHIND_AT_LEAST, rate * BEHIND_SECONDS)
 
     async def _lease_loop(self) -> None:
         assert self.fleet is not None
