@@ -15,7 +15,7 @@ from test_heartbeat_writes import Clock
 
 from corral.bus.messages import Capacity, Heartbeat, InstanceReport, JoinRequest
 from corral.config import Settings, timing_problems
-from corral.control.db import Host, LeaderLease, open_db
+from corral.control.db import Host, Instance, LeaderLease, open_db
 from corral.control.fleet import Fleet
 from corral.control.pace import HYSTERESIS, pace_for, repace
 
@@ -89,11 +89,25 @@ def test_the_leader_counts_the_instances_its_hosts_report(
     fleet = Fleet(sessions, replace(settings, max_instance_samples_per_second=4.0), clock)
     for name in ("h0", "h1"):
         _join(fleet, name)
+    with sessions.begin() as s:
+        for k in range(6):
+            s.add(Instance(name=f"i{k}", host="h0" if k < 4 else "h1", driver="fake",
+                           command=["x"], cpus=0.1, memory_bytes=1, desired_state="running",
+                           state="running", epoch=0, created_at=1.0, updated_at=1.0))
     reports = [InstanceReport(name=f"i{k}", driver="fake", state="running") for k in range(6)]
-    fleet.heartbeat("h0", Heartbeat(host="h0", seq=1, sent_at=0.0, instances=reports))
-    fleet.heartbeat("h1", Heartbeat(host="h1", seq=1, sent_at=0.0, instances=reports[:2]))
-    assert sum(fleet.reported.values()) == 8
-    assert fleet.repace().sample_seconds == pytest.approx(2.0)  # 8 instances at 4 a second
+    fleet.heartbeat("h0", Heartbeat(host="h0", seq=1, sent_at=0.0, instances=reports[:4]))
+    quiet = fleet.quiet_heartbeat("h1", Heartbeat(host="h1", seq=1, sent_at=0.0,
+                                                  instances=reports[4:]))
+    assert quiet is not None
+    assert sum(fleet.reported.values()) == 6
+    assert fleet.repace().sample_seconds == pytest.approx(1.5)  # 6 instances at 4 a second
+    # what a host claims of instances not its own (others', made up) is not counted: one
+    # host must not slow every host's samples by reporting a thousand that do not exist
+    made_up = [InstanceReport(name=f"x{k}", driver="fake", state="running")
+               for k in range(1000)]
+    fleet.heartbeat("h1", Heartbeat(host="h1", seq=2, sent_at=0.0,
+                                    instances=reports[:4] + made_up))
+    assert fleet.reported == {"h0": 4, "h1": 0}
     fleet.heartbeat("h0", Heartbeat(host="h0", seq=2, sent_at=0.0))  # h0 emptied
     assert fleet.repace().sample_seconds == settings.sample_seconds
 

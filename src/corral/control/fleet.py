@@ -174,7 +174,8 @@ class Fleet:
         #: hosts was more than one server could answer (bench/fleet_scale.py).
         self.last_beat: dict[str, float] = {}
         self.lease_until: dict[str, float] = {}
-        #: how many instances each host's last join or heartbeat reported (the pace's count)
+        #: how many of its own instances each host's last join or heartbeat reported (the
+        #: pace's count; reports of instances that are not its own do not count)
         self.reported: dict[str, int] = {}
         #: (when read, host -> guarded instances) of every host: see :meth:`guarded_now`
         self._guarded: tuple[float, dict[str, list[str]]] = (float("-inf"), {})
@@ -342,7 +343,11 @@ class Fleet:
             self.apply_report(inst, report, from_verb=True)
 
     def _apply_all(self, s: Session, host: str, reports: Iterable[InstanceReport]) -> None:
+        """Apply ``host``'s reports of its own instances; count those for the pace (never
+        what a host merely claims: one reporting made-up instances must not slow every
+        host's samples)."""
         reports = list(reports)
+        self.reported[host] = 0
         if not reports:
             return
         rows = {i.name: i for i in s.scalars(
@@ -356,6 +361,7 @@ class Fleet:
                 log.warning("host %s reports instance %s, which belongs to %s; ignoring",
                             host, r.name, inst.host)
             else:
+                self.reported[host] += 1
                 self.apply_report(inst, r)
 
     # --- bus handlers -----------------------------------------------------------------------
@@ -367,7 +373,6 @@ class Fleet:
     def join(self, req: JoinRequest) -> JoinReply:
         now = self.clock()
         self.joins[req.host] = self.joins.get(req.host, 0) + 1
-        self.reported[req.host] = len(req.instances)
         self.states[req.host] = "up"
         self.last_beat[req.host] = now
         until = self._grant(req.host, now)
@@ -415,7 +420,6 @@ class Fleet:
                 host.state = "up"
             self.states[host_name] = "up"
             self.last_beat[host_name] = now
-            self.reported[host_name] = len(hb.instances)
             until = self._grant(host_name, now)
             self._apply_all(s, host_name, hb.instances)
             if s.dirty or (host.lease_expires_at or 0.0) < now + lease / 2:
@@ -455,7 +459,7 @@ class Fleet:
                     self._agreed[host_name] = Agreed(key, records)
                 guarded = self.guarded_now(conn, host_name)
         self.last_beat[host_name] = now
-        self.reported[host_name] = len(hb.instances)
+        self.reported[host_name] = len(records)  # the reports of its own rows (_compare)
         until = self._grant(host_name, now)
         if self._row_lease.get(host_name, 0.0) < now + self.pace.lease_seconds / 2:
             self._renew.add(host_name)  # followers read the row: see write_leases
@@ -512,6 +516,8 @@ class Fleet:
                 if isinstance(obj, Instance):
                     # committed_state: the loaded value of each attribute set since
                     was = inspect(obj).committed_state.get("host")
+                    if was is not None and not isinstance(was, str):
+                        self._agreed.clear()  # written before its host was read: any host
                     now.update(h for h in (obj.host, was) if isinstance(h, str) and h)
                 elif isinstance(obj, Host) and (
                         written or "state" in inspect(obj).committed_state):
