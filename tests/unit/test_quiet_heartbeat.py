@@ -218,3 +218,18 @@ def test_a_takeover_compares_every_heartbeat_again(world: World) -> None:
     fleet.fresh_leases()  # this server takes the lead: another may have written meanwhile
     seen.clear()
     assert fleet.quiet_heartbeat("h1", _hb()) is not None and len(seen) >= 2
+
+
+def test_a_host_written_before_it_was_read_ends_every_agreement(world: World) -> None:
+    """An instance whose host is set without being loaded first: the old host is unknown to
+    the flush hook, so no agreement is kept (any host may have held it)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import load_only
+
+    fleet, _, sessions, _ = world
+    assert fleet.quiet_heartbeat("h1", _hb()) is not None
+    with sessions.begin() as s:
+        web = s.scalars(select(Instance).where(Instance.name == "web")
+                        .options(load_only(Instance.pid))).one()
+        web.host = "h2"  # its host column never loaded
+    assert fleet.quiet_heartbeat("h1", _hb()) is None  # compared again: web is not h1's

@@ -105,12 +105,12 @@ def failover_candidates(s: Session, now: float, grace: float) -> list[Candidate]
                    Instance.state == State.LOST.value)
             .order_by(Instance.name))
         for name, sb_host, data_at, sb_state in rows:
-            why = unusable(host, sb_host, data_at, sb_state)
+            why = _unusable(host, sb_host, data_at, sb_state)
             out.append(Candidate(name, host, episode, None if why else sb_host, why))
     return out
 
 
-def unusable(dead: str, sb_host: str | None, data_at: float | None, sb_state: str | None
+def _unusable(dead: str, sb_host: str | None, data_at: float | None, sb_state: str | None
              ) -> str:
     """Why a standby on ``sb_host`` (None: there is none), last synced at ``data_at``, its
     host ``sb_state`` (None: unknown host), cannot take over from ``dead``; empty when it
